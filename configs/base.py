@@ -1,0 +1,69 @@
+"""Shared config keys: trainer, data, mesh, checkpointing, logging, eval, sampling.
+
+Every family config starts from `base.get_config()` and fills in `family`, `model.*`
+and its presets. Configs are the only home of hyperparameters.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.family = ''            # registry name in train/families.py
+  c.seed = 0
+
+  # Data -------------------------------------------------------------------
+  c.data = d = ml_collections.ConfigDict()
+  d.source = 'python_docs'   # 'python_docs' (embedded) | 'text:PATH[,PATH...]' | 'tfds:NAME[/CONFIG]'
+  d.data_dir = ''            # TFDS data dir; '' -> $NOTOKLM_DATA_DIR or ~/.cache/notoklm/tfds
+  d.train_split = 'train'
+  d.eval_split = 'validation'
+  d.text_key = 'text'        # feature / jsonl field holding the text
+  d.txt_split = 'paragraph'  # local .txt files: 'file' | 'paragraph' (blank lines) | 'line'
+  d.max_doc_chars = 100_000  # longer documents are cut into pieces (counted)
+  d.max_docs = 0             # >0: use only the first N documents of each split (smoke runs)
+  d.encoder = 'bytes'        # 'bytes' | 'bpe' (trained on the train split, cached) | 'tokenizer:PATH'
+  d.vocab_size = 0           # bpe only
+  d.seq_len = 256            # tokens per packed row
+  d.shuffle = True
+  d.prefetch = 2             # batches prepared ahead on a host thread
+
+  # Trainer ------------------------------------------------------------------
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 16          # global rows per optimizer step
+  t.grad_accum = 1           # micro-batches per step (batch_size % grad_accum == 0)
+  t.steps = 100
+  t.log_every = 10
+  t.eval_every = 0           # 0: only at the end
+  t.eval_batches = 0         # 0: the whole validation split
+  t.nan_policy = 'stop'      # 'stop' | 'skip'
+  t.compute_dtype = 'auto'   # 'auto' (bf16 on GPU/TPU, fp32 on CPU) | 'float32' | 'bfloat16'
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.lr = 3e-3
+  o.warmup_steps = 10
+  o.min_lr_ratio = 0.1       # cosine decays to lr * min_lr_ratio
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1
+  o.clip_norm = 1.0
+
+  # Parallelism --------------------------------------------------------------
+  c.mesh = m = ml_collections.ConfigDict()
+  m.data = -1                # -1: all devices not used by fsdp
+  m.fsdp = 1
+
+  # Checkpointing ------------------------------------------------------------
+  c.ckpt = k = ml_collections.ConfigDict()
+  k.every = 50
+  k.keep = 3
+  k.async_save = True
+
+  # Sampling -----------------------------------------------------------------
+  c.sample = s = ml_collections.ConfigDict()
+  s.prompt = 'def '
+  s.max_new_tokens = 64
+  s.temperature = 0.8
+  s.top_p = 0.95
+  s.seed = 0
+  return c

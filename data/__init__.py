@@ -1,0 +1,1 @@
+"""Data: document sources (TFDS builders), encoders, packing and per-host iterators."""

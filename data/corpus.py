@@ -1,0 +1,559 @@
+"""Document sources: TFDS builders and a random-access `DocSource`.
+
+Three kinds of `data.source`:
+
+* ``'python_docs'`` — an embedded corpus that needs no download, built from text every
+  CPython install carries: `pydoc_data.topics`, module docstrings (read with `ast` from
+  the source, so no pure-Python module is imported; builtin/extension modules are imported
+  for their docstrings, minus a deny-list) and the standard library's own `.py` files
+  (tests excluded; sorted paths; capped at `_SOURCE_BYTES_CAP`).
+* ``'text:PATH[,PATH...]'`` — local `.txt` / `.jsonl` files, prepared by `LocalText` into a
+  config named by a hash of (absolute path, size, mtime) of every file and the reading
+  options, so a changed file re-prepares.
+* ``'tfds:NAME[/CONFIG]'`` — any registered TFDS dataset (`tfds:python_docs` included),
+  prepared with `file_format='array_record'`, field `data.text_key`.
+
+Splits of the builders we own are fixed by a stable hash (sha1) of a document key:
+~2 % validation, with at least one document in each split.
+
+Bad input policy of `LocalText` (every case is counted in `stats`, which are written beside
+the prepared dataset as `notoklm_stats.json` and reloaded from the cache):
+
+* missing path -> `FileNotFoundError` naming it; unsupported suffix -> `ValueError`.
+* `.txt`: the unit of rejection is the line. Lines that are not valid UTF-8
+  (`skipped_invalid_utf8`) and lines containing NUL (`skipped_nul`) are dropped; whitespace-only
+  documents are dropped (`skipped_empty`). Files are streamed line by line, so memory is bounded
+  by the longest line plus `max_doc_chars`.
+* `.jsonl`: the unit is the record. Lines that are not UTF-8 (`skipped_invalid_utf8`), not JSON
+  objects (`skipped_bad_json`), without the field (`skipped_missing_field`), with a non-string
+  field (`skipped_not_string`), whose text contains NUL (`skipped_nul`) or is whitespace-only
+  (`skipped_empty`) are dropped.
+* documents longer than `max_doc_chars` characters are cut into pieces of at most that many
+  characters (`docs_cut` documents, `pieces_from_cuts` extra pieces).
+* a file (or set of files) yielding no usable document -> `ValueError` naming the file(s); a
+  file among others that yields none is counted in `files_without_documents`. Exactly one usable
+  document in all -> `ValueError` (a validation split needs a document of its own).
+
+Preparation holds an exclusive file lock in the data dir, so processes sharing a data dir
+prepare a dataset once.
+"""
+from __future__ import annotations
+
+import ast
+import collections
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import importlib
+import json
+import logging
+import os
+import sys
+import sysconfig
+import warnings
+from typing import Any, Iterator
+
+import tensorflow_datasets as tfds
+
+VALIDATION_FRACTION = 0.02
+_STATS_FILE = 'notoklm_stats.json'
+_SOURCE_BYTES_CAP = 20_000_000
+_SKIP_DIRS = {'test', 'tests', 'idle_test', 'idlelib', 'site-packages', 'dist-packages',
+              '__pycache__', 'tkinter', 'turtledemo', 'lib-dynload', 'ensurepip'}
+_SKIP_MODULES = ('antigravity', 'this', 'idlelib', 'tkinter', '_tkinter', 'turtle',
+                 'turtledemo', 'test', 'readline', '_curses', '_curses_panel', 'curses',
+                 'lib2to3.tests', '__main__', '__phello__')
+
+
+def default_data_dir(data_dir: str = '') -> str:
+  """`data_dir`, else $NOTOKLM_DATA_DIR, else ~/.cache/notoklm/tfds."""
+  d = data_dir or os.environ.get('NOTOKLM_DATA_DIR') or '~/.cache/notoklm/tfds'
+  return os.path.abspath(os.path.expanduser(d))
+
+
+def stable_bucket(key: str) -> float:
+  """Stable pseudo-uniform value in [0, 1) of a string (sha1; not Python's `hash`)."""
+  return int(hashlib.sha1(key.encode('utf-8')).hexdigest()[:12], 16) / float(16**12)
+
+
+class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of our builders (not registered itself): no checksums file next to the code.
+
+  TFDS's `code_path` probe needs the `importlib_resources` backport for builders defined in a
+  package module; our builders download nothing, so there is no checksums file to look for.
+  """
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    return None
+
+
+def _features():
+  return tfds.features.FeaturesDict({'text': tfds.features.Text(), 'name': tfds.features.Text()})
+
+
+class _SplitPlan:
+  """Hash split with at least one document per split (needs one pre-scan of the keys)."""
+
+  def __init__(self, keys: Iterator[str]):
+    self.n = self.n_val = 0  # distinct keys (pieces of a document share its key, in a row)
+    lo = hi = prev = None
+    for k in keys:
+      if k == prev:
+        continue
+      prev = k
+      b = stable_bucket(k)
+      self.n += 1
+      self.n_val += b < VALIDATION_FRACTION
+      lo = (b, k) if lo is None or (b, k) < lo else lo
+      hi = (b, k) if hi is None or (b, k) > hi else hi
+    self.force_val = lo[1] if self.n >= 2 and self.n_val == 0 else None
+    self.force_train = hi[1] if self.n >= 2 and self.n_val == self.n else None
+
+  def split_of(self, key: str) -> str:
+    if key == self.force_val:
+      return 'validation'
+    if key == self.force_train:
+      return 'train'
+    return 'validation' if stable_bucket(key) < VALIDATION_FRACTION else 'train'
+
+
+def _cut(text: str, max_chars: int, stats: collections.Counter) -> list[str]:
+  if max_chars <= 0 or len(text) <= max_chars:
+    return [text]
+  pieces = [text[i:i + max_chars] for i in range(0, len(text), max_chars)]
+  stats['docs_cut'] += 1
+  stats['pieces_from_cuts'] += len(pieces) - 1
+  return pieces
+
+
+def _write_stats(path: str, stats: dict[str, int]) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(dict(sorted(stats.items())), f, indent=1)
+  os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------
+# Embedded corpus.
+
+
+def _stdlib_dir() -> str:
+  return sysconfig.get_paths()['stdlib']
+
+
+def _stdlib_py_files() -> list[tuple[str, str]]:
+  """(relative path, absolute path) of standard-library sources, sorted, size-capped."""
+  root = _stdlib_dir()
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    rel = os.path.relpath(dirpath, root)
+    parts = [] if rel == '.' else rel.split(os.sep)
+    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith('.'))
+    if parts and parts[0] == 'lib2to3' and any(p in ('tests', 'data') for p in parts):
+      continue
+    for f in sorted(filenames):
+      if f.endswith('.py'):
+        out.append((os.path.join(rel, f) if parts else f, os.path.join(dirpath, f)))
+  out.sort()
+  total, kept = 0, []
+  for rel, path in out:
+    size = os.path.getsize(path)
+    if total + size > _SOURCE_BYTES_CAP:
+      continue
+    total += size
+    kept.append((rel, path))
+  return kept
+
+
+def _module_of(rel: str) -> str:
+  mod = rel[:-3].replace(os.sep, '.')
+  return mod[:-len('.__init__')] if mod.endswith('.__init__') else mod
+
+
+def _skip_module(mod: str) -> bool:
+  if mod.startswith(('_test', '_xx', 'xx', 'test.')) or mod.endswith('_test'):
+    return True
+  return any(mod == s or mod.startswith(s + '.') for s in _SKIP_MODULES)
+
+
+def _extension_modules() -> list[str]:
+  names = set(sys.builtin_module_names)
+  dyn = os.path.join(_stdlib_dir(), 'lib-dynload')
+  if os.path.isdir(dyn):
+    names.update(f.split('.')[0] for f in os.listdir(dyn) if f.endswith(('.so', '.pyd')))
+  return sorted(n for n in names if not _skip_module(n))
+
+
+def _embedded_documents() -> Iterator[tuple[str, str, str]]:
+  """Yields (split key, name, text) of the embedded corpus, in a fixed order."""
+  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+  for name in sorted(topics.topics):
+    yield f'topic:{name}', f'topic/{name}', topics.topics[name]
+  for mod in _extension_modules():
+    try:
+      with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        doc = importlib.import_module(mod).__doc__
+    except Exception:  # pylint: disable=broad-except
+      continue
+    if isinstance(doc, str) and doc.strip():
+      yield f'module:{mod}', f'docstring/{mod}', doc
+  for rel, path in _stdlib_py_files():
+    mod = _module_of(rel)
+    if _skip_module(mod):
+      continue
+    try:
+      with open(path, encoding='utf-8') as f:
+        src = f.read()
+    except (OSError, UnicodeDecodeError):
+      continue
+    try:
+      doc = ast.get_docstring(ast.parse(src), clean=True)
+    except (SyntaxError, ValueError):
+      doc = None
+    if doc and doc.strip():
+      yield f'module:{mod}', f'docstring/{mod}', doc
+    yield f'module:{mod}', f'src/{rel}', src
+
+
+@dataclasses.dataclass(eq=False)
+class PythonDocsConfig(tfds.core.BuilderConfig):
+  max_doc_chars: int = 100_000
+
+
+def _python_docs_config(max_doc_chars: int = 100_000) -> PythonDocsConfig:
+  v = sys.version_info
+  return PythonDocsConfig(name=f'py{v.major}_{v.minor}_{v.micro}_c{max_doc_chars}',
+                          max_doc_chars=max_doc_chars)
+
+
+class PythonDocs(_Builder):
+  """Embedded corpus from the running Python's docs, docstrings and stdlib sources."""
+  VERSION = tfds.core.Version('1.0.0')
+  BUILDER_CONFIGS = [_python_docs_config()]
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=_features(),
+                                 description=__doc__.split('\n\n')[0])
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    self.notoklm_stats = stats = collections.Counter()
+    docs, seen = [], set()  # ~12 MB: held once instead of re-reading the stdlib per split
+    for key, name, text in _embedded_documents():
+      if name in seen:
+        stats['skipped_duplicate_name'] += 1
+        continue
+      seen.add(name)
+      if '\x00' in text:
+        stats['skipped_nul'] += 1
+        continue
+      pieces = _cut(text, self.builder_config.max_doc_chars, stats)
+      for j, piece in enumerate(pieces):
+        docs.append((key, name if len(pieces) == 1 else f'{name}#{j}', piece))
+    stats['documents'] = len(docs)
+    plan = _SplitPlan(k for k, _, _ in docs)
+    return {s: self._generate_examples(docs, plan, s) for s in ('train', 'validation')}
+
+  def _generate_examples(self, docs, plan, split):
+    for key, name, text in docs:
+      if plan.split_of(key) == split:
+        self.notoklm_stats[f'documents_{split}'] += 1
+        yield name, {'text': text, 'name': name}
+
+
+# --------------------------------------------------------------------------------------
+# Local .txt / .jsonl files.
+
+
+@dataclasses.dataclass(eq=False)
+class LocalTextConfig(tfds.core.BuilderConfig):
+  paths: tuple[str, ...] = ()
+  txt_split: str = 'paragraph'
+  text_key: str = 'text'
+  max_doc_chars: int = 100_000
+
+
+def local_text_config(paths, txt_split='paragraph', text_key='text',
+                      max_doc_chars=100_000) -> LocalTextConfig:
+  """Checks the paths and names a config by their (path, size, mtime) and the options."""
+  if txt_split not in ('file', 'paragraph', 'line'):
+    raise ValueError(f"data.txt_split must be 'file', 'paragraph' or 'line', got {txt_split!r}")
+  absolute = []
+  for p in paths:
+    a = os.path.abspath(os.path.expanduser(p))
+    if not os.path.isfile(a):
+      raise FileNotFoundError(f'data source file not found: {p!r} ({a})')
+    if not a.endswith(('.txt', '.jsonl')):
+      raise ValueError(f'unsupported data file {a!r}: expected .txt or .jsonl')
+    absolute.append(a)
+  if not absolute:
+    raise ValueError('data.source text: needs at least one path')
+  h = hashlib.sha1()
+  for a in absolute:
+    st = os.stat(a)
+    h.update(f'{a}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+  h.update(f'{txt_split}\0{text_key}\0{max_doc_chars}'.encode())
+  return LocalTextConfig(name=f'h{h.hexdigest()[:16]}', paths=tuple(absolute),
+                         txt_split=txt_split, text_key=text_key, max_doc_chars=max_doc_chars)
+
+
+def _read_lines(path: str) -> Iterator[bytes]:
+  with open(path, 'rb') as f:
+    yield from f
+
+
+def _txt_documents(path: str, mode: str, stats: collections.Counter) -> Iterator[str]:
+  """Streams the documents of a .txt file, dropping bad lines (see module doc)."""
+  buf: list[str] = []
+
+  def flush():
+    text = ''.join(buf)
+    buf.clear()
+    if mode == 'paragraph':
+      text = text.rstrip('\r\n')
+    return text
+
+  for raw in _read_lines(path):
+    try:
+      line = raw.decode('utf-8')
+    except UnicodeDecodeError:
+      stats['skipped_invalid_utf8'] += 1
+      continue
+    if '\x00' in line:
+      stats['skipped_nul'] += 1
+      continue
+    if mode == 'line':
+      yield line.rstrip('\r\n')
+    elif mode == 'paragraph' and not line.strip():
+      if buf:
+        yield flush()
+    else:
+      buf.append(line)
+  if buf or mode == 'file':
+    yield flush()
+
+
+def _jsonl_documents(path: str, key: str, stats: collections.Counter) -> Iterator[str]:
+  for raw in _read_lines(path):
+    if not raw.strip():
+      continue
+    try:
+      rec = json.loads(raw.decode('utf-8'))
+    except UnicodeDecodeError:
+      stats['skipped_invalid_utf8'] += 1
+      continue
+    except ValueError:
+      stats['skipped_bad_json'] += 1
+      continue
+    if not isinstance(rec, dict):
+      stats['skipped_bad_json'] += 1
+    elif key not in rec:
+      stats['skipped_missing_field'] += 1
+    elif not isinstance(rec[key], str):
+      stats['skipped_not_string'] += 1
+    elif '\x00' in rec[key]:
+      stats['skipped_nul'] += 1
+    else:
+      try:
+        rec[key].encode('utf-8')
+      except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
+        stats['skipped_invalid_utf8'] += 1
+        continue
+      yield rec[key]
+
+
+def _local_documents(cfg: LocalTextConfig, stats: collections.Counter):
+  """Yields (split key, example key, name, text) of all usable document pieces.
+
+  Raises ValueError if no file yields a usable document.
+  """
+  empty_files = []
+  for path in cfg.paths:
+    stats['files'] += 1
+    if path.endswith('.jsonl'):
+      docs = _jsonl_documents(path, cfg.text_key, stats)
+    else:
+      docs = _txt_documents(path, cfg.txt_split, stats)
+    n = 0
+    for i, text in enumerate(docs):
+      if not text.strip():
+        stats['skipped_empty'] += 1
+        continue
+      pieces = _cut(text, cfg.max_doc_chars, stats)
+      for j, piece in enumerate(pieces):
+        n += 1
+        stats['documents'] += 1
+        yield f'{path}:{i}', f'{path}:{i}:{j}', f'{os.path.basename(path)}:{i}:{j}', piece
+    if n == 0:
+      empty_files.append(path)
+      stats['files_without_documents'] += 1
+  if len(empty_files) == len(cfg.paths):
+    raise ValueError(f'no usable documents in {", ".join(empty_files)} '
+                     f'(empty, whitespace-only or all lines rejected: {dict(stats)})')
+
+
+class LocalText(_Builder):
+  """Local .txt/.jsonl files; one config per set of files (see `local_text_config`)."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=_features(),
+                                 description='Local text files: ' + ', '.join(
+                                     self.builder_config.paths))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.builder_config
+    scan = collections.Counter()
+    plan = _SplitPlan(k for k, _, _, _ in _local_documents(cfg, scan))
+    if plan.n < 2:
+      raise ValueError(f'only {plan.n} usable document in {", ".join(cfg.paths)}; need at least '
+                       "2 (one for validation): add text or use data.txt_split='paragraph'/'line'")
+    self.notoklm_stats = collections.Counter(scan)
+    return {s: self._generate_examples(plan, s) for s in ('train', 'validation')}
+
+  def _generate_examples(self, plan, split):
+    for key, example_key, name, text in _local_documents(self.builder_config,
+                                                         collections.Counter()):
+      if plan.split_of(key) == split:
+        self.notoklm_stats[f'documents_{split}'] += 1
+        yield example_key, {'text': text, 'name': name}
+
+
+# --------------------------------------------------------------------------------------
+# Preparing and reading.
+
+
+@contextlib.contextmanager
+def file_lock(path: str):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _is_prepared(builder) -> bool:
+  return os.path.exists(os.path.join(os.fspath(builder.data_dir), 'dataset_info.json'))
+
+
+def _quiet(make_builder):
+  """Builds without absl's 'Using custom data configuration' warning (expected for us)."""
+
+  def make():
+    absl_logger = logging.getLogger('absl')
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+      return make_builder()
+    finally:
+      absl_logger.setLevel(level)
+
+  return make
+
+
+def prepare(make_builder, data_dir: str):
+  """Prepares a builder once across processes; returns a fresh builder reading from disk."""
+  make_builder = _quiet(make_builder)
+  builder = make_builder()
+  ours = isinstance(builder, _Builder)
+  stats_path = os.path.join(os.fspath(builder.data_dir), _STATS_FILE)
+  if _is_prepared(builder) and (not ours or os.path.exists(stats_path)):
+    return builder  # (the stats are written under the lock right after preparing)
+  lock = os.path.join(data_dir, '.locks', f'{builder.name}-{builder.builder_config.name if builder.builder_config else "default"}.lock')
+  with file_lock(lock):
+    builder = make_builder()
+    if not _is_prepared(builder):
+      tfds.disable_progress_bar()
+      builder.download_and_prepare(file_format='array_record')
+      if ours:
+        _write_stats(os.path.join(os.fspath(builder.data_dir), _STATS_FILE),
+                     dict(builder.notoklm_stats))
+  return make_builder()
+
+
+class DocSource:
+  """Random access to the documents (str) of one split; `stats` are the preparation counts."""
+
+  def __init__(self, data_source, name: str, text_key: str = 'text', max_docs: int = 0,
+               stats: dict[str, int] | None = None):
+    self._ds = data_source
+    self.name = name
+    self._key = text_key
+    n = len(data_source)
+    self._len = min(n, max_docs) if max_docs > 0 else n
+    self.stats = dict(stats or {})
+
+  def __len__(self) -> int:
+    return self._len
+
+  def record(self, i: int) -> dict[str, Any]:
+    """The whole example `i` (bytes decoded as UTF-8), e.g. with its 'name'."""
+    if not -self._len <= i < self._len:
+      raise IndexError(f'document {i} out of range for {self.name} ({self._len} documents)')
+    rec = self._ds[int(i) % self._len]
+    if not isinstance(rec, dict):
+      rec = {self._key: rec}
+    return {k: v.decode('utf-8', errors='replace') if isinstance(v, bytes) else v
+            for k, v in rec.items()}
+
+  def __getitem__(self, i: int) -> str:
+    return str(self.record(i)[self._key])
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def __repr__(self):
+    return f'DocSource({self.name!r}, {self._len} documents)'
+
+
+def _builder_source(builder, split: str, text_key: str, max_docs: int) -> DocSource:
+  stats_path = os.path.join(os.fspath(builder.data_dir), _STATS_FILE)
+  stats = {}
+  if os.path.exists(stats_path):
+    with open(stats_path) as f:
+      stats = json.load(f)
+  cfg = builder.builder_config.name if builder.builder_config else ''
+  name = '/'.join(x for x in (builder.name, cfg, str(builder.version)) if x)
+  return DocSource(builder.as_data_source(split), name=name, text_key=text_key,
+                   max_docs=max_docs, stats=stats)
+
+
+def get_source(cfg_data, split: str) -> DocSource:
+  """The documents of `split` for the `data` config (source, data_dir, text_key, ...)."""
+  data_dir = default_data_dir(cfg_data.get('data_dir', ''))
+  src = cfg_data.source
+  max_docs = int(cfg_data.get('max_docs', 0))
+  max_chars = int(cfg_data.get('max_doc_chars', 100_000))
+  if src == 'python_docs':
+    config = _python_docs_config(max_chars)
+    if config.name in PythonDocs.builder_configs:
+      config = config.name  # a registered config is passed by name
+    builder = prepare(lambda: PythonDocs(data_dir=data_dir, config=config,
+                                         file_format='array_record'), data_dir)
+    return _builder_source(builder, split, 'text', max_docs)
+  if src.startswith('text:'):
+    paths = [p for p in src[len('text:'):].split(',') if p]
+    config = local_text_config(paths, cfg_data.get('txt_split', 'paragraph'),
+                               cfg_data.get('text_key', 'text'), max_chars)
+    builder = prepare(lambda: LocalText(data_dir=data_dir, config=config,
+                                        file_format='array_record'), data_dir)
+    return _builder_source(builder, split, 'text', max_docs)
+  if src.startswith('tfds:'):
+    name = src[len('tfds:'):]
+    builder = prepare(lambda: tfds.builder(name, data_dir=data_dir, file_format='array_record'),
+                      data_dir)
+    return _builder_source(builder, split, cfg_data.get('text_key', 'text'), max_docs)
+  raise ValueError(f"unknown data.source {src!r}: expected 'python_docs', 'text:PATH[,PATH...]' "
+                   "or 'tfds:NAME[/CONFIG]'")
+
+
+def describe(source: DocSource) -> dict[str, Any]:
+  """A small dict for the run log: name, documents and the preparation counts."""
+  return {'name': source.name, 'documents': len(source), **source.stats}

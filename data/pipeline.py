@@ -1,0 +1,372 @@
+"""Packing documents into fixed-length rows, and per-host train / eval iterators.
+
+A document becomes `d = [bos] + encode(text) + [eos]`, i.e. the (input, target) pairs
+`(d[:-1], d[1:])`. Pairs are packed greedily into rows of `seq_len`: a row is filled from the
+current document at the current offset; a document that does not fit is split and its rest
+starts the next row. Every piece is a segment of its own (ids 1, 2, ... within a row; 0 is
+padding) with positions from 0, so no attention crosses documents (or pieces).
+
+Batches are dicts of host-local numpy arrays, `B` rows of `T` tokens:
+  inputs, targets, segment_ids, positions: int32[B, T]; weights: float32[B, T] (1 on real
+  targets, 0 on padding); target_bytes: int32[B, T] = encoder.token_bytes[targets] * weights.
+
+`TrainIterator` is infinite: epoch e visits `default_rng([seed, e]).permutation(N)`, each host
+taking the permuted positions i with i % process_count == process_index. Its state (epoch,
+cursor in the host's shard, pair offset in the current document) is a small JSON-able dict;
+`get_state()` is the state after the last batch returned, and an iterator built from it
+continues with exactly the batch the uninterrupted one would have produced.
+
+`eval_batches` packs the whole split (documents in order) into one global stream of rows that
+does not depend on the number of hosts; global batch g is rows [g*P*B, (g+1)*P*B) and host p
+gets its B rows [p*B, (p+1)*B) of it (weight-0 rows where the stream ended). All hosts therefore
+yield the same number of batches, and the metrics do not depend on the host count.
+"""
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from typing import Any, Iterator
+
+import numpy as np
+
+from data import corpus
+from data import encoders
+
+KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights', 'target_bytes')
+
+
+def empty_batch(batch: int, seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+  b = {k: np.zeros((batch, seq_len), np.int32) for k in KEYS}
+  b['weights'] = np.zeros((batch, seq_len), np.float32)
+  if pad_id:
+    b['inputs'][:] = pad_id
+    b['targets'][:] = pad_id
+  return b
+
+
+def document_tokens(encoder: encoders.Encoder, text: str,
+                    ids: np.ndarray | None = None) -> np.ndarray:
+  """`[bos] + encode(text) + [eos]` as int32 (`ids`: `encode(text)` if already known)."""
+  ids = encoder.encode(text) if ids is None else ids
+  out = np.empty(len(ids) + 2, np.int32)
+  out[0], out[1:-1], out[-1] = encoder.bos_id, ids, encoder.eos_id
+  return out
+
+
+class _Stream:
+  """A cursor over documents: `tokens()` is the current document (None at the end)."""
+  offset: int
+
+  def tokens(self) -> np.ndarray | None:
+    raise NotImplementedError
+
+  def consume(self, n: int) -> None:
+    """Takes `n` pairs of the current document, moving on when it is used up."""
+    raise NotImplementedError
+
+
+def fill_row(batch: dict[str, np.ndarray], r: int, stream: _Stream) -> int:
+  """Packs row `r` of `batch` from `stream`; returns the number of pairs written."""
+  seq_len = batch['inputs'].shape[1]
+  t = seg = 0
+  while t < seq_len:
+    d = stream.tokens()
+    if d is None:
+      break
+    o = stream.offset
+    take = min(len(d) - 1 - o, seq_len - t)
+    seg += 1
+    batch['inputs'][r, t:t + take] = d[o:o + take]
+    batch['targets'][r, t:t + take] = d[o + 1:o + 1 + take]
+    batch['segment_ids'][r, t:t + take] = seg
+    batch['positions'][r, t:t + take] = np.arange(take, dtype=np.int32)
+    batch['weights'][r, t:t + take] = 1.0
+    t += take
+    stream.consume(take)
+  return t
+
+
+def _finish(batch: dict[str, np.ndarray], encoder: encoders.Encoder) -> dict[str, np.ndarray]:
+  batch['target_bytes'] = (encoder.token_bytes[batch['targets']] *
+                           (batch['weights'] > 0)).astype(np.int32)
+  return batch
+
+
+def pack(docs_tokens, seq_len: int) -> dict[str, np.ndarray]:
+  """Packs a finite list of `document_tokens` arrays into as many rows as needed (tests)."""
+  stream = _ListStream(list(docs_tokens))
+  rows = []
+  while stream.tokens() is not None:
+    b = empty_batch(1, seq_len)
+    fill_row(b, 0, stream)
+    rows.append(b)
+  if not rows:
+    return empty_batch(0, seq_len)
+  return {k: np.concatenate([b[k] for b in rows]) for k in KEYS}
+
+
+class _ListStream(_Stream):
+
+  def __init__(self, docs: list[np.ndarray]):
+    self.docs, self.i, self.offset = docs, 0, 0
+
+  def tokens(self):
+    return self.docs[self.i] if self.i < len(self.docs) else None
+
+  def consume(self, n):
+    self.offset += n
+    if self.offset >= len(self.docs[self.i]) - 1:
+      self.i, self.offset = self.i + 1, 0
+
+
+class _TrainStream(_Stream):
+  """Endless epochs over this host's shard of a per-epoch permutation."""
+
+  def __init__(self, source, encoder, seed, process_index, process_count, shuffle, state,
+               lookahead: int = 16):
+    self.source, self.encoder = source, encoder
+    self.seed, self.shuffle = int(seed), shuffle
+    self.process_index, self.process_count = process_index, process_count
+    self.epoch, self.cursor, self.offset = state['epoch'], state['cursor'], state['offset']
+    self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+    self._lookahead = lookahead
+    self._shard_epoch, self._shard = -1, None
+
+  def shard(self) -> np.ndarray:
+    if self._shard_epoch != self.epoch:
+      n = len(self.source)
+      order = (np.random.default_rng([self.seed, self.epoch]).permutation(n)
+               if self.shuffle else np.arange(n))
+      self._shard, self._shard_epoch = order[self.process_index::self.process_count], self.epoch
+    return self._shard
+
+  def tokens(self):
+    doc = int(self.shard()[self.cursor])
+    tokens = self._cache.get(doc)
+    if tokens is None:  # encode this and the next documents together (thread pool)
+      docs = [int(d) for d in self.shard()[self.cursor:self.cursor + self._lookahead]]
+      texts = [self.source[d] for d in docs]
+      for d, text, ids in zip(docs, texts, self.encoder.encode_batch(texts)):
+        self._cache[d] = document_tokens(self.encoder, text, ids)
+        self._cache.move_to_end(d)
+      tokens = self._cache[doc]
+      while len(self._cache) > 2 * self._lookahead:
+        self._cache.popitem(last=False)
+    return tokens
+
+  def consume(self, n):
+    self.offset += n
+    if self.offset >= len(self.tokens()) - 1:
+      self.offset = 0
+      self.cursor += 1
+      if self.cursor >= len(self.shard()):
+        self.epoch, self.cursor = self.epoch + 1, 0
+
+  def state(self) -> dict[str, int]:
+    return {'epoch': self.epoch, 'cursor': self.cursor, 'offset': self.offset}
+
+
+def _make_batch(stream, encoder, local_batch, seq_len):
+  """One batch from `stream` and the stream's state after it."""
+  batch = empty_batch(local_batch, seq_len, encoder.pad_id)
+  for r in range(local_batch):
+    fill_row(batch, r, stream)
+  return _finish(batch, encoder), stream.state()
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+  while not stop.is_set():
+    try:
+      q.put(item, timeout=0.1)
+      return
+    except queue.Full:
+      pass
+
+
+def _produce(stream, encoder, local_batch, seq_len, q, stop):
+  """Prefetch thread body: batches (or the exception that stopped it) into `q`."""
+  try:
+    while not stop.is_set():
+      _put(q, ('ok', *_make_batch(stream, encoder, local_batch, seq_len)), stop)
+  except BaseException as e:  # pylint: disable=broad-except
+    _put(q, ('error', e, None), stop)
+
+
+class TrainIterator:
+  """Infinite, checkpointable, per-host iterator of packed training batches."""
+
+  def __init__(self, source: corpus.DocSource, encoder: encoders.Encoder, seq_len: int,
+               local_batch: int, seed: int = 0, process_index: int = 0, process_count: int = 1,
+               shuffle: bool = True, prefetch: int = 2, state: dict[str, Any] | None = None):
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    if len(source) < process_count:
+      raise ValueError(f'{source.name} has {len(source)} documents, fewer than the '
+                       f'{process_count} hosts that shard it')
+    self.source, self.encoder = source, encoder
+    self.seq_len, self.local_batch = int(seq_len), int(local_batch)
+    self.seed, self.shuffle, self.prefetch = int(seed), bool(shuffle), int(prefetch)
+    self.process_index, self.process_count = process_index, process_count
+    self._thread = None
+    self._queue: queue.Queue | None = None
+    self._stop = threading.Event()
+    self.set_state(state or {'epoch': 0, 'cursor': 0, 'offset': 0})
+
+  def _meta(self) -> dict[str, Any]:
+    # What gives (epoch, cursor, offset) its meaning; seq_len and batch size may change.
+    return {'seed': self.seed, 'shuffle': self.shuffle, 'num_docs': len(self.source),
+            'process_index': self.process_index, 'process_count': self.process_count}
+
+  def get_state(self) -> dict[str, Any]:
+    """The state after the last batch returned by `__next__` (JSON-able)."""
+    return {**self._state, **self._meta()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Resumes so that the next batch is the one that followed `state`."""
+    meta = self._meta()
+    bad = {k: (state[k], v) for k, v in meta.items() if k in state and state[k] != v}
+    if bad:
+      raise ValueError(f'iterator state does not match this iterator (saved, now): {bad}')
+    self.close()
+    self._state = {k: int(state[k]) for k in ('epoch', 'cursor', 'offset')}
+    self._stream = _TrainStream(self.source, self.encoder, self.seed, self.process_index,
+                                self.process_count, self.shuffle, self._state)
+    if self._state['cursor'] >= len(self._stream.shard()):
+      raise ValueError(f'iterator state cursor {self._state["cursor"]} beyond the shard')
+    if self.prefetch > 0:
+      self._stop = threading.Event()
+      self._queue = queue.Queue(maxsize=self.prefetch)
+      # The thread gets no reference to `self`, so a dropped iterator is collected and closed.
+      args = (self._stream, self.encoder, self.local_batch, self.seq_len, self._queue, self._stop)
+      self._thread = threading.Thread(target=_produce, args=args, name='TrainIterator',
+                                      daemon=True)
+      self._thread.start()
+
+  def _make(self):
+    return _make_batch(self._stream, self.encoder, self.local_batch, self.seq_len)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._thread is None:
+      batch, state = self._make()
+    else:
+      kind, batch, state = self._queue.get()
+      if kind == 'error':
+        self._thread = None
+        raise batch
+    self._state = state
+    return batch
+
+  def close(self) -> None:
+    """Stops the prefetch thread (the iterator can be revived with `set_state`)."""
+    if self._thread is not None:
+      self._stop.set()
+      while self._thread.is_alive():
+        try:
+          self._queue.get(timeout=0.05)
+        except queue.Empty:
+          pass
+      self._thread.join()
+      self._thread = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+class _EvalStream(_Stream):
+
+  def __init__(self, source, encoder):
+    self.source, self.encoder, self.i, self.offset = source, encoder, 0, 0
+    self._doc = None
+
+  def tokens(self):
+    if self._doc is None and self.i < len(self.source):
+      self._doc = document_tokens(self.encoder, self.source[self.i])
+    return self._doc
+
+  def consume(self, n):
+    self.offset += n
+    if self.offset >= len(self._doc) - 1:
+      self.i, self.offset, self._doc = self.i + 1, 0, None
+
+
+class EvalBatches:
+  """Re-iterable deterministic eval batches of one host (see module doc)."""
+
+  def __init__(self, source, encoder, seq_len, local_batch, process_index=0, process_count=1,
+               max_batches=0):
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    self.source, self.encoder = source, encoder
+    self.seq_len, self.local_batch, self.max_batches = seq_len, local_batch, max_batches
+    self.process_index, self.process_count = process_index, process_count
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    stream = _EvalStream(self.source, self.encoder)
+    scratch = empty_batch(1, self.seq_len)
+    g = 0
+    while stream.tokens() is not None and (self.max_batches <= 0 or g < self.max_batches):
+      batch = empty_batch(self.local_batch, self.seq_len, self.encoder.pad_id)
+      for host in range(self.process_count):
+        for r in range(self.local_batch):
+          if host == self.process_index:
+            fill_row(batch, r, stream)
+          else:  # other hosts' rows: walk the stream without keeping them
+            fill_row(scratch, 0, stream)
+      yield _finish(batch, self.encoder)
+      g += 1
+
+
+def eval_batches(source: corpus.DocSource, encoder: encoders.Encoder, seq_len: int,
+                 local_batch: int, process_index: int = 0, process_count: int = 1,
+                 max_batches: int = 0) -> EvalBatches:
+  """The host's batches of the whole split (or the first `max_batches` global batches)."""
+  return EvalBatches(source, encoder, seq_len, local_batch, process_index, process_count,
+                     max_batches)
+
+
+def _hosts(process_index, process_count):
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return process_index, process_count
+
+
+def local_batch_size(cfg, process_count: int) -> int:
+  if cfg.train.batch_size % process_count:
+    raise ValueError(f'train.batch_size {cfg.train.batch_size} is not divisible by the '
+                     f'{process_count} processes')
+  return cfg.train.batch_size // process_count
+
+
+def make_train_iterator(cfg, encoder: encoders.Encoder, process_index: int | None = None,
+                        process_count: int | None = None,
+                        state: dict[str, Any] | None = None) -> TrainIterator:
+  """TrainIterator from the full config (host defaults: jax.process_index/count)."""
+  process_index, process_count = _hosts(process_index, process_count)
+  source = corpus.get_source(cfg.data, cfg.data.train_split)
+  return TrainIterator(source, encoder, cfg.data.seq_len, local_batch_size(cfg, process_count),
+                       seed=cfg.seed, process_index=process_index, process_count=process_count,
+                       shuffle=cfg.data.shuffle, prefetch=cfg.data.prefetch, state=state)
+
+
+def make_eval_batches(cfg, encoder: encoders.Encoder, process_index: int | None = None,
+                      process_count: int | None = None) -> EvalBatches:
+  """EvalBatches of `data.eval_split`, `train.eval_batches` global batches (0: all)."""
+  process_index, process_count = _hosts(process_index, process_count)
+  source = corpus.get_source(cfg.data, cfg.data.eval_split)
+  return eval_batches(source, encoder, cfg.data.seq_len, local_batch_size(cfg, process_count),
+                      process_index, process_count, cfg.train.get('eval_batches', 0))

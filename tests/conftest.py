@@ -1,0 +1,42 @@
+"""Shared test setup: CPU only, one TFDS data dir per test session (the embedded corpus is
+prepared once), and helpers to run launch.py in a subprocess."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  d = os.environ.get('NOTOKLM_TEST_DATA_DIR') or str(tmp_path_factory.mktemp('tfds'))
+  os.environ['NOTOKLM_DATA_DIR'] = d
+  return d
+
+
+def launch_cmd(*args):
+  return [sys.executable, os.path.join(ROOT, 'launch.py'), *args]
+
+
+def subprocess_env(data_dir, devices=1, **extra):
+  env = dict(os.environ)
+  env['NOTOKLM_DATA_DIR'] = data_dir
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['PYTHONUNBUFFERED'] = '1'
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env.update(extra)
+  return env
+
+
+def run_launch(data_dir, *args, devices=1, timeout=600, check=True, **extra_env):
+  p = subprocess.run(launch_cmd(*args), cwd=ROOT, env=subprocess_env(data_dir, devices, **extra_env),
+                     capture_output=True, text=True, timeout=timeout)
+  if check and p.returncode != 0:
+    raise AssertionError(f'launch {args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n'
+                         f'{p.stderr[-5000:]}')
+  return p

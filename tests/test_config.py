@@ -1,0 +1,68 @@
+"""Config files, presets and overrides: unknown keys name the closest valid key."""
+import copy
+import json
+
+import pytest
+
+from train import config_lib
+
+BYTE = 'configs/byte_lm.py'
+
+
+@pytest.fixture
+def cfg(monkeypatch):
+  monkeypatch.chdir(config_lib.os.path.dirname(config_lib.os.path.dirname(__file__)))
+  return config_lib.load(f'{BYTE}:tiny')[0]
+
+
+def test_presets_load(monkeypatch):
+  monkeypatch.chdir(config_lib.os.path.dirname(config_lib.os.path.dirname(__file__)))
+  for path in (BYTE, 'configs/subword_lm.py'):
+    for preset in ('tiny', 'small', '350m'):
+      c, module = config_lib.load(f'{path}:{preset}')
+      assert c.family == 'lm' and c.preset == preset
+      assert c.model.d_model % c.model.num_heads == 0
+      assert module.get_sweep(preset)
+
+
+def test_override_types(cfg):
+  config_lib.override(cfg, {'optim.lr': '1e-4', 'train.steps': '7', 'model.tie_embeddings':
+                            'False', 'data.source': 'text:/x.txt', 'train.batch_size': 8.0})
+  assert cfg.optim.lr == 1e-4 and cfg.train.steps == 7 and cfg.model.tie_embeddings is False
+  assert cfg.data.source == 'text:/x.txt' and cfg.train.batch_size == 8
+  assert isinstance(cfg.train.batch_size, int)
+
+
+def test_unknown_key_names_closest(cfg):
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'optim.lrr'.*'optim.lr'"):
+    config_lib.override(cfg, {'optim.lrr': '1'})
+  with pytest.raises(config_lib.ConfigError, match=r"'train.batch_size'"):
+    config_lib.override(cfg, {'batch_size': '1'})
+
+
+def test_wrong_type_is_clear(cfg):
+  with pytest.raises(config_lib.ConfigError, match=r'train.steps.*expected int'):
+    config_lib.override(cfg, {'train.steps': 'many'})
+  with pytest.raises(config_lib.ConfigError, match=r'train.steps.*expected int'):
+    config_lib.override(cfg, {'train.steps': '1.5'})
+  with pytest.raises(config_lib.ConfigError, match=r'expected bool'):
+    config_lib.override(cfg, {'model.tie_embeddings': '1'})
+
+
+def test_unknown_preset_and_file(monkeypatch):
+  monkeypatch.chdir(config_lib.os.path.dirname(config_lib.os.path.dirname(__file__)))
+  with pytest.raises(config_lib.ConfigError, match=r"unknown preset 'tinny'.*'tiny'"):
+    config_lib.load(f'{BYTE}:tinny')
+  with pytest.raises(config_lib.ConfigError, match='config file not found'):
+    config_lib.load('configs/nope.py:tiny')
+
+
+def test_argv_and_json_roundtrip(cfg, tmp_path):
+  ov, rest = config_lib.parse_argv_overrides(
+      ['--config.optim.lr=0.5', '--workdir=x', '--config.train.steps', '3'])
+  assert ov == {'optim.lr': '0.5', 'train.steps': '3'} and rest == ['--workdir=x']
+  config_lib.override(cfg, ov)
+  path = config_lib.save(cfg, str(tmp_path))
+  back = config_lib.from_json(path)
+  assert back.optim.lr == 0.5 and back.train.steps == 3
+  assert json.load(open(path))['model'] == copy.deepcopy(cfg.model).to_dict()

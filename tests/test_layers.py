@@ -1,0 +1,158 @@
+"""Tests for models/layers.py and models/transformer.py against plain-jnp references."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import models  # noqa: F401  (switches eager sharding off)
+from models import layers
+from models.transformer import Transformer
+
+D, H, K = 16, 4, 8
+
+
+def _reference_attention(attn, x_BxTxD, positions_BxT, segment_ids_BxT, window):
+  """Dense masked softmax with kv heads repeated to the query heads, in plain jnp."""
+  q = jnp.einsum('btd,dhk->bthk', x_BxTxD, attn.q[...])
+  k = jnp.einsum('btd,dgk->btgk', x_BxTxD, attn.k[...])
+  v = jnp.einsum('btd,dgk->btgk', x_BxTxD, attn.v[...])
+  q = layers.rope(q, positions_BxT, attn.rope_base)
+  k = layers.rope(k, positions_BxT, attn.rope_base)
+  rep = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+  t = x_BxTxD.shape[1]
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  allowed = (j <= i) & ((i - j < window) if window > 0 else True)
+  allowed = allowed[None, None] & (segment_ids_BxT[:, None, :, None]
+                                   == segment_ids_BxT[:, None, None, :])
+  s = jnp.einsum('bthk,bshk->bhts', q, k) / np.sqrt(q.shape[-1])
+  p = jax.nn.softmax(jnp.where(allowed, s, -1e30), axis=-1)
+  out = jnp.einsum('bhts,bshk->bthk', p, v)
+  return jnp.einsum('bthk,hkd->btd', out, attn.o[...])
+
+
+@pytest.mark.parametrize('num_kv_heads,window', [(4, 0), (2, 0), (1, 3), (2, 5)])
+def test_attention_matches_reference(num_kv_heads, window):
+  attn = layers.Attention(D, H, num_kv_heads, K, window=window, init_std=0.3,
+                          rngs=nnx.Rngs(0))
+  b, t = 2, 10
+  x = jax.random.normal(jax.random.key(1), (b, t, D))
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  seg = jnp.array([[1] * 6 + [2] * 4, [1] * 3 + [2] * 5 + [0] * 2])
+  y, cache = attn(x, pos, seg)
+  assert cache is None
+  chex.assert_trees_all_close(y, _reference_attention(attn, x, pos, seg, window), atol=1e-5)
+  # No segment ids: plain causal (+ window).
+  ones = jnp.ones((b, t), jnp.int32)
+  y, _ = attn(x, pos)
+  chex.assert_trees_all_close(y, _reference_attention(attn, x, pos, ones, window), atol=1e-5)
+
+
+def test_rope_relative_property():
+  q = jax.random.normal(jax.random.key(0), (1, 1, 1, K))
+  k = jax.random.normal(jax.random.key(1), (1, 1, 1, K))
+
+  def score(m, n):
+    pm, pn = jnp.full((1, 1), m), jnp.full((1, 1), n)
+    return jnp.sum(layers.rope(q, pm, 1e4) * layers.rope(k, pn, 1e4))
+
+  for delta in (0, 3, 17):
+    base = score(delta, 0)
+    for shift in (1, 10, 250):
+      np.testing.assert_allclose(score(delta + shift, shift), base, rtol=1e-4, atol=1e-4)
+  assert abs(float(score(5, 0)) - float(score(6, 0))) > 1e-4
+  # Rotation preserves norms; position 0 is the identity.
+  np.testing.assert_allclose(jnp.linalg.norm(layers.rope(q, jnp.full((1, 1), 7))),
+                             jnp.linalg.norm(q), rtol=1e-5)
+  chex.assert_trees_all_close(layers.rope(q, jnp.zeros((1, 1))), q, atol=1e-6)
+
+
+def _stack(window=0, remat=False):
+  return Transformer(2, D, H, 2, K, 32, window=window, remat=remat, init_std=0.3,
+                     rngs=nnx.Rngs(0))
+
+
+def test_segment_isolation_and_causality():
+  model = _stack()
+  b, t = 1, 12
+  seg = jnp.array([[1] * 5 + [2] * 5 + [0] * 2])
+  pos = jnp.array([list(range(5)) + list(range(5)) + [0, 0]])
+  x = jax.random.normal(jax.random.key(1), (b, t, D))
+  noise = jax.random.normal(jax.random.key(2), (b, t, D))
+  y, _ = model(x, pos, seg)
+  assert np.all(np.isfinite(np.asarray(y)))
+
+  in_seg2 = (seg == 2)[..., None]
+  y2, _ = model(jnp.where(in_seg2, x + noise, x), pos, seg)
+  chex.assert_trees_all_close(y2[:, :5], y[:, :5], atol=1e-6)      # segment 1 untouched
+  chex.assert_trees_all_close(y2[:, 10:], y[:, 10:], atol=1e-6)    # padding untouched
+  assert float(jnp.max(jnp.abs(y2[:, 5:10] - y[:, 5:10]))) > 1e-3
+
+  in_seg1 = (seg == 1)[..., None]
+  y1, _ = model(jnp.where(in_seg1, x + noise, x), pos, seg)
+  chex.assert_trees_all_close(y1[:, 5:], y[:, 5:], atol=1e-6)      # segment 2 untouched
+
+  # Causality: changing position 7 leaves positions < 7 unchanged (no segments given).
+  pos_full = jnp.arange(t)[None]
+  yc, _ = model(x, pos_full)
+  yc2, _ = model(x.at[:, 7].add(1.0), pos_full)
+  chex.assert_trees_all_close(yc2[:, :7], yc[:, :7], atol=1e-6)
+  assert float(jnp.max(jnp.abs(yc2[:, 7:] - yc[:, 7:]))) > 1e-3
+
+
+@pytest.mark.parametrize('window', [0, 3])
+def test_kv_cache_matches_full_forward(window):
+  model = _stack(window)
+  b, t, p = 2, 9, 4
+  x = jax.random.normal(jax.random.key(1), (b, t, D))
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  y_full = nnx.jit(lambda m, x, pos: m(x, pos)[0])(model, x, pos)
+
+  step = jax.jit(lambda x, pos, cache, i: model(x, pos, None, cache, i))
+  cache = model.init_cache(b, t)
+  y_pre, cache = model(x[:, :p], pos[:, :p], None, cache, 0)
+  outs = [y_pre]
+  for i in range(p, t):
+    y_i, cache = step(x[:, i:i + 1], pos[:, i:i + 1], cache, jnp.int32(i))
+    outs.append(y_i)
+  chex.assert_trees_all_close(jnp.concatenate(outs, axis=1), y_full, atol=1e-5)
+
+
+def test_remat_matches_plain():
+  x = jax.random.normal(jax.random.key(1), (1, 6, D))
+  pos = jnp.arange(6)[None]
+
+  def loss(m):
+    return jnp.sum(m(x, pos)[0] ** 2)
+
+  grad_fn = nnx.jit(nnx.value_and_grad(loss))
+  l0, g0 = grad_fn(_stack(remat=False))
+  l1, g1 = grad_fn(_stack(remat='full'))
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  chex.assert_trees_all_close(nnx.to_pure_dict(g1), nnx.to_pure_dict(g0), atol=1e-5)
+
+
+def test_layer_partition_specs_and_dtypes():
+  rngs = nnx.Rngs(0)
+  mods = dict(dense=layers.Dense(4, 6, axes=('embed', 'mlp'), rngs=rngs),
+              embed=layers.Embed(10, 4, rngs=rngs),
+              norm=layers.RMSNorm(4),
+              attn=layers.Attention(8, 2, 1, 4, rngs=rngs),
+              mlp=layers.MLP(4, 8, rngs=rngs))
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(mods)))
+  assert tuple(specs['dense']['kernel']) == ('embed', 'mlp')
+  assert tuple(specs['embed']['embedding']) == ('vocab', 'embed')
+  assert tuple(specs['norm']['scale']) == ('norm',)
+  assert tuple(specs['attn']['q']) == ('embed', 'heads', 'head_dim')
+  assert tuple(specs['attn']['k']) == ('embed', 'kv_heads', 'head_dim')
+  assert tuple(specs['attn']['o']) == ('heads', 'head_dim', 'embed')
+  assert tuple(specs['mlp']['down']['kernel']) == ('mlp', 'embed')
+  for leaf in jax.tree.leaves(nnx.state(mods, nnx.Param)):
+    assert leaf.dtype == jnp.float32
+  # bf16 compute: outputs in bf16, norm statistics still sane.
+  norm = layers.RMSNorm(4, dtype=jnp.bfloat16)
+  y = norm(jnp.array([[[1e3, -1e3, 1e3, -1e3]]], jnp.float32))
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), [[[1, -1, 1, -1]]], rtol=1e-2)

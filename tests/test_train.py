@@ -1,0 +1,158 @@
+"""End to end through launch.py: train -> checkpoint -> eval/sample, exact resume after
+kill -9 and SIGTERM, 8 host devices vs 1, two jax.distributed processes, sweeps."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, launch_cmd, run_launch, subprocess_env
+
+CONFIG = '--config=configs/byte_lm.py:tiny'
+SMALL = ['--config.data.max_docs=400', '--config.train.batch_size=8', '--config.data.seq_len=64',
+         '--config.train.eval_batches=4', '--config.sample.max_new_tokens=16',
+         '--config.train.log_every=10']
+
+
+def curve(workdir, key='loss'):
+  """step -> metric; a resumed run's record for a step replaces the killed run's."""
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      r = json.loads(line)
+      out[r['step']] = r[key]
+  return out
+
+
+def last_eval_bpb(workdir):
+  with open(os.path.join(workdir, 'train_summary.json')) as f:
+    return json.load(f)['eval']['bpb']
+
+
+def test_train_eval_sample(data_dir, tmp_path):
+  wd = str(tmp_path / 'run')
+  p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--config.train.steps=30',
+                 '--config.ckpt.every=10', *SMALL)
+  assert 'bits per byte' in p.stdout and 'sample 0' in p.stdout, p.stdout
+  assert os.path.exists(os.path.join(wd, 'config.json'))
+  assert any(f.startswith('events') for f in os.listdir(os.path.join(wd, 'tb')))
+  losses = curve(wd)
+  assert sorted(losses) == list(range(1, 31))
+  assert losses[30] < losses[1]
+  steps = sorted(int(s) for s in os.listdir(os.path.join(wd, 'checkpoints')) if s.isdigit())
+  assert steps[-1] == 30 and len(steps) <= 3
+  # eval restores the last checkpoint and reproduces the bpb training reported
+  p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=eval', '--config.train.steps=30',
+                 *SMALL)
+  ev = json.load(open(os.path.join(wd, 'eval_step30.json')))
+  assert ev['bpb'] == pytest.approx(last_eval_bpb(wd), abs=1e-6)
+  assert f'{ev["bpb"]:.4f}' in p.stdout
+  # ... also onto 8 devices
+  run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=eval', '--step=20',
+             '--config.train.steps=30', *SMALL, devices=8)
+  ev20 = json.load(open(os.path.join(wd, 'eval_step20.json')))
+  assert ev20['step'] == 20 and ev20['bpb'] > ev['bpb'] - 0.5
+  p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sample', '--config.train.steps=30',
+                 '--config.sample.prompt=import ', *SMALL)
+  assert 'import ' in p.stdout and '--- sample 0' in p.stdout
+
+
+def _wait_for_step(wd, step, proc, timeout=300):
+  path = os.path.join(wd, 'metrics.jsonl')
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if proc.poll() is not None:
+      raise AssertionError(f'run ended before step {step}: {proc.stdout.read()[-2000:]}')
+    if os.path.exists(path):
+      with open(path) as f:
+        lines = f.read().splitlines()
+      if lines and json.loads(lines[-1])['step'] >= step:
+        return
+    time.sleep(0.02)
+  raise AssertionError(f'no step {step} within {timeout}s')
+
+
+@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM])
+def test_resume_is_exact(data_dir, tmp_path, sig):
+  args = [CONFIG, '--config.train.steps=240', '--config.ckpt.every=20', *SMALL]
+  ref = str(tmp_path / 'ref')
+  run_launch(data_dir, *args, f'--workdir={ref}')
+  wd = str(tmp_path / 'killed')
+  proc = subprocess.Popen(launch_cmd(*args, f'--workdir={wd}'), cwd=ROOT,
+                          env=subprocess_env(data_dir), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  _wait_for_step(wd, 50, proc)
+  proc.send_signal(sig)
+  out = proc.communicate(timeout=120)[0]
+  if sig == signal.SIGTERM:
+    assert proc.returncode == 143 and 'stopped by SIGTERM' in out, out[-2000:]
+  else:
+    assert proc.returncode == -signal.SIGKILL
+  stopped_at = max(curve(wd))
+  assert stopped_at < 240, 'the run finished before it was interrupted'
+  p = run_launch(data_dir, *args, f'--workdir={wd}')
+  assert 'resumed from step' in p.stdout
+  a, b = curve(ref), curve(wd)
+  assert sorted(a) == sorted(b) == list(range(1, 241))
+  assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]][:5]
+  assert last_eval_bpb(ref) == last_eval_bpb(wd)
+
+
+def test_8_devices_match_1_device(data_dir, tmp_path):
+  args = [CONFIG, '--config.train.steps=20', '--config.ckpt.every=100', *SMALL,
+          '--config.train.batch_size=16', '--config.train.grad_accum=2']
+  one, eight = str(tmp_path / 'one'), str(tmp_path / 'eight')
+  run_launch(data_dir, *args, f'--workdir={one}')
+  run_launch(data_dir, *args, f'--workdir={eight}', '--config.mesh.fsdp=2', devices=8)
+  a, b = curve(one), curve(eight)
+  assert abs(a[20] - b[20]) < 1e-4, (a[20], b[20])
+  assert abs(last_eval_bpb(one) - last_eval_bpb(eight)) < 1e-4
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_and_checkpoint(data_dir, tmp_path):
+  wd = str(tmp_path / 'dist')
+  port = _free_port()
+  args = [CONFIG, f'--workdir={wd}', '--config.train.steps=12', '--config.ckpt.every=6', *SMALL,
+          f'--coordinator=localhost:{port}', '--num_processes=2']
+  procs = [subprocess.Popen(launch_cmd(*args, f'--process_id={i}'), cwd=ROOT,
+                            env=subprocess_env(data_dir, devices=2), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  assert 'devices 4' in outs[0] and '2 process(es)' in outs[0]
+  assert 'bits per byte' in outs[0]
+  steps = sorted(int(s) for s in os.listdir(os.path.join(wd, 'checkpoints')) if s.isdigit())
+  assert steps == [6, 12]
+  # the 2-process checkpoint restores for eval in a single process
+  run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=eval', '--config.train.steps=12', *SMALL)
+  assert json.load(open(os.path.join(wd, 'eval_step12.json')))['step'] == 12
+
+
+def test_sweep_writes_summary(data_dir, tmp_path):
+  wd = str(tmp_path / 'sweep')
+  p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sweep', '--config.train.steps=8',
+                 '--config.ckpt.every=100', *SMALL)
+  for f in ('summary.csv', 'summary.md', 'curves_loss.png'):
+    assert os.path.getsize(os.path.join(wd, f)) > 0
+  md = open(os.path.join(wd, 'summary.md')).read()
+  assert 'optim.lr=0.001' in md and 'optim.lr=0.003' in md and 'val_bpb' in md
+  assert md.count('| done |') == 2, md
+
+
+def test_bad_config_and_data_fail_clearly(data_dir, tmp_path):
+  p = run_launch(data_dir, CONFIG, f'--workdir={tmp_path}', '--config.optim.lrr=1', check=False)
+  assert p.returncode == 2 and "did you mean 'optim.lr'" in p.stderr
+  missing = str(tmp_path / 'nope.txt')
+  p = run_launch(data_dir, CONFIG, f'--workdir={tmp_path}', f'--config.data.source=text:{missing}',
+                 check=False)
+  assert p.returncode != 0 and missing in p.stderr

@@ -1,0 +1,68 @@
+"""Token LM family: the byte-level and subword baselines (one model, two encoders)."""
+from __future__ import annotations
+
+import copy
+
+import jax
+import numpy as np
+
+from data import corpus, encoders, pipeline
+from models import token_lm
+from train import families
+
+
+@families.register('lm')
+class TokenLMFamily:
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    self.encoder = encoders.get_encoder(cfg.data)
+    self.dtype = families.compute_dtype(cfg)
+    m = copy.deepcopy(cfg.model)
+    with m.unlocked():
+      m.attention_impl = m.attention_impl or None
+    self.model_cfg = m
+    self._stats = {}
+
+  def build_model(self, rngs):
+    return token_lm.TokenLM(self.model_cfg, self.encoder.vocab_size, self.dtype, rngs=rngs)
+
+  def loss(self, model, batch, rng):
+    return token_lm.lm_loss(model, batch, rng)
+
+  def train_iterator(self, process_index: int, process_count: int):
+    it = pipeline.make_train_iterator(self.cfg, self.encoder, process_index, process_count)
+    self._stats.update({f'train_{k}': v for k, v in (it.source.stats or {}).items()})
+    return it
+
+  def eval_batches(self, process_index: int, process_count: int, max_batches: int = 0):
+    source = corpus.get_source(self.cfg.data, self.cfg.data.eval_split)
+    self._stats.update({f'eval_{k}': v for k, v in (source.stats or {}).items()})
+    return list(pipeline.eval_batches(
+        source, self.encoder, self.cfg.data.seq_len,
+        pipeline.local_batch_size(self.cfg, process_count), process_index, process_count,
+        max_batches))
+
+  def sample(self, model, cfg_sample) -> list[str]:
+    prompt = self.encoder.encode(cfg_sample.prompt)
+    ids = np.concatenate([[self.encoder.bos_id], prompt]).astype(np.int32)[None]
+    out = token_lm.generate(model, ids, cfg_sample.max_new_tokens, cfg_sample.temperature,
+                            cfg_sample.top_p, jax.random.key(cfg_sample.seed),
+                            eos_id=self.encoder.eos_id)
+    texts = []
+    for row in np.asarray(out):
+      stop = np.flatnonzero(row == self.encoder.eos_id)
+      texts.append(cfg_sample.prompt + self.encoder.decode(row[:stop[0]] if stop.size else row))
+    return texts
+
+  def flops_per_token(self) -> float:
+    return token_lm.flops_per_token(self.model_cfg, self.encoder.vocab_size, self.cfg.data.seq_len)
+
+  def data_stats(self) -> dict:
+    return dict(self._stats)
+
+  def describe(self) -> str:
+    e = self.encoder
+    return (f'{type(e).__name__} vocab {e.vocab_size} | data {self.cfg.data.source} | '
+            f'seq_len {self.cfg.data.seq_len} | batch {self.cfg.train.batch_size} | '
+            f'compute {np.dtype(self.dtype).name}')

@@ -1,0 +1,117 @@
+"""Run logging: TensorBoard event files (tensorboardX, no TensorFlow), a JSONL log of every
+step, and a console progress line with rates and ETA. Only process 0 writes."""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+
+import jax
+
+LN2 = math.log(2.0)
+
+
+def derived(sums: dict) -> dict:
+  """Metric sums from a family's loss -> per-token loss and bits per UTF-8 byte."""
+  out = {k: float(v) for k, v in sums.items()}
+  n_tok = out.get('n_tokens', 0.0)
+  if 'nll_sum' in out and n_tok > 0:
+    out['loss'] = out['nll_sum'] / n_tok
+  if 'nll_sum' in out and out.get('n_bytes', 0.0) > 0:
+    out['bpb'] = out['nll_sum'] / out['n_bytes'] / LN2
+  return out
+
+
+class Writer:
+
+  def __init__(self, workdir: str, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.workdir = workdir
+    self._tb = None
+    self._jsonl = {}
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+
+  def _tb_writer(self):
+    if self._tb is None:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(self.workdir, 'tb'), flush_secs=10)
+    return self._tb
+
+  def scalars(self, step: int, values: dict, prefix: str = 'train', jsonl: str | None = None):
+    if not self.enabled:
+      return
+    tb = self._tb_writer()
+    for k, v in values.items():
+      if isinstance(v, (int, float)) and math.isfinite(v):
+        tb.add_scalar(f'{prefix}/{k}', v, step)
+    if jsonl:
+      f = self._jsonl.get(jsonl)
+      if f is None:
+        f = self._jsonl[jsonl] = open(os.path.join(self.workdir, jsonl), 'a')
+      f.write(json.dumps({'step': step, **values}) + '\n')
+
+  def text(self, step: int, tag: str, text: str):
+    if self.enabled:
+      self._tb_writer().add_text(tag, text, step)
+
+  def flush(self):
+    if not self.enabled:
+      return
+    if self._tb is not None:
+      self._tb.flush()
+    for f in self._jsonl.values():
+      f.flush()
+
+  def close(self):
+    self.flush()
+    if self._tb is not None:
+      self._tb.close()
+    for f in self._jsonl.values():
+      f.close()
+    self._jsonl = {}
+
+
+class Progress:
+  """Steps/s, tokens/s, bytes/s and ETA over the last logging window."""
+
+  def __init__(self, start_step: int, total_steps: int, flops_per_token: float = 0.0):
+    self.total = total_steps
+    self.flops_per_token = flops_per_token
+    self._t, self._step, self._tok, self._bytes = time.perf_counter(), start_step, 0.0, 0.0
+
+  def add(self, tokens: float, nbytes: float):
+    self._tok += tokens
+    self._bytes += nbytes
+
+  def rates(self, step: int) -> dict:
+    now = time.perf_counter()
+    dt = max(now - self._t, 1e-9)
+    r = {'steps_per_s': (step - self._step) / dt, 'tokens_per_s': self._tok / dt,
+         'bytes_per_s': self._bytes / dt}
+    if self.flops_per_token:
+      r['tflops_per_s'] = r['tokens_per_s'] * self.flops_per_token / 1e12
+    self._t, self._step, self._tok, self._bytes = now, step, 0.0, 0.0
+    return r
+
+  def line(self, step: int, m: dict, r: dict) -> str:
+    eta = (self.total - step) / r['steps_per_s'] if r['steps_per_s'] > 0 else 0
+    parts = [f'step {step}/{self.total}']
+    for k, fmt in (('loss', '.4f'), ('bpb', '.4f'), ('grad_norm', '.3f'), ('lr', '.2e')):
+      if k in m:
+        parts.append(f'{k} {m[k]:{fmt}}')
+    parts += [f"{r['steps_per_s']:.2f} steps/s", f"{_si(r['tokens_per_s'])} tok/s",
+              f"{_si(r['bytes_per_s'])} B/s"]
+    if 'tflops_per_s' in r:
+      parts.append(f"{r['tflops_per_s']:.3g} TFLOP/s")
+    parts.append(f'eta {datetime.timedelta(seconds=int(eta))}')
+    return ' | '.join(parts)
+
+
+def _si(x: float) -> str:
+  for unit, div in (('G', 1e9), ('M', 1e6), ('k', 1e3)):
+    if x >= div:
+      return f'{x / div:.1f}{unit}'
+  return f'{x:.0f}'

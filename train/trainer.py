@@ -1,0 +1,344 @@
+"""The one trainer: mesh, sharded state, a jitted step with donated state and gradient
+accumulation, AdamW with warmup + cosine and clipping, orbax checkpoints, evaluation.
+
+Family-agnostic: everything model-specific comes through `train.families`.
+Hot path: `nnx.split` once; the step is a pure function of (state, batch) where state =
+{'step', 'params' (pure dict), 'opt_state'}; metrics are fetched one step late so the host
+never waits for the device.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from train import checkpoint as ckpt_lib
+from train import config_lib, families, metrics as metrics_lib, partitioning
+
+log = logging.getLogger(__name__)
+
+
+def make_optimizer(cfg_optim, total_steps: int):
+  warmup = min(cfg_optim.warmup_steps, max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg_optim.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=cfg_optim.lr * cfg_optim.min_lr_ratio)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(
+      optax.clip_by_global_norm(cfg_optim.clip_norm),
+      optax.adamw(schedule, b1=cfg_optim.b1, b2=cfg_optim.b2, eps=cfg_optim.eps,
+                  weight_decay=cfg_optim.weight_decay, mask=decay_mask))
+  return tx, schedule
+
+
+def _match_param_shardings(abstract_opt, abstract_params, param_sh, default):
+  """Optimizer-state leaves that mirror a parameter (Adam's mu/nu) get its sharding."""
+  by_path = {}
+  for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                              jax.tree.leaves(param_sh)):
+    by_path[tuple(str(k) for k in path)] = (leaf.shape, sh)
+  def pick(path, leaf):
+    keys = tuple(str(k) for k in path)
+    for i in range(len(keys)):
+      hit = by_path.get(keys[i:])
+      if hit is not None and hit[0] == leaf.shape:
+        return hit[1]
+    return default
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+class Setup:
+  """Everything derived from a config that train, eval and sample share."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    self.family = families.get(cfg)
+    self.mesh = partitioning.make_mesh(cfg.mesh)
+    self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    abstract_model = nnx.eval_shape(lambda: self.family.build_model(nnx.Rngs(cfg.seed)))
+    self.graphdef, abstract_vars = nnx.split(abstract_model)
+    self.param_sh = partitioning.param_shardings(abstract_vars, self.mesh)
+    abstract_params = nnx.to_pure_dict(abstract_vars)
+    repl = partitioning.replicated(self.mesh)
+    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+    self.state_sh = {
+        'step': repl, 'params': self.param_sh,
+        'opt_state': _match_param_shardings(abstract_opt, abstract_params, self.param_sh, repl),
+        'nonfinite': repl}
+    self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+
+  # -- state ---------------------------------------------------------------------------------
+  def _init(self):
+    model = self.family.build_model(nnx.Rngs(self.cfg.seed))
+    params = nnx.to_pure_dict(nnx.state(model))
+    return {'step': jnp.zeros((), jnp.int32), 'params': params,
+            'opt_state': self.tx.init(params), 'nonfinite': jnp.zeros((), jnp.int32)}
+
+  def init_state(self):
+    return jax.jit(self._init, out_shardings=self.state_sh)()
+
+  def abstract_state(self):
+    return ckpt_lib.abstract_like(jax.eval_shape(self._init), self.state_sh)
+
+  def model(self, params):
+    return nnx.merge(self.graphdef, params)
+
+  # -- steps ---------------------------------------------------------------------------------
+  def _loss(self, params, batch, rng):
+    return self.family.loss(self.model(params), batch, rng)
+
+  def make_train_step(self):
+    cfg, tx, accum = self.cfg, self.tx, self.cfg.train.grad_accum
+    base_rng = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    skip_nonfinite = True  # a non-finite update is never applied; the policy decides what next
+    batch_spec = partitioning.BATCH_AXES
+
+    def step_fn(state, batch):
+      rng = jax.random.fold_in(base_rng, state['step'])
+      params = state['params']
+      if accum == 1:
+        (loss, sums), grads = grad_fn(params, batch, rng)
+      else:
+        def split(x):  # rows {a, a+A, ...} form micro-batch a: every device keeps its share
+          x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+          return jax.lax.with_sharding_constraint(
+              x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
+                  None, batch_spec, *([None] * (x.ndim - 2)))))
+        micro = jax.tree.map(split, batch)
+        def body(carry, inp):
+          mb, i = inp
+          (l, s), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+          return jax.tree.map(jnp.add, carry, (l, s, g)), None
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+            lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)))
+        zeros = (zeros[0][0], zeros[0][1], zeros[1])
+        (loss, sums, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+        loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+      grad_norm = optax.global_norm(grads)
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      updates, opt_state = tx.update(grads, state['opt_state'], params)
+      new_params = optax.apply_updates(params, updates)
+      if skip_nonfinite:
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_params = keep(new_params, params)
+        opt_state = keep(opt_state, state['opt_state'])
+      new_state = {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state,
+                   'nonfinite': state['nonfinite'] + (~finite).astype(jnp.int32)}
+      out = dict(sums, loss_mean=loss, grad_norm=grad_norm, lr=self.schedule(state['step']),
+                 finite=finite)
+      return new_state, out
+
+    return jax.jit(step_fn, out_shardings=(self.state_sh, partitioning.replicated(self.mesh)),
+                   donate_argnums=0)
+
+  def make_eval_step(self):
+    rng = jax.random.key(0)
+    return jax.jit(lambda params, batch: self._loss(params, batch, rng)[1],
+                   out_shardings=partitioning.replicated(self.mesh))
+
+  def evaluate(self, params, local_batches, eval_step=None) -> dict:
+    eval_step = eval_step or self.make_eval_step()
+    totals: dict[str, float] = {}
+    for b in local_batches:
+      sums = eval_step(params, partitioning.global_batch(b, self.mesh))
+      for k, v in jax.device_get(sums).items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    return metrics_lib.derived(totals)
+
+
+class _StopFlag:
+  """Set by SIGTERM (preemption): the loop checkpoints and returns at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._prev = None
+    if threading.current_thread() is threading.main_thread():
+      self._prev = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    if self._prev is not None:
+      signal.signal(signal.SIGTERM, self._prev)
+
+
+def _print(*args):
+  if jax.process_index() == 0:
+    print(*args, flush=True)
+
+
+def restore_or_init(setup: Setup, checkpointer: ckpt_lib.Checkpointer, step=None):
+  """-> (state, data_state or None, restored step or None)."""
+  if checkpointer.latest_step() is None:
+    if step is not None:
+      raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}')
+    return setup.init_state(), None, None
+  s, state, data_state = checkpointer.restore(setup.abstract_state(), step=step)
+  return state, data_state, s
+
+
+def train(cfg, workdir: str) -> dict:
+  """Trains (resuming from the workdir's latest checkpoint), evaluates, samples."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    config_lib.save(cfg, workdir)
+  setup = Setup(cfg)
+  fam = setup.family
+  _print(f'[{fam.name}] {fam.describe()} | params {setup.n_params / 1e6:.2f}M | '
+         f'devices {jax.device_count()} (mesh {dict(setup.mesh.shape)}) x '
+         f'{jax.process_count()} process(es) | backend {jax.default_backend()}')
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.ckpt.keep,
+                                       cfg.ckpt.async_save)
+  writer = metrics_lib.Writer(workdir)
+  pid, pcount = jax.process_index(), jax.process_count()
+  it = fam.train_iterator(pid, pcount)
+  state, data_state, restored = restore_or_init(setup, checkpointer)
+  if restored is not None:
+    if data_state is not None:
+      it.set_state(data_state)
+    _print(f'resumed from step {restored} ({checkpointer.directory})')
+  eval_batches = fam.eval_batches(pid, pcount, cfg.train.eval_batches)
+  train_step, eval_step = setup.make_train_step(), setup.make_eval_step()
+  cfg_dict = cfg.to_dict()
+
+  step = int(jax.device_get(state['step']))
+  total = cfg.train.steps
+  progress = metrics_lib.Progress(step, total, fam.flops_per_token())
+  stop = _StopFlag()
+  pending = None
+  last_saved = restored
+  window: dict[str, float] = {}
+  result = {}
+
+  def save(s, force=False):
+    nonlocal last_saved
+    if last_saved != s:
+      checkpointer.save(s, state, it.get_state(), cfg_dict, force=force)
+      last_saved = s
+
+  def flush(p):
+    s, m = p
+    m = jax.device_get(m)
+    finite = bool(m.pop('finite'))
+    d = metrics_lib.derived(m)
+    d['loss'] = float(m['loss_mean'])
+    d.pop('loss_mean', None)
+    if not finite:
+      if cfg.train.nan_policy == 'stop':
+        raise FloatingPointError(
+            f'non-finite loss or gradient at step {s} (loss {d["loss"]}, grad_norm '
+            f'{d["grad_norm"]}); the update was not applied; last checkpoint: step {last_saved}')
+      log.warning('non-finite loss/gradient at step %d: update skipped (nan_policy=skip)', s)
+    progress.add(d.get('n_tokens', 0.0), d.get('n_bytes', 0.0))
+    writer.scalars(s, {k: d[k] for k in ('loss', 'bpb', 'grad_norm', 'lr') if k in d},
+                   jsonl='metrics.jsonl')
+    for k in ('loss', 'bpb', 'grad_norm', 'lr'):
+      if k in d:
+        window[k] = d[k]
+    if s % cfg.train.log_every == 0 or s == total:
+      r = progress.rates(s)
+      writer.scalars(s, r, prefix='perf')
+      _print(progress.line(s, window, r))
+    result.update(window)
+
+  t_start = time.perf_counter()
+  try:
+    while step < total:
+      batch = partitioning.global_batch(next(it), setup.mesh)
+      state, m = train_step(state, batch)
+      step += 1
+      if pending is not None:
+        flush(pending)
+      pending = (step, m)
+      if step % cfg.ckpt.every == 0 or step == total or stop.requested:
+        save(step)
+      if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+        ev = setup.evaluate(state['params'], eval_batches, eval_step)
+        writer.scalars(step, ev, prefix='eval', jsonl='eval_metrics.jsonl')
+        _print(f'eval step {step}: loss {ev.get("loss", float("nan")):.4f} '
+               f'bpb {ev.get("bpb", float("nan")):.4f}')
+      if stop.requested:
+        break
+    if pending is not None:
+      flush(pending)
+  finally:
+    stop.restore()
+    checkpointer.wait()
+  train_time = time.perf_counter() - t_start
+
+  if stop.requested and step < total:
+    _print(f'stopped by SIGTERM at step {step}; checkpoint saved')
+    checkpointer.close()
+    writer.close()
+    it.close() if hasattr(it, 'close') else None
+    return {'preempted_at': step}
+
+  ev = setup.evaluate(state['params'], eval_batches, eval_step)
+  writer.scalars(step, ev, prefix='eval', jsonl='eval_metrics.jsonl')
+  _print(f'validation at step {step}: loss {ev.get("loss", float("nan")):.4f} | '
+         f'bits per byte {ev.get("bpb", float("nan")):.4f}')
+  samples = fam.sample(setup.model(state['params']), cfg.sample)
+  for i, s in enumerate(samples[:1]):
+    _print(f'sample {i} (prompt {cfg.sample.prompt!r}):\n{s}')
+    writer.text(step, 'sample', s)
+  nonfinite = int(jax.device_get(state['nonfinite']))
+  summary = {'step': step, 'train': result, 'eval': ev, 'train_seconds': train_time,
+             'nonfinite_steps': nonfinite, 'data': fam.data_stats()}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'train_summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+  checkpointer.close()
+  writer.close()
+  if hasattr(it, 'close'):
+    it.close()
+  return summary
+
+
+def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
+  """Restores the latest (or `step`) checkpoint onto this process's mesh and evaluates."""
+  setup = Setup(cfg)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.ckpt.keep,
+                                       async_save=False)
+  state, _, s = restore_or_init(setup, checkpointer, step=step)
+  if s is None:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints to evaluate')
+  fam = setup.family
+  ev = setup.evaluate(state['params'], fam.eval_batches(jax.process_index(),
+                                                        jax.process_count(),
+                                                        cfg.train.eval_batches))
+  ev['step'] = s
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f'eval_step{s}.json'), 'w') as f:
+      json.dump(ev, f, indent=2)
+  _print(f'eval of step {s}: loss {ev.get("loss", float("nan")):.4f} | '
+         f'bits per byte {ev.get("bpb", float("nan")):.4f} '
+         f'({int(ev.get("n_tokens", 0))} tokens, {int(ev.get("n_bytes", 0))} bytes)')
+  checkpointer.close()
+  return ev
+
+
+def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
+  setup = Setup(cfg)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.ckpt.keep,
+                                       async_save=False)
+  state, _, s = restore_or_init(setup, checkpointer, step=step)
+  if s is None:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints to sample from')
+  out = setup.family.sample(setup.model(state['params']), cfg.sample)
+  for i, text in enumerate(out):
+    _print(f'--- sample {i} (step {s}, prompt {cfg.sample.prompt!r}, temperature '
+           f'{cfg.sample.temperature}, top_p {cfg.sample.top_p})\n{text}')
+  checkpointer.close()
+  return out
