@@ -58,6 +58,14 @@ def main(argv=None) -> int:
       return 2
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
+  try:
+    return _run(args, cfg, module)
+  except FileNotFoundError as e:  # a missing input: say which, without a traceback
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+
+
+def _run(args, cfg, module) -> int:
   from train import sweep, trainer
   if args.mode == 'train':
     out = trainer.train(cfg, args.workdir)

@@ -16,6 +16,7 @@ loss and bits per UTF-8 byte need no decoding.
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ def padded(n: int, multiple: int = PAD_MULTIPLE) -> int:
   return -(-n // multiple) * multiple
 
 
-class Encoder:
+class Encoder(abc.ABC):
   """Shared interface; subclasses set the ids and `token_bytes`."""
   name: str
   true_vocab_size: int
@@ -47,11 +48,13 @@ class Encoder:
   eos_id: int
   token_bytes: np.ndarray
 
+  @abc.abstractmethod
   def encode(self, text: str) -> np.ndarray:
-    raise NotImplementedError
+    """Token ids of `text`, no specials added."""
 
+  @abc.abstractmethod
   def decode(self, ids) -> str:
-    raise NotImplementedError
+    """Text of `ids`, specials skipped."""
 
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
     return [self.encode(t) for t in texts]

@@ -23,6 +23,7 @@ yield the same number of batches, and the metrics do not depend on the host coun
 """
 from __future__ import annotations
 
+import abc
 import collections
 import queue
 import threading
@@ -54,16 +55,17 @@ def document_tokens(encoder: encoders.Encoder, text: str,
   return out
 
 
-class _Stream:
+class _Stream(abc.ABC):
   """A cursor over documents: `tokens()` is the current document (None at the end)."""
   offset: int
 
+  @abc.abstractmethod
   def tokens(self) -> np.ndarray | None:
-    raise NotImplementedError
+    """`[bos] + ids + [eos]` of the current document, or None when exhausted."""
 
+  @abc.abstractmethod
   def consume(self, n: int) -> None:
     """Takes `n` pairs of the current document, moving on when it is used up."""
-    raise NotImplementedError
 
 
 def fill_row(batch: dict[str, np.ndarray], r: int, stream: _Stream) -> int:

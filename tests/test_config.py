@@ -66,3 +66,11 @@ def test_argv_and_json_roundtrip(cfg, tmp_path):
   back = config_lib.from_json(path)
   assert back.optim.lr == 0.5 and back.train.steps == 3
   assert json.load(open(path))['model'] == copy.deepcopy(cfg.model).to_dict()
+
+
+def test_sweep_grid_and_names():
+  from train import sweep
+  pts = sweep.grid(**{'optim.lr': [1e-3, 3e-3], 'model.num_layers': [2, 4]})
+  assert len(pts) == 4 and {'optim.lr': 3e-3, 'model.num_layers': 4} in pts
+  assert sweep.run_name({'optim.lr': 0.001, 'data.source': 'text:/a b'}) == \
+      'optim.lr=0.001,data.source=text_/a_b'.replace('/', '_')

@@ -156,3 +156,16 @@ def test_bad_config_and_data_fail_clearly(data_dir, tmp_path):
   p = run_launch(data_dir, CONFIG, f'--workdir={tmp_path}', f'--config.data.source=text:{missing}',
                  check=False)
   assert p.returncode != 0 and missing in p.stderr
+
+
+def test_bad_text_lines_are_counted_in_run_log(data_dir, tmp_path):
+  good = '\n\n'.join(f'paragraph {i}: ' + 'some plain words here. ' * 20 for i in range(40))
+  path = tmp_path / 'mixed.txt'
+  path.write_bytes(good.encode() + b'\n\nbad \xff\xfe utf8 line\n\nnul \x00 byte line\n\n'
+                   + b'x' * 300_000 + b'\n')
+  p = run_launch(data_dir, CONFIG, f'--workdir={tmp_path / "run"}', f'--config.data.source=text:{path}',
+                 '--config.train.steps=2', '--config.data.max_doc_chars=100000', *SMALL)
+  assert 'skipped_invalid_utf8=1' in p.stdout and 'skipped_nul=1' in p.stdout, p.stdout
+  assert 'docs_cut=1' in p.stdout
+  summary = json.load(open(tmp_path / 'run' / 'train_summary.json'))
+  assert summary['data']['skipped_invalid_utf8'] == 1 and summary['data']['skipped_nul'] == 1

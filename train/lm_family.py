@@ -32,12 +32,11 @@ class TokenLMFamily:
 
   def train_iterator(self, process_index: int, process_count: int):
     it = pipeline.make_train_iterator(self.cfg, self.encoder, process_index, process_count)
-    self._stats.update({f'train_{k}': v for k, v in (it.source.stats or {}).items()})
+    self._stats.update(it.source.stats or {})  # counts for the whole prepared dataset
     return it
 
   def eval_batches(self, process_index: int, process_count: int, max_batches: int = 0):
     source = corpus.get_source(self.cfg.data, self.cfg.data.eval_split)
-    self._stats.update({f'eval_{k}': v for k, v in (source.stats or {}).items()})
     return list(pipeline.eval_batches(
         source, self.encoder, self.cfg.data.seq_len,
         pipeline.local_batch_size(self.cfg, process_count), process_index, process_count,

@@ -210,6 +210,11 @@ def train(cfg, workdir: str) -> dict:
       it.set_state(data_state)
     _print(f'resumed from step {restored} ({checkpointer.directory})')
   eval_batches = fam.eval_batches(pid, pcount, cfg.train.eval_batches)
+  counted = {k: v for k, v in fam.data_stats().items() if v and ('skipped' in k or 'cut' in k
+                                                                 or 'without' in k)}
+  _print(f'data: {len(eval_batches)} eval batches'
+         + (' | counted and skipped/cut: ' + ', '.join(f'{k}={v}' for k, v in
+                                                       sorted(counted.items())) if counted else ''))
   train_step, eval_step = setup.make_train_step(), setup.make_eval_step()
   cfg_dict = cfg.to_dict()
 
@@ -280,9 +285,7 @@ def train(cfg, workdir: str) -> dict:
 
   if stop.requested and step < total:
     _print(f'stopped by SIGTERM at step {step}; checkpoint saved')
-    checkpointer.close()
-    writer.close()
-    it.close() if hasattr(it, 'close') else None
+    _close(checkpointer, writer, it)
     return {'preempted_at': step}
 
   ev = setup.evaluate(state['params'], eval_batches, eval_step)
@@ -299,11 +302,15 @@ def train(cfg, workdir: str) -> dict:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'train_summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)
+  _close(checkpointer, writer, it)
+  return summary
+
+
+def _close(checkpointer, writer, it):
   checkpointer.close()
   writer.close()
   if hasattr(it, 'close'):
     it.close()
-  return summary
 
 
 def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
