@@ -13,6 +13,12 @@ about bytes, words, hypernetworks or sentences; it only calls:
   sample(model, cfg_sample)              -> list[str]
   flops_per_token()                      -> training FLOPs per target token (MFU accounting)
   describe()                             -> one line for the run log
+  data_stats()                           -> dict of counted data skips/cuts for the summary
+
+Optional:
+  eval_suite(setup, params, workdir, step) -> dict merged into eval_step{N}.json by
+                                            `--mode=eval` (the family's own evaluations; it
+                                            may write tables/PNGs into the workdir)
 """
 from __future__ import annotations
 

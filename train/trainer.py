@@ -326,12 +326,14 @@ def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
                                                         jax.process_count(),
                                                         cfg.train.eval_batches))
   ev['step'] = s
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, f'eval_step{s}.json'), 'w') as f:
-      json.dump(ev, f, indent=2)
   _print(f'eval of step {s}: loss {ev.get("loss", float("nan")):.4f} | '
          f'bits per byte {ev.get("bpb", float("nan")):.4f} '
          f'({int(ev.get("n_tokens", 0))} tokens, {int(ev.get("n_bytes", 0))} bytes)')
+  if hasattr(fam, 'eval_suite'):  # the family's own evaluations (robustness, probes, plots)
+    ev.update(fam.eval_suite(setup, state['params'], workdir, s))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f'eval_step{s}.json'), 'w') as f:
+      json.dump(ev, f, indent=2)
   checkpointer.close()
   return ev
 
