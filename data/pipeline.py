@@ -169,12 +169,13 @@ class _TrainStream(_Stream):
     return {'epoch': self.epoch, 'cursor': self.cursor, 'offset': self.offset}
 
 
-def _make_batch(stream, encoder, local_batch, seq_len):
-  """One batch from `stream` and the stream's state after it."""
+def _make_batch(stream, encoder, local_batch, seq_len, transform=None):
+  """One batch from `stream` (then `transform`ed) and the stream's state after it."""
   batch = empty_batch(local_batch, seq_len, encoder.pad_id)
   for r in range(local_batch):
     fill_row(batch, r, stream)
-  return _finish(batch, encoder), stream.state()
+  batch = _finish(batch, encoder)
+  return (transform(batch) if transform else batch), stream.state()
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> None:
@@ -186,11 +187,11 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> None:
       pass
 
 
-def _produce(stream, encoder, local_batch, seq_len, q, stop):
+def _produce(stream, encoder, local_batch, seq_len, q, stop, transform=None):
   """Prefetch thread body: batches (or the exception that stopped it) into `q`."""
   try:
     while not stop.is_set():
-      _put(q, ('ok', *_make_batch(stream, encoder, local_batch, seq_len)), stop)
+      _put(q, ('ok', *_make_batch(stream, encoder, local_batch, seq_len, transform)), stop)
   except BaseException as e:  # pylint: disable=broad-except
     _put(q, ('error', e, None), stop)
 
@@ -200,9 +201,12 @@ class TrainIterator:
 
   def __init__(self, source: corpus.DocSource, encoder: encoders.Encoder, seq_len: int,
                local_batch: int, seed: int = 0, process_index: int = 0, process_count: int = 1,
-               shuffle: bool = True, prefetch: int = 2, state: dict[str, Any] | None = None):
+               shuffle: bool = True, prefetch: int = 2, state: dict[str, Any] | None = None,
+               transform=None):
+    """`transform(batch) -> batch` runs on the prefetch thread (e.g. HAT's word fields)."""
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    self.transform = transform
     if len(source) < process_count:
       raise ValueError(f'{source.name} has {len(source)} documents, fewer than the '
                        f'{process_count} hosts that shard it')
@@ -240,13 +244,15 @@ class TrainIterator:
       self._stop = threading.Event()
       self._queue = queue.Queue(maxsize=self.prefetch)
       # The thread gets no reference to `self`, so a dropped iterator is collected and closed.
-      args = (self._stream, self.encoder, self.local_batch, self.seq_len, self._queue, self._stop)
+      args = (self._stream, self.encoder, self.local_batch, self.seq_len, self._queue, self._stop,
+              self.transform)
       self._thread = threading.Thread(target=_produce, args=args, name='TrainIterator',
                                       daemon=True)
       self._thread.start()
 
   def _make(self):
-    return _make_batch(self._stream, self.encoder, self.local_batch, self.seq_len)
+    return _make_batch(self._stream, self.encoder, self.local_batch, self.seq_len,
+                       self.transform)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
@@ -356,13 +362,14 @@ def local_batch_size(cfg, process_count: int) -> int:
 
 def make_train_iterator(cfg, encoder: encoders.Encoder, process_index: int | None = None,
                         process_count: int | None = None,
-                        state: dict[str, Any] | None = None) -> TrainIterator:
+                        state: dict[str, Any] | None = None, transform=None) -> TrainIterator:
   """TrainIterator from the full config (host defaults: jax.process_index/count)."""
   process_index, process_count = _hosts(process_index, process_count)
   source = corpus.get_source(cfg.data, cfg.data.train_split)
   return TrainIterator(source, encoder, cfg.data.seq_len, local_batch_size(cfg, process_count),
                        seed=cfg.seed, process_index=process_index, process_count=process_count,
-                       shuffle=cfg.data.shuffle, prefetch=cfg.data.prefetch, state=state)
+                       shuffle=cfg.data.shuffle, prefetch=cfg.data.prefetch, state=state,
+                       transform=transform)
 
 
 def make_eval_batches(cfg, encoder: encoders.Encoder, process_index: int | None = None,

@@ -224,25 +224,47 @@ class Attention(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: x + attn(norm(x)); x + mlp(norm(x))."""
+  """Pre-norm transformer block: x + attn(norm(x)); [x + cross(c)]; x + mlp(norm(x)).
+
+  With `context_dim > 0` the block also attends to ONE context vector per position (HAT's byte
+  decoder reading the previous word's backbone output). A softmax over a single key is 1, so
+  that cross-attention is exactly `o(v(c))`: no scores are formed. The vectors live at a coarser
+  level ([B, W, C]) and are projected there, then gathered per position by an index [B, T].
+  """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                mlp_dim: int, *, rope_base: float = 1e4, window: int = 0,
                dtype: Any = jnp.float32, attention_impl: str | None = None,
-               init_std: float = 0.02, out_init_std: float | None = None, rngs: nnx.Rngs):
+               init_std: float = 0.02, out_init_std: float | None = None,
+               context_dim: int = 0, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(d_model, dtype=dtype)
     self.attn = Attention(d_model, num_heads, num_kv_heads, head_dim, rope_base=rope_base,
                           window=window, dtype=dtype, attention_impl=attention_impl,
                           init_std=init_std, out_init_std=out_init_std, rngs=rngs)
+    if context_dim:
+      self.cross_v = Dense(context_dim, num_heads * head_dim, axes=('embed', 'heads'),
+                           dtype=dtype, init_std=init_std, rngs=rngs)
+      self.cross_o = Dense(num_heads * head_dim, d_model, axes=('heads', 'embed'), dtype=dtype,
+                           init_std=out_init_std, rngs=rngs)
+    else:
+      self.cross_v = self.cross_o = None
     self.mlp_norm = RMSNorm(d_model, dtype=dtype)
     self.mlp = MLP(d_model, mlp_dim, dtype=dtype, init_std=init_std, out_init_std=out_init_std,
                    rngs=rngs)
 
   def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array | None = None,
-               cache: Cache | None = None, cache_index: Array | int | None = None
-               ) -> tuple[Array, Cache | None]:
+               cache: Cache | None = None, cache_index: Array | int | None = None,
+               context: tuple[Array, Array] | None = None) -> tuple[Array, Cache | None]:
+    """`context = (c_BxWxC, index_BxT)`: position t reads c[index[t]] (index clipped to W)."""
     a_BxTxD, new_cache = self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT,
                                    cache, cache_index)
     x_BxTxD = x_BxTxD + a_BxTxD
+    if self.cross_v is not None:
+      if context is None:
+        raise ValueError('this block was built with context_dim > 0 and needs `context`')
+      c_BxWxC, index_BxT = context
+      add_BxWxD = self.cross_o(self.cross_v(c_BxWxC))
+      index_BxT = jnp.clip(index_BxT, 0, add_BxWxD.shape[1] - 1)
+      x_BxTxD = x_BxTxD + jnp.take_along_axis(add_BxWxD, index_BxT[..., None], axis=1)
     x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
     return x_BxTxD, new_cache

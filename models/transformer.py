@@ -34,8 +34,8 @@ def _remat_mode(remat: bool | str | None) -> str | None:
 
 
 def _block_forward(block: Block, x_BxTxD: Array, positions_BxT: Array,
-                   segment_ids_BxT: Array | None) -> Array:
-  return block(x_BxTxD, positions_BxT, segment_ids_BxT)[0]
+                   segment_ids_BxT: Array | None, context) -> Array:
+  return block(x_BxTxD, positions_BxT, segment_ids_BxT, context=context)[0]
 
 
 class Transformer(nnx.Module):
@@ -48,7 +48,8 @@ class Transformer(nnx.Module):
   def __init__(self, num_layers: int, d_model: int, num_heads: int, num_kv_heads: int,
                head_dim: int, mlp_dim: int, *, rope_base: float = 1e4, window: int = 0,
                dtype: Any = jnp.float32, remat: bool | str | None = False,
-               attention_impl: str | None = None, init_std: float = 0.02, rngs: nnx.Rngs):
+               attention_impl: str | None = None, init_std: float = 0.02,
+               context_dim: int = 0, rngs: nnx.Rngs):
     self.num_layers = num_layers
     self.dtype = dtype
     self.remat = _remat_mode(remat)
@@ -56,7 +57,7 @@ class Transformer(nnx.Module):
     self.layers = nnx.List([
         Block(d_model, num_heads, num_kv_heads, head_dim, mlp_dim, rope_base=rope_base,
               window=window, dtype=dtype, attention_impl=attention_impl, init_std=init_std,
-              out_init_std=out_init_std, rngs=rngs)
+              out_init_std=out_init_std, context_dim=context_dim, rngs=rngs)
         for _ in range(num_layers)])
     self.final_norm = RMSNorm(d_model, dtype=dtype)
 
@@ -65,9 +66,13 @@ class Transformer(nnx.Module):
     return [layer.attn.init_cache(batch, max_len, dtype) for layer in self.layers]
 
   def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array | None = None,
-               cache: list[Cache] | None = None, cache_index: Array | int | None = None
+               cache: list[Cache] | None = None, cache_index: Array | int | None = None,
+               context: tuple[Array, Array] | None = None
                ) -> tuple[Array, list[Cache] | None]:
-    """Returns (y_BxTxD after the final norm, new_cache or None)."""
+    """Returns (y_BxTxD after the final norm, new_cache or None).
+
+    `context = (c_BxWxC, index_BxT)` feeds every block's one-key cross-attention (only for
+    stacks built with `context_dim > 0`, see `Block`)."""
     x_BxTxD = x_BxTxD.astype(self.dtype)
     if cache is None:
       if self.remat is None:
@@ -75,10 +80,11 @@ class Transformer(nnx.Module):
       else:
         fwd = nnx.remat(_block_forward, policy=_REMAT_POLICIES[self.remat])
       for layer in self.layers:
-        x_BxTxD = fwd(layer, x_BxTxD, positions_BxT, segment_ids_BxT)
+        x_BxTxD = fwd(layer, x_BxTxD, positions_BxT, segment_ids_BxT, context)
       return self.final_norm(x_BxTxD), None
     new_cache = []
     for layer, layer_cache in zip(self.layers, cache, strict=True):
-      x_BxTxD, c = layer(x_BxTxD, positions_BxT, segment_ids_BxT, layer_cache, cache_index)
+      x_BxTxD, c = layer(x_BxTxD, positions_BxT, segment_ids_BxT, layer_cache, cache_index,
+                         context)
       new_cache.append(c)
     return self.final_norm(x_BxTxD), new_cache

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 _MODULES = {
     'lm': 'train.lm_family',
+    'hat': 'train.hat_family',
 }
 REGISTRY: dict[str, type] = {}
 

@@ -1,0 +1,357 @@
+"""Hierarchical autoregressive transformer (HAT): bytes -> words -> bytes.
+
+  byte encoder   causal sliding-window transformer over the byte stream          [B, T, De]
+  word pooling   'query': a learned query per word attends to that word's bytes,
+                 gathered into a small [B, W, Lw, De] block (no dense [W, T] mask);
+                 'last': the encoder state of the word's last byte (the paper's
+                 word-boundary-token variant: with a causal encoder that position has
+                 seen the whole word)                                            [B, W, D]
+  backbone       the shared transformer over word positions (RoPE on word index) [B, W, D]
+  byte decoder   causal sliding-window transformer over the encoder states; every
+                 byte of word j reads the backbone output of word j-1 (a learned
+                 first-word vector for the first word of each document) through a
+                 one-key cross-attention, i.e. o(v(c)) added per layer           [B, T, De]
+  byte head      256 bytes + specials (the ByteEncoder vocabulary)
+
+Causality: byte t of word j predicts byte t+1 from bytes <= t and words < j, so the prediction
+of a word's first byte (made at the previous word's last byte) is the end-of-word decision.
+Static shapes: T bytes and W words per row; no Python loop over words in the step.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ml_collections
+from flax import nnx
+
+from models.layers import Dense, Embed, _normal
+from models.transformer import Transformer
+
+Array = jax.Array
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # backbone (word level)
+  c.d_model = 128
+  c.num_layers = 2
+  c.num_heads = 4
+  c.num_kv_heads = 4
+  c.head_dim = 32
+  c.mlp_dim = 384
+  # byte encoder / decoder (byte level, shared width)
+  c.byte_d_model = 64
+  c.byte_heads = 4
+  c.byte_mlp_dim = 192
+  c.enc_layers = 1
+  c.dec_layers = 1
+  c.byte_window = 64       # sliding window of the byte encoder and decoder
+  c.pooling = 'query'      # 'query' | 'last'
+  c.rope_base = 10_000.0
+  c.remat = 'none'
+  c.attention_impl = ''
+  c.init_std = 0.02
+  return c
+
+
+class HAT(nnx.Module):
+
+  def __init__(self, m: ml_collections.ConfigDict, vocab_size: int, dtype: Any = jnp.float32,
+               *, rngs: nnx.Rngs):
+    if m.pooling not in ('query', 'last'):
+      raise ValueError(f"model.pooling={m.pooling!r}: expected 'query' or 'last'")
+    de, d = m.byte_d_model, m.d_model
+    if de % m.byte_heads:
+      raise ValueError(f'model.byte_d_model={de} is not divisible by model.byte_heads')
+    kb = de // m.byte_heads
+    impl = m.attention_impl or None
+    self.dtype, self.pooling, self.vocab_size = dtype, m.pooling, vocab_size
+    common = dict(rope_base=m.rope_base, dtype=dtype, remat=m.remat, attention_impl=impl,
+                  init_std=m.init_std, rngs=rngs)
+    self.embed = Embed(vocab_size, de, dtype=dtype, init_std=m.init_std, rngs=rngs)
+    self.encoder = Transformer(m.enc_layers, de, m.byte_heads, m.byte_heads, kb, m.byte_mlp_dim,
+                               window=m.byte_window, **common)
+    if m.pooling == 'query':
+      self.pool_heads, self.pool_head_dim = m.byte_heads, kb
+      self.pool_query = nnx.Param(_normal(rngs, (m.byte_heads, kb), m.init_std),
+                                  out_sharding=('heads', 'head_dim'))
+      self.pool_k = Dense(de, de, axes=('embed', 'heads'), dtype=dtype, init_std=m.init_std,
+                          rngs=rngs)
+      self.pool_v = Dense(de, de, axes=('embed', 'heads'), dtype=dtype, init_std=m.init_std,
+                          rngs=rngs)
+    self.pool_out = Dense(de, d, axes=('heads', 'embed'), dtype=dtype, init_std=m.init_std,
+                          rngs=rngs)
+    self.backbone = Transformer(m.num_layers, d, m.num_heads, m.num_kv_heads, m.head_dim,
+                                m.mlp_dim, window=0, **common)
+    self.first_word = nnx.Param(_normal(rngs, (d,), m.init_std), out_sharding=('embed',))
+    self.decoder = Transformer(m.dec_layers, de, m.byte_heads, m.byte_heads, kb,
+                               m.byte_mlp_dim, window=m.byte_window, context_dim=d, **common)
+    self.head = Dense(de, vocab_size, axes=('embed', 'vocab'), dtype=dtype,
+                      init_std=m.init_std, rngs=rngs)
+
+  # -- pieces (also used one step at a time by cached generation) -------------------------------
+  def encode(self, tokens_BxT, positions_BxT, segment_ids_BxT=None, cache=None, cache_index=None):
+    return self.encoder(self.embed(tokens_BxT), positions_BxT, segment_ids_BxT, cache,
+                        cache_index)
+
+  def pool(self, h_BxTxD: Array, gather_BxWxL: Array) -> Array:
+    """Word vectors [B, W, D] from the encoder states of each word's bytes (-1 = no byte)."""
+    valid_BxWxL = gather_BxWxL >= 0
+    idx_BxWxL = jnp.maximum(gather_BxWxL, 0)
+    b, w, l = idx_BxWxL.shape
+    if self.pooling == 'last':
+      last_BxW = jnp.maximum(valid_BxWxL.sum(-1) - 1, 0)
+      pos_BxW = jnp.take_along_axis(idx_BxWxL, last_BxW[..., None], axis=-1)[..., 0]
+      x_BxWxD = jnp.take_along_axis(h_BxTxD, pos_BxW[..., None], axis=1)
+      return self.pool_out(x_BxWxD)
+    x_BxWLxD = jnp.take_along_axis(h_BxTxD, idx_BxWxL.reshape(b, w * l)[..., None], axis=1)
+    h, k = self.pool_heads, self.pool_head_dim
+    k_BxWxLxHxK = self.pool_k(x_BxWLxD).reshape(b, w, l, h, k)
+    v_BxWxLxHxK = self.pool_v(x_BxWLxD).reshape(b, w, l, h, k)
+    q_HxK = self.pool_query[...].astype(self.dtype)
+    s_BxWxHxL = jnp.einsum('hk,bwlhk->bwhl', q_HxK, k_BxWxLxHxK,
+                           preferred_element_type=jnp.float32) * k ** -0.5
+    s_BxWxHxL = jnp.where(valid_BxWxL[:, :, None, :], s_BxWxHxL, -1e30)
+    p_BxWxHxL = jax.nn.softmax(s_BxWxHxL, axis=-1).astype(self.dtype)
+    o_BxWxHxK = jnp.einsum('bwhl,bwlhk->bwhk', p_BxWxHxL, v_BxWxLxHxK)
+    return self.pool_out(o_BxWxHxK.reshape(b, w, h * k))
+
+  def previous_word_context(self, out_BxWxD: Array, word_segment_ids_BxW: Array) -> Array:
+    """c[j] = backbone output of word j-1 of the same document, else the first-word vector."""
+    first_D = self.first_word[...].astype(out_BxWxD.dtype)
+    prev_BxWxD = jnp.concatenate(
+        [jnp.broadcast_to(first_D, out_BxWxD[:, :1].shape), out_BxWxD[:, :-1]], axis=1)
+    same_BxW = jnp.concatenate(
+        [jnp.zeros_like(word_segment_ids_BxW[:, :1], bool),
+         word_segment_ids_BxW[:, 1:] == word_segment_ids_BxW[:, :-1]], axis=1)
+    return jnp.where(same_BxW[..., None], prev_BxWxD, first_D)
+
+  def decode(self, h_BxTxD, positions_BxT, segment_ids_BxT, context_BxWxD, word_ids_BxT,
+             cache=None, cache_index=None):
+    y_BxTxD, cache = self.decoder(h_BxTxD, positions_BxT, segment_ids_BxT, cache, cache_index,
+                                  context=(context_BxWxD, word_ids_BxT))
+    return self.head(y_BxTxD, out_dtype=jnp.float32), cache
+
+  def __call__(self, batch: dict[str, Array]) -> Array:
+    """fp32 next-byte logits [B, T, V] for a packed HAT batch (see data/hat_data.py)."""
+    h_BxTxD, _ = self.encode(batch['inputs'], batch['positions'], batch['segment_ids'])
+    w_BxWxD = self.pool(h_BxTxD, batch['word_gather'])
+    out_BxWxD, _ = self.backbone(w_BxWxD, batch['word_positions'], batch['word_segment_ids'])
+    c_BxWxD = self.previous_word_context(out_BxWxD, batch['word_segment_ids'])
+    logits, _ = self.decode(h_BxTxD, batch['positions'], batch['segment_ids'], c_BxWxD,
+                            batch['word_ids'])
+    return logits
+
+
+def hat_loss(model: HAT, batch: dict[str, Array], rng: Array | None = None):
+  """(mean NLL over real targets, sums {'nll_sum', 'n_tokens', 'n_bytes'})."""
+  del rng
+  logits_BxTxV = model(batch)
+  lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+  tgt_BxT = jnp.take_along_axis(logits_BxTxV, batch['targets'][..., None], axis=-1)[..., 0]
+  w_BxT = batch['weights'].astype(jnp.float32)
+  nll_sum = jnp.sum((lse_BxT - tgt_BxT) * w_BxT)
+  n = jnp.sum(w_BxT)
+  return nll_sum / jnp.maximum(n, 1.0), {
+      'nll_sum': nll_sum, 'n_tokens': n,
+      'n_bytes': jnp.sum(batch['target_bytes'].astype(jnp.float32))}
+
+
+def flops_per_byte(m: ml_collections.ConfigDict, vocab_size: int, seq_len: int,
+                   max_words: int, max_word_bytes: int) -> float:
+  """Training FLOPs per byte position (forward + backward, MaxText convention), from the
+  static shapes: every row spends compute on T byte positions and W word positions.
+
+    byte stacks (encoder + decoder, L_b = enc_layers + dec_layers, width De, MLP Fb):
+      6 * L_b * (4*De^2 + 3*De*Fb) + 12 * L_b * De * S(window)  + 6 * De * V   (byte head)
+    pooling per byte ('query'): 6 * 2*De^2 (keys and values of every gathered byte: W*Lw/T
+      gathered bytes per byte position) ; per word: 6 * De*D (pool_out)
+    backbone per word: 6 * L * (D*H*K + 2*D*G*K + H*K*D + 3*D*F) + 12 * L * H*K * W/2
+    decoder cross-attention per word (projected at the word level): 6 * L_dec * (D*De + De*De)
+  and the word terms are scaled by W/T word positions per byte position.
+  S(w) is the mean number of keys a query sees: T/2 causal, w*(1 - w/2T) for a window w < T.
+  """
+  de, fb, d = m.byte_d_model, m.byte_mlp_dim, m.d_model
+  t, w = seq_len, max_words
+
+  def s_eff(window, length):
+    return length / 2 if (window <= 0 or window >= length) else window * (1 - window / (2 * length))
+
+  lb = m.enc_layers + m.dec_layers
+  byte = 6 * lb * (4 * de * de + 3 * de * fb) + 12 * lb * de * s_eff(m.byte_window, t)
+  byte += 6 * de * vocab_size
+  if m.pooling == 'query':
+    byte += 6 * 2 * de * de * (w * max_word_bytes / t)
+  hk, gk = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+  word = 6 * m.num_layers * (d * hk + 2 * d * gk + hk * d + 3 * d * m.mlp_dim)
+  word += 12 * m.num_layers * hk * s_eff(0, w)
+  word += 6 * de * d + 6 * m.dec_layers * (d * de + de * de)
+  return float(byte + word * w / t)
+
+
+# -- generation --------------------------------------------------------------------------------
+class _Steps:
+  """Jitted single-step pieces of a HAT for cached generation (compiled once per model)."""
+
+  def __init__(self, model: HAT, max_len: int, max_word_bytes: int):
+    graphdef, state = nnx.split(model)
+    self.state = state
+    self.max_len, self.lw = max_len, max_word_bytes
+
+    @jax.jit
+    def enc_step(state, x_1x1, t, cache):
+      m = nnx.merge(graphdef, state)
+      pos = jnp.full((1, 1), t, jnp.int32)
+      h, cache = m.encode(x_1x1, pos, jnp.ones((1, 1), jnp.int32), cache, t)
+      return h, cache
+
+    @jax.jit
+    def word_step(state, h_all_1xSxD, gather_1x1xL, j, cache):
+      m = nnx.merge(graphdef, state)
+      w_1x1xD = m.pool(h_all_1xSxD, gather_1x1xL)
+      pos = jnp.full((1, 1), j, jnp.int32)
+      out, cache = m.backbone(w_1x1xD, pos, jnp.ones((1, 1), jnp.int32), cache, j)
+      return out, cache
+
+    @jax.jit
+    def dec_step(state, h_1x1xD, t, ctx_1x1xD, cache):
+      m = nnx.merge(graphdef, state)
+      pos = jnp.full((1, 1), t, jnp.int32)
+      logits, cache = m.decode(h_1x1xD, pos, jnp.ones((1, 1), jnp.int32), ctx_1x1xD,
+                               jnp.zeros((1, 1), jnp.int32), cache, t)
+      return logits[0, 0], cache
+
+    self.enc_step, self.word_step, self.dec_step = enc_step, word_step, dec_step
+    self.first_word = model.first_word[...].astype(model.dtype).reshape(1, 1, -1)
+    self.enc_cache = model.encoder.init_cache(1, max_len)
+    self.bb_cache = model.backbone.init_cache(1, max_len)
+    self.dec_cache = model.decoder.init_cache(1, max_len)
+
+
+def _pick(logits_V, temperature: float, top_p: float, rng, allowed: int):
+  logits = np.asarray(logits_V, np.float64)[:allowed]
+  if temperature <= 0:
+    return int(np.argmax(logits))
+  z = logits / temperature
+  p = np.exp(z - z.max())
+  p /= p.sum()
+  order = np.argsort(-p)
+  keep = order[:max(1, int(np.searchsorted(np.cumsum(p[order]), top_p) + 1))]
+  q = p[keep] / p[keep].sum()
+  return int(rng.choice(keep, p=q))
+
+
+def generate(model: HAT, prompt_ids: list[int], split_ids, max_new: int,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             stop_id: int | None = None, max_word_bytes: int = 16) -> list[int]:
+  """Word-by-word generation with three KV caches (encoder, backbone, decoder).
+
+  `prompt_ids`: ByteEncoder ids starting with bos. `split_ids(ids) -> word start offsets` is the
+  word splitter over ids (specials are words of their own). Each new byte goes through the
+  encoder (cache); the ids are re-split, and by the splitter's causality only the last word can
+  change: when a new word starts, the finished word is pooled and the backbone advances one
+  step, and the decoder re-reads the new word's bytes with the new context (its cache is
+  rewound to the word start: those entries are overwritten). Equals uncached greedy decoding
+  byte for byte (tests/test_hat.py).
+  """
+  ids = list(prompt_ids)
+  max_len = len(ids) + max_new
+  s = _Steps(model, max_len, max_word_bytes)
+  rng = np.random.default_rng(seed)
+  h_all = jnp.zeros((1, max_len, model.encoder.final_norm.scale.shape[0]), model.dtype)
+  contexts = [s.first_word]  # contexts[j]: what bytes of word j read (backbone out of word j-1)
+  starts_done: list[int] = []  # word starts whose word was fed to the backbone (all but last)
+  logits = None
+
+  def run_decoder(t0: int):
+    nonlocal logits
+    starts = starts_done + [current_start()]
+    for t in range(t0, len(ids)):
+      j = int(np.searchsorted(starts, t, side='right') - 1)
+      logits, s.dec_cache = s.dec_step(s.state, h_all[:, t:t + 1], t, contexts[j], s.dec_cache)
+
+  word_starts = [0]
+
+  def current_start():
+    return word_starts[-1]
+
+  def advance(new_starts: list[int]) -> int | None:
+    """Feeds completed words to the backbone; returns the earliest byte needing re-decoding."""
+    nonlocal word_starts
+    rerun = None
+    while len(starts_done) < len(new_starts) - 1:
+      j = len(starts_done)
+      a, b = new_starts[j], new_starts[j + 1]
+      if b - a > max_word_bytes:
+        raise ValueError(f'a {b - a}-byte word exceeds max_word_bytes={max_word_bytes}')
+      gather = np.full((1, 1, max_word_bytes), -1, np.int32)
+      gather[0, 0, :b - a] = np.arange(a, b)
+      out, s.bb_cache = s.word_step(s.state, h_all, gather, j, s.bb_cache)
+      contexts.append(out)
+      starts_done.append(a)
+      rerun = b if rerun is None else min(rerun, b)
+    word_starts = new_starts
+    return rerun
+
+  # prefill: encoder over the prompt, backbone over its complete words, decoder over all bytes
+  for t, x in enumerate(ids):
+    h, s.enc_cache = s.enc_step(s.state, jnp.full((1, 1), x, jnp.int32), t, s.enc_cache)
+    h_all = h_all.at[:, t].set(h[:, 0])
+  _check_prefix(word_starts, starts := list(split_ids(ids)))
+  advance(starts)
+  run_decoder(0)
+  for _ in range(max_new):
+    x = _pick(logits, temperature, top_p, rng, model.vocab_size)
+    t = len(ids)
+    ids.append(x)
+    h, s.enc_cache = s.enc_step(s.state, jnp.full((1, 1), x, jnp.int32), t, s.enc_cache)
+    h_all = h_all.at[:, t].set(h[:, 0])
+    starts = list(split_ids(ids))
+    _check_prefix(starts_done, starts)
+    rerun = advance(starts)
+    run_decoder(t if rerun is None else min(rerun, t))
+    if stop_id is not None and x == stop_id:
+      break
+  return ids[len(prompt_ids):]
+
+
+def _check_prefix(done: list[int], starts: list[int]):
+  if starts[:len(done)] != done:
+    raise RuntimeError(f'word splitter is not causal: completed word starts {done[-5:]} '
+                       f'changed to {starts[:len(done)][-5:]}')
+
+
+def generate_uncached(model: HAT, prompt_ids: list[int], split_ids, max_new: int,
+                      max_word_bytes: int = 16) -> list[int]:
+  """Greedy reference: a full forward over the whole sequence for every new byte (padded to
+  one static shape, so it compiles once)."""
+  ids = list(prompt_ids)
+  size = len(ids) + max_new
+  fwd = nnx.jit(lambda m, b, t: m(b)[0, t])
+  for _ in range(max_new):
+    batch = single_row_batch(ids, split_ids(ids), max_word_bytes, size)
+    ids.append(int(jnp.argmax(fwd(model, batch, len(ids) - 1)[:model.vocab_size])))
+  return ids[len(prompt_ids):]
+
+
+def single_row_batch(ids: list[int], starts: list[int], max_word_bytes: int,
+                     size: int | None = None) -> dict:
+  """A one-row HAT batch (segment 1) for `ids` with the given word starts, padded to `size`
+  bytes and words (padding: segment 0, no word)."""
+  t, size = len(ids), size or len(ids)
+  bounds = list(starts) + [t]
+  gather = np.full((1, size, max_word_bytes), -1, np.int32)
+  word_ids = np.full((1, size), -1, np.int32)
+  for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    gather[0, j, :b - a] = np.arange(a, b)
+    word_ids[0, a:b] = j
+  inputs = np.zeros((1, size), np.int32)
+  inputs[0, :t] = ids
+  seg = (np.arange(size) < t).astype(np.int32)[None]
+  wseg = (np.arange(size) < len(starts)).astype(np.int32)[None]
+  return {'inputs': inputs, 'positions': np.arange(size, dtype=np.int32)[None],
+          'segment_ids': seg, 'word_gather': gather, 'word_ids': word_ids,
+          'word_segment_ids': wseg, 'word_positions': np.arange(size, dtype=np.int32)[None]}

@@ -1,0 +1,73 @@
+"""HAT family: byte stream + word fields in, next-byte loss out (models/hat.py)."""
+from __future__ import annotations
+
+import numpy as np
+
+from data import corpus, encoders, hat_data, pipeline, words
+from models import hat
+from train import families
+
+
+@families.register('hat')
+class HATFamily:
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    if cfg.data.encoder != 'bytes':
+      raise ValueError(f"family 'hat' reads bytes: data.encoder must be 'bytes', "
+                       f'got {cfg.data.encoder!r}')
+    self.encoder = encoders.ByteEncoder()
+    self.dtype = families.compute_dtype(cfg)
+    self.splitter = words.get_splitter(cfg.data.splitter, cfg.data.max_word_bytes)
+    d = cfg.data
+    self.fields = hat_data.WordFields(self.splitter, d.max_words, d.max_word_bytes)
+    self.eval_fields = hat_data.WordFields(self.splitter, d.max_words, d.max_word_bytes)
+    self._stats = {}
+
+  def build_model(self, rngs):
+    return hat.HAT(self.cfg.model, self.encoder.vocab_size, self.dtype, rngs=rngs)
+
+  def loss(self, model, batch, rng):
+    return hat.hat_loss(model, batch, rng)
+
+  def train_iterator(self, process_index: int, process_count: int):
+    it = pipeline.make_train_iterator(self.cfg, self.encoder, process_index, process_count,
+                                      transform=self.fields)
+    self._stats.update(it.source.stats or {})
+    return it
+
+  def eval_batches(self, process_index: int, process_count: int, max_batches: int = 0):
+    source = corpus.get_source(self.cfg.data, self.cfg.data.eval_split)
+    return [self.eval_fields(b) for b in pipeline.eval_batches(
+        source, self.encoder, self.cfg.data.seq_len,
+        pipeline.local_batch_size(self.cfg, process_count), process_index, process_count,
+        max_batches)]
+
+  def sample(self, model, cfg_sample) -> list[str]:
+    prompt = [self.encoder.bos_id] + list(self.encoder.encode(cfg_sample.prompt))
+    out = hat.generate(model, prompt, self.fields.word_starts, cfg_sample.max_new_tokens,
+                       cfg_sample.temperature, cfg_sample.top_p, cfg_sample.seed,
+                       stop_id=self.encoder.eos_id, max_word_bytes=self.cfg.data.max_word_bytes)
+    out = np.asarray(out)
+    stop = np.flatnonzero(out == self.encoder.eos_id)
+    return [cfg_sample.prompt + self.encoder.decode(out[:stop[0]] if stop.size else out)]
+
+  def flops_per_token(self) -> float:
+    d = self.cfg.data
+    return hat.flops_per_byte(self.cfg.model, self.encoder.vocab_size, d.seq_len, d.max_words,
+                              d.max_word_bytes)
+
+  def data_stats(self) -> dict:
+    out = dict(self._stats)
+    for name, f in (('train', self.fields), ('eval', self.eval_fields)):
+      s = f.stats
+      out[f'{name}_dropped_bytes'] = s['dropped_bytes']
+      if s['target_bytes']:
+        out[f'{name}_bytes_per_word'] = round(s['target_bytes'] / max(s['words'], 1), 3)
+    return out
+
+  def describe(self) -> str:
+    d = self.cfg.data
+    return (f'HAT splitter {d.splitter} | {d.seq_len} bytes, {d.max_words} words x '
+            f'{d.max_word_bytes} bytes per row | data {d.source} | batch '
+            f'{self.cfg.train.batch_size} | compute {np.dtype(self.dtype).name}')
