@@ -6,7 +6,7 @@
 Modes: train (default; resumes if the workdir has a checkpoint), eval (restore the latest or
 --step checkpoint onto this process's devices and write validation bits per byte to
 eval_step{N}.json), sample (generate from config.sample.prompt), sweep (run every point of the
-config file's get_sweep(preset) in its own sub-workdir and summarize).
+config file's get_sweep(config) in its own sub-workdir and summarize).
 Multi-host: pass --coordinator=HOST:PORT --num_processes=N --process_id=I (or set
 NOTOKLM_COORDINATOR / NOTOKLM_NUM_PROCESSES / NOTOKLM_PROCESS_ID) and jax.distributed starts.
 """
@@ -59,13 +59,13 @@ def main(argv=None) -> int:
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
   try:
-    return _run(args, cfg, module)
+    return _run(args, cfg, module, overrides)
   except FileNotFoundError as e:  # a missing input: say which, without a traceback
     print(f'error: {e}', file=sys.stderr)
     return 1
 
 
-def _run(args, cfg, module) -> int:
+def _run(args, cfg, module, overrides) -> int:
   from train import sweep, trainer
   if args.mode == 'train':
     out = trainer.train(cfg, args.workdir)
@@ -78,9 +78,9 @@ def _run(args, cfg, module) -> int:
     return 0
   if args.mode == 'sweep':
     if not hasattr(module, 'get_sweep'):
-      print(f'error: {args.config} defines no get_sweep(preset)', file=sys.stderr)
+      print(f'error: {args.config} defines no get_sweep(config)', file=sys.stderr)
       return 2
-    sweep.run(cfg, module.get_sweep(cfg.preset), args.workdir)
+    sweep.run(cfg, module.get_sweep(cfg), args.workdir, overrides)
     return 0
   return 2
 

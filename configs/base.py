@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.batch_size = 16          # global rows per optimizer step
   t.grad_accum = 1           # micro-batches per step (batch_size % grad_accum == 0)
   t.steps = 100
+  t.flops_budget = 0.0       # >0: steps = budget / training FLOPs per step (family accounting)
   t.log_every = 10
   t.eval_every = 0           # 0: only at the end
   t.eval_batches = 0         # 0: the whole validation split
@@ -47,6 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
   o.eps = 1e-8
   o.weight_decay = 0.1
   o.clip_norm = 1.0
+
+  # Evaluation (--mode=eval) -------------------------------------------------------
+  c.eval = e = ml_collections.ConfigDict()
+  e.robustness = 'caps,permute,delete,replace'  # '' to skip; see data/perturb.py
+  e.noise_frac = 0.1         # fraction of characters per word permuted/deleted/replaced
+  e.noise_seed = 0
 
   # Parallelism --------------------------------------------------------------
   c.mesh = m = ml_collections.ConfigDict()

@@ -18,7 +18,7 @@ def get_config(preset: str = 'tiny'):
   return c
 
 
-def get_sweep(preset: str = 'tiny'):
+def get_sweep(cfg):
   """Learning-rate grid: a list of override dicts; `--mode=sweep` runs each point."""
-  lrs = (1e-3, 3e-3) if preset == 'tiny' else (3e-4, 6e-4, 1e-3)
+  lrs = (1e-3, 3e-3) if cfg.preset == 'tiny' else (3e-4, 6e-4, 1e-3)
   return [{'optim.lr': lr} for lr in lrs]

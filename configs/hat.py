@@ -58,6 +58,6 @@ def _with_lm_model(c):
   return c
 
 
-def get_sweep(preset: str = 'tiny'):
+def get_sweep(cfg):
   """Word splitters on the same model."""
   return [{'data.splitter': s} for s in ('whitespace', 'unicode', 'spacebyte', 'fixed:4')]

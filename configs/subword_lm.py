@@ -21,7 +21,7 @@ def get_config(preset: str = 'tiny'):
   return c
 
 
-def get_sweep(preset: str = 'tiny'):
+def get_sweep(cfg):
   """Vocabulary-size list: a list of override dicts; `--mode=sweep` runs each point."""
-  sizes = (1024, 4096) if preset == 'tiny' else (16384, 32768, 65536)
+  sizes = (1024, 4096) if cfg.preset == 'tiny' else (16384, 32768, 65536)
   return [{'data.vocab_size': v} for v in sizes]

@@ -22,7 +22,7 @@ def test_presets_load(monkeypatch):
       c, module = config_lib.load(f'{path}:{preset}')
       assert c.family == 'lm' and c.preset == preset
       assert c.model.d_model % c.model.num_heads == 0
-      assert module.get_sweep(preset)
+      assert module.get_sweep(c)
 
 
 def test_override_types(cfg):

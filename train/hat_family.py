@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data import corpus, encoders, hat_data, pipeline, words
+from data import corpus, encoders, perturb, hat_data, pipeline, words
 from models import hat
 from train import families
 
@@ -36,8 +36,12 @@ class HATFamily:
     self._stats.update(it.source.stats or {})
     return it
 
-  def eval_batches(self, process_index: int, process_count: int, max_batches: int = 0):
+  def eval_batches(self, process_index: int, process_count: int, max_batches: int = 0,
+                   perturbation: str | None = None):
     source = corpus.get_source(self.cfg.data, self.cfg.data.eval_split)
+    if perturbation:
+      source = perturb.PerturbedSource(source, perturbation, self.cfg.eval.noise_frac,
+                                       self.cfg.eval.noise_seed)
     return [self.eval_fields(b) for b in pipeline.eval_batches(
         source, self.encoder, self.cfg.data.seq_len,
         pipeline.local_batch_size(self.cfg, process_count), process_index, process_count,

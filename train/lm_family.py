@@ -6,7 +6,7 @@ import copy
 import jax
 import numpy as np
 
-from data import corpus, encoders, pipeline
+from data import corpus, encoders, perturb, pipeline
 from models import token_lm
 from train import families
 
@@ -35,8 +35,12 @@ class TokenLMFamily:
     self._stats.update(it.source.stats or {})  # counts for the whole prepared dataset
     return it
 
-  def eval_batches(self, process_index: int, process_count: int, max_batches: int = 0):
+  def eval_batches(self, process_index: int, process_count: int, max_batches: int = 0,
+                   perturbation: str | None = None):
     source = corpus.get_source(self.cfg.data, self.cfg.data.eval_split)
+    if perturbation:
+      source = perturb.PerturbedSource(source, perturbation, self.cfg.eval.noise_frac,
+                                       self.cfg.eval.noise_seed)
     return list(pipeline.eval_batches(
         source, self.encoder, self.cfg.data.seq_len,
         pipeline.local_batch_size(self.cfg, process_count), process_index, process_count,

@@ -1,4 +1,4 @@
-"""Sweeps declared in the config file: `get_sweep(preset)` returns a list of override dicts
+"""Sweeps declared in the config file: `get_sweep(config)` returns a list of override dicts
 (write grids with `grid(...)`). Each point trains in its own sub-workdir (resuming if it was
 interrupted); a summary of final metrics is written as CSV and Markdown, and the runs'
 training curves as a PNG."""
@@ -21,36 +21,59 @@ def grid(**axes) -> list[dict]:
 
 
 def run_name(point: dict) -> str:
-  name = ','.join(f'{k}={v}' for k, v in point.items()) or 'base'
+  """A point's sub-workdir: its 'name' key, else its overrides spelled out."""
+  name = point.get('name') or ','.join(f'{k}={v}' for k, v in point.items()) or 'base'
   return re.sub(r'[^A-Za-z0-9_.,=+-]', '_', name)
 
 
-def run(cfg, points: list[dict], workdir: str) -> list[dict]:
+def _point_config(cfg, point: dict, cli_overrides: dict):
+  """The config of one sweep point. A point may name its own config file with the key
+  'config' ('configs/x.py:preset'); the command line's overrides then apply to it too."""
+  point = dict(point)
+  point.pop('name', None)
+  spec = point.pop('config', None)
+  if spec is None:
+    sub = copy.deepcopy(cfg)
+  else:
+    sub, _ = config_lib.load(spec)
+    config_lib.override(sub, cli_overrides)
+  config_lib.override(sub, point)
+  return sub
+
+
+def run(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None) -> list[dict]:
+  """Trains every point in `workdir/<point name>` (resuming finished or interrupted runs),
+  evaluates it (validation bits per byte and, unless eval.robustness is '', the robustness
+  suite), and writes summary.csv / summary.md / curves_loss.png / bpb_vs_flops.png."""
   from train import trainer
+  cli_overrides = cli_overrides or {}
   os.makedirs(workdir, exist_ok=True)
+  subs = [_point_config(cfg, p, cli_overrides) for p in points]  # bad keys fail before training
   rows = []
-  for point in points:
-    sub = copy.deepcopy(cfg)
-    config_lib.override(sub, point)  # fails before any training on a bad key
-  for point in points:
-    sub = copy.deepcopy(cfg)
-    config_lib.override(sub, point)
+  for point, sub in zip(points, subs):
     name = run_name(point)
+    wd = os.path.join(workdir, name)
     print(f'=== sweep point {name}', flush=True)
     try:
-      out, status = trainer.train(sub, os.path.join(workdir, name)), 'done'
+      out, status = trainer.train(sub, wd), 'done'
+      ev = trainer.evaluate(sub, wd) if sub.eval.robustness else out.get('eval', {})
     except Exception as e:  # pylint: disable=broad-except  # one failed point must not end the sweep
-      out, status = {}, f'failed: {type(e).__name__}: {e}'[:200]
+      out, ev, status = {}, {}, f'failed: {type(e).__name__}: {e}'[:200]
       print(f'sweep point {name} {status}', flush=True)
-    row = {'run': name, 'status': status, **{k: point[k] for k in point},
+    row = {'run': name, 'status': status, **{k: v for k, v in point.items() if k != 'name'},
+           'family': sub.family, 'params': out.get('params'), 'train_flops': out.get('train_flops'),
+           'steps': out.get('step'),
            'final_train_loss': out.get('train', {}).get('loss'),
            'final_train_bpb': out.get('train', {}).get('bpb'),
-           'val_loss': out.get('eval', {}).get('loss'),
-           'val_bpb': out.get('eval', {}).get('bpb'),
-           'train_seconds': out.get('train_seconds')}
+           'val_loss': ev.get('loss'), 'val_bpb': ev.get('bpb')}
+    for kind, r in (ev.get('robustness') or {}).items():
+      row[f'{kind}_bpb'] = r.get('bpb')
+    row['train_seconds'] = out.get('train_seconds')
     rows.append(row)
   write_summary(rows, workdir)
-  plot_curves([r['run'] for r in rows], workdir)
+  names = [r['run'] for r in rows]
+  plot_curves(names, workdir)
+  plot_eval_vs_flops(names, workdir)
   return rows
 
 
@@ -60,7 +83,7 @@ def write_summary(rows: list[dict], workdir: str) -> None:
     w = csv.DictWriter(f, fieldnames=cols)
     w.writeheader()
     w.writerows(rows)
-  fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else str(v)
+  fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else ('' if v is None else str(v))
   lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
   lines += ['| ' + ' | '.join(fmt(r.get(c, '')) for c in cols) + ' |' for r in rows]
   with open(os.path.join(workdir, 'summary.md'), 'w') as f:
@@ -95,6 +118,33 @@ def plot_curves(names: list[str], workdir: str, key: str = 'loss') -> str:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   path = os.path.join(workdir, f'curves_{key}.png')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_eval_vs_flops(names: list[str], workdir: str) -> str:
+  """Validation bits per byte of each run against its training FLOPs so far."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name in names:
+    summary = os.path.join(workdir, name, 'train_summary.json')
+    if not os.path.exists(summary):
+      continue
+    with open(summary) as f:
+      per_step = json.load(f)['flops_per_step']
+    steps, vals = _curve(os.path.join(workdir, name, 'eval_metrics.jsonl'), 'bpb')
+    if steps:
+      ax.plot([s * per_step for s in steps], vals, marker='o', label=name)
+  ax.set_xscale('log')
+  ax.set_xlabel('training FLOPs')
+  ax.set_ylabel('validation bits per byte')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  path = os.path.join(workdir, 'bpb_vs_flops.png')
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

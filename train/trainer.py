@@ -63,6 +63,11 @@ class Setup:
     self.cfg = cfg
     self.family = families.get(cfg)
     self.mesh = partitioning.make_mesh(cfg.mesh)
+    # FLOPs of one optimizer step: every position of every row (padding included)
+    self.flops_per_step = (self.family.flops_per_token() * cfg.train.batch_size
+                           * cfg.data.seq_len)
+    if cfg.train.flops_budget > 0:
+      cfg.train.steps = max(1, int(cfg.train.flops_budget // self.flops_per_step))
     self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
     abstract_model = nnx.eval_shape(lambda: self.family.build_model(nnx.Rngs(cfg.seed)))
     self.graphdef, abstract_vars = nnx.split(abstract_model)
@@ -192,9 +197,9 @@ def restore_or_init(setup: Setup, checkpointer: ckpt_lib.Checkpointer, step=None
 def train(cfg, workdir: str) -> dict:
   """Trains (resuming from the workdir's latest checkpoint), evaluates, samples."""
   os.makedirs(workdir, exist_ok=True)
+  setup = Setup(cfg)  # resolves train.steps from train.flops_budget
   if jax.process_index() == 0:
     config_lib.save(cfg, workdir)
-  setup = Setup(cfg)
   fam = setup.family
   _print(f'[{fam.name}] {fam.describe()} | params {setup.n_params / 1e6:.2f}M | '
          f'devices {jax.device_count()} (mesh {dict(setup.mesh.shape)}) x '
@@ -298,6 +303,8 @@ def train(cfg, workdir: str) -> dict:
     writer.text(step, 'sample', s)
   nonfinite = int(jax.device_get(state['nonfinite']))
   summary = {'step': step, 'train': result, 'eval': ev, 'train_seconds': train_time,
+             'flops_per_step': setup.flops_per_step, 'train_flops': setup.flops_per_step * step,
+             'params': setup.n_params,
              'nonfinite_steps': nonfinite, 'data': fam.data_stats()}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'train_summary.json'), 'w') as f:
@@ -329,13 +336,40 @@ def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
   _print(f'eval of step {s}: loss {ev.get("loss", float("nan")):.4f} | '
          f'bits per byte {ev.get("bpb", float("nan")):.4f} '
          f'({int(ev.get("n_tokens", 0))} tokens, {int(ev.get("n_bytes", 0))} bytes)')
-  if hasattr(fam, 'eval_suite'):  # the family's own evaluations (robustness, probes, plots)
+  kinds = [k for k in cfg.eval.robustness.split(',') if k]
+  if kinds:
+    ev['robustness'] = robustness_suite(setup, state['params'], kinds, ev, workdir, s)
+  if hasattr(fam, 'eval_suite'):  # the family's own evaluations (probes, plots)
     ev.update(fam.eval_suite(setup, state['params'], workdir, s))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f'eval_step{s}.json'), 'w') as f:
       json.dump(ev, f, indent=2)
   checkpointer.close()
   return ev
+
+
+def robustness_suite(setup: Setup, params, kinds, clean: dict, workdir: str, step: int) -> dict:
+  """Bits per byte of the validation text under each perturbation (data/perturb.py)."""
+  cfg, fam = setup.cfg, setup.family
+  eval_step = setup.make_eval_step()
+  out = {}
+  for kind in kinds:
+    r = setup.evaluate(params, fam.eval_batches(jax.process_index(), jax.process_count(),
+                                                cfg.train.eval_batches, perturbation=kind),
+                       eval_step)
+    out[kind] = {'bpb': r.get('bpb'), 'loss': r.get('loss'), 'n_bytes': r.get('n_bytes')}
+  lines = ['| condition | bits per byte | vs clean |', '|---|---|---|',
+           f'| clean | {clean["bpb"]:.4f} | 1.000x |']
+  lines += [f'| {k} ({cfg.eval.noise_frac:.0%} of characters per word) | {v["bpb"]:.4f} | '
+            f'{v["bpb"] / clean["bpb"]:.3f}x |' if k != 'caps' else
+            f'| ALL CAPS | {v["bpb"]:.4f} | {v["bpb"] / clean["bpb"]:.3f}x |'
+            for k, v in out.items()]
+  table = '\n'.join(lines)
+  _print(table)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f'robustness_step{step}.md'), 'w') as f:
+      f.write(table + '\n')
+  return out
 
 
 def sample(cfg, workdir: str, step: int | None = None) -> list[str]:

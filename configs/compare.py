@@ -1,0 +1,39 @@
+"""Matched-FLOP comparison: HAT vs the byte-level and subword LMs on the same data.
+
+  python launch.py --config=configs/compare.py:tiny --workdir=runs/compare --mode=sweep
+
+Each model trains for the same training-FLOP budget (`train.flops_budget`; steps follow from
+each family's FLOP accounting: models/hat.flops_per_byte, models/token_lm.flops_per_token, times
+batch x sequence positions), then is evaluated on validation bits per byte and the robustness
+suite. Writes summary.md / summary.csv and bpb_vs_flops.png (validation bits per byte against
+training FLOPs) in the workdir. Overrides given on the command line apply to all three runs.
+"""
+from configs import hat
+
+PRESETS = ('tiny', 'small')
+BUDGET = {'tiny': 8e12, 'small': 1e19}   # training FLOPs per model
+EVALS = 6                                 # evaluations along each run (for the FLOPs curve)
+MODELS = ('hat', 'byte_lm', 'subword_lm')
+
+
+def get_config(preset: str = 'tiny'):
+  c = hat.get_config(preset)
+  c.train.flops_budget = BUDGET[preset]
+  return c
+
+
+def get_sweep(cfg):
+  """One point per model, all with this config's `train.flops_budget`."""
+  from train import config_lib, families  # pylint: disable=g-import-not-at-top
+  budget = cfg.train.flops_budget
+  points = []
+  for name in MODELS:
+    spec = f'configs/{name}.py:{cfg.preset}'
+    sub, _ = config_lib.load(spec)
+    per_step = families.get(sub).flops_per_token() * sub.train.batch_size * sub.data.seq_len
+    steps = max(1, int(budget // per_step))
+    points.append({'name': name, 'config': spec, 'train.flops_budget': budget,
+                   'train.eval_batches': 0,  # the whole validation split for every model
+                   'train.eval_every': max(1, steps // EVALS),
+                   'ckpt.every': max(1, steps // 4)})
+  return points
