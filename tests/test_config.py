@@ -74,3 +74,18 @@ def test_sweep_grid_and_names():
   assert len(pts) == 4 and {'optim.lr': 3e-3, 'model.num_layers': 4} in pts
   assert sweep.run_name({'optim.lr': 0.001, 'data.source': 'text:/a b'}) == \
       'optim.lr=0.001,data.source=text_/a_b'.replace('/', '_')
+
+
+def test_hat_presets_build_abstractly(monkeypatch):
+  """Every HAT preset's model builds (shapes only) and has the size its name says."""
+  import jax
+  from flax import nnx
+  from models import hat
+  monkeypatch.chdir(config_lib.os.path.dirname(config_lib.os.path.dirname(__file__)))
+  sizes = {}
+  for preset in ('tiny', 'small', '1b'):
+    c, module = config_lib.load(f'configs/hat.py:{preset}')
+    assert module.get_sweep(c)
+    m = nnx.eval_shape(lambda: hat.HAT(c.model, 384, rngs=nnx.Rngs(0)))
+    sizes[preset] = sum(x.size for x in jax.tree.leaves(nnx.state(m)))
+  assert sizes['tiny'] < 2e6 and 5e7 < sizes['small'] < 2e8 and 7e8 < sizes['1b'] < 1.5e9, sizes

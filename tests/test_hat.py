@@ -151,3 +151,37 @@ def test_launch_train_eval_sample(data_dir, tmp_path):
   run_launch(data_dir, *args, '--mode=eval')
   ev = json.load(open(os.path.join(wd, 'eval_step12.json')))
   assert ev['bpb'] == pytest.approx(summary['eval']['bpb'], abs=1e-6)
+
+
+@pytest.mark.parametrize('spec', ['whitespace', 'unicode', 'spacebyte', 'fixed:4'])
+def test_degenerate_text_through_hat(spec):
+  """Whitespace-only, punctuation-only, over-long words, invalid UTF-8 and empty rows."""
+  texts = ['   \n\t  \r\n   ', '!!!???...,;:---', 'x' * 40 + ' ' + 'é' * 11, '', 'a\x00b']
+  batch, fields = make_batch(texts, splitter_spec=spec, t=64, w=32, lw=8)
+  # invalid UTF-8 bytes in a row (e.g. a row that starts mid-character)
+  batch2, _ = make_batch(['ok'], splitter_spec=spec, t=64, w=32, lw=8)
+  raw = [0xff, 0xfe, 0x80, 0xc3] + list(b'abc')
+  batch2['inputs'][0, 1:1 + len(raw)] = np.asarray(raw) + 3
+  for b in (batch, fields(batch2)):
+    lens = (b['word_gather'] >= 0).sum(-1)
+    assert lens.max() <= 8  # the cap holds, cut at UTF-8 boundaries by the splitter
+    real = b['segment_ids'] > 0
+    assert (b['word_ids'][real] >= 0).all() and (b['word_ids'][~real] == -1).all()
+  model = hat.HAT(tiny_cfg(), ENC.vocab_size, rngs=nnx.Rngs(0))
+  loss, sums = hat.hat_loss(model, batch)
+  assert np.isfinite(float(loss)) and float(sums['n_tokens']) > 0
+
+
+def test_compare_sweep_matches_training_flops(monkeypatch):
+  """Every model of the matched-FLOP comparison trains within one step of the same budget."""
+  from train import config_lib, families, sweep
+  monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  cfg, module = config_lib.load('configs/compare.py:tiny')
+  cfg.train.flops_budget = 3e12
+  points = module.get_sweep(cfg)
+  assert [p['name'] for p in points] == ['hat', 'byte_lm', 'subword_lm']
+  for p in points:
+    sub = sweep._point_config(cfg, p, {})
+    per_step = families.get(sub).flops_per_token() * sub.train.batch_size * sub.data.seq_len
+    steps = int(sub.train.flops_budget // per_step)
+    assert 3e12 - per_step < steps * per_step <= 3e12

@@ -1,0 +1,113 @@
+"""HAT throughput against the baselines, measured side by side in one process.
+
+  python benchmarks/hat_throughput.py [--preset=tiny] [--steps=10] [--new_bytes=200] \
+      [--compare_workdir=runs/compare]
+
+Training: bytes/s of an optimizer step for HAT, the byte LM and the subword LM (configs
+hat/byte_lm/subword_lm at --preset), on real packed batches prepared beforehand (data loading
+excluded), after compilation. Bytes per step = UTF-8 bytes of the targets in the batch.
+Generation: bytes/s of HAT's cached word-by-word generation (three KV caches) against the byte
+LM's KV-cache generation, greedy, `--new_bytes` bytes from the same prompt, after a warm-up
+generation. With --compare_workdir (a finished `configs/compare.py` sweep) the trained
+checkpoints are used, so generated words have realistic lengths; else random initialization.
+Prints a table and the two ratios the HAT issue asks for.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse(argv):
+  opts = {'preset': 'tiny', 'steps': 10, 'new_bytes': 200, 'compare_workdir': '',
+          'prompt': 'def main(argv):\n    '}
+  for a in argv:
+    k, _, v = a.lstrip('-').partition('=')
+    if k not in opts:
+      raise SystemExit(f'unknown argument {a!r}\n{__doc__}')
+    opts[k] = type(opts[k])(v)
+  return opts
+
+
+def _setup(name, opts):
+  from train import checkpoint as ckpt_lib, config_lib, trainer
+  cfg, _ = config_lib.load(f'configs/{name}.py:{opts["preset"]}')
+  setup = trainer.Setup(cfg)
+  state = setup.init_state()
+  wd = os.path.join(opts['compare_workdir'], name) if opts['compare_workdir'] else ''
+  if wd and os.path.isdir(os.path.join(wd, 'checkpoints')):
+    saved = config_lib.from_json(os.path.join(wd, 'config.json'))
+    setup = trainer.Setup(saved)
+    ck = ckpt_lib.Checkpointer(os.path.join(wd, 'checkpoints'), async_save=False)
+    state, _, _ = trainer.restore_or_init(setup, ck)
+    ck.close()
+  return setup, state
+
+
+def train_rate(setup, state, steps):
+  import jax
+  from train import partitioning
+  it = setup.family.train_iterator(0, 1)
+  local = [next(it) for _ in range(steps + 2)]
+  it.close()
+  nbytes = [float(b['target_bytes'].sum()) for b in local]
+  batches = [partitioning.global_batch(b, setup.mesh) for b in local]
+  step = setup.make_train_step()
+  for b in batches[:2]:
+    state, m = step(state, b)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for b in batches[2:]:
+    state, m = step(state, b)
+  jax.block_until_ready(m)
+  dt = time.perf_counter() - t0
+  return sum(nbytes[2:]) / dt, dt / steps
+
+
+def gen_rate(setup, state, opts):
+  import ml_collections
+  fam = setup.family
+  model = setup.model(state['params'])
+  s = ml_collections.ConfigDict({'prompt': opts['prompt'], 'max_new_tokens': opts['new_bytes'],
+                                 'temperature': 0.0, 'top_p': 1.0, 'seed': 0})
+  fam.sample(model, s)  # warm-up: compiles
+  t0 = time.perf_counter()
+  text = fam.sample(model, s)[0]
+  dt = time.perf_counter() - t0
+  produced = len(text.encode()) - len(opts['prompt'].encode())
+  return max(produced, 1) / dt, produced, text
+
+
+def main(argv):
+  import jax
+  opts = parse(argv)
+  print(f'backend {jax.default_backend()} ({jax.devices()[0].device_kind}) | preset '
+        f'{opts["preset"]} | checkpoints: {opts["compare_workdir"] or "random init"}', flush=True)
+  rows = {}
+  for name in ('hat', 'byte_lm', 'subword_lm'):
+    setup, state = _setup(name, opts)
+    rate, step_s = train_rate(setup, state, opts['steps'])
+    row = {'train_bytes_per_s': rate, 'step_ms': step_s * 1e3,
+           'flops_per_step': setup.flops_per_step}
+    if name in ('hat', 'byte_lm'):
+      g, n, text = gen_rate(setup, state, opts)
+      row.update(gen_bytes_per_s=g, gen_bytes=n)
+      print(f'--- {name} sample: {text[:160]!r}', flush=True)
+    rows[name] = row
+  print('| model | step ms | train bytes/s | GFLOP/step | generation bytes/s |')
+  print('|---|---|---|---|---|')
+  for name, r in rows.items():
+    gen = f"{r['gen_bytes_per_s']:.1f} ({r['gen_bytes']} B)" if 'gen_bytes_per_s' in r else '-'
+    print(f"| {name} | {r['step_ms']:.1f} | {r['train_bytes_per_s']:.0f} | "
+          f"{r['flops_per_step'] / 1e9:.2f} | {gen} |")
+  print(f"HAT / subword training bytes/s: "
+        f"{rows['hat']['train_bytes_per_s'] / rows['subword_lm']['train_bytes_per_s']:.2f}x")
+  print(f"HAT / byte LM generation bytes/s: "
+        f"{rows['hat']['gen_bytes_per_s'] / rows['byte_lm']['gen_bytes_per_s']:.2f}x")
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
