@@ -40,18 +40,6 @@ def apply(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDic
 
 
 def model_config() -> ml_collections.ConfigDict:
-  m = ml_collections.ConfigDict()
-  m.d_model = 128
-  m.num_layers = 2
-  m.num_heads = 4
-  m.num_kv_heads = 4
-  m.head_dim = 32
-  m.mlp_dim = 384
-  m.rope_base = 10_000.0
-  m.window = 0              # >0: sliding-window attention over the last `window` tokens
-  m.tie_embeddings = True
-  m.ce_chunk = 0            # tokens per readout chunk in the loss (0: whole sequence)
-  m.remat = 'none'          # 'none' | 'full' | 'dots': rematerialize blocks in the backward pass
-  m.attention_impl = ''     # '' auto | 'xla' | 'cudnn'
-  m.init_std = 0.02
-  return m
+  """The token LM's model keys (one home: models/token_lm.default_model_config)."""
+  from models import token_lm  # pylint: disable=g-import-not-at-top
+  return token_lm.default_model_config()

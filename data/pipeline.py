@@ -373,9 +373,19 @@ def make_train_iterator(cfg, encoder: encoders.Encoder, process_index: int | Non
 
 
 def make_eval_batches(cfg, encoder: encoders.Encoder, process_index: int | None = None,
-                      process_count: int | None = None) -> EvalBatches:
-  """EvalBatches of `data.eval_split`, `train.eval_batches` global batches (0: all)."""
+                      process_count: int | None = None, max_batches: int | None = None,
+                      perturbation: str | None = None, transform=None) -> list:
+  """This host's eval batches of `data.eval_split` as a list: `max_batches` global batches
+  (default `train.eval_batches`; 0: the whole split), the text optionally perturbed
+  (`data.perturb`, with `eval.noise_frac` / `eval.noise_seed`) and each batch `transform`ed."""
+  from data import perturb  # pylint: disable=g-import-not-at-top
   process_index, process_count = _hosts(process_index, process_count)
   source = corpus.get_source(cfg.data, cfg.data.eval_split)
-  return eval_batches(source, encoder, cfg.data.seq_len, local_batch_size(cfg, process_count),
-                      process_index, process_count, cfg.train.get('eval_batches', 0))
+  if perturbation:
+    source = perturb.PerturbedSource(source, perturbation, cfg.eval.noise_frac,
+                                     cfg.eval.noise_seed)
+  if max_batches is None:
+    max_batches = cfg.train.get('eval_batches', 0)
+  batches = eval_batches(source, encoder, cfg.data.seq_len, local_batch_size(cfg, process_count),
+                         process_index, process_count, max_batches)
+  return [transform(b) if transform else b for b in batches]

@@ -35,7 +35,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.tie_embeddings = True
   c.ce_chunk = 0           # tokens per readout chunk in the loss; 0: no chunking
   c.remat = 'none'         # 'none' | 'full' | 'dots' (or a bool)
-  c.attention_impl = None  # None (auto) | 'xla' | 'cudnn'
+  c.attention_impl = ''    # '' (auto) | 'xla' | 'cudnn'
   c.init_std = 0.02
   return c
 
@@ -62,7 +62,7 @@ class TokenLM(nnx.Module):
         cfg_model.num_layers, cfg_model.d_model, cfg_model.num_heads, cfg_model.num_kv_heads,
         cfg_model.head_dim, cfg_model.mlp_dim, rope_base=cfg_model.rope_base,
         window=cfg_model.window, dtype=dtype, remat=cfg_model.remat,
-        attention_impl=cfg_model.attention_impl, init_std=cfg_model.init_std, rngs=rngs)
+        attention_impl=cfg_model.attention_impl or None, init_std=cfg_model.init_std, rngs=rngs)
     self.readout = (None if self.tie_embeddings else
                     Dense(cfg_model.d_model, vocab_size, axes=('embed', 'vocab'), dtype=dtype,
                           init_std=cfg_model.init_std, rngs=rngs))

@@ -89,3 +89,16 @@ def test_hat_presets_build_abstractly(monkeypatch):
     m = nnx.eval_shape(lambda: hat.HAT(c.model, 384, rngs=nnx.Rngs(0)))
     sizes[preset] = sum(x.size for x in jax.tree.leaves(nnx.state(m)))
   assert sizes['tiny'] < 2e6 and 5e7 < sizes['small'] < 2e8 and 7e8 < sizes['1b'] < 1.5e9, sizes
+
+
+def test_load_saved_survives_added_keys(cfg, tmp_path):
+  """A run saved before a config key existed restores with that key's current default."""
+  cfg.optim.lr = 0.123
+  path = config_lib.save(cfg, str(tmp_path))
+  saved = json.load(open(path))
+  del saved['train']['flops_budget']
+  saved['train']['removed_key'] = 1
+  json.dump(saved, open(path, 'w'))
+  back = config_lib.load_saved(str(tmp_path))
+  assert back.optim.lr == 0.123 and back.train.flops_budget == 0.0
+  assert 'removed_key' not in back.train

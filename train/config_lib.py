@@ -162,3 +162,28 @@ def from_json(path: str) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(json.load(f))
   cfg.lock()
   return cfg
+
+
+def load_saved(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run saved in `workdir/config.json`, laid over the current defaults of its
+  config file and preset: a run saved before a key was added still restores (saved values
+  win; saved keys that no longer exist are dropped)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no config.json in {workdir}')
+  saved = from_json(path)
+  try:
+    cfg, _ = load(f"{saved.get('config_file', '')}:{saved.get('preset', '')}")
+  except (ConfigError, OSError):
+    return saved
+  known = set(flat_keys(cfg))
+  override(cfg, {k: v for k, v in _flat_items(saved) if k in known})
+  return cfg
+
+
+def _flat_items(cfg, prefix: str = ''):
+  for k, v in cfg.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _flat_items(v, f'{prefix}{k}.')
+    else:
+      yield f'{prefix}{k}', v

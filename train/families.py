@@ -30,6 +30,7 @@ import jax.numpy as jnp
 _MODULES = {
     'lm': 'train.lm_family',
     'hat': 'train.hat_family',
+    'lexinv': 'train.lexinv_family',
 }
 REGISTRY: dict[str, type] = {}
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data import corpus, encoders, perturb, hat_data, pipeline, words
+from data import encoders, hat_data, pipeline, words
 from models import hat
 from train import families
 
@@ -38,14 +38,8 @@ class HATFamily:
 
   def eval_batches(self, process_index: int, process_count: int, max_batches: int = 0,
                    perturbation: str | None = None):
-    source = corpus.get_source(self.cfg.data, self.cfg.data.eval_split)
-    if perturbation:
-      source = perturb.PerturbedSource(source, perturbation, self.cfg.eval.noise_frac,
-                                       self.cfg.eval.noise_seed)
-    return [self.eval_fields(b) for b in pipeline.eval_batches(
-        source, self.encoder, self.cfg.data.seq_len,
-        pipeline.local_batch_size(self.cfg, process_count), process_index, process_count,
-        max_batches)]
+    return pipeline.make_eval_batches(self.cfg, self.encoder, process_index, process_count,
+                                      max_batches, perturbation, transform=self.eval_fields)
 
   def sample(self, model, cfg_sample) -> list[str]:
     prompt = [self.encoder.bos_id] + list(self.encoder.encode(cfg_sample.prompt))

@@ -1,12 +1,10 @@
 """Token LM family: the byte-level and subword baselines (one model, two encoders)."""
 from __future__ import annotations
 
-import copy
-
 import jax
 import numpy as np
 
-from data import corpus, encoders, perturb, pipeline
+from data import encoders, pipeline
 from models import token_lm
 from train import families
 
@@ -18,10 +16,7 @@ class TokenLMFamily:
     self.cfg = cfg
     self.encoder = encoders.get_encoder(cfg.data)
     self.dtype = families.compute_dtype(cfg)
-    m = copy.deepcopy(cfg.model)
-    with m.unlocked():
-      m.attention_impl = m.attention_impl or None
-    self.model_cfg = m
+    self.model_cfg = cfg.model
     self._stats = {}
 
   def build_model(self, rngs):
@@ -37,14 +32,8 @@ class TokenLMFamily:
 
   def eval_batches(self, process_index: int, process_count: int, max_batches: int = 0,
                    perturbation: str | None = None):
-    source = corpus.get_source(self.cfg.data, self.cfg.data.eval_split)
-    if perturbation:
-      source = perturb.PerturbedSource(source, perturbation, self.cfg.eval.noise_frac,
-                                       self.cfg.eval.noise_seed)
-    return list(pipeline.eval_batches(
-        source, self.encoder, self.cfg.data.seq_len,
-        pipeline.local_batch_size(self.cfg, process_count), process_index, process_count,
-        max_batches))
+    return pipeline.make_eval_batches(self.cfg, self.encoder, process_index, process_count,
+                                      max_batches, perturbation)
 
   def sample(self, model, cfg_sample) -> list[str]:
     prompt = self.encoder.encode(cfg_sample.prompt)

@@ -320,14 +320,24 @@ def _close(checkpointer, writer, it):
     it.close()
 
 
-def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
-  """Restores the latest (or `step`) checkpoint onto this process's mesh and evaluates."""
+def restore(cfg, workdir: str, step: int | None = None):
+  """(setup, state, step) of the latest (or `step`) checkpoint, restored onto this process's
+  mesh, whatever the device count of the run that wrote it."""
   setup = Setup(cfg)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.ckpt.keep,
                                        async_save=False)
-  state, _, s = restore_or_init(setup, checkpointer, step=step)
-  if s is None:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints to evaluate')
+  try:
+    state, _, s = restore_or_init(setup, checkpointer, step=step)
+    if s is None:
+      raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints')
+  finally:
+    checkpointer.close()
+  return setup, state, s
+
+
+def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
+  """Restores the latest (or `step`) checkpoint onto this process's mesh and evaluates."""
+  setup, state, s = restore(cfg, workdir, step)
   fam = setup.family
   ev = setup.evaluate(state['params'], fam.eval_batches(jax.process_index(),
                                                         jax.process_count(),
@@ -344,7 +354,6 @@ def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f'eval_step{s}.json'), 'w') as f:
       json.dump(ev, f, indent=2)
-  checkpointer.close()
   return ev
 
 
@@ -373,15 +382,9 @@ def robustness_suite(setup: Setup, params, kinds, clean: dict, workdir: str, ste
 
 
 def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
-  setup = Setup(cfg)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.ckpt.keep,
-                                       async_save=False)
-  state, _, s = restore_or_init(setup, checkpointer, step=step)
-  if s is None:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints to sample from')
+  setup, state, s = restore(cfg, workdir, step)
   out = setup.family.sample(setup.model(state['params']), cfg.sample)
   for i, text in enumerate(out):
     _print(f'--- sample {i} (step {s}, prompt {cfg.sample.prompt!r}, temperature '
            f'{cfg.sample.temperature}, top_p {cfg.sample.top_p})\n{text}')
-  checkpointer.close()
   return out

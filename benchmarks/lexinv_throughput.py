@@ -1,0 +1,120 @@
+"""Training-step time of the lexinvariant LM vs the standard LM of the same size, side by side.
+
+  python benchmarks/lexinv_throughput.py [--preset=150m_bpe32k] [--vocab=32768] [--steps=10]
+      [--table=shared] [--config.model.num_layers=2 ...]
+
+Both models go through the real trainer step (`train.trainer.Setup.make_train_step`: forward,
+backward, AdamW, donated state) on the same synthetic full rows; the vocabulary is a stand-in
+of `--vocab` ids (no tokenizer is trained: the step cost depends only on the sizes). The
+lexinvariant step includes drawing G ([V, D] Gaussian) and B permutations of V every step.
+Prints one row per model and the ratio lexinvariant / standard step time. Overrides apply to
+both configs.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class _VocabOnly:
+  """Stands in for an encoder: the sizes are all a training step needs."""
+
+  def __init__(self, vocab: int):
+    self.vocab_size = self.true_vocab_size = vocab
+    self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+
+
+def _register(vocab: int):
+  import copy
+  from train import families, lexinv_family, lm_family
+
+  def init(self, cfg):
+    self.cfg, self.encoder = cfg, _VocabOnly(vocab)
+    self.dtype = families.compute_dtype(cfg)
+    m = copy.deepcopy(cfg.model)
+    with m.unlocked():
+      m.attention_impl = m.attention_impl or None
+    self.model_cfg, self._stats = m, {}
+    if 'lexinv' in cfg:
+      self.lexinv_cfg = cfg.lexinv
+
+  families.register('bench_lm')(type('BenchLM', (lm_family.TokenLMFamily,), {'__init__': init}))
+  families.register('bench_lexinv')(
+      type('BenchLexinv', (lexinv_family.LexinvariantFamily,), {'__init__': init}))
+
+
+def bench(cfg, steps: int, warmup: int) -> dict:
+  import jax
+  import numpy as np
+  from train import partitioning, trainer
+  setup = trainer.Setup(cfg)
+  b, t, v = cfg.train.batch_size, cfg.data.seq_len, setup.family.encoder.vocab_size
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, v, size=(b, t + 1), dtype=np.int32)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+           'segment_ids': np.ones((b, t), np.int32),
+           'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+           'weights': np.ones((b, t), np.float32), 'target_bytes': np.ones((b, t), np.int32)}
+  batch = partitioning.global_batch(batch, setup.mesh)
+  state = setup.init_state()
+  step = setup.make_train_step()
+  t0 = time.perf_counter()
+  state, m = step(state, batch)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  dt = (time.perf_counter() - t0) / steps
+  return {'params_M': setup.n_params / 1e6, 'compile_s': compile_s, 'step_ms': dt * 1e3,
+          'tokens_per_s': b * t / dt, 'loss': float(jax.device_get(m['loss_mean']))}
+
+
+def main(argv):
+  opts = {'preset': '150m_bpe32k', 'vocab': 32768, 'steps': 10, 'warmup': 2, 'table': 'shared'}
+  overrides = {}
+  for a in argv:
+    if a.startswith('--config.'):
+      k, val = a[len('--config.'):].split('=', 1)
+      overrides[k] = val
+    elif a.startswith('--') and '=' in a and a[2:].split('=', 1)[0] in opts:
+      k, val = a[2:].split('=', 1)
+      opts[k] = type(opts[k])(val)
+    else:
+      raise SystemExit(f'unknown argument {a!r}\n{__doc__}')
+  import jax
+  from train import config_lib
+  _register(opts['vocab'])
+  print(f'backend {jax.default_backend()} | devices {jax.device_count()} '
+        f'({jax.devices()[0].device_kind}) | vocab {opts["vocab"]}', flush=True)
+  rows = {}
+  for name, preset in (('standard', opts['preset'] + '_lm'), ('lexinvariant', opts['preset'])):
+    cfg, _ = config_lib.load(f'configs/lexinvariant.py:{preset}')
+    ov = dict(overrides, family='bench_lm' if name == 'standard' else 'bench_lexinv')
+    if name == 'lexinvariant':
+      ov['lexinv.table'] = opts['table']
+    config_lib.override(cfg, ov)
+    rows[name] = bench(cfg, opts['steps'], opts['warmup'])
+    c = cfg
+    print(f'{name}: {rows[name]} | batch {c.train.batch_size} x seq {c.data.seq_len} | '
+          f'd {c.model.d_model} x {c.model.num_layers} layers | ce_chunk {c.model.ce_chunk}',
+          flush=True)
+  cols = ['params_M', 'compile_s', 'step_ms', 'tokens_per_s', 'loss']
+  print('| model | ' + ' | '.join(cols) + ' |')
+  print('|---' * (len(cols) + 1) + '|')
+  for name, r in rows.items():
+    print(f'| {name} | ' + ' | '.join(f'{r[c]:.4g}' for c in cols) + ' |')
+  ratio = rows['lexinvariant']['step_ms'] / rows['standard']['step_ms']
+  print(f'step-time ratio lexinvariant / standard: {ratio:.3f} (target <= 1.25)', flush=True)
+  return ratio
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

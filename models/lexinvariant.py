@@ -1,0 +1,339 @@
+"""Lexinvariant LM (Huang et al. 2023): token embeddings are random per sequence, not learned.
+
+Each sequence gets its own embedding matrix E with rows ~ N(0, I): the same row for every
+occurrence of a token inside the sequence, independent rows across tokens and sequences. The
+input embedding is `E[x] * scale + bias` (learned `scale`, `bias` [D]); the readout uses the
+same raw E, `logits_v = readout_scale * h . E_v`, with one learned scalar `readout_scale`
+(a temperature; E itself stays the paper's unscaled Gaussian). Scale: after the final RMSNorm
+|h| ~ sqrt(D) and |E_v| ~ sqrt(D); at initialisation h is dominated by the current token's own
+row, so h . E_x ~ D (the "repeat the current token" logit) while other logits are ~ sqrt(D).
+`readout_scale` therefore starts at 1/D: the self logit starts near 1, the others near 0
+(with 1/sqrt(D) the initial loss was ~2x log V).
+
+How E is drawn without materialising a V x D matrix per sequence (`lexinv.table`):
+
+* 'shared' (default, any vocabulary): one Gaussian G [V_real, D] per step, shared by the batch,
+  and one uniformly random permutation pi_b of the vocabulary per sequence; E_b = G[pi_b].
+  Within a sequence E_b has exactly the paper's distribution (a permutation of i.i.d. Gaussian
+  rows is i.i.d. Gaussian). The loss only needs
+      logsumexp_v(h . E_b,v) = logsumexp_v(h . G_v)      (invariant to the permutation)
+      target logit  h . G[pi_b(y)]                       (a [B, T, D] gather)
+  so the softmax costs exactly one ordinary readout against G (chunked along the sequence like
+  `token_lm.token_nll`), and input embeddings are the gather G[pi_b(x)]. Memory: G (one V x D
+  matrix per step, 64 MiB fp32 at 32k x 512) plus B permutations of V int32s; never B x V x D,
+  never permuted logits. Trade-off: the rows of different sequences of one batch are the same
+  vectors in a different order, so sequences are not independent *across* the batch (a
+  sequence's E is independent of another's only up to that shared set of vectors); each
+  sequence on its own is distributed exactly as in the paper, and G is fresh every step.
+* 'independent': an independent Gaussian [V_real, D] per sequence, materialised as
+  [B, V_real, D] (exact i.i.d. across the batch). Only for small vocabularies (bytes):
+  refused above `MAX_INDEPENDENT_ELEMENTS` elements.
+* 'permuted_learned': the paper's lexinvariance *regulariser*: the learned tied embedding table
+  W applied to a randomly permuted vocabulary, W[pi_b] (use with p < 1).
+
+Partial lexinvariance (`lexinv.p`): each sequence is lexinvariant with probability p; the
+others use the learned tied table W with the identity (a standard LM row). p = 1 is the pure
+lexinvariant model (no learned table is built), p = 0 is exactly `token_lm.TokenLM`.
+With table 'shared'/'independent' and 0 < p < 1 both readouts are computed (2x readout cost).
+
+Only the first `n_real` ids (the encoder's true vocabulary; ids past it are padding of the
+matrix dimensions and never occur) get Gaussian rows and take part in the random softmax.
+
+Keys: `draw(rng, B)` folds the row index b (the global example index within the step's batch)
+into `rng`; the trainer's rng is fold_in(key(seed), step) (and the micro-batch index under
+gradient accumulation), so E depends only on (seed, step, example): runs reproduce and resume.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from models import token_lm
+from models.layers import Cache, Embed
+from models.transformer import Transformer
+
+Array = jax.Array
+TABLES = ('shared', 'independent', 'permuted_learned')
+MAX_INDEPENDENT_ELEMENTS = 1 << 26  # B * V * D for table='independent' (256 MiB fp32)
+
+# Tags folded into the step key for each random quantity.
+_MASK, _TABLE, _PERM = 11, 12, 13
+
+
+def default_lexinv_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.p = 1.0                   # probability that a sequence is lexinvariant
+  c.table = 'shared'          # 'shared' | 'independent' | 'permuted_learned'
+  c.embed_scale_init = 1.0    # initial learned scale on the N(0, I) rows
+  return c
+
+
+class LexinvariantLM(nnx.Module):
+  """Transformer LM whose token embeddings (input and readout) are drawn per sequence."""
+
+  def __init__(self, cfg_model: ml_collections.ConfigDict, cfg_lexinv: ml_collections.ConfigDict,
+               vocab_size: int, n_real: int | None = None, dtype: Any = jnp.float32, *,
+               rngs: nnx.Rngs):
+    self.vocab_size = int(vocab_size)
+    self.n_real = int(vocab_size if n_real is None else n_real)
+    if not 0 < self.n_real <= self.vocab_size:
+      raise ValueError(f'n_real={self.n_real} not in (0, vocab_size={self.vocab_size}]')
+    self.p = float(cfg_lexinv.p)
+    if not 0.0 <= self.p <= 1.0:
+      raise ValueError(f'lexinv.p={self.p} must lie in [0, 1]')
+    self.table = str(cfg_lexinv.table)
+    if self.table not in TABLES:
+      raise ValueError(f'lexinv.table={self.table!r}; expected one of {TABLES}')
+    self.dtype = dtype
+    self.ce_chunk = int(cfg_model.ce_chunk)
+    d = int(cfg_model.d_model)
+    self.d_model = d
+    self.transformer = Transformer(
+        cfg_model.num_layers, d, cfg_model.num_heads, cfg_model.num_kv_heads,
+        cfg_model.head_dim, cfg_model.mlp_dim, rope_base=cfg_model.rope_base,
+        window=cfg_model.window, dtype=dtype, remat=cfg_model.remat,
+        attention_impl=cfg_model.attention_impl, init_std=cfg_model.init_std, rngs=rngs)
+    self.embed_scale = nnx.Param(jnp.full((d,), float(cfg_lexinv.embed_scale_init), jnp.float32),
+                                 out_sharding=('norm',))
+    self.embed_bias = nnx.Param(jnp.zeros((d,), jnp.float32), out_sharding=('norm',))
+    self.readout_scale = nnx.Param(jnp.full((), 1.0 / d, jnp.float32), out_sharding=())
+    self.uses_learned = self.p < 1.0 or self.table == 'permuted_learned'
+    self.embed = (Embed(vocab_size, d, dtype=dtype, init_std=cfg_model.init_std, rngs=rngs)
+                  if self.uses_learned else None)
+
+  @property
+  def gaussian(self) -> bool:
+    return self.table in ('shared', 'independent')
+
+  # -- randomness ------------------------------------------------------------------------------
+  def draw(self, rng: Array, batch: int) -> dict[str, Array]:
+    """The random embedding state of a batch of `batch` rows; row b's quantities depend only on
+    (rng, b). Returns {'mask': bool[B] (row is lexinvariant), 'perm': int32[B, V] (a
+    permutation of the first n_real ids, identity on the rest and on non-lexinvariant rows),
+    'gauss': [n_real, D] ('shared'), [B, n_real, D] ('independent') or absent}."""
+    rows = jnp.arange(batch, dtype=jnp.uint32)
+    row_key = lambda tag: jax.vmap(lambda b: jax.random.fold_in(jax.random.fold_in(rng, tag), b))(
+        rows)
+    if self.p >= 1.0:
+      mask = jnp.ones((batch,), bool)
+    elif self.p <= 0.0:
+      mask = jnp.zeros((batch,), bool)
+    else:
+      mask = jax.vmap(lambda k: jax.random.uniform(k) < self.p)(row_key(_MASK))
+    ident = jnp.arange(self.vocab_size, dtype=jnp.int32)
+    out = {'mask': mask}
+    if self.table == 'independent':
+      n = batch * self.n_real * self.d_model
+      if n > MAX_INDEPENDENT_ELEMENTS:
+        raise ValueError(f"lexinv.table='independent' would materialise {batch} x {self.n_real}"
+                         f" x {self.d_model} = {n:,} elements; use table='shared'")
+      out['gauss'] = jax.vmap(lambda k: jax.random.normal(k, (self.n_real, self.d_model)))(
+          row_key(_TABLE))
+      out['perm'] = jnp.broadcast_to(ident, (batch, self.vocab_size))
+      return out
+    if self.table == 'shared':
+      out['gauss'] = jax.random.normal(jax.random.fold_in(rng, _TABLE),
+                                       (self.n_real, self.d_model))
+    perm_BxN = jax.vmap(lambda k: jax.random.permutation(k, self.n_real))(row_key(_PERM))
+    perm_BxV = jnp.concatenate(
+        [perm_BxN.astype(jnp.int32),
+         jnp.broadcast_to(ident[self.n_real:], (batch, self.vocab_size - self.n_real))], axis=1)
+    out['perm'] = jnp.where(mask[:, None], perm_BxV, ident[None])
+    return out
+
+  def fixed_draw(self, table_BxNxD: Array) -> dict[str, Array]:
+    """A draw with explicit per-sequence Gaussian tables E_b (all rows lexinvariant): E_b[v] is
+    token v's vector in sequence b. For tests and ciphers."""
+    b = table_BxNxD.shape[0]
+    return {'mask': jnp.ones((b,), bool),
+            'perm': jnp.broadcast_to(jnp.arange(self.vocab_size, dtype=jnp.int32),
+                                     (b, self.vocab_size)),
+            'gauss': table_BxNxD}
+
+  # -- embeddings ------------------------------------------------------------------------------
+  def _gauss_rows(self, draw, ids_BxT: Array) -> Array:
+    """Raw Gaussian rows E_b[ids] = G[pi_b(ids)] (fp32 [B, T, D])."""
+    g = draw['gauss']
+    pid_BxT = jnp.take_along_axis(draw['perm'], ids_BxT, axis=1)
+    pid_BxT = jnp.minimum(pid_BxT, self.n_real - 1)  # ids >= n_real never occur; keep in range
+    if g.ndim == 2:
+      return jnp.take(g, pid_BxT, axis=0)
+    return jnp.take_along_axis(g, pid_BxT[..., None], axis=1)
+
+  def embed_tokens(self, ids_BxT: Array, draw: dict[str, Array]) -> Array:
+    parts = []
+    if self.gaussian and self.p > 0.0:
+      e = self._gauss_rows(draw, ids_BxT)
+      parts.append(e * self.embed_scale[...] + self.embed_bias[...])
+    if self.uses_learned:
+      pid_BxT = jnp.take_along_axis(draw['perm'], ids_BxT, axis=1)
+      parts.append(jnp.take(self.embed.embedding[...], pid_BxT, axis=0))
+    if len(parts) == 1:
+      return parts[0].astype(self.dtype)
+    return jnp.where(draw['mask'][:, None, None], parts[0], parts[1]).astype(self.dtype)
+
+  def hidden(self, ids_BxT: Array, draw: dict[str, Array], positions_BxT: Array | None = None,
+             segment_ids_BxT: Array | None = None, cache: list[Cache] | None = None,
+             cache_index: Array | int | None = None) -> tuple[Array, list[Cache] | None]:
+    if positions_BxT is None:
+      start = 0 if cache_index is None else cache_index
+      positions_BxT = jnp.broadcast_to(start + jnp.arange(ids_BxT.shape[1], dtype=jnp.int32),
+                                       ids_BxT.shape)
+    x_BxTxD = self.embed_tokens(ids_BxT, draw)
+    return self.transformer(x_BxTxD, positions_BxT, segment_ids_BxT, cache, cache_index)
+
+  def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> list[Cache]:
+    return self.transformer.init_cache(batch, max_len, dtype)
+
+  # -- readout ---------------------------------------------------------------------------------
+  def _gauss_scores(self, h_BxCxD: Array, draw) -> Array:
+    """readout_scale * h . G_v for every Gaussian row v (fp32 [B, C, n_real]): the logits in the
+    *permuted* order (column pi_b(v) is token v)."""
+    g = draw['gauss'].astype(self.dtype)
+    eq = 'bcd,vd->bcv' if g.ndim == 2 else 'bcd,bvd->bcv'
+    s = jnp.einsum(eq, h_BxCxD.astype(self.dtype), g, preferred_element_type=jnp.float32)
+    return s * self.readout_scale[...]
+
+  def _learned_scores(self, h_BxCxD: Array) -> Array:
+    return token_lm._readout(h_BxCxD, self.embed.embedding[...], True, self.dtype)
+
+  def token_nll(self, h_BxTxD: Array, targets_BxT: Array, draw: dict[str, Array]) -> Array:
+    """Per-token NLL [B, T] (fp32). Only the logsumexp needs all V rows; it is invariant to the
+    row permutation, so it runs against the unpermuted table, chunked along the sequence
+    (`ce_chunk`) like `token_lm.token_nll`. The target logit is a [B, T, D] gather."""
+    nlls = []
+    if self.gaussian and self.p > 0.0:
+      lse = _chunked(lambda h: jax.nn.logsumexp(self._gauss_scores(h, draw), axis=-1),
+                     h_BxTxD, self.ce_chunk)
+      e_BxTxD = self._gauss_rows(draw, targets_BxT)
+      tgt = jnp.einsum('btd,btd->bt', h_BxTxD.astype(jnp.float32), e_BxTxD.astype(jnp.float32))
+      nlls.append(lse - tgt * self.readout_scale[...])
+    if self.uses_learned:
+      lse = _chunked(lambda h: jax.nn.logsumexp(self._learned_scores(h), axis=-1),
+                     h_BxTxD, self.ce_chunk)
+      pid_BxT = jnp.take_along_axis(draw['perm'], targets_BxT, axis=1)
+      w_BxTxD = jnp.take(self.embed.embedding[...], pid_BxT, axis=0)
+      h = h_BxTxD.astype(self.dtype)
+      tgt = jnp.einsum('btd,btd->bt', h, w_BxTxD.astype(self.dtype),
+                       preferred_element_type=jnp.float32)
+      nlls.append(lse - tgt)
+    if len(nlls) == 1:
+      return nlls[0]
+    return jnp.where(draw['mask'][:, None], nlls[0], nlls[1])
+
+  def token_logits(self, h_BxTxD: Array, draw: dict[str, Array]) -> Array:
+    """fp32 logits [B, T, V] over the *original* token ids (for evaluation and sampling):
+    logits[b, t, v] = score against E_b[v]; ids >= n_real get -inf in random rows. Forms
+    [B, T, V] logits; use on evaluation-sized batches."""
+    outs = []
+    if self.gaussian and self.p > 0.0:
+      s_BxTxN = self._gauss_scores(h_BxTxD, draw)
+      b, t = h_BxTxD.shape[:2]
+      pid_BxV = jnp.minimum(draw['perm'], self.n_real - 1)
+      s_BxTxV = jnp.take_along_axis(s_BxTxN, jnp.broadcast_to(pid_BxV[:, None], (b, t,
+                                                                                  self.vocab_size)),
+                                    axis=2)
+      valid_V = jnp.arange(self.vocab_size) < self.n_real
+      outs.append(jnp.where(valid_V, s_BxTxV, -jnp.inf))
+    if self.uses_learned:
+      s_BxTxV = self._learned_scores(h_BxTxD)
+      b, t = h_BxTxD.shape[:2]
+      outs.append(jnp.take_along_axis(
+          s_BxTxV, jnp.broadcast_to(draw['perm'][:, None], (b, t, self.vocab_size)), axis=2))
+    if len(outs) == 1:
+      return outs[0]
+    return jnp.where(draw['mask'][:, None, None], outs[0], outs[1])
+
+  def __call__(self, ids_BxT: Array, draw: dict[str, Array], positions_BxT: Array | None = None,
+               segment_ids_BxT: Array | None = None, cache: list[Cache] | None = None,
+               cache_index: Array | int | None = None) -> tuple[Array, list[Cache] | None]:
+    h, cache = self.hidden(ids_BxT, draw, positions_BxT, segment_ids_BxT, cache, cache_index)
+    return self.token_logits(h, draw), cache
+
+
+def _chunked(fn, h_BxTxD: Array, chunk: int) -> Array:
+  """fn: [B, C, D] -> [B, C], applied over sequence chunks of `chunk` (0: whole sequence) in a
+  rematerialised scan so only one chunk's [B, C, V] scores are live."""
+  b, t, d = h_BxTxD.shape
+  if chunk <= 0 or chunk >= t:
+    return fn(h_BxTxD)
+  pad = (-t) % chunk
+  n = (t + pad) // chunk
+  h_NxBxCxD = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).transpose(
+      1, 0, 2, 3)
+  body = jax.checkpoint(fn)
+  _, out_NxBxC = jax.lax.scan(lambda c, h: (c, body(h)), None, h_NxBxCxD)
+  return out_NxBxC.transpose(1, 0, 2).reshape(b, n * chunk)[:, :t]
+
+
+def lexinv_loss(model: LexinvariantLM, batch: dict[str, Array], rng: Array
+                ) -> tuple[Array, dict[str, Array]]:
+  """Next-token loss with a fresh per-sequence embedding drawn from `rng` (see `draw`).
+
+  Same batch keys and metric sums as `token_lm.lm_loss`: nll_sum, n_tokens, n_bytes."""
+  draw = model.draw(rng, batch['inputs'].shape[0])
+  h_BxTxD, _ = model.hidden(batch['inputs'], draw, batch['positions'], batch['segment_ids'])
+  nll_BxT = model.token_nll(h_BxTxD, batch['targets'], draw)
+  weights_BxT = batch['weights'].astype(jnp.float32)
+  nll_sum = jnp.sum(nll_BxT * weights_BxT)
+  n_tokens = jnp.sum(weights_BxT)
+  metrics = dict(nll_sum=nll_sum, n_tokens=n_tokens,
+                 n_bytes=jnp.sum(batch['target_bytes']).astype(jnp.float32))
+  return nll_sum / jnp.maximum(n_tokens, 1.0), metrics
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens'))
+def _generate(graphdef, state, prompt_BxP, rng, temperature, top_p, eos_id, *, max_new_tokens):
+  model = nnx.merge(graphdef, state)
+  b, p = prompt_BxP.shape
+  draw_rng, rng = jax.random.split(rng)
+  draw = model.draw(draw_rng, b)  # one E per sampled sequence, fixed for prompt + continuation
+  cache = model.init_cache(b, p + max_new_tokens)
+  logits_BxPxV, cache = model(prompt_BxP, draw, cache=cache, cache_index=0)
+  rng, key = jax.random.split(rng)
+  tok_B = token_lm._sample(logits_BxPxV[:, -1], temperature, top_p, key)
+  out_BxN = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(tok_B)
+
+  def cond(carry):
+    i, _, _, done_B, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, cache, out_BxN, done_B, rng = carry
+    prev_Bx1 = jax.lax.dynamic_slice_in_dim(out_BxN, i - 1, 1, axis=1)
+    logits_Bx1xV, cache = model(prev_Bx1, draw, cache=cache, cache_index=p + i - 1)
+    rng, key = jax.random.split(rng)
+    tok_B = jnp.where(done_B, 0, token_lm._sample(logits_Bx1xV[:, 0], temperature, top_p, key))
+    out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, tok_B[:, None], i, axis=1)
+    return i + 1, cache, out_BxN, done_B | (tok_B == eos_id), rng
+
+  carry = (jnp.int32(1), cache, out_BxN, tok_B == eos_id, rng)
+  return jax.lax.while_loop(cond, body, carry)[2]
+
+
+def generate(model: LexinvariantLM, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, rng: Array | None = None, eos_id: int | None = None) -> Array:
+  """Like `token_lm.generate`; each row's embedding E is drawn once from `rng` and kept for the
+  prompt and every generated token (a lexinvariant model has no fixed token meaning, so the
+  continuation can only follow patterns that the prompt establishes)."""
+  if max_new_tokens <= 0:
+    return jnp.zeros((np.shape(prompt_ids)[0], 0), jnp.int32)
+  graphdef, state = nnx.split(model)
+  rng = jax.random.key(0) if rng is None else rng
+  return _generate(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), rng,
+                   jnp.float32(temperature), jnp.float32(top_p),
+                   jnp.int32(-1 if eos_id is None else eos_id), max_new_tokens=int(max_new_tokens))
+
+
+def flops_per_token(cfg_model, vocab_size: int, seq_len: int, two_readouts: bool = False
+                    ) -> float:
+  """As `token_lm.flops_per_token` (the Gaussian readout costs what a tied readout costs);
+  partial lexinvariance with a Gaussian table computes a second readout."""
+  f = token_lm.flops_per_token(cfg_model, vocab_size, seq_len)
+  return f + (6 * cfg_model.d_model * vocab_size if two_readouts else 0.0)

@@ -1,0 +1,429 @@
+"""Lexinvariant LM family (`family='lexinv'`): training objective and the paper's evaluations.
+
+Data, iterators and encoders are those of the token-LM family; the model is
+`models.lexinvariant.LexinvariantLM`. `--mode=eval` runs `eval_suite`, which compares the
+lexinvariant model with a standard LM (`lexinv.baseline_workdir`: a trained `lm`-family
+workdir of the same size on the same data) and writes into the workdir:
+
+  lexinv_eval_step{N}.json / .md     every figure below
+  lexinv_ppl_by_position_step{N}.png perplexity vs context position for both, and their ratio
+
+Evaluations:
+  * loss by context position (position inside the document) on validation text, in
+    log-spaced bins; ratio = ppl_lexinv / ppl_standard per bin.
+  * substitution cipher: the validation text under one random permutation of the byte/subword
+    ids (specials fixed); loss of both models on plain and ciphered text. The lexinvariant
+    model's difference is reported with its standard error over batches (its E is resampled).
+  * deciphering probe: every row ciphered with its own random permutation; a linear softmax
+    probe on the final hidden state at each position is trained (on `probe_rows` rows) to give
+    the plaintext id of the current input token, and tested on held-out rows: token accuracy
+    (all / first 32 positions / second half of the row), the majority-class baseline, and the
+    recovered cipher mapping (per row and cipher symbol, the probe's majority vote) accuracy.
+  * LookUp and Permutation (`data/synthetic.py`): greedy answer accuracy for both models.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from data import synthetic
+from models import lexinvariant, token_lm
+from train import families, lm_family, partitioning
+
+BINS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@families.register('lexinv')
+class LexinvariantFamily(lm_family.TokenLMFamily):
+
+  def __init__(self, cfg):
+    super().__init__(cfg)
+    self.lexinv_cfg = cfg.lexinv
+
+  def build_model(self, rngs):
+    return lexinvariant.LexinvariantLM(self.model_cfg, self.lexinv_cfg, self.encoder.vocab_size,
+                                       self.encoder.true_vocab_size, self.dtype, rngs=rngs)
+
+  def loss(self, model, batch, rng):
+    return lexinvariant.lexinv_loss(model, batch, rng)
+
+  def sample(self, model, cfg_sample) -> list[str]:
+    prompt = self.encoder.encode(cfg_sample.prompt)
+    ids = np.concatenate([[self.encoder.bos_id], prompt]).astype(np.int32)[None]
+    out = lexinvariant.generate(model, ids, cfg_sample.max_new_tokens, cfg_sample.temperature,
+                                cfg_sample.top_p, jax.random.key(cfg_sample.seed),
+                                eos_id=self.encoder.eos_id)
+    texts = []
+    for row in np.asarray(out):
+      stop = np.flatnonzero(row == self.encoder.eos_id)
+      texts.append(cfg_sample.prompt + self.encoder.decode(row[:stop[0]] if stop.size else row))
+    return texts
+
+  def flops_per_token(self) -> float:
+    c = self.lexinv_cfg
+    two = c.table != 'permuted_learned' and 0.0 < c.p < 1.0
+    return lexinvariant.flops_per_token(self.model_cfg, self.encoder.vocab_size,
+                                        self.cfg.data.seq_len, two)
+
+  def describe(self) -> str:
+    c = self.lexinv_cfg
+    return f'lexinvariant p={c.p} table={c.table} | ' + super().describe()
+
+  def eval_suite(self, setup, params, workdir: str, step: int) -> dict:
+    return run_suite(self, setup, params, workdir, step)
+
+
+# -- uniform per-model functions ---------------------------------------------------------------
+class _Scorer:
+  """nll / logits / hidden states of one model (lexinvariant or standard) as jitted functions
+  of (params, batch, rng); logits are over the original token ids."""
+
+  def __init__(self, name, setup, params):
+    self.name, self.setup, self.params = name, setup, params
+    lex = setup.cfg.family == 'lexinv'
+
+    def run(params, batch, rng):
+      model = setup.model(params)
+      if lex:
+        draw = model.draw(rng, batch['inputs'].shape[0])
+        h, _ = model.hidden(batch['inputs'], draw, batch['positions'], batch['segment_ids'])
+        return model, h, draw
+      h, _ = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'])
+      return model, h, None
+
+    def nll(params, batch, rng):
+      model, h, draw = run(params, batch, rng)
+      if lex:
+        return model.token_nll(h, batch['targets'], draw)
+      return token_lm.token_nll(model, h, batch['targets'])
+
+    def logits(params, batch, rng):
+      model, h, draw = run(params, batch, rng)
+      return model.token_logits(h, draw) if lex else model.logits(h)
+
+    def pred(params, batch, rng):
+      return jnp.argmax(logits(params, batch, rng), axis=-1)
+
+    self._nll, self._pred = jax.jit(nll), jax.jit(pred)
+    self._hidden = jax.jit(lambda p, b, r: run(p, b, r)[1].astype(jnp.float32))
+
+  def _batch(self, b):
+    keys = ('inputs', 'targets', 'segment_ids', 'positions', 'weights', 'target_bytes')
+    return partitioning.global_batch({k: b[k] for k in keys}, self.setup.mesh)
+
+  def nll(self, b, rng):
+    return np.asarray(jax.device_get(self._nll(self.params, self._batch(b), rng)))
+
+  def pred(self, b, rng):
+    return np.asarray(jax.device_get(self._pred(self.params, self._batch(b), rng)))
+
+  def hidden(self, b, rng):
+    return np.asarray(jax.device_get(self._hidden(self.params, self._batch(b), rng)))
+
+
+def load_baseline(workdir: str):
+  """(Setup, params, step) of a trained `lm`-family workdir."""
+  from train import config_lib, trainer
+  cfg = config_lib.load_saved(workdir)
+  if cfg.family != 'lm':
+    raise ValueError(f'lexinv.baseline_workdir {workdir} is a {cfg.family!r} run, not an lm run')
+  setup, state, s = trainer.restore(cfg, workdir)
+  return setup, state['params'], s
+
+
+def _cipher(encoder, rng: np.random.Generator) -> np.ndarray:
+  """A random permutation of the real (non-special) ids; specials and padding ids fixed."""
+  v = encoder.vocab_size
+  sigma = np.arange(v, dtype=np.int32)
+  special = {encoder.pad_id, encoder.bos_id, encoder.eos_id}
+  real = np.array([i for i in range(encoder.true_vocab_size) if i not in special], np.int32)
+  sigma[real] = rng.permutation(real)
+  return sigma
+
+
+def _apply_cipher(batch, sigma_rows):
+  """sigma_rows: [V] (one cipher) or [B, V] (one per row)."""
+  out = dict(batch)
+  s = np.broadcast_to(sigma_rows, (batch['inputs'].shape[0], sigma_rows.shape[-1]))
+  out['inputs'] = np.take_along_axis(s, batch['inputs'], axis=1)
+  out['targets'] = np.take_along_axis(s, batch['targets'], axis=1)
+  return out
+
+
+def position_curve(scorers, batches, key, max_len):
+  sums = {s.name: np.zeros(max_len) for s in scorers}
+  count = np.zeros(max_len)
+  for i, b in enumerate(batches):
+    w = b['weights'] > 0
+    pos = b['positions'][w]
+    np.add.at(count, pos, 1)
+    for s in scorers:
+      np.add.at(sums[s.name], pos, s.nll(b, jax.random.fold_in(key, i))[w])
+  rows = []
+  for lo, hi in zip(BINS[:-1], BINS[1:]):
+    if lo >= max_len:
+      break
+    n = count[lo:hi].sum()
+    if n == 0:
+      continue
+    r = {'positions': f'{lo}-{min(hi, max_len) - 1}', 'lo': lo, 'n_tokens': int(n)}
+    for s in scorers:
+      r[f'loss_{s.name}'] = float(sums[s.name][lo:hi].sum() / n)
+    if len(scorers) == 2:
+      r['ppl_ratio'] = math.exp(r[f'loss_{scorers[0].name}'] - r[f'loss_{scorers[1].name}'])
+    rows.append(r)
+  per_pos = {s.name: (sums[s.name] / np.maximum(count, 1)).tolist() for s in scorers}
+  return rows, per_pos, count
+
+
+def cipher_eval(scorers, batches, key, sigma):
+  out = {}
+  for s in scorers:
+    plain, ciph = [], []
+    for i, b in enumerate(batches):
+      w = b['weights']
+      k = jax.random.fold_in(key, i)
+      plain.append((s.nll(b, k) * w).sum() / w.sum())
+      ciph.append((s.nll(_apply_cipher(b, sigma), jax.random.fold_in(key, 10_000 + i)) * w).sum()
+                  / w.sum())
+    diff = np.array(ciph) - np.array(plain)
+    out[s.name] = {'loss_plain': float(np.mean(plain)), 'loss_cipher': float(np.mean(ciph)),
+                   'diff': float(diff.mean()),
+                   'diff_stderr': float(diff.std(ddof=1) / math.sqrt(len(diff)))
+                   if len(diff) > 1 else float('nan')}
+  return out
+
+
+def _fit_linear(x, y, n_classes, steps, l2):
+  """Multinomial logistic regression with an L2 penalty (Adam, full batch) on standardized x."""
+  mu, sd = x.mean(0), x.std(0) + 1e-6
+  xs = jnp.asarray((x - mu) / sd)
+  yj = jnp.asarray(y)
+  w = {'w': jnp.zeros((x.shape[1], n_classes)), 'b': jnp.zeros((n_classes,))}
+  tx = optax.adam(1e-2)
+  opt = tx.init(w)
+
+  def loss(w):
+    logits = xs @ w['w'] + w['b']
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, yj).mean()
+    return ce + l2 * jnp.sum(jnp.square(w['w']))
+
+  @jax.jit
+  def step(w, opt):
+    g = jax.grad(loss)(w)
+    u, opt = tx.update(g, opt, w)
+    return optax.apply_updates(w, u), opt
+
+  for _ in range(steps):
+    w, opt = step(w, opt)
+  return lambda z: np.asarray(jnp.argmax(jnp.asarray((z - mu) / sd) @ w['w'] + w['b'], -1))
+
+
+def _fit_probe(x, y, groups, n_classes, steps):
+  """The L2 strength is chosen on a held-out fifth of the training rows (`groups`: row ids),
+  then the probe is refit on all training rows. Returns (predict, chosen l2)."""
+  rows = np.unique(groups)
+  held = np.isin(groups, rows[-max(len(rows) // 5, 1):])
+  best = None
+  for l2 in (1e-4, 1e-3, 1e-2, 1e-1):
+    acc = float(np.mean(_fit_linear(x[~held], y[~held], n_classes, steps, l2)(x[held])
+                        == y[held]))
+    if best is None or acc > best[0]:
+      best = (acc, l2)
+  return _fit_linear(x, y, n_classes, steps, best[1]), best[1]
+
+
+def probe_eval(scorers, batches, key, encoder, n_train_rows, steps, seed):
+  """Train rows: the first n_train_rows non-empty rows; test rows: the rest."""
+  rng = np.random.default_rng([seed, 7])
+  rows = []  # (plain batch row dict, per-row cipher)
+  for b in batches:
+    for r in range(b['inputs'].shape[0]):
+      if b['weights'][r].sum() > 0:
+        rows.append({k: v[r:r + 1] for k, v in b.items()})
+  n_test = max(len(rows) - n_train_rows, 1)
+  rows = rows[:n_train_rows + n_test]
+  sig = np.stack([_cipher(encoder, rng) for _ in rows])
+  bsz = batches[0]['inputs'].shape[0]
+  special = np.array([encoder.pad_id, encoder.bos_id, encoder.eos_id])
+  out = {}
+  for s in scorers:
+    feats, labels, pos, row_id, cipher_ids = [], [], [], [], []
+    for start in range(0, len(rows), bsz):
+      chunk = rows[start:start + bsz]
+      pad = bsz - len(chunk)
+      b = {k: np.concatenate([c[k] for c in chunk] + [np.zeros_like(chunk[0][k])] * pad)
+           for k in chunk[0]}
+      sg = np.concatenate([sig[start:start + len(chunk)], np.tile(sig[:1], (pad, 1))])
+      cb = _apply_cipher(b, sg)
+      h = s.hidden(cb, jax.random.fold_in(key, start))
+      for r in range(len(chunk)):
+        m = (b['weights'][r] > 0) & ~np.isin(b['inputs'][r], special)
+        feats.append(h[r][m])
+        labels.append(b['inputs'][r][m])
+        pos.append(b['positions'][r][m])
+        row_id.append(np.full(m.sum(), start + r))
+        cipher_ids.append(cb['inputs'][r][m])
+    x, y = np.concatenate(feats), np.concatenate(labels)
+    p, rid, cid = np.concatenate(pos), np.concatenate(row_id), np.concatenate(cipher_ids)
+    tr, te = rid < n_train_rows, rid >= n_train_rows
+    predict, l2 = _fit_probe(x[tr], y[tr], rid[tr], encoder.vocab_size, steps)
+    yhat = predict(x[te])
+    ok = yhat == y[te]
+    late = p[te] >= (batches[0]['inputs'].shape[1] // 2)
+    early = p[te] < 32
+    majority = np.bincount(y[tr]).argmax()
+    # the recovered mapping: per (row, cipher symbol) the probe's majority vote
+    votes = {}
+    for r_, c_, yh, yt in zip(rid[te], cid[te], yhat, y[te]):
+      votes.setdefault((r_, c_), ([], yt))[0].append(yh)
+    mapped = [np.bincount(v).argmax() == t for v, t in votes.values()]
+    out[s.name] = {'token_accuracy': float(ok.mean()),
+                   'accuracy_first32': float(ok[early].mean()) if early.any() else float('nan'),
+                   'accuracy_second_half': float(ok[late].mean()) if late.any() else float('nan'),
+                   'majority_baseline': float((y[te] == majority).mean()),
+                   'mapping_accuracy': float(np.mean(mapped)),
+                   'probe_l2': l2, 'n_train_tokens': int(tr.sum()),
+                   'n_test_tokens': int(te.sum())}
+  return out
+
+
+def synthetic_eval(scorers, encoder, cfg, seq_len, key):
+  c = cfg.lexinv
+  tasks = {
+      'lookup': synthetic.lookup_batch(encoder, c.synthetic_n, seq_len, c.eval_seed,
+                                       c.lookup_keys, c.lookup_queries),
+      'permutation': synthetic.permutation_batch(encoder, c.synthetic_n, seq_len, c.eval_seed,
+                                                 c.perm_length, c.perm_demos)}
+  bsz = cfg.train.batch_size
+  out = {}
+  for task, full in tasks.items():
+    out[task] = {}
+    for s in scorers:
+      preds = []
+      for start in range(0, c.synthetic_n, bsz):
+        b = {k: v[start:start + bsz] for k, v in full.items()}
+        n = b['inputs'].shape[0]
+        if n < bsz:
+          b = {k: np.concatenate([v, np.zeros((bsz - n,) + v.shape[1:], v.dtype)])
+               for k, v in b.items()}
+        preds.append(s.pred(b, jax.random.fold_in(key, start))[:n])
+      out[task][s.name] = synthetic.score(np.concatenate(preds), full)
+  return out
+
+
+def _plot(path, per_pos, count, names, title):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  valid = np.flatnonzero(count > 0)
+  x = valid + 1
+  fig, axes = plt.subplots(1, 2 if len(names) == 2 else 1, figsize=(11, 4), squeeze=False)
+  ax = axes[0, 0]
+  for n in names:
+    ax.plot(x, np.exp(np.asarray(per_pos[n])[valid]), label=n)
+  ax.set_xscale('log')
+  ax.set_yscale('log')
+  ax.set_xlabel('context position (tokens into the document) + 1')
+  ax.set_ylabel('perplexity')
+  ax.set_title(title)
+  ax.legend()
+  if len(names) == 2:
+    ax = axes[0, 1]
+    ratio = np.exp(np.asarray(per_pos[names[0]])[valid] - np.asarray(per_pos[names[1]])[valid])
+    ax.plot(x, ratio, color='C2')
+    ax.axhline(1.0, color='gray', ls='--', lw=1)
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('context position + 1')
+    ax.set_ylabel(f'ppl {names[0]} / ppl {names[1]}')
+    ax.set_title('perplexity ratio')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _markdown(res) -> str:
+  names = res['models']
+  lines = [f"# Lexinvariant evaluation, step {res['step']}", '']
+  if res.get('baseline_workdir'):
+    lines.append(f"standard LM: `{res['baseline_workdir']}` (step {res['baseline_step']})")
+    lines.append('')
+  lines += ['## Loss by context position', '',
+            '| positions | tokens | ' + ' | '.join(f'loss {n}' for n in names)
+            + (' | ppl ratio |' if len(names) == 2 else ' |'),
+            '|---' * (2 + len(names) + (len(names) == 2)) + '|']
+  for r in res['by_position']:
+    cells = [r['positions'], str(r['n_tokens'])] + [f"{r[f'loss_{n}']:.3f}" for n in names]
+    if len(names) == 2:
+      cells.append(f"{r['ppl_ratio']:.2f}")
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  lines += ['', '## Substitution cipher (one random permutation of the vocabulary)', '',
+            '| model | loss plain | loss ciphered | difference (± s.e.) |', '|---|---|---|---|']
+  for n in names:
+    c = res['cipher'][n]
+    lines.append(f"| {n} | {c['loss_plain']:.3f} | {c['loss_cipher']:.3f} | "
+                 f"{c['diff']:+.3f} ± {c['diff_stderr']:.3f} |")
+  lines += ['', '## Deciphering probe (linear, on final hidden states; a fresh cipher per row)',
+            '', '| model | token acc | first 32 | second half | majority baseline | mapping acc |',
+            '|---|---|---|---|---|---|']
+  for n in names:
+    p = res['probe'][n]
+    lines.append(f"| {n} | {p['token_accuracy']:.3f} | {p['accuracy_first32']:.3f} | "
+                 f"{p['accuracy_second_half']:.3f} | {p['majority_baseline']:.3f} | "
+                 f"{p['mapping_accuracy']:.3f} |")
+  lines += ['', '## Synthetic in-context tasks (greedy answers)', '',
+            '| task | model | token acc | exact acc | answers |', '|---|---|---|---|---|']
+  for task, per in res['synthetic'].items():
+    for n in names:
+      s = per[n]
+      lines.append(f"| {task} | {n} | {s['token_accuracy']:.3f} | {s['exact_accuracy']:.3f} | "
+                   f"{s['n_answers']} |")
+  return '\n'.join(lines) + '\n'
+
+
+def run_suite(fam, setup, params, workdir: str, step: int) -> dict:
+  cfg = setup.cfg
+  c = cfg.lexinv
+  scorers = [_Scorer('lexinv', setup, params)]
+  res = {'step': step, 'baseline_workdir': c.baseline_workdir}
+  if c.baseline_workdir:
+    b_setup, b_params, b_step = load_baseline(c.baseline_workdir)
+    if (b_setup.family.encoder.vocab_size != fam.encoder.vocab_size
+        or b_setup.cfg.data.source != cfg.data.source):
+      raise ValueError('the baseline must use the same data source and vocabulary '
+                       f'({b_setup.cfg.data.source}, {b_setup.family.encoder.vocab_size}) vs '
+                       f'({cfg.data.source}, {fam.encoder.vocab_size})')
+    scorers.append(_Scorer('standard', b_setup, b_params))
+    res['baseline_step'] = b_step
+  res['models'] = [s.name for s in scorers]
+  key = jax.random.key(c.eval_seed)
+  batches = fam.eval_batches(0, 1, c.eval_batches)
+  seq_len = cfg.data.seq_len
+
+  rows, per_pos, count = position_curve(scorers, batches, jax.random.fold_in(key, 1), seq_len)
+  res['by_position'] = rows
+  res['cipher'] = cipher_eval(scorers, batches, jax.random.fold_in(key, 2),
+                              _cipher(fam.encoder, np.random.default_rng([c.eval_seed, 3])))
+  res['probe'] = probe_eval(scorers, batches, jax.random.fold_in(key, 3), fam.encoder,
+                            c.probe_rows, c.probe_steps, c.eval_seed)
+  res['synthetic'] = synthetic_eval(scorers, fam.encoder, cfg, seq_len,
+                                    jax.random.fold_in(key, 4))
+  if jax.process_index() == 0:
+    base = os.path.join(workdir, f'lexinv_eval_step{step}')
+    _plot(base.replace('lexinv_eval', 'lexinv_ppl_by_position') + '.png', per_pos, count,
+          res['models'], f'validation, step {step}')
+    with open(base + '.json', 'w') as f:
+      json.dump({**res, 'per_position_loss': per_pos, 'per_position_count': count.tolist()}, f,
+                indent=1)
+    md = _markdown(res)
+    with open(base + '.md', 'w') as f:
+      f.write(md)
+    print(md, flush=True)
+  return {'lexinv_suite': res}
