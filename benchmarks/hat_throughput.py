@@ -89,13 +89,13 @@ def main(argv):
   rows = {}
   for name in ('hat', 'byte_lm', 'subword_lm'):
     setup, state = _setup(name, opts)
-    rate, step_s = train_rate(setup, state, opts['steps'])
-    row = {'train_bytes_per_s': rate, 'step_ms': step_s * 1e3,
-           'flops_per_step': setup.flops_per_step}
-    if name in ('hat', 'byte_lm'):
+    row = {'flops_per_step': setup.flops_per_step}
+    if name in ('hat', 'byte_lm'):  # before training: the train step donates `state`
       g, n, text = gen_rate(setup, state, opts)
       row.update(gen_bytes_per_s=g, gen_bytes=n)
       print(f'--- {name} sample: {text[:160]!r}', flush=True)
+    rate, step_s = train_rate(setup, state, opts['steps'])
+    row.update(train_bytes_per_s=rate, step_ms=step_s * 1e3)
     rows[name] = row
   print('| model | step ms | train bytes/s | GFLOP/step | generation bytes/s |')
   print('|---|---|---|---|---|')
