@@ -54,16 +54,7 @@ class LexinvariantFamily(lm_family.TokenLMFamily):
     return lexinvariant.lexinv_loss(model, batch, rng)
 
   def sample(self, model, cfg_sample) -> list[str]:
-    prompt = self.encoder.encode(cfg_sample.prompt)
-    ids = np.concatenate([[self.encoder.bos_id], prompt]).astype(np.int32)[None]
-    out = lexinvariant.generate(model, ids, cfg_sample.max_new_tokens, cfg_sample.temperature,
-                                cfg_sample.top_p, jax.random.key(cfg_sample.seed),
-                                eos_id=self.encoder.eos_id)
-    texts = []
-    for row in np.asarray(out):
-      stop = np.flatnonzero(row == self.encoder.eos_id)
-      texts.append(cfg_sample.prompt + self.encoder.decode(row[:stop[0]] if stop.size else row))
-    return texts
+    return lm_family.sample_text(lexinvariant.generate, model, self.encoder, cfg_sample)
 
   def flops_per_token(self) -> float:
     c = self.lexinv_cfg

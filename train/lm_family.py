@@ -36,16 +36,7 @@ class TokenLMFamily:
                                       max_batches, perturbation)
 
   def sample(self, model, cfg_sample) -> list[str]:
-    prompt = self.encoder.encode(cfg_sample.prompt)
-    ids = np.concatenate([[self.encoder.bos_id], prompt]).astype(np.int32)[None]
-    out = token_lm.generate(model, ids, cfg_sample.max_new_tokens, cfg_sample.temperature,
-                            cfg_sample.top_p, jax.random.key(cfg_sample.seed),
-                            eos_id=self.encoder.eos_id)
-    texts = []
-    for row in np.asarray(out):
-      stop = np.flatnonzero(row == self.encoder.eos_id)
-      texts.append(cfg_sample.prompt + self.encoder.decode(row[:stop[0]] if stop.size else row))
-    return texts
+    return sample_text(token_lm.generate, model, self.encoder, cfg_sample)
 
   def flops_per_token(self) -> float:
     return token_lm.flops_per_token(self.model_cfg, self.encoder.vocab_size, self.cfg.data.seq_len)
@@ -58,3 +49,17 @@ class TokenLMFamily:
     return (f'{type(e).__name__} vocab {e.vocab_size} | data {self.cfg.data.source} | '
             f'seq_len {self.cfg.data.seq_len} | batch {self.cfg.train.batch_size} | '
             f'compute {np.dtype(self.dtype).name}')
+
+
+def sample_text(generate, model, encoder, cfg_sample) -> list[str]:
+  """Prompt -> text with a token-level `generate(model, ids, n, temperature, top_p, rng,
+  eos_id)` (token_lm, lexinvariant), cut at the first eos."""
+  prompt = encoder.encode(cfg_sample.prompt)
+  ids = np.concatenate([[encoder.bos_id], prompt]).astype(np.int32)[None]
+  out = generate(model, ids, cfg_sample.max_new_tokens, cfg_sample.temperature,
+                 cfg_sample.top_p, jax.random.key(cfg_sample.seed), eos_id=encoder.eos_id)
+  texts = []
+  for row in np.asarray(out):
+    stop = np.flatnonzero(row == encoder.eos_id)
+    texts.append(cfg_sample.prompt + encoder.decode(row[:stop[0]] if stop.size else row))
+  return texts
