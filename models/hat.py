@@ -3,9 +3,10 @@
   byte encoder   causal sliding-window transformer over the byte stream          [B, T, De]
   word pooling   'query': a learned query per word attends to that word's bytes,
                  gathered into a small [B, W, Lw, De] block (no dense [W, T] mask);
-                 'last': the encoder state of the word's last byte (the paper's
-                 word-boundary-token variant: with a causal encoder that position has
-                 seen the whole word)                                            [B, W, D]
+                 'last': the encoder state of the word's last byte. It stands in for
+                 the paper's word-boundary-token variant without inserting extra
+                 tokens into the byte stream: with a causal encoder that position has
+                 seen the whole word, as a boundary token would      [B, W, D]
   backbone       the shared transformer over word positions (RoPE on word index) [B, W, D]
   byte decoder   causal sliding-window transformer over the encoder states; every
                  byte of word j reads the backbone output of word j-1 (a learned
