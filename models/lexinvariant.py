@@ -294,27 +294,9 @@ def _generate(graphdef, state, prompt_BxP, rng, temperature, top_p, eos_id, *, m
   b, p = prompt_BxP.shape
   draw_rng, rng = jax.random.split(rng)
   draw = model.draw(draw_rng, b)  # one E per sampled sequence, fixed for prompt + continuation
-  cache = model.init_cache(b, p + max_new_tokens)
-  logits_BxPxV, cache = model(prompt_BxP, draw, cache=cache, cache_index=0)
-  rng, key = jax.random.split(rng)
-  tok_B = token_lm._sample(logits_BxPxV[:, -1], temperature, top_p, key)
-  out_BxN = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(tok_B)
-
-  def cond(carry):
-    i, _, _, done_B, _ = carry
-    return (i < max_new_tokens) & ~jnp.all(done_B)
-
-  def body(carry):
-    i, cache, out_BxN, done_B, rng = carry
-    prev_Bx1 = jax.lax.dynamic_slice_in_dim(out_BxN, i - 1, 1, axis=1)
-    logits_Bx1xV, cache = model(prev_Bx1, draw, cache=cache, cache_index=p + i - 1)
-    rng, key = jax.random.split(rng)
-    tok_B = jnp.where(done_B, 0, token_lm._sample(logits_Bx1xV[:, 0], temperature, top_p, key))
-    out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, tok_B[:, None], i, axis=1)
-    return i + 1, cache, out_BxN, done_B | (tok_B == eos_id), rng
-
-  carry = (jnp.int32(1), cache, out_BxN, tok_B == eos_id, rng)
-  return jax.lax.while_loop(cond, body, carry)[2]
+  call = lambda ids, cache, index: model(ids, draw, cache=cache, cache_index=index)
+  return token_lm.decode(call, model.init_cache(b, p + max_new_tokens), prompt_BxP, rng,
+                         temperature, top_p, eos_id, max_new_tokens)
 
 
 def generate(model: LexinvariantLM, prompt_ids, max_new_tokens: int, temperature: float = 0.0,

@@ -171,16 +171,18 @@ def _sample(logits_BxV: Array, temperature: Array, top_p: Array, rng: Array) -> 
   return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens'))
-def _generate(graphdef, state, prompt_BxP, rng, temperature, top_p, eos_id, *, max_new_tokens):
-  model = nnx.merge(graphdef, state)
+def decode(call, cache, prompt_BxP: Array, rng: Array, temperature, top_p, eos_id,
+           max_new_tokens: int) -> Array:
+  """The KV-cache sampling loop shared by the token-level families (traced inside a jit).
+
+  `call(ids_BxT, cache, cache_index) -> (logits_BxTxV, cache)`. Prefills the prompt, then
+  decodes one token at a time in a `lax.while_loop` that stops once every row emitted eos;
+  tokens after a row's eos are 0. Returns int32 [B, max_new_tokens]."""
   b, p = prompt_BxP.shape
-  cache = model.init_cache(b, p + max_new_tokens)
-  logits_BxPxV, cache = model(prompt_BxP, cache=cache, cache_index=0)
+  logits_BxPxV, cache = call(prompt_BxP, cache, 0)
   rng, key = jax.random.split(rng)
   tok_B = _sample(logits_BxPxV[:, -1], temperature, top_p, key)
   out_BxN = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(tok_B)
-  done_B = tok_B == eos_id
 
   def cond(carry):
     i, _, _, done_B, _ = carry
@@ -189,15 +191,23 @@ def _generate(graphdef, state, prompt_BxP, rng, temperature, top_p, eos_id, *, m
   def body(carry):
     i, cache, out_BxN, done_B, rng = carry
     prev_Bx1 = jax.lax.dynamic_slice_in_dim(out_BxN, i - 1, 1, axis=1)
-    logits_Bx1xV, cache = model(prev_Bx1, cache=cache, cache_index=p + i - 1)
+    logits_Bx1xV, cache = call(prev_Bx1, cache, p + i - 1)
     rng, key = jax.random.split(rng)
-    tok_B = _sample(logits_Bx1xV[:, 0], temperature, top_p, key)
-    tok_B = jnp.where(done_B, 0, tok_B)
+    tok_B = jnp.where(done_B, 0, _sample(logits_Bx1xV[:, 0], temperature, top_p, key))
     out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, tok_B[:, None], i, axis=1)
     return i + 1, cache, out_BxN, done_B | (tok_B == eos_id), rng
 
-  carry = (jnp.int32(1), cache, out_BxN, done_B, rng)
+  carry = (jnp.int32(1), cache, out_BxN, tok_B == eos_id, rng)
   return jax.lax.while_loop(cond, body, carry)[2]
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens'))
+def _generate(graphdef, state, prompt_BxP, rng, temperature, top_p, eos_id, *, max_new_tokens):
+  model = nnx.merge(graphdef, state)
+  b, p = prompt_BxP.shape
+  call = lambda ids, cache, index: model(ids, cache=cache, cache_index=index)
+  return decode(call, model.init_cache(b, p + max_new_tokens), prompt_BxP, rng, temperature,
+                top_p, eos_id, max_new_tokens)
 
 
 def generate(model: TokenLM, prompt_ids: Array, max_new_tokens: int, temperature: float = 0.0,
