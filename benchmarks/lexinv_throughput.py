@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,31 +47,12 @@ def _register(vocab: int):
 
 def bench(cfg, steps: int, warmup: int) -> dict:
   import jax
-  import numpy as np
+  from benchmarks import lm_throughput
   from train import partitioning, trainer
   setup = trainer.Setup(cfg)
   b, t, v = cfg.train.batch_size, cfg.data.seq_len, setup.family.encoder.vocab_size
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(3, v, size=(b, t + 1), dtype=np.int32)
-  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-           'segment_ids': np.ones((b, t), np.int32),
-           'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-           'weights': np.ones((b, t), np.float32), 'target_bytes': np.ones((b, t), np.int32)}
-  batch = partitioning.global_batch(batch, setup.mesh)
-  state = setup.init_state()
-  step = setup.make_train_step()
-  t0 = time.perf_counter()
-  state, m = step(state, batch)
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  for _ in range(warmup):
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
-  dt = (time.perf_counter() - t0) / steps
+  batch = partitioning.global_batch(lm_throughput.synthetic_batch(b, t, v), setup.mesh)
+  compile_s, dt, m = lm_throughput.time_steps(setup, batch, steps, warmup)
   return {'params_M': setup.n_params / 1e6, 'compile_s': compile_s, 'step_ms': dt * 1e3,
           'tokens_per_s': b * t / dt, 'loss': float(jax.device_get(m['loss_mean']))}
 

@@ -38,10 +38,39 @@ def parse(argv):
   return runs, opts
 
 
+def synthetic_batch(b: int, t: int, v: int) -> dict:
+  """Full rows of random tokens (no padding, one segment per row), host-local numpy."""
+  import numpy as np
+  tokens = np.random.default_rng(0).integers(3, min(v, 50_000), size=(b, t + 1), dtype=np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+          'segment_ids': np.ones((b, t), np.int32),
+          'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+          'weights': np.ones((b, t), np.float32), 'target_bytes': np.ones((b, t), np.int32)}
+
+
+def time_steps(setup, batch, steps: int, warmup: int):
+  """(compile seconds, seconds per train step after warm-up, last step's metrics) of
+  `setup`'s jitted train step on a fresh state."""
+  import jax
+  state = setup.init_state()
+  step = setup.make_train_step()
+  t0 = time.perf_counter()
+  state, m = step(state, batch)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  return compile_s, (time.perf_counter() - t0) / steps, m
+
+
 def bench(spec: str, overrides: dict, opts: dict) -> dict:
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from train import config_lib, partitioning, trainer
   cfg, _ = config_lib.load(spec)
   config_lib.override(cfg, overrides)
@@ -49,28 +78,8 @@ def bench(spec: str, overrides: dict, opts: dict) -> dict:
   fam = setup.family
   b, t = cfg.train.batch_size, cfg.data.seq_len
   v = fam.encoder.vocab_size
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(3, min(v, 50_000), size=(b, t + 1), dtype=np.int32)
-  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-           'segment_ids': np.ones((b, t), np.int32),
-           'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-           'weights': np.ones((b, t), np.float32),
-           'target_bytes': np.ones((b, t), np.int32)}
-  batch = partitioning.global_batch(batch, setup.mesh)
-  state = setup.init_state()
-  step = setup.make_train_step()
-  t0 = time.perf_counter()
-  state, m = step(state, batch)
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  for _ in range(opts['warmup']):
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
-  t0 = time.perf_counter()
-  for _ in range(opts['steps']):
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
-  dt = (time.perf_counter() - t0) / opts['steps']
+  batch = partitioning.global_batch(synthetic_batch(b, t, v), setup.mesh)
+  compile_s, dt, _ = time_steps(setup, batch, opts['steps'], opts['warmup'])
   tok_s = b * t / dt
   fpt = fam.flops_per_token()
   peak = opts['peak_tflops'] or (989.0 if jax.default_backend() == 'gpu' else 0.0)
