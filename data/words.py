@@ -490,6 +490,11 @@ class Splitter(abc.ABC):
   def _cap(self) -> int:
     return self.max_word_bytes
 
+  @property
+  def word_cap(self) -> int:
+    """The most bytes a word can have (0: unbounded)."""
+    return self._cap
+
   def _base_starts(self, buf: np.ndarray, run_start: np.ndarray) -> np.ndarray:
     """Uncapped word starts (bool mask) of the runs of `buf`; default: a cursor per run."""
     out = np.zeros(buf.size, bool)
@@ -529,6 +534,49 @@ class Splitter(abc.ABC):
     """An incremental splitter at the start of a text."""
     return Cursor(self._rule(), self._cap, self.byte_level)
 
+  # -- on-device incremental form (generation inside a jitted loop) ------------------------------
+  device_split = True  # decisions are byte patterns; False: only the host `Cursor` can decide
+
+  def __eq__(self, other):
+    return (type(self) is type(other) and self.name == other.name
+            and self.max_word_bytes == other.max_word_bytes)
+
+  def __hash__(self):
+    return hash((type(self).__name__, self.name, self.max_word_bytes))
+
+  def device_new_start(self, ids_S, t, cur_start, byte_offset: int = 3):
+    """Traceable (JAX) word-start decision once id `t` of `ids_S` has arrived.
+
+    `ids_S`: int32 ids (`ByteEncoder`: ids below `byte_offset` are specials, one-byte words, and
+    the bytes after one are a fresh text) of which `[0, t]` are filled; `cur_start`: the start of
+    the current (last) word. Returns the start of a new word in `(cur_start, t]` decided by id
+    `t`, or -1. A byte-level rule decides at `t` itself; `whitespace` decides when a (multi-byte)
+    whitespace character is complete, so the new word may start up to 2 bytes before `t` (the
+    caller re-decodes those bytes with the new word's context). Matches `starts` on every prefix
+    (tests/test_words.py); the `max_word_bytes` cap is applied as in `_apply_cap`.
+    """
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    if not self.device_split:
+      raise NotImplementedError(f'{self!r} decides word starts on the host only')
+
+    def byte_at(i):  # byte value at i, or -1 for a special / before the text
+      v = jnp.where(i >= 0, ids_S[jnp.maximum(i, 0)], -1)
+      return jnp.where(v >= byte_offset, v - byte_offset, -1)
+
+    x, prev = byte_at(t), byte_at(t - 1)
+    s = jnp.where((x < 0) | (prev < 0), t, self._device_base_start(byte_at, t))
+    s = jnp.where(s > cur_start, s, -1)
+    if self._cap:
+      piece = jnp.where(s >= 0, s, cur_start)
+      need = jnp.asarray(_NEED, jnp.int32)[jnp.clip(x, 0, 255)]
+      s = jnp.where((s < 0) & (t - piece + need > self._cap), t, s)
+    return s.astype(jnp.int32)
+
+  def _device_base_start(self, byte_at, t):
+    """Uncapped rule: a start in [t-3, t] decided at byte t (inside one text), or -1."""
+    del byte_at
+    return -1 + 0 * t
+
   def is_new_word(self, prefix_bytes: bytes, next_char_bytes: bytes) -> bool:
     """Whether `next_char_bytes` (one character) starts a word after `prefix_bytes`.
 
@@ -549,6 +597,23 @@ class WhitespaceSplitter(Splitter):
 
   def _rule(self):
     return _WhitespaceRule()
+
+  def _device_base_start(self, byte_at, t):
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    ascii_ws = jnp.asarray(_ASCII_WS)
+    ws2, ws3 = jnp.asarray(_WS2, jnp.int32), jnp.asarray(_WS3, jnp.int32)
+
+    def ws_len_ending_at(e):  # length of a whitespace character ending at byte e, else 0
+      b0, b1, b2 = byte_at(e - 2), byte_at(e - 1), byte_at(e)
+      one = (b2 >= 0) & ascii_ws[jnp.clip(b2, 0, 255)]
+      two = (b1 >= 0) & (b2 >= 0) & jnp.any(((b1 << 8) | b2) == ws2)
+      three = ((b0 >= 0) & (b1 >= 0) & (b2 >= 0)
+               & jnp.any(((b0 << 16) | (b1 << 8) | b2) == ws3))
+      return jnp.where(one, 1, jnp.where(two, 2, jnp.where(three, 3, 0)))
+
+    k = ws_len_ending_at(t)
+    s = t - k + 1
+    return jnp.where((k > 0) & (ws_len_ending_at(s - 1) == 0), s, -1)
 
   def _base_starts(self, buf, run_start):
     ws_byte = _ASCII_WS[buf]
@@ -575,6 +640,8 @@ class WhitespaceSplitter(Splitter):
 
 
 class UnicodeSplitter(Splitter):
+
+  device_split = False  # a per-character state machine: generation splits on the host
 
   def __init__(self, max_word_bytes: int):
     super().__init__('unicode', max_word_bytes)
@@ -606,6 +673,12 @@ class SpaceByteSplitter(Splitter):
 
   def _rule(self):
     return _SpaceByteRule()
+
+  def _device_base_start(self, byte_at, t):
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    spacelike = jnp.asarray(_SPACELIKE)
+    return jnp.where(spacelike[jnp.clip(byte_at(t), 0, 255)]
+                     & ~spacelike[jnp.clip(byte_at(t - 1), 0, 255)], t, -1)
 
   def _base_starts(self, buf, run_start):
     s = _SPACELIKE[buf]

@@ -20,6 +20,7 @@ Static shapes: T bytes and W words per row; no Python loop over words in the ste
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -28,10 +29,16 @@ import numpy as np
 import ml_collections
 from flax import nnx
 
+from data import words
+from models import token_lm
 from models.layers import Dense, Embed, _normal
 from models.transformer import Transformer
 
 Array = jax.Array
+# ByteEncoder ids: pad 0, bos 1, eos 2, byte b -> b + 3. The vocabulary is padded past these for
+# the head's shape; generation never emits the padding ids (they are not bytes).
+BYTE_OFFSET = 3
+NUM_IDS = 256 + BYTE_OFFSET
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -245,19 +252,145 @@ def _pick(logits_V, temperature: float, top_p: float, rng, allowed: int):
   return int(rng.choice(keep, p=q))
 
 
-def generate(model: HAT, prompt_ids: list[int], split_ids, max_new: int,
+def generate(model: HAT, prompt_ids: list[int], splitter: words.Splitter, max_new: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             stop_id: int | None = None, max_word_bytes: int = 16) -> list[int]:
+             stop_id: int | None = None, max_word_bytes: int = 16,
+             forced: list[int] = ()) -> list[int]:
   """Word-by-word generation with three KV caches (encoder, backbone, decoder).
 
-  `prompt_ids`: ByteEncoder ids starting with bos. `split_ids(ids) -> word start offsets` is the
-  word splitter over ids (specials are words of their own). Each new byte goes through the
-  encoder (cache); the ids are re-split, and by the splitter's causality only the last word can
-  change: when a new word starts, the finished word is pooled and the backbone advances one
-  step, and the decoder re-reads the new word's bytes with the new context (its cache is
-  rewound to the word start: those entries are overwritten). Equals uncached greedy decoding
-  byte for byte (tests/test_hat.py).
+  `prompt_ids`: ByteEncoder ids starting with bos (specials are words of their own);
+  `splitter`: the model's word splitter (its cap <= `max_word_bytes`, the pooling width). Each
+  new byte goes through the encoder (cache); when the splitter says a new word began, the
+  finished word is pooled and the backbone advances one step, and the decoder (re-)reads the new
+  word's bytes with the new context: a word start can be decided up to 2 bytes late (a
+  multi-byte whitespace character), and those decoder cache entries are overwritten. For
+  splitters with a device rule (whitespace, spacebyte, fixed:N) the whole loop -- sampling
+  included -- is one jitted `lax.while_loop` (the prompt prefilled in three batched calls);
+  `unicode` runs the same steps driven from the host. Equals uncached greedy decoding byte for
+  byte (tests/test_hat.py). Returns the new ids, up to and including `stop_id`. `forced`: ids
+  emitted first, through the loop (teacher forcing; device path only), then sampling goes on.
   """
+  if not 0 < splitter.word_cap <= max_word_bytes:
+    raise ValueError(f'{splitter!r}: generation needs a word cap in [1, max_word_bytes='
+                     f'{max_word_bytes}] (every word must fit the pooling width)')
+  if max_new <= 0:
+    return []
+  if len(forced) > max_new:
+    raise ValueError(f'{len(forced)} forced ids exceed max_new={max_new}')
+  if not splitter.device_split:
+    if len(forced):
+      raise NotImplementedError(f'forced ids need a splitter with a device rule, not {splitter!r}')
+    split_ids = functools.partial(host_word_starts, splitter, max_word_bytes)
+    return _generate_host(model, prompt_ids, split_ids, max_new, temperature, top_p, seed,
+                          stop_id, max_word_bytes)
+  prompt = np.asarray(prompt_ids, np.int32)
+  p, size = len(prompt), len(prompt) + max_new
+  starts = host_word_starts(splitter, max_word_bytes, prompt)
+  starts_W = np.zeros(size + 1, np.int32)
+  starts_W[:len(starts)] = starts
+  forced_N = np.full(max_new, -1, np.int32)
+  forced_N[:len(forced)] = forced
+  graphdef, state = nnx.split(model)
+  out, n = _generate_device(
+      graphdef, state, jnp.asarray(prompt[None]), jnp.asarray(forced_N), jnp.asarray(starts_W),
+      jnp.asarray(words.word_ids(starts, p)[None], jnp.int32), jnp.int32(len(starts)),
+      jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p),
+      jnp.int32(-1 if stop_id is None else stop_id), splitter=splitter, lw=max_word_bytes,
+      max_new=max_new)
+  return np.asarray(out)[:int(n)].tolist()
+
+
+def host_word_starts(splitter: words.Splitter, max_word_bytes: int, ids) -> list[int]:
+  """Word start offsets of one sequence of ByteEncoder ids (specials are words of their own)."""
+  ids = np.asarray(ids, np.int32)
+  layout = words.batch_words(ids, np.ones_like(ids), splitter, len(ids) or 1, max_word_bytes)
+  return layout['word_start'][:int(layout['num_words'])].tolist()
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'splitter', 'lw', 'max_new'))
+def _generate_device(graphdef, state, prompt_1xP, forced_N, starts_W, word_ids_1xP, n_words, rng,
+                     temperature, top_p, stop_id, *, splitter, lw, max_new):
+  """The jitted generation loop of `generate` (one row). `starts_W`: the prompt's word starts,
+  `n_words` of them (the last one is the current, unfinished word), zero padded."""
+  model = nnx.merge(graphdef, state)
+  p = prompt_1xP.shape[1]
+  size = p + max_new
+  ones = lambda n: jnp.ones((1, n), jnp.int32)
+  at = lambda i: jnp.reshape(i, (1, 1)).astype(jnp.int32)
+  slots_L = jnp.arange(lw, dtype=jnp.int32)
+
+  def word_gather(a, b):  # [..., Lw] byte positions of the word [a, b), -1 padded
+    return jnp.where(slots_L < (b - a)[..., None], a[..., None] + slots_L, -1)
+
+  # prefill: encoder over the prompt, backbone over its complete words, decoder over its bytes
+  enc_c = model.encoder.init_cache(1, size)
+  bb_c = model.backbone.init_cache(1, size)
+  dec_c = model.decoder.init_cache(1, size)
+  h_1xPxD, enc_c = model.encode(prompt_1xP, jnp.arange(p)[None], ones(p), enc_c, 0)
+  h_1xSxD = jnp.zeros((1, size, h_1xPxD.shape[-1]), h_1xPxD.dtype).at[:, :p].set(h_1xPxD)
+  complete_P = jnp.arange(p) < n_words - 1  # slots past them hold garbage, overwritten later
+  gather_1xPxL = jnp.where(complete_P[:, None], word_gather(starts_W[:p], starts_W[1:p + 1]),
+                           -1)[None]
+  out_1xPxD, bb_c = model.backbone(model.pool(h_1xSxD, gather_1xPxL), jnp.arange(p)[None],
+                                   ones(p), bb_c, 0)
+  first_D = model.first_word[...].astype(out_1xPxD.dtype)
+  ctx_WxD = jnp.zeros((size + 1, first_D.shape[0]), out_1xPxD.dtype)
+  ctx_WxD = ctx_WxD.at[0].set(first_D).at[1:p + 1].set(out_1xPxD[0])  # ctx[j]: out of word j-1
+  logits_1xPxV, dec_c = model.decode(h_1xPxD, jnp.arange(p)[None], ones(p), ctx_WxD[None],
+                                     word_ids_1xP, dec_c, 0)
+
+  def cond(c):
+    i, done = c[0], c[-1]
+    return (i < max_new) & ~done
+
+  def body(c):
+    i, ids_S, h_1xSxD, ctx_WxD, starts_W, n, enc_c, bb_c, dec_c, logits_V, rng, out_N, _ = c
+    t = p + i
+    rng, key = jax.random.split(rng)
+    logits_V = jnp.where(jnp.arange(logits_V.shape[0]) < NUM_IDS, logits_V, -jnp.inf)
+    x = token_lm._sample(logits_V[None], temperature, top_p, key)[0]  # pylint: disable=protected-access
+    x = jnp.where(forced_N[i] >= 0, forced_N[i], x)
+    ids_S = ids_S.at[t].set(x)
+    h_1x1xD, enc_c = model.encode(at(x), at(t), ones(1), enc_c, t)
+    h_1xSxD = jax.lax.dynamic_update_slice(h_1xSxD, h_1x1xD, (0, t, 0))
+    s = splitter.device_new_start(ids_S, t, starts_W[n - 1], BYTE_OFFSET)
+
+    def finish_word(args):  # the word [starts[n-1], s) is complete: one backbone step
+      ctx_WxD, starts_W, n, bb_c = args
+      gather_1x1xL = word_gather(starts_W[n - 1], s)[None, None]
+      out_1x1xD, bb_c = model.backbone(model.pool(h_1xSxD, gather_1x1xL), at(n - 1), ones(1),
+                                       bb_c, n - 1)
+      return ctx_WxD.at[n].set(out_1x1xD[0, 0]), starts_W.at[n].set(s), n + 1, bb_c
+
+    ctx_WxD, starts_W, n, bb_c = jax.lax.cond(s >= 0, finish_word, lambda a: a,
+                                              (ctx_WxD, starts_W, n, bb_c))
+    ctx_1x1xD = ctx_WxD[n - 1][None, None]
+
+    def decode_at(q, c):  # bytes [rerun, t] all lie in the current word
+      dec_c, _ = c
+      h_q = jax.lax.dynamic_slice_in_dim(h_1xSxD, q, 1, axis=1)
+      logits_1x1xV, dec_c = model.decode(h_q, at(q), ones(1), ctx_1x1xD,
+                                         jnp.zeros((1, 1), jnp.int32), dec_c, q)
+      return dec_c, logits_1x1xV[0, 0]
+
+    dec_c, logits_V = jax.lax.fori_loop(jnp.where(s >= 0, s, t), t + 1, decode_at,
+                                        (dec_c, logits_V))
+    return (i + 1, ids_S, h_1xSxD, ctx_WxD, starts_W, n, enc_c, bb_c, dec_c, logits_V, rng,
+            out_N.at[i].set(x), x == stop_id)
+
+  ids_S = jnp.zeros(size, jnp.int32).at[:p].set(prompt_1xP[0])
+  carry = (jnp.int32(0), ids_S, h_1xSxD, ctx_WxD, starts_W, n_words, enc_c, bb_c, dec_c,
+           logits_1xPxV[0, -1], rng, jnp.zeros(max_new, jnp.int32), jnp.bool_(False))
+  carry = jax.lax.while_loop(cond, body, carry)
+  return carry[-2], carry[0]
+
+
+def _generate_host(model: HAT, prompt_ids: list[int], split_ids, max_new: int,
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                   stop_id: int | None = None, max_word_bytes: int = 16) -> list[int]:
+  """Host-driven form of `generate` for splitters that only decide on the host (`unicode`):
+  one jitted call per byte and piece, the ids re-split in Python after every byte (by the
+  splitter's causality only the last word can change; completed words are checked)."""
   ids = list(prompt_ids)
   max_len = len(ids) + max_new
   s = _Steps(model, max_len, max_word_bytes)
@@ -305,7 +438,7 @@ def generate(model: HAT, prompt_ids: list[int], split_ids, max_new: int,
   advance(starts)
   run_decoder(0)
   for _ in range(max_new):
-    x = _pick(logits, temperature, top_p, rng, model.vocab_size)
+    x = _pick(logits, temperature, top_p, rng, NUM_IDS)
     t = len(ids)
     ids.append(x)
     h, s.enc_cache = s.enc_step(s.state, jnp.full((1, 1), x, jnp.int32), t, s.enc_cache)
@@ -325,16 +458,17 @@ def _check_prefix(done: list[int], starts: list[int]):
                        f'changed to {starts[:len(done)][-5:]}')
 
 
-def generate_uncached(model: HAT, prompt_ids: list[int], split_ids, max_new: int,
+def generate_uncached(model: HAT, prompt_ids: list[int], splitter: words.Splitter, max_new: int,
                       max_word_bytes: int = 16) -> list[int]:
   """Greedy reference: a full forward over the whole sequence for every new byte (padded to
   one static shape, so it compiles once)."""
+  split_ids = functools.partial(host_word_starts, splitter, max_word_bytes)
   ids = list(prompt_ids)
   size = len(ids) + max_new
   fwd = nnx.jit(lambda m, b, t: m(b)[0, t])
   for _ in range(max_new):
     batch = single_row_batch(ids, split_ids(ids), max_word_bytes, size)
-    ids.append(int(jnp.argmax(fwd(model, batch, len(ids) - 1)[:model.vocab_size])))
+    ids.append(int(jnp.argmax(fwd(model, batch, len(ids) - 1)[:NUM_IDS])))
   return ids[len(prompt_ids):]
 
 

@@ -101,14 +101,37 @@ def test_documents_do_not_see_each_other(model):
 @pytest.mark.parametrize('spec', ['whitespace', 'fixed:4', 'unicode'])
 def test_cached_generation_equals_uncached(spec):
   model = hat.HAT(tiny_cfg(init_std=0.3), ENC.vocab_size, rngs=nnx.Rngs(3))
-  fields = hat_data.WordFields(words.get_splitter(spec, 8), 64, 8)
-  split_ids = fields.word_starts
+  splitter = words.get_splitter(spec, 8)
+  split_ids = hat_data.WordFields(splitter, 64, 8).word_starts
   prompt = [ENC.bos_id] + list(ENC.encode('def f(x): return x + '))
-  cached = hat.generate(model, prompt, split_ids, 24, max_word_bytes=8)
-  uncached = hat.generate_uncached(model, prompt, split_ids, 24, max_word_bytes=8)
+  cached = hat.generate(model, prompt, splitter, 24, max_word_bytes=8)
+  uncached = hat.generate_uncached(model, prompt, splitter, 24, max_word_bytes=8)
   assert cached == uncached
   # the generation crossed word boundaries, so the backbone cache was exercised
   assert len(split_ids(prompt + cached)) > len(split_ids(prompt)) + 2
+
+
+@pytest.mark.parametrize('spec', ['whitespace', 'spacebyte'])
+def test_cached_generation_through_late_word_starts(spec):
+  """Bytes forced through the device loop: multi-byte whitespace (U+3000, U+00A0, U+2003)
+  starts a word 1-2 bytes after its first byte arrived, so the decoder re-reads those bytes;
+  a 9-byte word hits the cap (8); specials in the middle. The greedy continuation after the
+  forced bytes must equal the uncached one and the one from prefilling them as a prompt. Two
+  decoder layers: only then do the re-read bytes' cached keys depend on the word context."""
+  m = tiny_cfg(init_std=0.3)
+  m.dec_layers = 2
+  model = hat.HAT(m, ENC.vocab_size, rngs=nnx.Rngs(5))
+  splitter = words.get_splitter(spec, 8)
+  prompt = [ENC.bos_id] + list(ENC.encode('ab'))
+  forced = list(ENC.encode('c\u3000d\u00a0e  f\u2003abcdefghi é')) + [ENC.eos_id, ENC.bos_id]
+  forced += list(ENC.encode('g\u3000'))
+  n_free = 12
+  looped = hat.generate(model, prompt, splitter, len(forced) + n_free, max_word_bytes=8,
+                        forced=forced)
+  assert looped[:len(forced)] == forced
+  prefilled = hat.generate(model, prompt + forced, splitter, n_free, max_word_bytes=8)
+  uncached = hat.generate_uncached(model, prompt + forced, splitter, n_free, max_word_bytes=8)
+  assert looped[len(forced):] == prefilled == uncached
 
 
 def test_loss_and_grads_finite(model):

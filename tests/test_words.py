@@ -395,3 +395,50 @@ def test_cap_long_words_vectorized_matches_cursor(spec, cap, text, cut):
   starts = _all_starts(sp, data)
   cap = sp._cap  # pylint: disable=protected-access
   assert all(b - a <= cap for a, b in zip(starts, starts[1:] + [len(data)]))
+
+
+@pytest.mark.parametrize('spec,cap', [('whitespace', 6), ('whitespace', 16), ('spacebyte', 5),
+                                      ('fixed:5', 8)])
+def test_device_new_start_matches_host_starts(spec, cap):
+  """The traceable incremental rule used by on-device HAT generation gives, byte by byte, the
+  word starts the host splitter gives for the whole sequence (ByteEncoder ids with bos/eos/pad
+  specials, multi-byte and broken UTF-8, whitespace of every width)."""
+  import jax
+  import jax.numpy as jnp
+  sp = words.get_splitter(spec, cap)
+  n, rows = 80, 48
+  rng = np.random.default_rng(0)
+  pieces = [c.encode('utf-8', 'surrogateescape') for c in
+            list('ab Z9 .,\t\n') + ['  ', '\u00a0', '\x85', '\u3000', '\u2003', '\u2028', '中',
+                                    'é', '👍', '\u0301', '\udce2', '\udc80', '\udcc2']]
+  seqs = np.zeros((rows, n), np.int32)
+  for r in range(rows):
+    ids = [1]
+    while len(ids) < n:
+      if rng.random() < 0.04:
+        ids.append(int(rng.integers(0, 3)))  # a special: pad / bos / eos
+      else:
+        ids.extend(b + 3 for b in pieces[rng.integers(len(pieces))])
+    seqs[r] = ids[:n]
+
+  def scan_row(ids_S):
+    def step(cur, t):
+      s = sp.device_new_start(ids_S, t, cur)
+      return jnp.where(s >= 0, s, cur), s
+    _, new = jax.lax.scan(step, jnp.int32(0), jnp.arange(1, n))
+    return new
+
+  got = np.asarray(jax.jit(jax.vmap(scan_row))(jnp.asarray(seqs)))
+
+  def host_starts(ids):
+    lay = words.batch_words(ids, np.ones(len(ids)), sp, len(ids), 16)
+    return lay['word_start'][:int(lay['num_words'])].tolist()
+
+  for r in range(rows):
+    # the host's last word start of each prefix [0, k] is what byte k decided
+    expect = [host_starts(seqs[r, :k + 1])[-1] for k in range(n)]
+    dev = [0]
+    for s in got[r]:
+      dev.append(int(s) if s >= 0 else dev[-1])
+    assert dev == expect, (spec, cap, seqs[r].tolist())
+    assert sorted(set(dev)) == host_starts(seqs[r])

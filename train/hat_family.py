@@ -43,7 +43,7 @@ class HATFamily:
 
   def sample(self, model, cfg_sample) -> list[str]:
     prompt = [self.encoder.bos_id] + list(self.encoder.encode(cfg_sample.prompt))
-    out = hat.generate(model, prompt, self.fields.word_starts, cfg_sample.max_new_tokens,
+    out = hat.generate(model, prompt, self.splitter, cfg_sample.max_new_tokens,
                        cfg_sample.temperature, cfg_sample.top_p, cfg_sample.seed,
                        stop_id=self.encoder.eos_id, max_word_bytes=self.cfg.data.max_word_bytes)
     out = np.asarray(out)
