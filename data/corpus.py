@@ -22,8 +22,10 @@ the prepared dataset as `notoklm_stats.json` and reloaded from the cache):
 * missing path -> `FileNotFoundError` naming it; unsupported suffix -> `ValueError`.
 * `.txt`: the unit of rejection is the line. Lines that are not valid UTF-8
   (`skipped_invalid_utf8`) and lines containing NUL (`skipped_nul`) are dropped; whitespace-only
-  documents are dropped (`skipped_empty`). Files are streamed line by line, so memory is bounded
-  by the longest line plus `max_doc_chars`.
+  documents are dropped (`skipped_empty`). Files are streamed: a line longer than 1 MiB is read
+  in pieces of about 1 MiB (cut at UTF-8 character boundaries; such a line is dropped from its
+  first bad piece on), and a document longer than `max_doc_chars` is passed on in parts, so memory stays
+  bounded by about 1 MiB plus `max_doc_chars` whatever the file (benchmarks/data_memory.py).
 * `.jsonl`: the unit is the record. Lines that are not UTF-8 (`skipped_invalid_utf8`), not JSON
   objects (`skipped_bad_json`), without the field (`skipped_missing_field`), with a non-string
   field (`skipped_not_string`), whose text contains NUL (`skipped_nul`) or is whitespace-only
@@ -45,6 +47,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import importlib
 import json
 import logging
@@ -301,40 +304,107 @@ def local_text_config(paths, txt_split='paragraph', text_key='text',
                          txt_split=txt_split, text_key=text_key, max_doc_chars=max_doc_chars)
 
 
+_PIECE_BYTES = 1 << 20  # longer lines are read in pieces of at most this many bytes
+
+
 def _read_lines(path: str) -> Iterator[bytes]:
   with open(path, 'rb') as f:
     yield from f
 
 
-def _txt_documents(path: str, mode: str, stats: collections.Counter) -> Iterator[str]:
-  """Streams the documents of a .txt file, dropping bad lines (see module doc)."""
+def _utf8_cut(raw: bytes) -> int:
+  """Length of the longest prefix of `raw` that does not end inside a UTF-8 character."""
+  for k in range(1, min(4, len(raw)) + 1):
+    b = raw[-k]
+    if b & 0xC0 != 0x80:  # the last lead (or ASCII) byte
+      need = 1 if b < 0xC0 else 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+      return len(raw) - k if k < need else len(raw)
+  return len(raw)
+
+
+def _read_pieces(path: str, size: int = _PIECE_BYTES) -> Iterator[tuple[bytes, bool]]:
+  """(bytes, ends_a_line) pieces of a file: whole lines, except that a line longer than `size`
+  bytes comes in pieces of at most about `size` bytes, never cut inside a UTF-8 character."""
+  carry = b''
+  with open(path, 'rb') as f:
+    while True:
+      raw = f.readline(size)
+      if not raw:
+        if carry:
+          yield carry, True
+        return
+      raw, carry = carry + raw, b''
+      if raw.endswith(b'\n'):
+        yield raw, True
+        continue
+      cut = _utf8_cut(raw)
+      raw, carry = raw[:cut], raw[cut:]
+      if raw:
+        yield raw, False
+
+
+def _txt_documents(path: str, mode: str, stats: collections.Counter,
+                   max_chars: int = 0) -> Iterator[tuple[int, str]]:
+  """Streams (document index, text) of a .txt file, dropping bad lines (see module doc).
+
+  A document longer than `max_chars` (> 0) comes as several consecutive parts with the same
+  index, each part but the last a multiple of `max_chars` characters long, so cutting every
+  part into `max_chars` pieces gives the pieces of the whole document while memory stays
+  bounded by `max_chars` plus one line piece."""
   buf: list[str] = []
+  held = 0  # characters in buf
+  doc = 0
+  at_line_start = True
+
+  def take_full_parts():  # the leading multiple of max_chars characters of buf
+    nonlocal held
+    text = ''.join(buf)
+    k = len(text) - len(text) % max_chars
+    buf[:] = [text[k:]] if k < len(text) else []
+    held = len(text) - k
+    return text[:k]
 
   def flush():
+    nonlocal held
     text = ''.join(buf)
     buf.clear()
+    held = 0
     if mode == 'paragraph':
       text = text.rstrip('\r\n')
     return text
 
-  for raw in _read_lines(path):
+  dropping = False  # the rest of a line (read in pieces) with a bad piece is dropped too
+  for raw, ends in _read_pieces(path, _PIECE_BYTES):
+    line_start, at_line_start = at_line_start, ends
+    if dropping:
+      dropping = not ends
+      continue
     try:
       line = raw.decode('utf-8')
     except UnicodeDecodeError:
       stats['skipped_invalid_utf8'] += 1
+      dropping = not ends
       continue
     if '\x00' in line:
       stats['skipped_nul'] += 1
+      dropping = not ends
       continue
-    if mode == 'line':
-      yield line.rstrip('\r\n')
-    elif mode == 'paragraph' and not line.strip():
+    if mode == 'paragraph' and line_start and ends and not line.strip():
       if buf:
-        yield flush()
-    else:
-      buf.append(line)
+        yield doc, flush()
+        doc += 1
+      continue
+    buf.append(line)
+    held += len(line)
+    if mode == 'line' and ends:
+      yield doc, ''.join(buf).rstrip('\r\n')
+      buf.clear()
+      held = 0
+      doc += 1
+    elif 0 < max_chars <= held:
+      yield doc, take_full_parts()
   if buf or mode == 'file':
-    yield flush()
+    yield doc, flush()
 
 
 def _jsonl_documents(path: str, key: str, stats: collections.Counter) -> Iterator[str]:
@@ -375,19 +445,29 @@ def _local_documents(cfg: LocalTextConfig, stats: collections.Counter):
   for path in cfg.paths:
     stats['files'] += 1
     if path.endswith('.jsonl'):
-      docs = _jsonl_documents(path, cfg.text_key, stats)
+      docs = enumerate(_jsonl_documents(path, cfg.text_key, stats))
     else:
-      docs = _txt_documents(path, cfg.txt_split, stats)
+      docs = _txt_documents(path, cfg.txt_split, stats, cfg.max_doc_chars)
     n = 0
-    for i, text in enumerate(docs):
-      if not text.strip():
+    for i, parts in itertools.groupby(docs, key=lambda x: x[0]):
+      j = 0
+      n_pieces = 0
+      for _, text in parts:  # one part, unless the document is longer than max_doc_chars
+        if not text.strip():
+          continue
+        for piece in _cut(text, cfg.max_doc_chars, collections.Counter()):
+          if not piece.strip():
+            continue
+          n += 1
+          n_pieces += 1
+          stats['documents'] += 1
+          yield f'{path}:{i}', f'{path}:{i}:{j}', f'{os.path.basename(path)}:{i}:{j}', piece
+          j += 1
+      if n_pieces == 0:
         stats['skipped_empty'] += 1
-        continue
-      pieces = _cut(text, cfg.max_doc_chars, stats)
-      for j, piece in enumerate(pieces):
-        n += 1
-        stats['documents'] += 1
-        yield f'{path}:{i}', f'{path}:{i}:{j}', f'{os.path.basename(path)}:{i}:{j}', piece
+      elif n_pieces > 1:
+        stats['docs_cut'] += 1
+        stats['pieces_from_cuts'] += n_pieces - 1
     if n == 0:
       empty_files.append(path)
       stats['files_without_documents'] += 1
@@ -458,6 +538,42 @@ def _quiet(make_builder):
   return make
 
 
+_SHUFFLE_MEM_BYTES = 128 << 20  # examples TFDS's writer holds in memory before spilling
+
+
+class _LocalGfile:
+  """The three `tf.io.gfile` calls TFDS's shuffler makes, on the local file system."""
+
+  class io:  # pylint: disable=invalid-name
+    class gfile:  # pylint: disable=invalid-name
+      GFile = staticmethod(open)
+      exists = staticmethod(os.path.exists)
+      remove = staticmethod(os.remove)
+
+  class errors:  # pylint: disable=invalid-name
+    class ResourceExhaustedError(OSError):
+      message = ''
+
+
+@contextlib.contextmanager
+def _bounded_tfds_writer():
+  """TFDS's example writer keeps every example in memory up to 1 GB, then spills them into
+  temporary bucket files through TensorFlow's gfile -- which is not installed here, so a
+  dataset over 1 GB would fail. While preparing: spill past `_SHUFFLE_MEM_BYTES`, with plain
+  local file I/O when TensorFlow is absent (pinned tensorflow-datasets version)."""
+  from tensorflow_datasets.core import shuffle  # pylint: disable=import-outside-toplevel
+  saved = shuffle.MAX_MEM_BUFFER_SIZE, shuffle.tf
+  shuffle.MAX_MEM_BUFFER_SIZE = min(saved[0], _SHUFFLE_MEM_BYTES)
+  try:
+    import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    shuffle.tf = _LocalGfile
+  try:
+    yield
+  finally:
+    shuffle.MAX_MEM_BUFFER_SIZE, shuffle.tf = saved
+
+
 def prepare(make_builder, data_dir: str):
   """Prepares a builder once across processes; returns a fresh builder reading from disk."""
   make_builder = _quiet(make_builder)
@@ -471,7 +587,8 @@ def prepare(make_builder, data_dir: str):
     builder = make_builder()
     if not _is_prepared(builder):
       tfds.disable_progress_bar()
-      builder.download_and_prepare(file_format='array_record')
+      with _bounded_tfds_writer():
+        builder.download_and_prepare(file_format='array_record')
       if ours:
         _write_stats(os.path.join(os.fspath(builder.data_dir), _STATS_FILE),
                      dict(builder.notoklm_stats))

@@ -148,7 +148,17 @@ class BPEEncoder(Encoder):
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
       raise FileNotFoundError(f'tokenizer file not found: {path}')
-    return cls(tokenizers.Tokenizer.from_file(path), name or f'tokenizer:{path}')
+    try:
+      tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # pylint: disable=broad-except  (tokenizers raises plain Exception)
+      raise ValueError(f'{path} is not a readable tokenizer.json: {e}') from e
+    enc = cls(tok, name or f'tokenizer:{path}')
+    n_real = enc.true_vocab_size - len(enc._special)  # pylint: disable=protected-access
+    probe = 'Hello, world! 123'
+    if n_real <= 0 or not len(enc.encode(probe)):
+      raise ValueError(f'{path}: the tokenizer has {n_real} tokens besides its specials and encodes '
+                       f'{probe!r} to {enc.encode(probe).tolist()}: nothing to train or evaluate on')
+    return enc
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)

@@ -1,4 +1,5 @@
 """Tests of data/: corpora and bad inputs, encoders, packing, train/eval iterators."""
+import collections
 import json
 import os
 import subprocess
@@ -156,6 +157,69 @@ def test_huge_line_is_cut(tmp_path):
   assert len(pieces) == 10 and all(len(p) == 1_000_000 for p in pieces)
   s = corpus.get_source(cfg, 'train')
   assert s.stats['docs_cut'] == 1 and s.stats['pieces_from_cuts'] == 9
+
+
+@pytest.mark.parametrize('mode', ['paragraph', 'line', 'file'])
+def test_streaming_parts_equal_whole_documents(tmp_path, monkeypatch, mode):
+  """Lines read in 7-byte pieces (multi-byte characters never split) and documents passed on in
+  parts give exactly the pieces of cutting each whole document; bad lines are still dropped."""
+  text = ('één lange regel met ü, 中文 und 👍 ' * 5 + '\n' + 'second line\n\n\n' +
+          'x' * 23 + '\nshort\n\n' + '  \n\n' + 'tail 👍👍👍 é' * 4)
+  path = tmp_path / 'doc.txt'
+  path.write_bytes(text.encode() + b'\nbad \xff line\nnul \x00 line\n')
+  pieces = [(raw, ends) for raw, ends in corpus._read_pieces(str(path), 7)]
+  assert b''.join(r for r, _ in pieces) == path.read_bytes()
+  assert all(len(r) <= 10 for r, _ in pieces)
+  assert all(r.decode('utf-8', 'strict') for r, _ in pieces if b'\xff' not in r)
+
+  def docs(piece_bytes):
+    monkeypatch.setattr(corpus, '_PIECE_BYTES', piece_bytes)
+    stats = collections.Counter()
+    cfg = corpus.local_text_config([str(path)], mode, 'text', 11)
+    return [d[3] for d in corpus._local_documents(cfg, stats)], stats
+
+  streamed, s1 = docs(7)
+  whole, s2 = docs(1 << 20)
+  assert whole == streamed and len(whole) > 6
+  assert all(len(p) <= 11 for p in whole)
+  assert s1['docs_cut'] == s2['docs_cut'] > 0 and s2['skipped_nul'] == 1
+  assert s1['skipped_invalid_utf8'] == s2['skipped_invalid_utf8'] == 1
+
+
+def test_bad_tokenizer_files_are_named(tmp_path):
+  from tokenizers import Tokenizer, models
+  empty = tmp_path / 'empty.json'
+  empty.write_text('')
+  garbage = tmp_path / 'garbage.json'
+  garbage.write_text('{"version": "1.0", "model": ')
+  no_tokens = tmp_path / 'no_tokens.json'
+  no_tokens.write_text(Tokenizer(models.BPE()).to_str())
+  for path in (empty, garbage):
+    with pytest.raises(ValueError, match=f'{path}.*not a readable tokenizer'):
+      encoders.BPEEncoder.load(str(path))
+  with pytest.raises(ValueError, match=f'{no_tokens}: the tokenizer has 0 tokens'):
+    encoders.BPEEncoder.load(str(no_tokens))
+  with pytest.raises(FileNotFoundError, match='nope.json'):
+    encoders.BPEEncoder.load(str(tmp_path / 'nope.json'))
+
+
+def test_preparation_spills_to_disk_without_tensorflow(tmp_path, monkeypatch):
+  """Past the writer's memory budget TFDS spills examples to bucket files (through a local
+  gfile when TensorFlow is absent): same documents as an all-in-memory preparation."""
+  path = _write(tmp_path / 'many.txt', '\n\n'.join(f'document {i} ' + 'word ' * (i % 40)
+                                                    for i in range(300)))
+  cfg = data_cfg(tmp_path / 'mem', source=f'text:{path}')
+  in_memory = sorted(list(corpus.get_source(cfg, 'train')) +
+                     list(corpus.get_source(cfg, 'validation')))
+  monkeypatch.setattr(corpus, '_SHUFFLE_MEM_BYTES', 2000)
+  opened = []
+  monkeypatch.setattr(corpus._LocalGfile.io.gfile, 'GFile',
+                      staticmethod(lambda p, mode='r': opened.append(p) or open(p, mode)))
+  cfg = data_cfg(tmp_path / 'spill', source=f'text:{path}')
+  spilled = sorted(list(corpus.get_source(cfg, 'train')) +
+                   list(corpus.get_source(cfg, 'validation')))
+  assert spilled == in_memory and len(spilled) == 300
+  assert len(opened) > 10  # bucket files were written and read back
 
 
 def test_concurrent_prepare(tmp_path):

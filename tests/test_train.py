@@ -110,6 +110,10 @@ def test_8_devices_match_1_device(data_dir, tmp_path):
   a, b = curve(one), curve(eight)
   assert abs(a[20] - b[20]) < 1e-4, (a[20], b[20])
   assert abs(last_eval_bpb(one) - last_eval_bpb(eight)) < 1e-4
+  # the checkpoint written on 8 devices (fsdp-sharded) restores for eval on 1
+  run_launch(data_dir, *args, f'--workdir={eight}', '--mode=eval')
+  ev = json.load(open(os.path.join(eight, 'eval_step20.json')))
+  assert abs(ev['bpb'] - last_eval_bpb(eight)) < 1e-5
 
 
 def _free_port():

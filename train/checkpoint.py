@@ -19,6 +19,59 @@ log = logging.getLogger(__name__)
 _STATE_BYTES = 4096  # fixed-size buffer for one host's JSON iterator state
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint problem the user must act on (wrong config, nothing readable, failed save);
+  launch.py prints it without a traceback."""
+
+
+def _short(msg: str, n: int = 240) -> str:
+  """Head and tail of a long error (the OS reason, e.g. 'No space left', is often at the end)."""
+  return msg if len(msg) <= 2 * n else f'{msg[:n]} ... {msg[-n:]}'
+
+
+def _key_str(entry) -> str:
+  for attr in ('key', 'idx', 'name'):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def stored_shapes(step_dir: str) -> dict[str, tuple[int, ...]] | None:
+  """'params/layers/0/attn/q' -> global shape of every array in a checkpoint's train state, from
+  orbax's metadata (None when it cannot be read: the restore itself then decides)."""
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  try:
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / 'state')
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {'/'.join(_key_str(k) for k in path): tuple(leaf.shape)
+            for path, leaf in leaves if hasattr(leaf, 'shape')}
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def check_matches(step_dir: str, abstract_state) -> None:
+  """Raises CheckpointError naming the first parameters whose shape (or presence) differs
+  between the checkpoint and the model this config builds."""
+  stored = stored_shapes(step_dir)
+  if stored is None:
+    return  # unreadable metadata: the restore itself decides (and falls back)
+  want = {'/'.join(_key_str(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  problems = []
+  for k in sorted(set(want) | set(stored), key=lambda k: (not k.startswith('params/'), k)):
+    if k not in stored:
+      problems.append(f'{k}: in the model {want[k]} but not in the checkpoint')
+    elif k not in want:
+      problems.append(f'{k}: in the checkpoint {stored[k]} but not in the model')
+    elif want[k] != stored[k]:
+      problems.append(f'{k}: checkpoint shape {stored[k]} != model shape {want[k]}')
+  if problems:
+    more = f'\n  ... and {len(problems) - 8} more' if len(problems) > 8 else ''
+    raise CheckpointError(
+        f'checkpoint {step_dir} does not match the model of this config (was it written with '
+        f'different model settings?):\n  ' + '\n  '.join(problems[:8]) + more)
+
+
 def _gather_data_states(state: dict) -> list[dict]:
   """Every host's iterator state, gathered so the primary host can save them all."""
   raw = json.dumps(state).encode()
@@ -32,12 +85,23 @@ def _gather_data_states(state: dict) -> list[dict]:
   return [json.loads(bytes(row).rstrip(b'\0').decode()) for row in every]
 
 
+def complete_steps(directory: str) -> list[int]:
+  """Steps whose checkpoint directory was finalized (read from the disk: an unfinished write is
+  a '<step>.orbax-checkpoint-tmp' directory until its final rename)."""
+  try:
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  except OSError:
+    return []
+
+
 class Checkpointer:
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
     self.directory = os.path.abspath(directory)
     opts = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
+        read_only=read_only)
     self.manager = ocp.CheckpointManager(
         self.directory, options=opts, item_names=('state', 'data', 'config'))
 
@@ -47,13 +111,28 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def complete_steps(self) -> list[int]:
+    return complete_steps(self.directory)
+
+  def _failed(self, what: str, e: Exception) -> CheckpointError:
+    done = self.complete_steps()
+    kept = (f'the last complete checkpoint, step {done[-1]}, is intact' if done
+            else 'no complete checkpoint exists yet')
+    return CheckpointError(
+        f'{what} failed in {self.directory}: {type(e).__name__}: {_short(str(e))}\n'
+        f'{kept} (an unfinished write is never listed). Free disk space (or fix the error) and '
+        f'rerun the same command to resume.')
+
   def save(self, step: int, state, data_state: dict | None, config: dict, force=False) -> bool:
     states = _gather_data_states(data_state or {})
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave({'hosts': states}),
         config=ocp.args.JsonSave(config))
-    return self.manager.save(step, args=args, force=force)
+    try:  # also raises a previous async save's error
+      return self.manager.save(step, args=args, force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(f'saving the checkpoint of step {step}', e) from e
 
   def restore(self, abstract_state, step: int | None = None, fallback: bool = True):
     """-> (step, state, this host's data state or None). Falls back to older steps on failure."""
@@ -67,6 +146,7 @@ class Checkpointer:
       candidates = [step]
     else:
       candidates = steps[::-1] if fallback else steps[-1:]
+    check_matches(os.path.join(self.directory, str(candidates[0])), abstract_state)
     errors = []
     for s in candidates:
       try:
@@ -87,13 +167,16 @@ class Checkpointer:
                     'iterators restart from the beginning of the epoch', len(hosts),
                     jax.process_count())
       return s, out.state, data_state
-    raise RuntimeError(f'no readable checkpoint in {self.directory}:\n' + '\n'.join(errors))
+    raise CheckpointError(f'no readable checkpoint in {self.directory}:\n' + '\n'.join(errors))
 
   def wait(self):
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed('writing a checkpoint', e) from e
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 

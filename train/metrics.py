@@ -50,7 +50,7 @@ class Writer:
     if jsonl:
       f = self._jsonl.get(jsonl)
       if f is None:
-        f = self._jsonl[jsonl] = open(os.path.join(self.workdir, jsonl), 'a')
+        f = self._jsonl[jsonl] = open(os.path.join(self.workdir, jsonl), 'a', buffering=1)
       f.write(json.dumps({'step': step, **values}) + '\n')
 
   def text(self, step: int, tag: str, text: str):

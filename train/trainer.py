@@ -106,6 +106,15 @@ class Setup:
     base_rng = jax.random.fold_in(jax.random.key(cfg.seed), 1)
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
     skip_nonfinite = True  # a non-finite update is never applied; the policy decides what next
+    if cfg.train.nan_policy not in ('stop', 'skip'):
+      raise config_lib.ConfigError(f"train.nan_policy={cfg.train.nan_policy!r}: expected 'stop' "
+                                   "or 'skip'")
+    try:
+      fault_steps = [int(x) for x in str(cfg.train.fault_nonfinite_steps).split(',') if x.strip()]
+    except ValueError as e:
+      raise config_lib.ConfigError(f'train.fault_nonfinite_steps='
+                                   f'{cfg.train.fault_nonfinite_steps!r}: expected comma-separated '
+                                   f'step numbers') from e
     batch_spec = partitioning.BATCH_AXES
 
     def step_fn(state, batch):
@@ -129,6 +138,10 @@ class Setup:
         zeros = (zeros[0][0], zeros[0][1], zeros[1])
         (loss, sums, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
         loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+      if fault_steps:  # injected fault (tests): this step's loss and gradients become NaN
+        bad = jnp.isin(state['step'] + 1, jnp.asarray(fault_steps, jnp.int32))
+        loss = jnp.where(bad, jnp.nan, loss)
+        grads = jax.tree.map(lambda g: jnp.where(bad, jnp.nan, g), grads)
       grad_norm = optax.global_norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       updates, opt_state = tx.update(grads, state['opt_state'], params)
@@ -285,6 +298,7 @@ def train(cfg, workdir: str) -> dict:
       flush(pending)
   finally:
     stop.restore()
+    writer.flush()
     checkpointer.wait()
   train_time = time.perf_counter() - t_start
 
