@@ -6,9 +6,14 @@
 Modes: train (default; resumes if the workdir has a checkpoint), eval (restore the latest or
 --step checkpoint onto this process's devices and write validation bits per byte to
 eval_step{N}.json), sample (generate from config.sample.prompt), sweep (run every point of the
-config file's get_sweep(config) in its own sub-workdir and summarize).
-Multi-host: pass --coordinator=HOST:PORT --num_processes=N --process_id=I (or set
-NOTOKLM_COORDINATOR / NOTOKLM_NUM_PROCESSES / NOTOKLM_PROCESS_ID) and jax.distributed starts.
+config file's get_sweep(config) in its own sub-workdir and summarize; with --sweep_jobs=print or
+slurm, write one independent job per point instead), sweep_summary (gather the points' finished
+runs), evaluator (follow the workdir and evaluate every new checkpoint once), launch (write the
+per-host command for a TPU pod, --launcher=tpu, or an sbatch script, --launcher=slurm, for this
+same config and workdir; --submit runs it).
+Multi-host: on a SLURM step or a TPU pod slice jax.distributed starts from the environment;
+elsewhere pass --coordinator=HOST:PORT --num_processes=N --process_id=I (or set
+NOTOKLM_COORDINATOR / NOTOKLM_NUM_PROCESSES / NOTOKLM_PROCESS_ID). See train/launching.py.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import logging
 import os
 import sys
 
-MODES = ('train', 'eval', 'sample', 'sweep')
+MODES = ('train', 'eval', 'sample', 'sweep', 'sweep_summary', 'evaluator', 'launch')
 
 
 def parse(argv):
@@ -35,6 +40,22 @@ def parse(argv):
   p.add_argument('--process_id', type=int,
                  default=int(os.environ['NOTOKLM_PROCESS_ID'])
                  if 'NOTOKLM_PROCESS_ID' in os.environ else None)
+  g = p.add_argument_group('evaluator')
+  g.add_argument('--poll_seconds', type=float, default=30.0)
+  g.add_argument('--max_idle_seconds', type=float, default=0.0,
+                 help='exit with an error after this long without a new checkpoint (0: never)')
+  g = p.add_argument_group('launch and sweep jobs')
+  g.add_argument('--launcher', choices=('slurm', 'tpu'), default='slurm')
+  g.add_argument('--sweep_jobs', choices=('', 'print', 'slurm'), default='')
+  g.add_argument('--submit', action='store_true', help='run the written script / command')
+  g.add_argument('--nodes', type=int, default=1)
+  g.add_argument('--gpus_per_node', type=int, default=8)
+  g.add_argument('--partition', default='')
+  g.add_argument('--time', default='24:00:00')
+  g.add_argument('--tpu', default='', help='TPU VM (pod slice) name')
+  g.add_argument('--zone', default='')
+  g.add_argument('--project', default='')
+  g.add_argument('--repo', default='', help='repository path on the hosts (default: this one)')
   args = p.parse_args(rest)
   return args, overrides
 
@@ -51,16 +72,34 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
 
-  import jax
-  if args.coordinator:
-    if args.num_processes is None or args.process_id is None:
-      print('error: --coordinator needs --num_processes and --process_id', file=sys.stderr)
-      return 2
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  if args.mode in ('launch', 'sweep_summary') or (args.mode == 'sweep' and args.sweep_jobs):
+    return _write_jobs(args, cfg, module, overrides)  # no devices needed
 
+  from train import launching
+  try:
+    how = launching.init_distributed(args.coordinator, args.num_processes, args.process_id)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if how != 'single':
+    import jax
+    print(f'jax.distributed ({how}): process {jax.process_index()} of {jax.process_count()}',
+          flush=True)
+
+  from train import checkpoint
   try:
     return _run(args, cfg, module, overrides)
-  except FileNotFoundError as e:  # a missing input: say which, without a traceback
+  except config_lib.ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  except checkpoint.CheckpointError as e:
+    # a checkpoint to act on (wrong config, nothing readable, a failed write): say it and leave
+    # at once -- a failed async write leaves orbax threads whose shutdown would bury the message
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+  except (FileNotFoundError, FloatingPointError) as e:
+    # a missing input, a stopped non-finite step: say which, without a traceback
     print(f'error: {e}', file=sys.stderr)
     return 1
 
@@ -82,7 +121,73 @@ def _run(args, cfg, module, overrides) -> int:
       return 2
     sweep.run(cfg, module.get_sweep(cfg), args.workdir, overrides)
     return 0
+  if args.mode == 'evaluator':
+    from train import evaluator
+    try:
+      evaluator.run(cfg, args.workdir, args.poll_seconds, args.max_idle_seconds)
+    except TimeoutError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
+    return 0
   return 2
+
+
+def _write_jobs(args, cfg, module, overrides) -> int:
+  """--mode=launch, --mode=sweep --sweep_jobs=..., --mode=sweep_summary: text and files only."""
+  import shlex
+  import subprocess
+  from train import launching, sweep
+  workdir = os.path.abspath(args.workdir)
+  os.makedirs(os.path.join(workdir, 'launch'), exist_ok=True)
+  name = os.path.basename(workdir.rstrip('/')) or 'notoklm'
+  repo = args.repo or os.path.dirname(os.path.abspath(__file__))
+  if args.mode in ('sweep', 'sweep_summary') and not hasattr(module, 'get_sweep'):
+    print(f'error: {args.config} defines no get_sweep(config)', file=sys.stderr)
+    return 2
+  if args.mode == 'sweep_summary':
+    rows = sweep.gather(cfg, module.get_sweep(cfg), workdir, overrides)
+    missing = [r['run'] for r in rows if r['status'] != 'done']
+    print(f'{len(rows) - len(missing)} of {len(rows)} points done'
+          + (f'; not done: {", ".join(missing)}' if missing else ''))
+    return 0
+  if args.mode == 'sweep':
+    cmds = sweep.job_commands(args.config, module.get_sweep(cfg), workdir, overrides, repo,
+                              cfg=cfg)
+    path = os.path.join(workdir, 'launch', 'sweep_commands.txt')
+    with open(path, 'w') as f:
+      f.write('\n'.join(cmds) + '\n')
+    if args.sweep_jobs == 'print':
+      print('\n'.join(cmds))
+      print(f'# {len(cmds)} jobs (also in {path}); then: python launch.py --config={args.config} '
+            f'--workdir={workdir} --mode=sweep_summary')
+      return 0
+    text = launching.slurm_script([], f'{name}-sweep', args.nodes, args.gpus_per_node, args.time,
+                                  args.partition, repo, array=len(cmds), commands_file=path,
+                                  log_dir=os.path.join(workdir, 'launch', 'logs'))
+    script = os.path.join(workdir, 'launch', 'sweep.sbatch')
+  else:
+    run_args = launching.launch_args(args.config, workdir, overrides)
+    if args.launcher == 'tpu':
+      if not args.tpu or not args.zone:
+        print('error: --launcher=tpu needs --tpu=NAME and --zone=ZONE', file=sys.stderr)
+        return 2
+      text = '#!/bin/bash\n' + launching.tpu_command(run_args, args.tpu, args.zone,
+                                                      args.project, repo) + '\n'
+      script = os.path.join(workdir, 'launch', 'tpu.sh')
+    else:
+      text = launching.slurm_script(run_args, name, args.nodes, args.gpus_per_node, args.time,
+                                    args.partition, repo,
+                                    log_dir=os.path.join(workdir, 'launch', 'logs'))
+      script = os.path.join(workdir, 'launch', 'train.sbatch')
+  with open(script, 'w') as f:
+    f.write(text)
+  print(text, end='')
+  print(f'# written to {script}')
+  if args.submit:
+    cmd = ['sbatch', script] if script.endswith('.sbatch') else ['bash', script]
+    print('# running: ' + ' '.join(shlex.quote(c) for c in cmd), flush=True)
+    return subprocess.call(cmd)
+  return 0
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 
 from train import config_lib
 
@@ -60,20 +61,81 @@ def run(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None
     except Exception as e:  # pylint: disable=broad-except  # one failed point must not end the sweep
       out, ev, status = {}, {}, f'failed: {type(e).__name__}: {e}'[:200]
       print(f'sweep point {name} {status}', flush=True)
-    row = {'run': name, 'status': status, **{k: v for k, v in point.items() if k != 'name'},
-           'family': sub.family, 'params': out.get('params'), 'train_flops': out.get('train_flops'),
-           'steps': out.get('step'),
-           'final_train_loss': out.get('train', {}).get('loss'),
-           'final_train_bpb': out.get('train', {}).get('bpb'),
-           'val_loss': ev.get('loss'), 'val_bpb': ev.get('bpb')}
-    for kind, r in (ev.get('robustness') or {}).items():
-      row[f'{kind}_bpb'] = r.get('bpb')
-    row['train_seconds'] = out.get('train_seconds')
-    rows.append(row)
+    rows.append(_row(name, point, sub, out, ev, status))
+  _write_all(rows, workdir)
+  return rows
+
+
+def _row(name, point, sub, out: dict, ev: dict, status: str) -> dict:
+  row = {'run': name, 'status': status, **{k: v for k, v in point.items() if k != 'name'},
+         'family': sub.family, 'params': out.get('params'), 'train_flops': out.get('train_flops'),
+         'steps': out.get('step'),
+         'final_train_loss': out.get('train', {}).get('loss'),
+         'final_train_bpb': out.get('train', {}).get('bpb'),
+         'val_loss': ev.get('loss'), 'val_bpb': ev.get('bpb')}
+  for kind, r in (ev.get('robustness') or {}).items():
+    row[f'{kind}_bpb'] = r.get('bpb')
+  row['train_seconds'] = out.get('train_seconds')
+  return row
+
+
+def _write_all(rows: list[dict], workdir: str) -> None:
   write_summary(rows, workdir)
-  names = [r['run'] for r in rows]
+  names = [r['run'] for r in rows if os.path.isdir(os.path.join(workdir, r['run']))]
   plot_curves(names, workdir)
   plot_eval_vs_flops(names, workdir)
+
+
+# -- sweeps as independent jobs ------------------------------------------------------------------
+def job_commands(config_spec: str, points: list[dict], workdir: str, cli_overrides: dict,
+                 repo: str = '', python: str = '', cfg=None) -> list[str]:
+  """One shell command per point: train in `workdir/<point name>`, then (when the point's
+  eval.robustness is set) `--mode=eval` for the robustness suite -- what `run` does in-process.
+  Gather the finished runs with `--mode=sweep_summary`."""
+  from train import launching
+  python = python or launching.default_python()
+  base_spec = config_spec
+  out = []
+  for point in points:
+    spec = point.get('config', base_spec)
+    over = {**cli_overrides, **{k: v for k, v in point.items() if k not in ('config', 'name')}}
+    wd = os.path.join(os.path.abspath(workdir), run_name(point))
+    cmd = launching.shell_command(repo or launching.REPO, python,
+                                  launching.launch_args(spec, wd, over))
+    sub = _point_config(cfg, point, cli_overrides) if cfg is not None else None
+    if sub is None or sub.eval.robustness:
+      cmd += f' && {python} launch.py ' + ' '.join(
+          shlex.quote(a) for a in launching.launch_args(spec, wd, over, 'eval'))
+    out.append(cmd)
+  return out
+
+
+def gather(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None) -> list[dict]:
+  """The summary of a sweep whose points ran as separate jobs, read from their workdirs: a point
+  without a finished run is marked 'missing' (never started) or 'incomplete' (started, no
+  final summary; e.g. failed or still running). Writes the same files as `run`."""
+  rows = []
+  for point in points:
+    name = run_name(point)
+    wd = os.path.join(workdir, name)
+    sub = _point_config(cfg, point, cli_overrides or {})
+    out, ev = {}, {}
+    summary = os.path.join(wd, 'train_summary.json')
+    if os.path.exists(summary):
+      with open(summary) as f:
+        out = json.load(f)
+      ev = out.get('eval', {})
+      evals = sorted((int(m.group(1)), f) for f in os.listdir(wd)
+                     if (m := re.fullmatch(r'eval_step(\d+)\.json', f)))
+      if evals and evals[-1][0] == out.get('step'):
+        with open(os.path.join(wd, evals[-1][1])) as f:
+          ev = json.load(f)
+      status = 'done'
+    else:
+      status = 'incomplete' if os.path.isdir(wd) else 'missing'
+    rows.append(_row(name, point, sub, out, ev, status))
+  os.makedirs(workdir, exist_ok=True)
+  _write_all(rows, workdir)
   return rows
 
 

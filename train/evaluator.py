@@ -1,0 +1,109 @@
+"""Continuous evaluation (`--mode=evaluator`): follow a training workdir, evaluate every new
+checkpoint once, on this process's own devices and mesh.
+
+The evaluator polls the checkpoint directory for finalized steps (an orbax manager of its own,
+read-only: the training job's manager is never shared), restores each new one, runs the same
+validation as `--mode=eval` and appends `{'step', 'loss', 'bpb', ...}` to
+`workdir/evaluator.jsonl` (flushed and fsynced: that file is the record of what was evaluated)
+and to TensorBoard under `eval/` beside the training curves. A restarted evaluator reads the
+record and skips what it holds; a restarted training job only adds checkpoints. It exits once
+the final step (`train.steps`, resolved from `train.flops_budget` like the trainer does) is
+evaluated, or after `max_idle_seconds` without a new checkpoint (0: wait forever). A checkpoint
+deleted by the trainer's keep-N policy before it could be read is counted as missed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+
+from train import checkpoint as ckpt_lib
+from train import metrics as metrics_lib
+from train import trainer
+
+RECORD = 'evaluator.jsonl'
+
+
+def evaluated_steps(workdir: str) -> list[int]:
+  path = os.path.join(workdir, RECORD)
+  if not os.path.exists(path):
+    return []
+  steps = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          steps.append(int(json.loads(line)['step']))
+        except (ValueError, KeyError):
+          continue  # a line torn by a crash mid-write: that step is evaluated again
+  return steps
+
+
+def _say(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def _append(path: str, record: dict) -> None:
+  with open(path, 'a') as f:
+    f.write(json.dumps(record) + '\n')
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float = 0.0) -> dict:
+  setup = trainer.Setup(cfg)
+  fam = setup.family
+  final = int(setup.cfg.train.steps)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  record = os.path.join(workdir, RECORD)
+  done = set(evaluated_steps(workdir))
+  primary = jax.process_index() == 0
+  writer = metrics_lib.Writer(workdir)
+  eval_batches = fam.eval_batches(jax.process_index(), jax.process_count(),
+                                  cfg.train.eval_batches)
+  eval_step = setup.make_eval_step()
+  _say(f'[evaluator] following {ckpt_dir} until step {final}; already evaluated: '
+                 f'{sorted(done) or "none"}')
+  missed, evaluated = [], []
+  idle_since = time.monotonic()
+  while final not in done:
+    new = [s for s in ckpt_lib.complete_steps(ckpt_dir) if s not in done]
+    for s in new:
+      ck = ckpt_lib.Checkpointer(ckpt_dir, async_save=False, read_only=True)
+      try:
+        state, _, restored = trainer.restore_or_init(setup, ck, step=s)
+      except (FileNotFoundError, ckpt_lib.CheckpointError):
+        if os.path.isdir(os.path.join(ckpt_dir, str(s))):
+          raise  # there and unreadable, or another config: not ours to hide
+        missed.append(s)  # removed by the trainer's keep-N policy meanwhile
+        done.add(s)
+        _say(f'[evaluator] step {s} was deleted before it could be read')
+        continue
+      finally:
+        ck.close()
+      ev = setup.evaluate(state['params'], eval_batches, eval_step)
+      del state
+      ev = {'step': restored, **{k: v for k, v in ev.items() if not isinstance(v, dict)}}
+      if primary:
+        _append(record, ev)
+        writer.scalars(restored, {k: v for k, v in ev.items() if k != 'step'}, prefix='eval')
+        writer.flush()
+      done.add(restored)
+      evaluated.append(restored)
+      idle_since = time.monotonic()
+      _say(f'[evaluator] step {restored}: loss {ev.get("loss", float("nan")):.4f} '
+                     f'bpb {ev.get("bpb", float("nan")):.4f}')
+    if final in done:
+      break
+    if max_idle_seconds and time.monotonic() - idle_since > max_idle_seconds:
+      writer.close()
+      raise TimeoutError(f'[evaluator] no new checkpoint in {ckpt_dir} for {max_idle_seconds:.0f}s '
+                         f'(evaluated {sorted(done)}; final step {final} not reached)')
+    time.sleep(poll_seconds)
+  writer.close()
+  _say(f'[evaluator] done: evaluated {evaluated}, missed {missed}')
+  return {'evaluated': evaluated, 'missed': missed}
