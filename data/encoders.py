@@ -103,12 +103,18 @@ def _byte_level_alphabet() -> dict[str, int]:
 class BPEEncoder(Encoder):
   """A HF `tokenizers.Tokenizer`; byte-level ones get exact `token_bytes`."""
 
-  def __init__(self, tokenizer, name: str):
+  def __init__(self, tokenizer, name: str, specials: dict[str, int] | None = None,
+               vocab_size: int | None = None):
+    """`specials` ({'pad', 'bos', 'eos'} -> id) fixes the special ids (e.g. a pretrained model's
+    document separator) instead of looking them up by name and adding missing ones;
+    `vocab_size` fixes the model's vocabulary size (a pretrained embedding) instead of padding."""
     import tokenizers  # pylint: disable=g-import-not-at-top
     self.tokenizer = tok = tokenizer
     self.name = name
-    ids = {}
+    ids = dict(specials or {})
     for kind, names in (('pad', _PAD_NAMES), ('bos', _BOS_NAMES), ('eos', _EOS_NAMES)):
+      if kind in ids:
+        continue
       found = [tok.token_to_id(n) for n in names if tok.token_to_id(n) is not None]
       if found:
         ids[kind] = found[0]
@@ -118,7 +124,10 @@ class BPEEncoder(Encoder):
     self.pad_id, self.bos_id, self.eos_id = ids['pad'], ids['bos'], ids['eos']
     tok.encode_special_tokens = True  # '<eos>' inside a document is text, not a special
     self.true_vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    self.vocab_size = padded(self.true_vocab_size)
+    if vocab_size is not None and vocab_size < self.true_vocab_size:
+      raise ValueError(f'{name}: the tokenizer has {self.true_vocab_size} tokens, more than the '
+                       f'model vocabulary of {vocab_size}')
+    self.vocab_size = padded(self.true_vocab_size) if vocab_size is None else int(vocab_size)
     self._special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     self._special.update((self.pad_id, self.bos_id, self.eos_id))
     self.token_bytes = self._count_token_bytes()

@@ -91,6 +91,23 @@ class RMSNorm(nnx.Module):
     return y_BxTxD.astype(self.dtype)
 
 
+class LayerNorm(nnx.Module):
+  """Layer normalisation with scale and bias (BERT-style encoders); statistics in fp32."""
+
+  def __init__(self, features: int, *, eps: float = 1e-12, dtype: Any = jnp.float32):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((features,), jnp.float32), out_sharding=('norm',))
+    self.bias = nnx.Param(jnp.zeros((features,), jnp.float32), out_sharding=('norm',))
+
+  def __call__(self, x_BxTxD: Array) -> Array:
+    x32_BxTxD = x_BxTxD.astype(jnp.float32)
+    mean_BxTx1 = jnp.mean(x32_BxTxD, axis=-1, keepdims=True)
+    var_BxTx1 = jnp.mean(jnp.square(x32_BxTxD - mean_BxTx1), axis=-1, keepdims=True)
+    y_BxTxD = (x32_BxTxD - mean_BxTx1) * jax.lax.rsqrt(var_BxTx1 + self.eps)
+    return (y_BxTxD * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
 def rope(x_BxTxHxK: Array, positions_BxT: Array, base: float = 1e4) -> Array:
   """Rotary position embedding, rotate-half convention, angles and rotation in fp32.
 
@@ -236,8 +253,8 @@ class Block(nnx.Module):
                mlp_dim: int, *, rope_base: float = 1e4, window: int = 0,
                dtype: Any = jnp.float32, attention_impl: str | None = None,
                init_std: float = 0.02, out_init_std: float | None = None,
-               context_dim: int = 0, rngs: nnx.Rngs):
-    self.attn_norm = RMSNorm(d_model, dtype=dtype)
+               context_dim: int = 0, norm_eps: float = 1e-6, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(d_model, eps=norm_eps, dtype=dtype)
     self.attn = Attention(d_model, num_heads, num_kv_heads, head_dim, rope_base=rope_base,
                           window=window, dtype=dtype, attention_impl=attention_impl,
                           init_std=init_std, out_init_std=out_init_std, rngs=rngs)
@@ -248,7 +265,7 @@ class Block(nnx.Module):
                            init_std=out_init_std, rngs=rngs)
     else:
       self.cross_v = self.cross_o = None
-    self.mlp_norm = RMSNorm(d_model, dtype=dtype)
+    self.mlp_norm = RMSNorm(d_model, eps=norm_eps, dtype=dtype)
     self.mlp = MLP(d_model, mlp_dim, dtype=dtype, init_std=init_std, out_init_std=out_init_std,
                    rngs=rngs)
 

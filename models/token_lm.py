@@ -31,6 +31,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.head_dim = 16
   c.mlp_dim = 128
   c.rope_base = 1e4
+  c.norm_eps = 1e-6
   c.window = 0             # >0: sliding-window attention over the last `window` tokens
   c.tie_embeddings = True
   c.ce_chunk = 0           # tokens per readout chunk in the loss; 0: no chunking
@@ -62,7 +63,8 @@ class TokenLM(nnx.Module):
         cfg_model.num_layers, cfg_model.d_model, cfg_model.num_heads, cfg_model.num_kv_heads,
         cfg_model.head_dim, cfg_model.mlp_dim, rope_base=cfg_model.rope_base,
         window=cfg_model.window, dtype=dtype, remat=cfg_model.remat,
-        attention_impl=cfg_model.attention_impl or None, init_std=cfg_model.init_std, rngs=rngs)
+        attention_impl=cfg_model.attention_impl or None, init_std=cfg_model.init_std,
+        norm_eps=cfg_model.get('norm_eps', 1e-6), rngs=rngs)
     self.readout = (None if self.tie_embeddings else
                     Dense(cfg_model.d_model, vocab_size, axes=('embed', 'vocab'), dtype=dtype,
                           init_std=cfg_model.init_std, rngs=rngs))

@@ -49,7 +49,7 @@ class Transformer(nnx.Module):
                head_dim: int, mlp_dim: int, *, rope_base: float = 1e4, window: int = 0,
                dtype: Any = jnp.float32, remat: bool | str | None = False,
                attention_impl: str | None = None, init_std: float = 0.02,
-               context_dim: int = 0, rngs: nnx.Rngs):
+               context_dim: int = 0, norm_eps: float = 1e-6, rngs: nnx.Rngs):
     self.num_layers = num_layers
     self.dtype = dtype
     self.remat = _remat_mode(remat)
@@ -57,9 +57,9 @@ class Transformer(nnx.Module):
     self.layers = nnx.List([
         Block(d_model, num_heads, num_kv_heads, head_dim, mlp_dim, rope_base=rope_base,
               window=window, dtype=dtype, attention_impl=attention_impl, init_std=init_std,
-              out_init_std=out_init_std, context_dim=context_dim, rngs=rngs)
+              out_init_std=out_init_std, context_dim=context_dim, norm_eps=norm_eps, rngs=rngs)
         for _ in range(num_layers)])
-    self.final_norm = RMSNorm(d_model, dtype=dtype)
+    self.final_norm = RMSNorm(d_model, eps=norm_eps, dtype=dtype)
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> list[Cache]:
     """One empty KV cache per layer (see `Attention.init_cache`)."""

