@@ -557,7 +557,7 @@ class Splitter(abc.ABC):
     """
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     if not self.device_split:
-      raise NotImplementedError(f'{self!r} decides word starts on the host only')
+      raise ValueError(f'{self!r} decides word starts on the host only')
 
     def byte_at(i):  # byte value at i, or -1 for a special / before the text
       v = jnp.where(i >= 0, ids_S[jnp.maximum(i, 0)], -1)

@@ -279,7 +279,7 @@ def generate(model: HAT, prompt_ids: list[int], splitter: words.Splitter, max_ne
     raise ValueError(f'{len(forced)} forced ids exceed max_new={max_new}')
   if not splitter.device_split:
     if len(forced):
-      raise NotImplementedError(f'forced ids need a splitter with a device rule, not {splitter!r}')
+      raise ValueError(f'forced ids need a splitter with a device rule, not {splitter!r}')
     split_ids = functools.partial(host_word_starts, splitter, max_word_bytes)
     return _generate_host(model, prompt_ids, split_ids, max_new, temperature, top_p, seed,
                           stop_id, max_word_bytes)
