@@ -10,7 +10,8 @@ config file's get_sweep(config) in its own sub-workdir and summarize; with --swe
 slurm, write one independent job per point instead), sweep_summary (gather the points' finished
 runs), evaluator (follow the workdir and evaluate every new checkpoint once), launch (write the
 per-host command for a TPU pod, --launcher=tpu, or an sbatch script, --launcher=slurm, for this
-same config and workdir; --submit runs it).
+same config and workdir; --submit runs it), transfer (a pretrained model with a new tokenizer,
+see train/transfer.py).
 Multi-host: on a SLURM step or a TPU pod slice jax.distributed starts from the environment;
 elsewhere pass --coordinator=HOST:PORT --num_processes=N --process_id=I (or set
 NOTOKLM_COORDINATOR / NOTOKLM_NUM_PROCESSES / NOTOKLM_PROCESS_ID). See train/launching.py.
@@ -22,7 +23,7 @@ import logging
 import os
 import sys
 
-MODES = ('train', 'eval', 'sample', 'sweep', 'sweep_summary', 'evaluator', 'launch')
+MODES = ('train', 'eval', 'sample', 'sweep', 'sweep_summary', 'evaluator', 'launch', 'transfer')
 
 
 def parse(argv):
@@ -120,6 +121,14 @@ def _run(args, cfg, module, overrides) -> int:
       print(f'error: {args.config} defines no get_sweep(config)', file=sys.stderr)
       return 2
     sweep.run(cfg, module.get_sweep(cfg), args.workdir, overrides)
+    return 0
+  if args.mode == 'transfer':
+    from train import transfer
+    try:
+      transfer.run(cfg, args.workdir)
+    except ValueError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
     return 0
   if args.mode == 'evaluator':
     from train import evaluator

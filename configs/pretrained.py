@@ -14,6 +14,8 @@
 read from the file (and recorded in the run's config.json); documents are packed between the
 model's document separator token.
 """
+import ml_collections
+
 from configs import base
 from models import token_lm
 
@@ -35,6 +37,10 @@ def get_config(preset: str = 'smollm2'):
   c.optim.warmup_steps = 10
   c.ckpt.every = 200
   c.sample.prompt = 'def fibonacci(n):\n'
+  # --mode=transfer (train/transfer.py): the new tokenizer and the initializations to compare
+  c.target_tokenizer = ''        # PATH/tokenizer.json or bpe:VOCAB_SIZE (trained on data.source)
+  c.transfer = ml_collections.ConfigDict()
+  c.transfer.methods = 'lexical,fvt'
   c.sample.temperature = 0.0
   c.sample.max_new_tokens = 64
   return c

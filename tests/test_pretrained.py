@@ -201,3 +201,74 @@ def test_minilm_matches_transformers(minilm, tmp_path):
   ours = pretrained.sentence_embeddings(minilm, SENTENCES)
   cos = (ref * ours).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(ours, axis=1)
   assert cos.min() > 0.9999, cos
+
+
+def test_transfer_matrices(smol):
+  from train import transfer
+  e = np.asarray(smol.model.embed.embedding[...])
+  doc = smol.meta['doc_token_id']
+  # onto its own tokenizer, every method is the identity
+  for method in transfer.METHODS:
+    out, counts = transfer.transfer_matrix(e, smol.tokenizer, smol.tokenizer, method, doc)
+    np.testing.assert_array_equal(out, e)
+    assert counts['pieces'] == counts['mean'] == 0
+  # a small byte-level BPE of other text: shared rows copied, FVT rows = mean of base pieces
+  from data import encoders
+  tok = encoders._train_tokenizer(['zxqv-zxqv qqzz ' * 50, 'tokenizer transfer ' * 50], 300)
+  fvt, c_fvt = transfer.transfer_matrix(e, smol.tokenizer, tok, 'fvt', doc)
+  lex, c_lex = transfer.transfer_matrix(e, smol.tokenizer, tok, 'lexical', doc)
+  vocab, base_vocab = tok.get_vocab(), smol.tokenizer.get_vocab()
+  novel = [s for s in vocab if s not in base_vocab and not s.startswith('<')]
+  # (a few byte symbols are not in SmolLM2's vocabulary at all: those get the mean)
+  assert c_fvt['pieces'] + c_fvt['mean'] == len(novel) == c_lex['mean'] and c_fvt['pieces'] > 5
+  s = max(novel, key=len)
+  pieces = [t.id for t in smol.tokenizer.model.tokenize(s)]
+  assert len(pieces) > 1, s
+  np.testing.assert_allclose(fvt[vocab[s]], e[pieces].mean(0), rtol=1e-6)
+  np.testing.assert_allclose(lex[vocab[s]], e.mean(0), rtol=1e-5)
+  np.testing.assert_array_equal(fvt[vocab['Ġt']], e[base_vocab['Ġt']])
+  np.testing.assert_array_equal(fvt[vocab['<eos>']], e[doc])  # a special keeps the separator's
+  # a target tokenizer that is not byte-level BPE is refused with the reason
+  from tokenizers import Tokenizer as T, models as m
+  wordlevel = T(m.WordLevel({'a': 0, '[UNK]': 1}, unk_token='[UNK]'))
+  with pytest.raises(ValueError, match='not byte-level BPE'):
+    transfer.transfer_matrix(e, smol.tokenizer, wordlevel, 'fvt', doc)
+  # ... and so is one with nothing in common with the base vocabulary
+  from tokenizers import decoders
+  alien = T(m.BPE(vocab={s: i for i, s in enumerate(
+      x for x in novel if not smol.tokenizer.model.tokenize(x))}, merges=[]))
+  alien.decoder = decoders.ByteLevel()
+  with pytest.raises(ValueError, match='shares no token with the base vocabulary'):
+    transfer.transfer_matrix(e, smol.tokenizer, alien, 'fvt', doc)
+
+
+def test_transfer_command(data_dir, tmp_path):
+  """bpe:600 trained on the corpus; both baselines written as HF directories, evaluated; FVT
+  beats the lexical baseline; the result restores for eval like any model source."""
+  wd = str(tmp_path / 'transfer')
+  small = ['--config.train.eval_batches=2', '--config.data.seq_len=128',
+           '--config.train.batch_size=2']
+  p = run_launch(data_dir, '--config=configs/pretrained.py:smollm2', f'--workdir={wd}',
+                 '--mode=transfer', '--config.target_tokenizer=bpe:600', *small)
+  rows = {r['model']: r for r in json.load(open(os.path.join(wd, 'transfer.json')))}
+  assert set(rows) == {'base', 'lexical', 'fvt'} and '| fvt |' in p.stdout
+  assert rows['fvt']['vocab'] == 600 and rows['fvt']['pieces'] > 0
+  assert rows['fvt']['bpb'] < rows['lexical']['bpb'], rows
+  assert rows['fvt']['tokens_per_byte'] > rows['base']['tokens_per_byte']  # a smaller vocab
+  for f in ('config.json', 'model.safetensors', 'tokenizer.json'):
+    assert os.path.exists(os.path.join(wd, 'fvt', f))
+  p = run_launch(data_dir, '--config=configs/pretrained.py:smollm2', f'--workdir={wd}/fvt_eval',
+                 '--mode=eval', f'--config.model.source={wd}/fvt', *small)
+  ev = json.load(open(os.path.join(wd, 'fvt_eval', 'eval_step0.json')))
+  assert ev['bpb'] == pytest.approx(rows['fvt']['bpb'], abs=1e-5)
+  if os.path.exists(REF_PYTHON):  # the transferred SmolLM2 loads in transformers, same logits
+    moved = pretrained.load(os.path.join(wd, 'fvt'))
+    ids = np.asarray([moved.tokenizer.encode(CODE).ids])
+    np.save(tmp_path / 'ids.npy', ids)
+    p = subprocess.run([REF_PYTHON, os.path.join(ROOT, 'tests', 'reference',
+                                                 'hf_llama_logits.py'),
+                        os.path.join(wd, 'fvt'), str(tmp_path / 'ids.npy'),
+                        str(tmp_path / 'ref.npy')], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ours = np.asarray(moved.model(jnp.asarray(ids))[0])
+    assert np.abs(np.load(tmp_path / 'ref.npy') - ours).max() < 1e-3

@@ -15,7 +15,8 @@ from train import families, lm_family
 
 
 @functools.lru_cache(maxsize=2)
-def _load(source: str) -> pretrained.Pretrained:
+def load_source(source: str) -> pretrained.Pretrained:
+  """`model.source` ('smollm2', a .gguf path or an HF directory), loaded once per process."""
   return pretrained.load(pretrained.smollm2_path() if source == 'smollm2' else source)
 
 
@@ -25,7 +26,7 @@ class PretrainedFamily(lm_family.TokenLMFamily):
 
   def __init__(self, cfg):  # pylint: disable=super-init-not-called
     self.cfg = cfg
-    self.loaded = _load(cfg.model.source)
+    self.loaded = load_source(cfg.model.source)
     self.model_cfg = self.loaded.cfg_model
     for k, v in self.model_cfg.items():  # the architecture, recorded in config.json
       if k in cfg.model:
