@@ -1,0 +1,76 @@
+"""The tokenizer-transfer hypernetwork (models/hypernet.py) on a tiny byte-level base."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from data import encoders
+from models import hypernet
+
+
+@pytest.fixture(scope='module')
+def base():
+  tok = encoders._train_tokenizer(['the tokenizer transfer hypernetwork ' * 40,
+                                   'predicts embeddings for new tokens ' * 40], 320)
+  v = tok.get_vocab_size()
+  rng = np.random.default_rng(0)
+  return tok, rng.normal(0.3, 2.0, (v, 16)).astype(np.float32), rng.normal(
+      size=(v, 16)).astype(np.float32)
+
+
+def small_cfg():
+  c = hypernet.default_config()
+  c.d_model, c.num_layers, c.num_heads, c.mlp_dim, c.max_pieces = 32, 2, 4, 64, 7
+  return c
+
+
+def test_pieces_shapes_padding_and_rescaling(base):
+  tok, e_in, e_out = base
+  strings = ['Ġtokenizer', 'Ġhypernetwork', 'xyz', 'Ġthe']
+  pieces = hypernet.piece_ids(tok, strings, 7)
+  assert pieces.shape == (4, 7) and (pieces[:, 0] >= 0).all()
+  for s, row in zip(strings, pieces):
+    assert [t.id for t in tok.model.tokenize(s)][:7] == row[row >= 0].tolist()
+  net = hypernet.HyperNet(small_cfg(), e_in, e_out, rngs=nnx.Rngs(0))
+  a_in, a_out = net(jnp.asarray(pieces))
+  assert a_in.shape == a_out.shape == (4, 16)
+  # padding beyond a token's pieces and the other rows of the batch do not matter
+  b_in, _ = net(jnp.asarray(pieces[1:2, :5]))
+  np.testing.assert_allclose(b_in[0], a_in[1], atol=1e-5)
+  # the outputs are rescaled to the base statistics: zero heads give the base mean exactly
+  net.head_in.kernel[...] = jnp.zeros_like(net.head_in.kernel[...])
+  net.head_in.bias[...] = jnp.zeros_like(net.head_in.bias[...])
+  z_in, _ = net(jnp.asarray(pieces))
+  np.testing.assert_allclose(z_in, np.broadcast_to(e_in.mean(0), (4, 16)), rtol=1e-5)
+  tied = hypernet.HyperNet(small_cfg(), e_in, rngs=nnx.Rngs(0))
+  assert tied(jnp.asarray(pieces))[1] is None
+  # specials keep their base rows
+  out = hypernet.assemble(np.asarray(a_in), {0: e_in[0]})
+  np.testing.assert_array_equal(out[0], e_in[0])
+  np.testing.assert_array_equal(out[1:], np.asarray(a_in)[1:])
+
+
+def test_identity_warmup_learns(base):
+  tok, e_in, e_out = base
+  vocab = tok.get_vocab()
+  strings = sorted(vocab, key=vocab.get)
+  pieces = jnp.asarray(hypernet.piece_ids(tok, strings, 7))
+  ids = np.asarray([vocab[s] for s in strings])
+  t_in, t_out = jnp.asarray(e_in[ids]), jnp.asarray(e_out[ids])
+  net = hypernet.HyperNet(small_cfg(), e_in, e_out, rngs=nnx.Rngs(1))
+  opt = nnx.Optimizer(net, optax.adam(3e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(net, opt):
+    loss, grads = nnx.value_and_grad(hypernet.warmup_loss)(net, pieces, t_in, t_out)
+    opt.update(net, grads)
+    return loss
+
+  frozen = np.asarray(net.base[...])
+  first = float(step(net, opt))
+  for _ in range(150):
+    last = float(step(net, opt))
+  assert last < 0.25 * first, (first, last)
+  np.testing.assert_array_equal(np.asarray(net.base[...]), frozen)  # the base stays frozen
