@@ -11,7 +11,7 @@ slurm, write one independent job per point instead), sweep_summary (gather the p
 runs), evaluator (follow the workdir and evaluate every new checkpoint once), launch (write the
 per-host command for a TPU pod, --launcher=tpu, or an sbatch script, --launcher=slurm, for this
 same config and workdir; --submit runs it), transfer (a pretrained model with a new tokenizer,
-see train/transfer.py).
+see train/transfer.py), export (a token LM's checkpoint as an HF-format directory).
 Multi-host: on a SLURM step or a TPU pod slice jax.distributed starts from the environment;
 elsewhere pass --coordinator=HOST:PORT --num_processes=N --process_id=I (or set
 NOTOKLM_COORDINATOR / NOTOKLM_NUM_PROCESSES / NOTOKLM_PROCESS_ID). See train/launching.py.
@@ -23,7 +23,8 @@ import logging
 import os
 import sys
 
-MODES = ('train', 'eval', 'sample', 'sweep', 'sweep_summary', 'evaluator', 'launch', 'transfer')
+MODES = ('train', 'eval', 'sample', 'sweep', 'sweep_summary', 'evaluator', 'launch', 'transfer',
+         'export')
 
 
 def parse(argv):
@@ -121,6 +122,13 @@ def _run(args, cfg, module, overrides) -> int:
       print(f'error: {args.config} defines no get_sweep(config)', file=sys.stderr)
       return 2
     sweep.run(cfg, module.get_sweep(cfg), args.workdir, overrides)
+    return 0
+  if args.mode == 'export':
+    try:
+      trainer.export_hf(cfg, args.workdir, step=args.step)
+    except ValueError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
     return 0
   if args.mode == 'transfer':
     from train import transfer

@@ -33,10 +33,13 @@ class PretrainedFamily(lm_family.TokenLMFamily):
         cfg.model[k] = v
     m = self.loaded.meta
     doc = m['doc_token_id']
+    specials = {'pad': doc, 'bos': doc, 'eos': doc}  # documents between the separator token
+    if m['format'] == 'hf' and all(isinstance(m.get(k), int) and m[k] >= 0
+                                   for k in ('bos_id', 'eos_id')):
+      specials = {'pad': m['eos_id'], 'bos': m['bos_id'], 'eos': m['eos_id']}  # as declared
     vocab = self.loaded.model.embed.embedding.shape[0]
     self.encoder = encoders.BPEEncoder(self.loaded.tokenizer, f'{m["format"]}:{m["source"]}',
-                                       specials={'pad': doc, 'bos': doc, 'eos': doc},
-                                       vocab_size=vocab)
+                                       specials=specials, vocab_size=vocab)
     self.dtype = families.compute_dtype(cfg)
     self._stats = {}
 

@@ -411,3 +411,23 @@ def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
     _print(f'--- sample {i} (step {s}, prompt {cfg.sample.prompt!r}, temperature '
            f'{cfg.sample.temperature}, top_p {cfg.sample.top_p})\n{text}')
   return out
+
+
+def export_hf(cfg, workdir: str, step: int | None = None, out_dir: str = '') -> str:
+  """Writes the latest (or `step`) checkpoint of a token LM (families 'lm' and 'pretrained',
+  with a `tokenizers`-based encoder) as an HF-format Llama directory: config.json,
+  model.safetensors (parameters only, float32) and tokenizer.json. transformers loads it, and so
+  does `--config=configs/pretrained.py --config.model.source=DIR` for evaluation."""
+  from models import pretrained, token_lm  # pylint: disable=import-outside-toplevel
+  setup, state, s = restore(cfg, workdir, step)
+  model = setup.model(state['params'])
+  enc = setup.family.encoder
+  if not isinstance(model, token_lm.TokenLM) or not hasattr(enc, 'tokenizer'):
+    raise ValueError(f'HF export needs a token LM with a tokenizers-based encoder (family lm with '
+                     f'data.encoder bpe/tokenizer:PATH, or pretrained); this run is family '
+                     f'{cfg.family!r} with {type(enc).__name__}')
+  out_dir = out_dir or os.path.join(workdir, 'export', f'hf_step{s}')
+  model_cfg = getattr(setup.family, 'model_cfg', cfg.model)
+  pretrained.save_hf(model, model_cfg, enc.tokenizer, out_dir, enc.bos_id, enc.eos_id)
+  _print(f'exported step {s} to {out_dir}')
+  return out_dir
