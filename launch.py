@@ -123,26 +123,17 @@ def _run(args, cfg, module, overrides) -> int:
       return 2
     sweep.run(cfg, module.get_sweep(cfg), args.workdir, overrides)
     return 0
-  if args.mode == 'export':
+  if args.mode in ('export', 'transfer', 'evaluator'):
+    from train import evaluator, transfer
+    run, expected = {  # each mode's bad-input error: reported without a traceback, exit 1
+        'export': (lambda: trainer.export_hf(cfg, args.workdir, step=args.step), ValueError),
+        'transfer': (lambda: transfer.run(cfg, args.workdir), ValueError),
+        'evaluator': (lambda: evaluator.run(cfg, args.workdir, args.poll_seconds,
+                                            args.max_idle_seconds), TimeoutError),
+    }[args.mode]
     try:
-      trainer.export_hf(cfg, args.workdir, step=args.step)
-    except ValueError as e:
-      print(f'error: {e}', file=sys.stderr)
-      return 1
-    return 0
-  if args.mode == 'transfer':
-    from train import transfer
-    try:
-      transfer.run(cfg, args.workdir)
-    except ValueError as e:
-      print(f'error: {e}', file=sys.stderr)
-      return 1
-    return 0
-  if args.mode == 'evaluator':
-    from train import evaluator
-    try:
-      evaluator.run(cfg, args.workdir, args.poll_seconds, args.max_idle_seconds)
-    except TimeoutError as e:
+      run()
+    except expected as e:
       print(f'error: {e}', file=sys.stderr)
       return 1
     return 0
