@@ -348,7 +348,7 @@ def _generate_device(graphdef, state, prompt_1xP, forced_N, starts_W, word_ids_1
     t = p + i
     rng, key = jax.random.split(rng)
     logits_V = jnp.where(jnp.arange(logits_V.shape[0]) < NUM_IDS, logits_V, -jnp.inf)
-    x = token_lm._sample(logits_V[None], temperature, top_p, key)[0]  # pylint: disable=protected-access
+    x = token_lm.sample_logits(logits_V[None], temperature, top_p, key)[0]
     x = jnp.where(forced_N[i] >= 0, forced_N[i], x)
     ids_S = ids_S.at[t].set(x)
     h_1x1xD, enc_c = model.encode(at(x), at(t), ones(1), enc_c, t)

@@ -166,7 +166,9 @@ def _top_p_filter(logits_BxV: Array, top_p: Array) -> Array:
   return jnp.where(top_p >= 1.0, logits_BxV, filtered_BxV)
 
 
-def _sample(logits_BxV: Array, temperature: Array, top_p: Array, rng: Array) -> Array:
+def sample_logits(logits_BxV: Array, temperature: Array, top_p: Array, rng: Array) -> Array:
+  """int32 [B] tokens: greedy at temperature 0, else nucleus sampling (shared by every
+  generation loop)."""
   greedy_B = jnp.argmax(logits_BxV, axis=-1)
   scaled_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
   sampled_B = jax.random.categorical(rng, _top_p_filter(scaled_BxV, top_p), axis=-1)
@@ -183,7 +185,7 @@ def decode(call, cache, prompt_BxP: Array, rng: Array, temperature, top_p, eos_i
   b, p = prompt_BxP.shape
   logits_BxPxV, cache = call(prompt_BxP, cache, 0)
   rng, key = jax.random.split(rng)
-  tok_B = _sample(logits_BxPxV[:, -1], temperature, top_p, key)
+  tok_B = sample_logits(logits_BxPxV[:, -1], temperature, top_p, key)
   out_BxN = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(tok_B)
 
   def cond(carry):
@@ -195,7 +197,8 @@ def decode(call, cache, prompt_BxP: Array, rng: Array, temperature, top_p, eos_i
     prev_Bx1 = jax.lax.dynamic_slice_in_dim(out_BxN, i - 1, 1, axis=1)
     logits_Bx1xV, cache = call(prev_Bx1, cache, p + i - 1)
     rng, key = jax.random.split(rng)
-    tok_B = jnp.where(done_B, 0, _sample(logits_Bx1xV[:, 0], temperature, top_p, key))
+    tok_B = jnp.where(done_B, 0,
+                      sample_logits(logits_Bx1xV[:, 0], temperature, top_p, key))
     out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, tok_B[:, None], i, axis=1)
     return i + 1, cache, out_BxN, done_B | (tok_B == eos_id), rng
 

@@ -166,7 +166,8 @@ def test_top_p_filter_and_sampling():
   kept = np.isfinite(np.asarray(token_lm._top_p_filter(logits, jnp.float32(1.0))))
   assert kept.all()
   keys = jax.random.split(jax.random.key(0), 200)
-  draws = jax.vmap(lambda k: token_lm._sample(logits, jnp.float32(1.0), jnp.float32(0.7), k))(
+  draws = jax.vmap(
+      lambda k: token_lm.sample_logits(logits, jnp.float32(1.0), jnp.float32(0.7), k))(
       keys)
   assert set(np.unique(np.asarray(draws)).tolist()) == {1, 3}
 
