@@ -28,6 +28,7 @@ class _VocabOnly:
 
 def _register(vocab: int):
   import copy
+  import numpy as np
   from train import families, lexinv_family, lm_family
 
   def init(self, cfg):
@@ -39,6 +40,7 @@ def _register(vocab: int):
     self.model_cfg, self._stats = m, {}
     if 'lexinv' in cfg:
       self.lexinv_cfg = cfg.lexinv
+      self._live = np.ones(vocab, bool)  # vocab='train': the mask's cost, not its content
 
   families.register('bench_lm')(type('BenchLM', (lm_family.TokenLMFamily,), {'__init__': init}))
   families.register('bench_lexinv')(

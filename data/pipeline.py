@@ -299,6 +299,21 @@ class TrainIterator:
       pass
 
 
+def token_counts(source: corpus.DocSource, encoder: encoders.Encoder,
+                 max_chars: int = 0) -> np.ndarray:
+  """int64 [vocab_size]: how often each id occurs in the documents `[bos] + ids + [eos]` of
+  `source`, read in order up to `max_chars` characters (0: every document)."""
+  counts = np.zeros(encoder.vocab_size, np.int64)
+  total = 0
+  for i in range(len(source)):
+    text = source[i]
+    if max_chars and total + len(text) > max_chars and total > 0:
+      break
+    total += len(text)
+    counts += np.bincount(document_tokens(encoder, text), minlength=encoder.vocab_size)
+  return counts
+
+
 class _EvalStream(_Stream):
 
   def __init__(self, source, encoder):

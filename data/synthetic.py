@@ -1,4 +1,4 @@
-"""Synthetic in-context reasoning tasks for the lexinvariant evaluations: LookUp, Permutation.
+"""Synthetic in-context tasks for the lexinvariant evaluations: LookUp, Permutation, Repeat.
 
 Both are written as plain text over a symbol alphabet (lowercase letters by default), encoded
 with the run's encoder, one instance per row (`[bos] + text`, no packing), and scored by the
@@ -106,6 +106,32 @@ def permutation_batch(encoder, n: int, seq_len: int, seed: int = 0, length: int 
   items = [permutation_instance(rng, length, num_demos)[:2] for _ in range(n)]
   out = _encode_rows(encoder, items, seq_len)
   out['answer_id'] = (out['answer'] > 0).astype(np.int32)  # the L tokens form one answer
+  return out
+
+
+def repeat_batch(encoder, n: int, seq_len: int, seed: int = 0, length: int = 48,
+                 copies: int = 3) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng([seed, 3])
+  items = []
+  for _ in range(n):
+    s = ''.join(rng.choice(list(ALPHABET), size=length))
+    items.append((s * copies, list(range(length, length * copies))))
+  out = _encode_rows(encoder, items, seq_len)
+  copy = np.arange(seq_len) // length + 1   # the target at input position i is character i
+  out['answer_id'] = np.where(out['answer'] > 0, copy[None], 0).astype(np.int32)
+  out['copy'] = np.where(out['weights'] > 0, copy[None], 0).astype(np.int32)
+  return out
+
+
+def by_copy(nll_BxT: np.ndarray, pred_BxT: np.ndarray, batch: dict[str, np.ndarray]
+            ) -> list[dict[str, float]]:
+  """Per copy of a `repeat_batch`: mean target loss and greedy accuracy (copy 1 without its
+  first symbol, which follows bos)."""
+  out = []
+  for c in range(1, int(batch['copy'].max()) + 1):
+    m = (batch['copy'] == c) & (batch['positions'] > 0)
+    out.append({'copy': c, 'loss': float(nll_BxT[m].mean()),
+                'accuracy': float((pred_BxT[m] == batch['targets'][m]).mean())})
   return out
 
 

@@ -39,6 +39,25 @@ With table 'shared'/'independent' and 0 < p < 1 both readouts are computed (2x r
 Only the first `n_real` ids (the encoder's true vocabulary; ids past it are padding of the
 matrix dimensions and never occur) get Gaussian rows and take part in the random softmax.
 
+Fixed (non-lexical) rows. Two options replace some Gaussian rows by *learned* rows W_fix that
+are the same in every sequence (input `W_fix[k] * scale + bias`, readout `readout_scale *
+h . W_fix[k]`, like a Gaussian row):
+* `lexinv.fixed_specials`: pad / bos / eos are markers, not symbols of the text (the cipher
+  evaluations keep them fixed too). A learned bos gives attention a stable place to rest; a
+  learned eos can be predicted from the context.
+* `lexinv.vocab='train'`: the lexical vocabulary is the set of ids that occur in the training
+  split with frequency >= `vocab_min_freq` (`live`, counted by the family and saved with the
+  parameters). For bytes this is the paper's character vocabulary: 103 of the 259 byte ids on
+  the embedded corpus at 1e-5. Every other real id maps to one learned 'other' row. Why: every
+  Gaussian row in the softmax is a competitor whose logit is noise (h . E_v ~ N(0, |h|^2) for a
+  token the context does not support) that the model cannot suppress, since it cannot tell
+  which random row belongs to a token that never occurs; 156 such rows of never-seen bytes
+  swamp the in-context evidence of a small model (README: tiny byte model, validation loss
+  4.267 -> 3.716 nats with both options). The output is still a distribution over *all* ids:
+  each non-live id gets the 'other' logit, so the softmax normaliser counts that row n_other
+  times (`+ log n_other`) and bits per byte stay exact.
+Lexinvariance is then invariance to permutations of the lexical ids (the live, non-special ids).
+
 Keys: `draw(rng, B)` folds the row index b (the global example index within the step's batch)
 into `rng`; the trainer's rng is fold_in(key(seed), step) (and the micro-batch index under
 gradient accumulation), so E depends only on (seed, step, example): runs reproduce and resume.
@@ -60,6 +79,7 @@ from models.transformer import Transformer
 
 Array = jax.Array
 TABLES = ('shared', 'independent', 'permuted_learned')
+VOCABS = ('all', 'train')
 MAX_INDEPENDENT_ELEMENTS = 1 << 26  # B * V * D for table='independent' (256 MiB fp32)
 
 # Tags folded into the step key for each random quantity.
@@ -71,6 +91,11 @@ def default_lexinv_config() -> ml_collections.ConfigDict:
   c.p = 1.0                   # probability that a sequence is lexinvariant
   c.table = 'shared'          # 'shared' | 'independent' | 'permuted_learned'
   c.embed_scale_init = 1.0    # initial learned scale on the N(0, I) rows
+  c.embed_bias_init_std = 1.0  # the learned bias starts as N(0, std^2 I) (0: zeros)
+  c.fixed_specials = False    # pad/bos/eos get learned rows (shared by all sequences)
+  c.vocab = 'all'             # 'all' real ids are lexical | 'train': only ids seen in training
+  c.vocab_min_freq = 0.0      # 'train': ids with a lower training frequency are not lexical
+  c.vocab_max_chars = 64_000_000  # 'train': characters of the training split counted
   return c
 
 
@@ -79,7 +104,11 @@ class LexinvariantLM(nnx.Module):
 
   def __init__(self, cfg_model: ml_collections.ConfigDict, cfg_lexinv: ml_collections.ConfigDict,
                vocab_size: int, n_real: int | None = None, dtype: Any = jnp.float32, *,
+               special_ids: tuple[int, ...] = (), live: np.ndarray | None = None,
                rngs: nnx.Rngs):
+    """`special_ids`: the encoder's pad/bos/eos (used with `lexinv.fixed_specials`); `live`:
+    bool [vocab_size], the ids seen in training (required with `lexinv.vocab='train'`; a
+    checkpoint's saved copy replaces it on restore)."""
     self.vocab_size = int(vocab_size)
     self.n_real = int(vocab_size if n_real is None else n_real)
     if not 0 < self.n_real <= self.vocab_size:
@@ -90,6 +119,9 @@ class LexinvariantLM(nnx.Module):
     self.table = str(cfg_lexinv.table)
     if self.table not in TABLES:
       raise ValueError(f'lexinv.table={self.table!r}; expected one of {TABLES}')
+    vocab = str(cfg_lexinv.get('vocab', 'all'))
+    if vocab not in VOCABS:
+      raise ValueError(f'lexinv.vocab={vocab!r}; expected one of {VOCABS}')
     self.dtype = dtype
     self.ce_chunk = int(cfg_model.ce_chunk)
     d = int(cfg_model.d_model)
@@ -101,15 +133,74 @@ class LexinvariantLM(nnx.Module):
         attention_impl=cfg_model.attention_impl, init_std=cfg_model.init_std, rngs=rngs)
     self.embed_scale = nnx.Param(jnp.full((d,), float(cfg_lexinv.embed_scale_init), jnp.float32),
                                  out_sharding=('norm',))
-    self.embed_bias = nnx.Param(jnp.zeros((d,), jnp.float32), out_sharding=('norm',))
+    # The bias is the only input component that is the same for every token of every sequence,
+    # so it is what lets attention work by position (a previous-token head via RoPE) rather
+    # than by random contents. Started at zero it stays near zero on text, layer 0's heads
+    # stay uniform and no induction head forms; started as N(0, I) (the default) layer 0 forms
+    # previous-token heads and layer 1 copies from the context (README, lexinvariant section).
+    bias_std = float(cfg_lexinv.get('embed_bias_init_std', 1.0))
+    self.embed_bias = nnx.Param(bias_std * jax.random.normal(rngs.params(), (d,), jnp.float32),
+                                out_sharding=('norm',))
     self.readout_scale = nnx.Param(jnp.full((), 1.0 / d, jnp.float32), out_sharding=())
     self.uses_learned = self.p < 1.0 or self.table == 'permuted_learned'
     self.embed = (Embed(vocab_size, d, dtype=dtype, init_std=cfg_model.init_std, rngs=rngs)
                   if self.uses_learned else None)
 
+    # Fixed rows (see the module doc): static index of each special id, then 'other'.
+    specials = sorted({int(i) for i in special_ids}) if cfg_lexinv.get('fixed_specials') else []
+    if any(not 0 <= i < self.n_real for i in specials):
+      raise ValueError(f'special ids {specials} must lie in [0, n_real={self.n_real})')
+    self.special_ids = tuple(specials)             # static; special id i has fixed row i
+    self.n_specials = len(specials)
+    live_V = None
+    if vocab == 'train':
+      if live is None:
+        raise ValueError("lexinv.vocab='train' needs the ids seen in training (`live`)")
+      live_V = np.asarray(live, bool).reshape(-1)
+      if live_V.shape != (self.vocab_size,):
+        raise ValueError(f'live has {live_V.shape[0]} entries, expected vocab_size='
+                         f'{self.vocab_size}')
+      lexical = live_V[:self.n_real].copy()
+      lexical[list(specials)] = False
+      if not lexical.any():
+        raise ValueError('live marks no lexical id: the training data has no tokens?')
+    # Data, not a trained weight: a Param only so that checkpoints carry it (zero gradient).
+    self.live = (nnx.Param(jnp.asarray(live_V, jnp.float32), out_sharding=(None,))
+                 if live_V is not None else None)
+    n_fixed = self.n_specials + (self.live is not None)
+    self.fixed = (nnx.Param(jax.random.normal(rngs.params(), (n_fixed, d), jnp.float32),
+                            out_sharding=(None, 'embed')) if n_fixed else None)
+
   @property
   def gaussian(self) -> bool:
     return self.table in ('shared', 'independent')
+
+  # -- vocabulary classes ----------------------------------------------------------------------
+  def _classes(self) -> tuple[Array, Array]:
+    """(fixed_V int32 [V]: -1 for lexical ids, else the fixed row; logc_F [n_fixed]: the log
+    number of ids that share each fixed row: 0 for specials, log n_other for 'other')."""
+    fixed_V = np.full((self.vocab_size,), -1, np.int32)
+    fixed_V[list(self.special_ids)] = np.arange(self.n_specials, dtype=np.int32)
+    fixed_V = jnp.asarray(fixed_V)
+    logc = jnp.zeros((self.n_specials,), jnp.float32)
+    if self.live is not None:
+      live = jax.lax.stop_gradient(self.live[...]) > 0.5
+      real = jnp.arange(self.vocab_size) < self.n_real
+      other = real & ~live & (fixed_V < 0)
+      fixed_V = jnp.where(other, self.n_specials, fixed_V)
+      n_other = jnp.sum(other).astype(jnp.float32)
+      logc = jnp.concatenate([logc, jnp.log(n_other)[None]])  # -inf when every id is live
+    return fixed_V, logc
+
+  def _lexical_mask(self, draw, fixed_V: Array) -> Array | None:
+    """[B, n_real] bool over the Gaussian rows: row n takes part in sequence b's softmax iff it
+    is E_b of a lexical id (None: every row does)."""
+    if self.fixed is None:
+      return None
+    lex_N = fixed_V[:self.n_real] < 0
+    perm_BxN = draw['perm'][:, :self.n_real]
+    b = perm_BxN.shape[0]
+    return jnp.zeros((b, self.n_real), bool).at[jnp.arange(b)[:, None], perm_BxN].set(lex_N)
 
   # -- randomness ------------------------------------------------------------------------------
   def draw(self, rng: Array, batch: int) -> dict[str, Array]:
@@ -157,19 +248,25 @@ class LexinvariantLM(nnx.Module):
             'gauss': table_BxNxD}
 
   # -- embeddings ------------------------------------------------------------------------------
-  def _gauss_rows(self, draw, ids_BxT: Array) -> Array:
-    """Raw Gaussian rows E_b[ids] = G[pi_b(ids)] (fp32 [B, T, D])."""
+  def _rows(self, draw, ids_BxT: Array) -> Array:
+    """Raw rows E_b[ids] (fp32 [B, T, D]): G[pi_b(ids)] for lexical ids, W_fix for fixed ones."""
     g = draw['gauss']
     pid_BxT = jnp.take_along_axis(draw['perm'], ids_BxT, axis=1)
     pid_BxT = jnp.minimum(pid_BxT, self.n_real - 1)  # ids >= n_real never occur; keep in range
     if g.ndim == 2:
-      return jnp.take(g, pid_BxT, axis=0)
-    return jnp.take_along_axis(g, pid_BxT[..., None], axis=1)
+      rows = jnp.take(g, pid_BxT, axis=0)
+    else:
+      rows = jnp.take_along_axis(g, pid_BxT[..., None], axis=1)
+    if self.fixed is None:
+      return rows
+    k_BxT = self._classes()[0][ids_BxT]
+    fixed = jnp.take(self.fixed[...], jnp.maximum(k_BxT, 0), axis=0)
+    return jnp.where((k_BxT >= 0)[..., None], fixed, rows)
 
   def embed_tokens(self, ids_BxT: Array, draw: dict[str, Array]) -> Array:
     parts = []
     if self.gaussian and self.p > 0.0:
-      e = self._gauss_rows(draw, ids_BxT)
+      e = self._rows(draw, ids_BxT)
       parts.append(e * self.embed_scale[...] + self.embed_bias[...])
     if self.uses_learned:
       pid_BxT = jnp.take_along_axis(draw['perm'], ids_BxT, axis=1)
@@ -193,12 +290,27 @@ class LexinvariantLM(nnx.Module):
 
   # -- readout ---------------------------------------------------------------------------------
   def _gauss_scores(self, h_BxCxD: Array, draw) -> Array:
-    """readout_scale * h . G_v for every Gaussian row v (fp32 [B, C, n_real]): the logits in the
+    """readout_scale * h . G_n for every Gaussian row n (fp32 [B, C, n_real]): the logits in the
     *permuted* order (column pi_b(v) is token v)."""
     g = draw['gauss'].astype(self.dtype)
-    eq = 'bcd,vd->bcv' if g.ndim == 2 else 'bcd,bvd->bcv'
+    eq = 'bcd,nd->bcn' if g.ndim == 2 else 'bcd,bnd->bcn'
     s = jnp.einsum(eq, h_BxCxD.astype(self.dtype), g, preferred_element_type=jnp.float32)
     return s * self.readout_scale[...]
+
+  def _fixed_scores(self, h_BxCxD: Array) -> Array:
+    """readout_scale * h . W_fix[k] (fp32 [B, C, n_fixed])."""
+    s = jnp.einsum('bcd,kd->bck', h_BxCxD.astype(self.dtype), self.fixed[...].astype(self.dtype),
+                   preferred_element_type=jnp.float32)
+    return s * self.readout_scale[...]
+
+  def _gauss_lse(self, h_BxCxD: Array, draw, lex_BxN: Array | None, logc_F: Array) -> Array:
+    """log of the softmax normaliser over all ids (fp32 [B, C])."""
+    s = self._gauss_scores(h_BxCxD, draw)
+    if lex_BxN is None:
+      return jax.nn.logsumexp(s, axis=-1)
+    s = jnp.where(lex_BxN[:, None], s, -jnp.inf)
+    f = self._fixed_scores(h_BxCxD) + logc_F
+    return jnp.logaddexp(jax.nn.logsumexp(s, axis=-1), jax.nn.logsumexp(f, axis=-1))
 
   def _learned_scores(self, h_BxCxD: Array) -> Array:
     return token_lm._readout(h_BxCxD, self.embed.embedding[...], True, self.dtype)
@@ -209,9 +321,11 @@ class LexinvariantLM(nnx.Module):
     (`ce_chunk`) like `token_lm.token_nll`. The target logit is a [B, T, D] gather."""
     nlls = []
     if self.gaussian and self.p > 0.0:
-      lse = _chunked(lambda h: jax.nn.logsumexp(self._gauss_scores(h, draw), axis=-1),
-                     h_BxTxD, self.ce_chunk)
-      e_BxTxD = self._gauss_rows(draw, targets_BxT)
+      fixed_V, logc_F = self._classes() if self.fixed is not None else (None, None)
+      lex_BxN = self._lexical_mask(draw, fixed_V) if self.fixed is not None else None
+      lse = _chunked(lambda h: self._gauss_lse(h, draw, lex_BxN, logc_F), h_BxTxD,
+                     self.ce_chunk)
+      e_BxTxD = self._rows(draw, targets_BxT)
       tgt = jnp.einsum('btd,btd->bt', h_BxTxD.astype(jnp.float32), e_BxTxD.astype(jnp.float32))
       nlls.append(lse - tgt * self.readout_scale[...])
     if self.uses_learned:
@@ -229,26 +343,36 @@ class LexinvariantLM(nnx.Module):
 
   def token_logits(self, h_BxTxD: Array, draw: dict[str, Array]) -> Array:
     """fp32 logits [B, T, V] over the *original* token ids (for evaluation and sampling):
-    logits[b, t, v] = score against E_b[v]; ids >= n_real get -inf in random rows. Forms
-    [B, T, V] logits; use on evaluation-sized batches."""
+    logits[b, t, v] = score against E_b[v]; ids >= n_real get -inf in random rows (every id
+    that shares the 'other' row gets its logit, so the softmax over V is the model's
+    distribution). Forms [B, T, V] logits; use on evaluation-sized batches."""
     outs = []
+    b, t = h_BxTxD.shape[:2]
     if self.gaussian and self.p > 0.0:
       s_BxTxN = self._gauss_scores(h_BxTxD, draw)
-      b, t = h_BxTxD.shape[:2]
       pid_BxV = jnp.minimum(draw['perm'], self.n_real - 1)
       s_BxTxV = jnp.take_along_axis(s_BxTxN, jnp.broadcast_to(pid_BxV[:, None], (b, t,
                                                                                   self.vocab_size)),
                                     axis=2)
+      if self.fixed is not None:
+        fixed_V = self._classes()[0]
+        f_BxTxV = jnp.take(self._fixed_scores(h_BxTxD), jnp.maximum(fixed_V, 0), axis=2)
+        s_BxTxV = jnp.where(fixed_V >= 0, f_BxTxV, s_BxTxV)
       valid_V = jnp.arange(self.vocab_size) < self.n_real
       outs.append(jnp.where(valid_V, s_BxTxV, -jnp.inf))
     if self.uses_learned:
       s_BxTxV = self._learned_scores(h_BxTxD)
-      b, t = h_BxTxD.shape[:2]
       outs.append(jnp.take_along_axis(
           s_BxTxV, jnp.broadcast_to(draw['perm'][:, None], (b, t, self.vocab_size)), axis=2))
     if len(outs) == 1:
       return outs[0]
     return jnp.where(draw['mask'][:, None, None], outs[0], outs[1])
+
+  def lexical_ids(self) -> np.ndarray:
+    """The ids a cipher may permute (host numpy): real ids with a Gaussian row in every
+    sequence, i.e. not special under `fixed_specials` and live under `vocab='train'`."""
+    fixed_V = np.asarray(jax.device_get(self._classes()[0]))
+    return np.flatnonzero(fixed_V[:self.n_real] < 0).astype(np.int32)
 
   def __call__(self, ids_BxT: Array, draw: dict[str, Array], positions_BxT: Array | None = None,
                segment_ids_BxT: Array | None = None, cache: list[Cache] | None = None,

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import models  # noqa: F401  (switches eager sharding off)
-from data import encoders, synthetic
+from data import encoders, pipeline, synthetic
 from models import lexinvariant, token_lm
 from models.lexinvariant import LexinvariantLM
 
@@ -34,8 +34,15 @@ def _lcfg(**kw):
   return c
 
 
+SPECIALS = (0, 1, 2)
+LIVE = np.arange(V) < 30   # with vocab='train': ids 30..39 never seen in training ('other')
+FIXED = dict(fixed_specials=True, vocab='train')
+
+
 def _model(ce_chunk=0, seed=0, **lx):
-  return LexinvariantLM(_mcfg(ce_chunk=ce_chunk), _lcfg(**lx), V, N, rngs=nnx.Rngs(seed))
+  live = LIVE if lx.get('vocab') == 'train' else None
+  return LexinvariantLM(_mcfg(ce_chunk=ce_chunk), _lcfg(**lx), V, N, special_ids=SPECIALS,
+                        live=live, rngs=nnx.Rngs(seed))
 
 
 def _batch(b=3, t=12, seed=0):
@@ -99,6 +106,67 @@ def test_shared_loss_is_invariant_to_a_global_cipher_in_distribution():
   np.testing.assert_allclose(h, hc, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(model.token_nll(h, b['targets'], draw),
                              model.token_nll(hc, sigma[b['targets']], cipher_draw), rtol=1e-5)
+
+
+def test_fixed_rows_keep_invariance_over_the_lexical_ids():
+  """With learned special rows and a training vocabulary, a cipher of the lexical ids (live,
+  non-special) is again a redraw of pi; unseen ids are interchangeable (one shared row);
+  `live` is data (zero gradient) and `lexical_ids` is what the cipher evaluations permute."""
+  model = _perturb(_model(**FIXED))
+  lexical = model.lexical_ids()
+  np.testing.assert_array_equal(lexical, np.arange(3, 30))
+  b = _batch()
+  draw = model.draw(jax.random.key(5), 3)
+  sigma = np.arange(V)
+  sigma[lexical] = np.random.default_rng(1).permutation(lexical)
+  sigma = jnp.asarray(sigma)
+  inv = jnp.argsort(sigma)
+  cipher_draw = dict(draw, perm=draw['perm'].at[:, :N].set(draw['perm'][:, :N][:, inv[:N]]))
+  h, _ = model.hidden(b['inputs'], draw, b['positions'], b['segment_ids'])
+  hc, _ = model.hidden(sigma[b['inputs']], cipher_draw, b['positions'], b['segment_ids'])
+  np.testing.assert_allclose(h, hc, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(model.token_nll(h, b['targets'], draw),
+                             model.token_nll(hc, sigma[b['targets']], cipher_draw), rtol=1e-5)
+  # unseen ids 30..39 share the 'other' row: swapping them changes nothing
+  swap = jnp.where(b['inputs'] == 31, 35, jnp.where(b['inputs'] == 35, 31, b['inputs']))
+  assert int(jnp.sum(swap != b['inputs'])) > 0
+  hs, _ = model.hidden(swap, draw, b['positions'], b['segment_ids'])
+  np.testing.assert_allclose(h, hs, rtol=1e-6, atol=1e-6)
+  lg = np.asarray(model.token_logits(h, draw))
+  np.testing.assert_allclose(lg[..., 30:N], np.broadcast_to(lg[..., 30:31], lg[..., 30:N].shape))
+  # specials are fixed: the same learned row in every sequence, whatever the draw
+  other = model.draw(jax.random.key(6), 3)
+  np.testing.assert_allclose(model.embed_tokens(jnp.asarray([[0, 1, 2, 33]]), draw)[:1],
+                             model.embed_tokens(jnp.asarray([[0, 1, 2, 33]]), other)[:1])
+  grads = nnx.grad(lambda m: lexinvariant.lexinv_loss(m, b, jax.random.key(2))[0])(model)
+  assert not np.any(np.asarray(grads['live'][...]))
+  assert np.abs(np.asarray(grads['fixed'][...])).max() > 0
+
+
+def test_fixed_rows_refuse_bad_inputs():
+  with pytest.raises(ValueError, match='needs the ids seen in training'):
+    LexinvariantLM(_mcfg(), _lcfg(**FIXED), V, N, special_ids=SPECIALS, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='expected vocab_size=48'):
+    LexinvariantLM(_mcfg(), _lcfg(**FIXED), V, N, special_ids=SPECIALS, live=LIVE[:40],
+                   rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='no lexical id'):
+    LexinvariantLM(_mcfg(), _lcfg(**FIXED), V, N, special_ids=SPECIALS,
+                   live=np.arange(V) < 3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="lexinv.vocab='bytes'"):
+    _model(vocab='bytes')
+
+
+def test_token_counts_count_documents_with_their_markers():
+  enc = encoders.ByteEncoder()
+  docs = ['abca', '', 'b' * 10]
+  c = pipeline.token_counts(docs, enc)
+  assert c.shape == (enc.vocab_size,)
+  off = enc.OFFSET
+  assert c[off + ord('a')] == 2 and c[off + ord('b')] == 11 and c[off + ord('c')] == 1
+  assert c[enc.bos_id] == 3 and c[enc.eos_id] == 3 and c.sum() == 14 + 6
+  # the character budget stops before the document that would pass it (the first is kept)
+  c2 = pipeline.token_counts(docs, enc, max_chars=5)
+  assert c2[off + ord('b')] == 1 and c2[enc.bos_id] == 2
 
 
 def test_draw_is_reproducible_from_keys_and_per_row():
@@ -191,7 +259,13 @@ def _reference_nll(model, batch, draw):
   if g.ndim == 2:
     e_BxNxD = g[np.minimum(perm[:, :N], N - 1)]
   else:
-    e_BxNxD = g
+    e_BxNxD = g.copy()
+  if model.fixed is not None:  # learned rows: one per special, one shared by every unseen id
+    fixed = np.asarray(model.fixed[...], np.float64)
+    for k, v in enumerate(SPECIALS):
+      e_BxNxD[:, v] = fixed[k]
+    if model.live is not None:
+      e_BxNxD[:, ~LIVE[:N]] = fixed[len(SPECIALS)]
   scale = np.asarray(model.embed_scale[...], np.float64)
   bias = np.asarray(model.embed_bias[...], np.float64)
   x = np.take_along_axis(e_BxNxD, np.asarray(batch['inputs'])[..., None], axis=1) * scale + bias
@@ -203,9 +277,13 @@ def _reference_nll(model, batch, draw):
   return lse - tgt
 
 
-@pytest.mark.parametrize('table', ['shared', 'independent'])
-def test_loss_matches_materialized_per_sequence_E(table):
-  model = _perturb(_model(table=table))
+@pytest.mark.parametrize('table,fixed', [('shared', {}), ('independent', {}),
+                                         ('shared', FIXED), ('independent', FIXED),
+                                         ('shared', dict(fixed_specials=True))])
+def test_loss_matches_materialized_per_sequence_E(table, fixed):
+  """The reference materializes E_b over every id (fixed rows included: an unseen id's row is
+  the shared 'other' row, so the softmax counts it once per unseen id)."""
+  model = _perturb(_model(table=table, **fixed))
   b = _batch()
   rng = jax.random.key(11)
   draw = model.draw(rng, 3)
@@ -238,7 +316,8 @@ def test_permuted_learned_matches_reference():
   np.testing.assert_allclose(model.token_nll(h2, b['targets'], draw), ref, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize('lx', [dict(), dict(table='independent'), dict(p=0.5)])
+@pytest.mark.parametrize('lx', [dict(), dict(table='independent'), dict(p=0.5),
+                                dict(FIXED, p=0.5)])
 def test_chunked_loss_and_grads_match_unchunked(lx):
   b = _batch()
   rng = jax.random.key(1)
@@ -312,6 +391,19 @@ def test_synthetic_generators():
   np.testing.assert_array_equal(synthetic.lookup_batch(enc, 5, 96, seed=1)['inputs'],
                                 lb['inputs'])  # seeded
 
+  rb = synthetic.repeat_batch(enc, 3, 40, seed=1, length=12, copies=3)
+  for r in range(3):  # bos + s s s, the second and third copies are the answers
+    text = enc.decode(rb['inputs'][r, 1:36].tolist() + [rb['targets'][r, 35]])
+    assert len(text) == 36 and text == text[:12] * 3
+  assert (rb['answer'].sum(1) == 24).all() and synthetic.score(rb['targets'], rb)['n_answers'] == 6
+  np.testing.assert_array_equal(rb['copy'][0, :37], np.r_[[1] * 12, [2] * 12, [3] * 12, 0])
+  nll = np.where(rb['copy'] == 1, 3.0, 0.5)
+  pred = np.where(rb['copy'] >= 2, rb['targets'], 0)   # copies the context, guesses copy 1
+  per = synthetic.by_copy(nll, pred, rb)
+  assert [c['copy'] for c in per] == [1, 2, 3]
+  assert per[0]['loss'] == 3.0 and per[1]['loss'] == per[2]['loss'] == 0.5
+  assert per[0]['accuracy'] == 0.0 and per[1]['accuracy'] == per[2]['accuracy'] == 1.0
+
 
 TINY = ['--config.data.max_docs=300', '--config.train.batch_size=8', '--config.data.seq_len=128',
         '--config.train.steps=6', '--config.ckpt.every=100', '--config.train.eval_batches=2',
@@ -326,7 +418,7 @@ def test_launch_train_and_eval_against_standard_lm(data_dir, tmp_path):
   run_launch(data_dir, '--config=configs/lexinvariant.py:tiny_lm', f'--workdir={std}', *TINY)
   p = run_launch(data_dir, '--config=configs/lexinvariant.py:tiny', f'--workdir={lex}', *TINY,
                  *LEX)
-  assert 'lexinvariant p=1.0 table=shared' in p.stdout and 'sample 0' in p.stdout
+  assert 'lexinvariant p=1.0 table=shared vocab=train (' in p.stdout and 'sample 0' in p.stdout
   p = run_launch(data_dir, '--config=configs/lexinvariant.py:tiny', f'--workdir={lex}',
                  '--mode=eval', *TINY, *LEX, f'--config.lexinv.baseline_workdir={std}')
   ev = json.load(open(os.path.join(lex, 'eval_step6.json')))
@@ -340,9 +432,29 @@ def test_launch_train_and_eval_against_standard_lm(data_dir, tmp_path):
     assert 0 <= suite['probe'][name]['token_accuracy'] <= 1
     for task in ('lookup', 'permutation'):
       assert 0 <= suite['synthetic'][task][name]['token_accuracy'] <= 1
+    assert [c['copy'] for c in suite['repeat'][name]] == [1, 2, 3]
+    heads = suite['attention'][name]
+    assert len(heads) == 1 and len(heads[0]) == 4   # 1 layer x 4 heads
+    for h in heads[0]:  # attention rows are distributions over at least the 17 allowed keys
+      assert 0 <= h['offset0'] + h['offset1'] + h['offset2'] <= 1 + 1e-5
+      assert 0 <= h['entropy'] <= np.log(128) + 1e-5
   # the cipher leaves the lexinvariant model's loss unchanged (up to E sampling) even untrained
   c = suite['cipher']['lexinv']
   assert abs(c['diff']) < 0.1, c
   for f in ('lexinv_eval_step6.md', 'lexinv_eval_step6.json', 'lexinv_ppl_by_position_step6.png'):
     assert os.path.getsize(os.path.join(lex, f)) > 0
   assert '## Substitution cipher' in open(os.path.join(lex, 'lexinv_eval_step6.md')).read()
+  # the training vocabulary is data saved with the checkpoint: restoring where the data says
+  # otherwise (here: fewer documents, so fewer live ids) keeps the trained model's set
+  from train import config_lib, trainer
+  cfg = config_lib.load_saved(lex)
+  saved_live = np.asarray(trainer.restore(cfg, lex)[1]['params']['live'])
+  assert suite['cipher_alphabet_size'] == int(saved_live[3:259].sum())
+  with cfg.unlocked():
+    cfg.data.max_docs = 5
+  setup, state, _ = trainer.restore(cfg, lex)
+  counted = setup.family.live_ids()
+  assert counted.sum() < saved_live.sum()
+  np.testing.assert_array_equal(np.asarray(state['params']['live']), saved_live)
+  np.testing.assert_array_equal(setup.model(state['params']).lexical_ids(),
+                                np.flatnonzero(saved_live[:259])[2:])

@@ -11,8 +11,9 @@ workdir of the same size on the same data) and writes into the workdir:
 Evaluations:
   * loss by context position (position inside the document) on validation text, in
     log-spaced bins; ratio = ppl_lexinv / ppl_standard per bin.
-  * substitution cipher: the validation text under one random permutation of the byte/subword
-    ids (specials fixed); loss of both models on plain and ciphered text. The lexinvariant
+  * substitution cipher: the validation text under one random permutation of the lexical ids
+    (the byte/subword ids, or those seen in training under `lexinv.vocab='train'`; specials
+    fixed); loss of both models on plain and ciphered text. The lexinvariant
     model's difference is reported with its standard error over batches (its E is resampled).
   * deciphering probe: every row ciphered with its own random permutation; a linear softmax
     probe on the final hidden state at each position is trained (on `probe_rows` rows) to give
@@ -20,6 +21,10 @@ Evaluations:
     (all / first 32 positions / second half of the row), the majority-class baseline, and the
     recovered cipher mapping (per row and cipher symbol, the probe's majority vote) accuracy.
   * LookUp and Permutation (`data/synthetic.py`): greedy answer accuracy for both models.
+  * Repeat: loss and greedy accuracy on each copy of a thrice-repeated random string (does the
+    model copy from its context: an induction head).
+  * attention by head: mass on the current and the two previous tokens and the entropy, per
+    layer and head (which heads work by position).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from data import synthetic
+from data import corpus, pipeline, synthetic
 from models import lexinvariant, token_lm
 from train import families, lm_family, partitioning
 
@@ -45,10 +50,28 @@ class LexinvariantFamily(lm_family.TokenLMFamily):
   def __init__(self, cfg):
     super().__init__(cfg)
     self.lexinv_cfg = cfg.lexinv
+    self._live = None
+
+  def live_ids(self) -> np.ndarray:
+    """bool [vocab_size]: the ids whose frequency in the training split is at least
+    `lexinv.vocab_min_freq` (`lexinv.vocab='train'`), counted once over at most
+    `lexinv.vocab_max_chars` characters of it."""
+    if self._live is None:
+      source = corpus.get_source(self.cfg.data, self.cfg.data.train_split)
+      counts = pipeline.token_counts(source, self.encoder,
+                                     int(self.lexinv_cfg.get('vocab_max_chars', 0)))
+      min_freq = float(self.lexinv_cfg.get('vocab_min_freq', 0.0))
+      self._live = (counts > 0) & (counts >= min_freq * counts.sum())
+      self._stats['lexinv_live_ids'] = int(self._live[:self.encoder.true_vocab_size].sum())
+    return self._live
 
   def build_model(self, rngs):
-    return lexinvariant.LexinvariantLM(self.model_cfg, self.lexinv_cfg, self.encoder.vocab_size,
-                                       self.encoder.true_vocab_size, self.dtype, rngs=rngs)
+    enc = self.encoder
+    live = self.live_ids() if self.lexinv_cfg.get('vocab', 'all') == 'train' else None
+    return lexinvariant.LexinvariantLM(self.model_cfg, self.lexinv_cfg, enc.vocab_size,
+                                       enc.true_vocab_size, self.dtype,
+                                       special_ids=(enc.pad_id, enc.bos_id, enc.eos_id),
+                                       live=live, rngs=rngs)
 
   def loss(self, model, batch, rng):
     return lexinvariant.lexinv_loss(model, batch, rng)
@@ -64,7 +87,12 @@ class LexinvariantFamily(lm_family.TokenLMFamily):
 
   def describe(self) -> str:
     c = self.lexinv_cfg
-    return f'lexinvariant p={c.p} table={c.table} | ' + super().describe()
+    vocab = c.get('vocab', 'all')
+    if vocab == 'train':
+      vocab += f' ({int(self.live_ids()[:self.encoder.true_vocab_size].sum())} of ' \
+               f'{self.encoder.true_vocab_size} ids are live)'
+    return (f'lexinvariant p={c.p} table={c.table} vocab={vocab} '
+            f'fixed_specials={bool(c.get("fixed_specials", False))} | ' + super().describe())
 
   def eval_suite(self, setup, params, workdir: str, step: int) -> dict:
     return run_suite(self, setup, params, workdir, step)
@@ -128,14 +156,18 @@ def load_baseline(workdir: str):
   return setup, state['params'], s
 
 
-def _cipher(encoder, rng: np.random.Generator) -> np.ndarray:
-  """A random permutation of the real (non-special) ids; specials and padding ids fixed."""
-  v = encoder.vocab_size
-  sigma = np.arange(v, dtype=np.int32)
-  special = {encoder.pad_id, encoder.bos_id, encoder.eos_id}
-  real = np.array([i for i in range(encoder.true_vocab_size) if i not in special], np.int32)
-  sigma[real] = rng.permutation(real)
+def _cipher(vocab_size: int, alphabet: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """A random permutation of the `alphabet` ids (int32 [vocab_size]); every other id fixed."""
+  sigma = np.arange(vocab_size, dtype=np.int32)
+  sigma[alphabet] = rng.permutation(alphabet)
   return sigma
+
+
+def cipher_alphabet(model, encoder) -> np.ndarray:
+  """The ids a substitution cipher permutes: the lexinvariant model's lexical ids (all real ids,
+  or the ids seen in training under `lexinv.vocab='train'`), never pad/bos/eos."""
+  special = [encoder.pad_id, encoder.bos_id, encoder.eos_id]
+  return np.setdiff1d(model.lexical_ids(), special).astype(np.int32)
 
 
 def _apply_cipher(batch, sigma_rows):
@@ -230,7 +262,7 @@ def _fit_probe(x, y, groups, n_classes, steps):
   return _fit_linear(x, y, n_classes, steps, best[1]), best[1]
 
 
-def probe_eval(scorers, batches, key, encoder, n_train_rows, steps, seed):
+def probe_eval(scorers, batches, key, encoder, alphabet, n_train_rows, steps, seed):
   """Train rows: the first n_train_rows non-empty rows; test rows: the rest."""
   rng = np.random.default_rng([seed, 7])
   rows = []  # (plain batch row dict, per-row cipher)
@@ -240,7 +272,7 @@ def probe_eval(scorers, batches, key, encoder, n_train_rows, steps, seed):
         rows.append({k: v[r:r + 1] for k, v in b.items()})
   n_test = max(len(rows) - n_train_rows, 1)
   rows = rows[:n_train_rows + n_test]
-  sig = np.stack([_cipher(encoder, rng) for _ in rows])
+  sig = np.stack([_cipher(encoder.vocab_size, alphabet, rng) for _ in rows])
   bsz = batches[0]['inputs'].shape[0]
   special = np.array([encoder.pad_id, encoder.bos_id, encoder.eos_id])
   out = {}
@@ -309,6 +341,55 @@ def synthetic_eval(scorers, encoder, cfg, seq_len, key):
   return out
 
 
+def repeat_eval(scorers, encoder, cfg, seq_len, key):
+  """Induction probe: loss and greedy accuracy on each copy of a repeated random string."""
+  c = cfg.lexinv
+  length = min(48, seq_len // 3)
+  n = cfg.train.batch_size
+  b = synthetic.repeat_batch(encoder, n, seq_len, c.eval_seed, length, 3)
+  return {s.name: synthetic.by_copy(s.nll(b, key), s.pred(b, key), b) for s in scorers}
+
+
+def attention_profile(setup, params, batch, rng, rows: int = 4) -> list[list[dict]]:
+  """Per layer and head, on the first `rows` rows of `batch` (positions >= 16): the mean
+  attention on the current token (offset 0) and the two before it, and the entropy (nats) of
+  the attention distribution; a diagnostic of which heads work by position. Works for the
+  lexinvariant model and the standard LM (both embed, then run `transformer.layers`)."""
+  from models.layers import rope  # pylint: disable=import-outside-toplevel
+  model = setup.model(params)
+  x = jnp.asarray(batch['inputs'][:rows])
+  pos = jnp.asarray(batch['positions'][:rows])
+  seg = jnp.asarray(batch['segment_ids'][:rows])
+  if hasattr(model, 'draw'):
+    h = model.embed_tokens(x, model.draw(rng, rows))
+  else:
+    h = model.embed(x)
+  t = x.shape[1]
+  allowed = (np.tril(np.ones((t, t), bool))[None] & (np.asarray(seg)[:, :, None]
+                                                       == np.asarray(seg)[:, None, :]))
+  sel = (np.asarray(pos) >= 16) & (np.asarray(seg) > 0)
+  out = []
+  for layer in model.transformer.layers:
+    a = layer.attn
+    xn = layer.attn_norm(h)
+    q = rope(jnp.einsum('btd,dhk->bthk', xn, a.q[...]), pos, a.rope_base)
+    k = rope(jnp.einsum('btd,dgk->btgk', xn, a.k[...]), pos, a.rope_base)
+    k = jnp.repeat(k, a.num_heads // a.num_kv_heads, axis=2)
+    sc = jnp.einsum('bthk,bshk->bhts', q, k) / np.sqrt(a.head_dim)
+    p = np.asarray(jax.nn.softmax(jnp.where(allowed[:, None], sc, -jnp.inf), axis=-1))
+    heads = []
+    for hd in range(p.shape[1]):
+      ph = p[:, hd][sel]                                      # [n, T] rows of selected queries
+      qi = np.nonzero(sel)[1]
+      offs = [float(ph[np.arange(len(qi)), qi - o].mean()) for o in range(3)]
+      ent = float(-(ph * np.log(np.where(ph > 0, ph, 1.0))).sum(-1).mean())
+      heads.append({'offset0': offs[0], 'offset1': offs[1], 'offset2': offs[2],
+                    'entropy': ent})
+    out.append(heads)
+    h = layer(h, pos, seg)[0]
+  return out
+
+
 def _plot(path, per_pos, count, names, title):
   import matplotlib
   matplotlib.use('Agg')
@@ -355,7 +436,8 @@ def _markdown(res) -> str:
     if len(names) == 2:
       cells.append(f"{r['ppl_ratio']:.2f}")
     lines.append('| ' + ' | '.join(cells) + ' |')
-  lines += ['', '## Substitution cipher (one random permutation of the vocabulary)', '',
+  lines += ['', '## Substitution cipher (one random permutation of the '
+            f"{res.get('cipher_alphabet_size', '?')} lexical ids)", '',
             '| model | loss plain | loss ciphered | difference (± s.e.) |', '|---|---|---|---|']
   for n in names:
     c = res['cipher'][n]
@@ -369,6 +451,23 @@ def _markdown(res) -> str:
     lines.append(f"| {n} | {p['token_accuracy']:.3f} | {p['accuracy_first32']:.3f} | "
                  f"{p['accuracy_second_half']:.3f} | {p['majority_baseline']:.3f} | "
                  f"{p['mapping_accuracy']:.3f} |")
+  if 'repeat' in res:
+    lines += ['', '## Repeat (induction probe: a random a-z string, three copies)', '',
+              '| model | ' + ' | '.join(f'copy {r["copy"]} loss / acc' for r in
+                                       res['repeat'][names[0]]) + ' |',
+              '|---' * (1 + len(res['repeat'][names[0]])) + '|']
+    for n in names:
+      lines.append(f'| {n} | ' + ' | '.join(f"{r['loss']:.3f} / {r['accuracy']:.3f}"
+                                            for r in res['repeat'][n]) + ' |')
+  if 'attention' in res:
+    lines += ['', '## Attention by head (validation rows, positions >= 16)', '',
+              '| model | layer | head | on offset 0 / 1 / 2 | entropy (nats) |',
+              '|---|---|---|---|---|']
+    for n in names:
+      for li, heads in enumerate(res['attention'][n]):
+        for hi, a in enumerate(heads):
+          lines.append(f"| {n} | {li} | {hi} | {a['offset0']:.2f} / {a['offset1']:.2f} / "
+                       f"{a['offset2']:.2f} | {a['entropy']:.2f} |")
   lines += ['', '## Synthetic in-context tasks (greedy answers)', '',
             '| task | model | token acc | exact acc | answers |', '|---|---|---|---|---|']
   for task, per in res['synthetic'].items():
@@ -400,12 +499,18 @@ def run_suite(fam, setup, params, workdir: str, step: int) -> dict:
 
   rows, per_pos, count = position_curve(scorers, batches, jax.random.fold_in(key, 1), seq_len)
   res['by_position'] = rows
+  alphabet = cipher_alphabet(setup.model(params), fam.encoder)
+  res['cipher_alphabet_size'] = int(alphabet.size)
   res['cipher'] = cipher_eval(scorers, batches, jax.random.fold_in(key, 2),
-                              _cipher(fam.encoder, np.random.default_rng([c.eval_seed, 3])))
-  res['probe'] = probe_eval(scorers, batches, jax.random.fold_in(key, 3), fam.encoder,
+                              _cipher(fam.encoder.vocab_size, alphabet,
+                                      np.random.default_rng([c.eval_seed, 3])))
+  res['probe'] = probe_eval(scorers, batches, jax.random.fold_in(key, 3), fam.encoder, alphabet,
                             c.probe_rows, c.probe_steps, c.eval_seed)
   res['synthetic'] = synthetic_eval(scorers, fam.encoder, cfg, seq_len,
                                     jax.random.fold_in(key, 4))
+  res['repeat'] = repeat_eval(scorers, fam.encoder, cfg, seq_len, jax.random.fold_in(key, 5))
+  res['attention'] = {s.name: attention_profile(s.setup, s.params, batches[0],
+                                                jax.random.fold_in(key, 6)) for s in scorers}
   if jax.process_index() == 0:
     base = os.path.join(workdir, f'lexinv_eval_step{step}')
     _plot(base.replace('lexinv_eval', 'lexinv_ppl_by_position') + '.png', per_pos, count,
