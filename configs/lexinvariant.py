@@ -16,7 +16,7 @@ from models import lexinvariant
 
 # name -> (d_model, num_layers, num_heads, mlp_dim, seq_len, batch_size, steps, lr, warmup)
 _SIZES = {
-    'tiny': (128, 2, 4, 384, 256, 16, 2000, 3e-3, 100),
+    'tiny': (128, 2, 4, 384, 256, 16, 4000, 3e-3, 100),
     '150m': (1024, 12, 16, 2816, 1024, 128, 50_000, 3e-4, 2000),
     '150m_bpe32k': (1024, 12, 16, 2816, 1024, 64, 50_000, 3e-4, 2000),
 }
@@ -38,7 +38,7 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   c.optim.lr, c.optim.warmup_steps = lr, warmup
   if size == 'tiny':
     c.train.log_every = 100
-    c.ckpt.every = 1000
+    c.ckpt.every = 2000
     c.train.eval_batches = 16
   else:
     c.train.log_every = 100

@@ -58,6 +58,15 @@ h . W_fix[k]`, like a Gaussian row):
   times (`+ log n_other`) and bits per byte stay exact.
 Lexinvariance is then invariance to permutations of the lexical ids (the live, non-special ids).
 
+Bias initialisation (`lexinv.embed_bias_init_std`, default 1). With a zero bias every input
+vector is a random row: nothing in the input is the same across tokens, so queries and keys
+carry no content-independent component for RoPE to turn into a position preference, and the
+first layer's attention stays near uniform (a tiny byte model at step 2000: entropy ~4.3 nats,
+no previous-token heads). A bias drawn N(0, I) gives every token a shared component of the
+same size as its random row from step 0; previous-token heads then form in layer 0 and
+induction (copying from earlier in the sequence) follows. `--mode=eval` reports both (the
+attention table and the Repeat probe); the README has the ablation.
+
 Keys: `draw(rng, B)` folds the row index b (the global example index within the step's batch)
 into `rng`; the trainer's rng is fold_in(key(seed), step) (and the micro-batch index under
 gradient accumulation), so E depends only on (seed, step, example): runs reproduce and resume.
