@@ -196,11 +196,8 @@ class Attention(nnx.Module):
     to every cached slot <= their own (and within the window)."""
     dt = self.dtype
     x_BxTxD = x_BxTxD.astype(dt)
-    q_BxTxHxK = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.q[...].astype(dt))
-    k_BxTxGxK = jnp.einsum('btd,dgk->btgk', x_BxTxD, self.k[...].astype(dt))
+    q_BxTxHxK, k_BxTxGxK = self._qk(x_BxTxD, positions_BxT)
     v_BxTxGxK = jnp.einsum('btd,dgk->btgk', x_BxTxD, self.v[...].astype(dt))
-    q_BxTxHxK = rope(q_BxTxHxK, positions_BxT, self.rope_base)
-    k_BxTxGxK = rope(k_BxTxGxK, positions_BxT, self.rope_base)
 
     if cache is None:
       mask_Bx1xTxT = None
@@ -238,6 +235,30 @@ class Attention(nnx.Module):
 
     y_BxTxD = jnp.einsum('bthk,hkd->btd', out_BxTxHxK.astype(dt), self.o[...].astype(dt))
     return y_BxTxD, new_cache
+
+  def _qk(self, x_BxTxD: Array, positions_BxT: Array) -> tuple[Array, Array]:
+    dt = self.dtype
+    q_BxTxHxK = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.q[...].astype(dt))
+    k_BxTxGxK = jnp.einsum('btd,dgk->btgk', x_BxTxD, self.k[...].astype(dt))
+    return (rope(q_BxTxHxK, positions_BxT, self.rope_base),
+            rope(k_BxTxGxK, positions_BxT, self.rope_base))
+
+  def weights(self, x_BxTxD: Array, positions_BxT: Array,
+              segment_ids_BxT: Array | None = None) -> Array:
+    """The attention distribution of the uncached call (fp32 [B, H, T, T], rows sum to 1):
+    the same projections, causal / segment / window masks and 1/sqrt(head_dim) scaling, for
+    diagnostics (which heads attend by position)."""
+    q_BxTxHxK, k_BxTxGxK = self._qk(x_BxTxD.astype(self.dtype), positions_BxT)
+    k_BxTxHxK = jnp.repeat(k_BxTxGxK, self.num_heads // self.num_kv_heads, axis=2)
+    s_BxHxTxT = jnp.einsum('bthk,bshk->bhts', q_BxTxHxK, k_BxTxHxK,
+                           preferred_element_type=jnp.float32) * self.head_dim ** -0.5
+    t = x_BxTxD.shape[1]
+    diff_TxT = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
+    allowed = (diff_TxT >= 0) & ((diff_TxT < self.window) if self.window > 0 else True)
+    allowed_Bx1xTxT = jnp.broadcast_to(allowed, (x_BxTxD.shape[0], 1, t, t))
+    if segment_ids_BxT is not None:
+      allowed_Bx1xTxT &= segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
+    return jax.nn.softmax(jnp.where(allowed_Bx1xTxT, s_BxHxTxT, -jnp.inf), axis=-1)
 
 
 class Block(nnx.Module):

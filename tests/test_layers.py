@@ -44,6 +44,12 @@ def test_attention_matches_reference(num_kv_heads, window):
   y, cache = attn(x, pos, seg)
   assert cache is None
   chex.assert_trees_all_close(y, _reference_attention(attn, x, pos, seg, window), atol=1e-5)
+  # The diagnostic weights are the distribution the layer uses: with v and o they give y.
+  w = attn.weights(x, pos, seg)
+  chex.assert_trees_all_close(w.sum(-1), jnp.ones((b, H, t)), atol=1e-5)
+  v = jnp.repeat(jnp.einsum('btd,dgk->btgk', x, attn.v[...]), H // num_kv_heads, axis=2)
+  y_w = jnp.einsum('bthk,hkd->btd', jnp.einsum('bhts,bshk->bthk', w, v), attn.o[...])
+  chex.assert_trees_all_close(y_w, y, atol=1e-5)
   # No segment ids: plain causal (+ window).
   ones = jnp.ones((b, t), jnp.int32)
   y, _ = attn(x, pos)

@@ -355,7 +355,6 @@ def attention_profile(setup, params, batch, rng, rows: int = 4) -> list[list[dic
   attention on the current token (offset 0) and the two before it, and the entropy (nats) of
   the attention distribution; a diagnostic of which heads work by position. Works for the
   lexinvariant model and the standard LM (both embed, then run `transformer.layers`)."""
-  from models.layers import rope  # pylint: disable=import-outside-toplevel
   model = setup.model(params)
   x = jnp.asarray(batch['inputs'][:rows])
   pos = jnp.asarray(batch['positions'][:rows])
@@ -364,19 +363,10 @@ def attention_profile(setup, params, batch, rng, rows: int = 4) -> list[list[dic
     h = model.embed_tokens(x, model.draw(rng, rows))
   else:
     h = model.embed(x)
-  t = x.shape[1]
-  allowed = (np.tril(np.ones((t, t), bool))[None] & (np.asarray(seg)[:, :, None]
-                                                       == np.asarray(seg)[:, None, :]))
   sel = (np.asarray(pos) >= 16) & (np.asarray(seg) > 0)
   out = []
   for layer in model.transformer.layers:
-    a = layer.attn
-    xn = layer.attn_norm(h)
-    q = rope(jnp.einsum('btd,dhk->bthk', xn, a.q[...]), pos, a.rope_base)
-    k = rope(jnp.einsum('btd,dgk->btgk', xn, a.k[...]), pos, a.rope_base)
-    k = jnp.repeat(k, a.num_heads // a.num_kv_heads, axis=2)
-    sc = jnp.einsum('bthk,bshk->bhts', q, k) / np.sqrt(a.head_dim)
-    p = np.asarray(jax.nn.softmax(jnp.where(allowed[:, None], sc, -jnp.inf), axis=-1))
+    p = np.asarray(layer.attn.weights(layer.attn_norm(h), pos, seg))
     heads = []
     for hd in range(p.shape[1]):
       ph = p[:, hd][sel]                                      # [n, T] rows of selected queries
