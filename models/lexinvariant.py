@@ -52,20 +52,22 @@ h . W_fix[k]`, like a Gaussian row):
   Gaussian row in the softmax is a competitor whose logit is noise (h . E_v ~ N(0, |h|^2) for a
   token the context does not support) that the model cannot suppress, since it cannot tell
   which random row belongs to a token that never occurs; 156 such rows of never-seen bytes
-  swamp the in-context evidence of a small model where the context is short (README: tiny byte
-  model at 2000 steps, validation loss 3.685 -> 3.496 nats with both options). The output is still a distribution over *all* ids:
-  each non-live id gets the 'other' logit, so the softmax normaliser counts that row n_other
-  times (`+ log n_other`) and bits per byte stay exact.
+  swamp the in-context evidence of a small model where the context is short (README: tiny
+  byte model at 2000 steps, validation loss 3.685 -> 3.496 nats with both options). The output
+  is still a distribution over *all* ids: each non-live id gets the 'other' logit, so the
+  softmax normaliser counts that row n_other times (`+ log n_other`) and bits per byte stay
+  exact.
 Lexinvariance is then invariance to permutations of the lexical ids (the live, non-special ids).
 
 Bias initialisation (`lexinv.embed_bias_init_std`, default 1). With a zero bias every input
 vector is a random row: nothing in the input is the same across tokens, so queries and keys
 carry no content-independent component for RoPE to turn into a position preference, and the
 first layer's attention stays near uniform (the tiny byte preset at step 4000: entropy
-4.0-4.1 nats in every layer-0 head, no previous-token heads). A bias drawn N(0, I) gives every token a shared component of the
-same size as its random row from step 0; previous-token heads then form in layer 0 and
-induction (copying from earlier in the sequence) follows. `--mode=eval` reports both (the
-attention table and the Repeat probe); the README has the ablation.
+4.0-4.1 nats in every layer-0 head, no previous-token heads). A bias drawn N(0, I) gives every
+token a shared component of the same size as its random row from step 0; previous-token heads
+then form in layer 0 and induction (copying from earlier in the sequence) follows.
+`--mode=eval` reports both (the attention table and the Repeat probe); the README has the
+ablation.
 
 Keys: `draw(rng, B)` folds the row index b (the global example index within the step's batch)
 into `rng`; the trainer's rng is fold_in(key(seed), step) (and the micro-batch index under
@@ -142,11 +144,7 @@ class LexinvariantLM(nnx.Module):
         attention_impl=cfg_model.attention_impl, init_std=cfg_model.init_std, rngs=rngs)
     self.embed_scale = nnx.Param(jnp.full((d,), float(cfg_lexinv.embed_scale_init), jnp.float32),
                                  out_sharding=('norm',))
-    # The bias is the only input component that is the same for every token of every sequence,
-    # so it is what lets attention work by position (a previous-token head via RoPE) rather
-    # than by random contents. Started at zero it stays near zero on text, layer 0's heads
-    # stay uniform and no induction head forms; started as N(0, I) (the default) layer 0 forms
-    # previous-token heads and layer 1 copies from the context (README, lexinvariant section).
+    # Random, not zero: the module doc's "Bias initialisation".
     bias_std = float(cfg_lexinv.get('embed_bias_init_std', 1.0))
     self.embed_bias = nnx.Param(bias_std * jax.random.normal(rngs.params(), (d,), jnp.float32),
                                 out_sharding=('norm',))
@@ -173,7 +171,8 @@ class LexinvariantLM(nnx.Module):
       lexical[list(specials)] = False
       if not lexical.any():
         raise ValueError('live marks no lexical id: the training data has no tokens?')
-    # Data, not a trained weight: a Param only so that checkpoints carry it (zero gradient).
+    # Data, not a trained weight: a Param only so that checkpoints carry it. Its gradient is
+    # zero (stop_gradient) and 1-D params are outside the weight-decay mask, so it never moves.
     self.live = (nnx.Param(jnp.asarray(live_V, jnp.float32), out_sharding=(None,))
                  if live_V is not None else None)
     n_fixed = self.n_specials + (self.live is not None)
