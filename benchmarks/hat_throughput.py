@@ -36,18 +36,15 @@ def parse(argv):
 
 
 def _setup(name, opts):
-  from train import checkpoint as ckpt_lib, config_lib, trainer
-  cfg, _ = config_lib.load(f'configs/{name}.py:{opts["preset"]}')
-  setup = trainer.Setup(cfg)
-  state = setup.init_state()
+  """(setup, state): the trained run `compare_workdir/name` if it exists, else a fresh model."""
+  from train import config_lib, runs, trainer
   wd = os.path.join(opts['compare_workdir'], name) if opts['compare_workdir'] else ''
   if wd and os.path.isdir(os.path.join(wd, 'checkpoints')):
-    saved = config_lib.from_json(os.path.join(wd, 'config.json'))
-    setup = trainer.Setup(saved)
-    ck = ckpt_lib.Checkpointer(os.path.join(wd, 'checkpoints'), async_save=False)
-    state, _, _ = trainer.restore_or_init(setup, ck)
-    ck.close()
-  return setup, state
+    run = runs.load_run(wd)
+    return run.setup, run.state
+  cfg, _ = config_lib.load(f'configs/{name}.py:{opts["preset"]}')
+  setup = trainer.Setup(cfg)
+  return setup, setup.init_state()
 
 
 def train_rate(setup, state, steps):

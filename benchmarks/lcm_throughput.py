@@ -20,20 +20,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EMB_DIM = 384
 
 
-def _register():
+def _family(cfg):
+  """The LCM family on a synthetic sentence space (no corpus, no encoder: the step cost depends
+  only on the sizes)."""
   import numpy as np
-  from train import families, sentence_family
+  from train.families import lcm
 
   class _Space:
     dim, num_docs, num_sentences, directory = EMB_DIM, 0, 0, 'synthetic'
+    embeddings = np.random.default_rng(0).normal(size=(64, EMB_DIM)).astype(np.float32)
 
-  def init(self, cfg):
-    self.cfg, self.spec, self.space = cfg, 'synthetic', _Space()
-    self.dtype = families.compute_dtype(cfg)
-    self.center, self.scale = np.zeros(EMB_DIM, np.float32), np.ones(EMB_DIM, np.float32)
+  class Bench(lcm.LCMFamily):
+    def train_space(self):
+      return _Space()
 
-  families.register('bench_lcm')(type('BenchLCM', (sentence_family.LCMFamily,),
-                                      {'__init__': init}))
+  return Bench(cfg)
 
 
 def synthetic_batch(b: int, s: int):
@@ -55,15 +56,14 @@ def main(argv):
   opts, overrides = lm_throughput.parse_opts(argv, opts, __doc__)
   import jax
   from train import config_lib, partitioning, trainer
-  _register()
   peak = opts['peak_tflops'] or (989.0 if jax.default_backend() == 'gpu' else 0.0)
   print(f'backend {jax.default_backend()} | devices {jax.device_count()} '
         f'({jax.devices()[0].device_kind}) | preset {opts["preset"]}', flush=True)
   rows = {}
   for variant in ('base', 'two_tower'):
     cfg, _ = config_lib.load(f'configs/lcm.py:{opts["preset"]}')
-    config_lib.override(cfg, dict(overrides, family='bench_lcm', **{'model.variant': variant}))
-    setup = trainer.Setup(cfg)
+    config_lib.override(cfg, dict(overrides, **{'model.variant': variant}))
+    setup = trainer.Setup(cfg, _family(cfg))
     b, s = cfg.train.batch_size, cfg.data.seq_len
     batch = partitioning.global_batch(synthetic_batch(b, s), setup.mesh)
     compile_s, dt, m = lm_throughput.time_steps(setup, batch, opts['steps'], opts['warmup'])

@@ -26,32 +26,27 @@ class _VocabOnly:
     self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
 
 
-def _register(vocab: int):
-  import copy
+def _family(cfg, vocab: int):
+  """The config's family (lm or lexinv) with the `_VocabOnly` stand-in encoder."""
   import numpy as np
-  from train import families, lexinv_family, lm_family
+  from train.families import lexinv, lm
+  base = lexinv.LexinvariantFamily if cfg.family == 'lexinv' else lm.TokenLMFamily
 
-  def init(self, cfg):
-    self.cfg, self.encoder = cfg, _VocabOnly(vocab)
-    self.dtype = families.compute_dtype(cfg)
-    m = copy.deepcopy(cfg.model)
-    with m.unlocked():
-      m.attention_impl = m.attention_impl or None
-    self.model_cfg, self._stats = m, {}
-    if 'lexinv' in cfg:
-      self.lexinv_cfg = cfg.lexinv
-      self._live = np.ones(vocab, bool)  # vocab='train': the mask's cost, not its content
+  class Bench(base):
+    def make_encoder(self):
+      return _VocabOnly(vocab)
 
-  families.register('bench_lm')(type('BenchLM', (lm_family.TokenLMFamily,), {'__init__': init}))
-  families.register('bench_lexinv')(
-      type('BenchLexinv', (lexinv_family.LexinvariantFamily,), {'__init__': init}))
+    def live_ids(self):  # vocab='train': the mask's cost, not its content
+      return np.ones(vocab, bool)
+
+  return Bench(cfg)
 
 
-def bench(cfg, steps: int, warmup: int) -> dict:
+def bench(cfg, steps: int, warmup: int, vocab: int) -> dict:
   import jax
   from benchmarks import lm_throughput
   from train import partitioning, trainer
-  setup = trainer.Setup(cfg)
+  setup = trainer.Setup(cfg, _family(cfg, vocab))
   b, t, v = cfg.train.batch_size, cfg.data.seq_len, setup.family.encoder.vocab_size
   batch = partitioning.global_batch(lm_throughput.synthetic_batch(b, t, v), setup.mesh)
   compile_s, dt, m = lm_throughput.time_steps(setup, batch, steps, warmup)
@@ -65,17 +60,16 @@ def main(argv):
   opts, overrides = lm_throughput.parse_opts(argv, opts, __doc__)
   import jax
   from train import config_lib
-  _register(opts['vocab'])
   print(f'backend {jax.default_backend()} | devices {jax.device_count()} '
         f'({jax.devices()[0].device_kind}) | vocab {opts["vocab"]}', flush=True)
   rows = {}
   for name, preset in (('standard', opts['preset'] + '_lm'), ('lexinvariant', opts['preset'])):
     cfg, _ = config_lib.load(f'configs/lexinvariant.py:{preset}')
-    ov = dict(overrides, family='bench_lm' if name == 'standard' else 'bench_lexinv')
+    ov = dict(overrides)
     if name == 'lexinvariant':
       ov['lexinv.table'] = opts['table']
     config_lib.override(cfg, ov)
-    rows[name] = bench(cfg, opts['steps'], opts['warmup'])
+    rows[name] = bench(cfg, opts['steps'], opts['warmup'], opts['vocab'])
     c = cfg
     print(f'{name}: {rows[name]} | batch {c.train.batch_size} x seq {c.data.seq_len} | '
           f'd {c.model.d_model} x {c.model.num_layers} layers | ce_chunk {c.model.ce_chunk}',

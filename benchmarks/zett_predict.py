@@ -25,11 +25,11 @@ def main(argv):
   import jax
   import numpy as np
   from models import hypernet
-  from train import config_lib, zett_family
+  from train import config_lib, transfer
+  from train.families import pretrained
   cfg = config_lib.load_saved(opts['workdir'])
-  predict = zett_family.load_predictor(opts['workdir'], cfg.model.source)
-  from train import pretrained_family
-  tok = pretrained_family.load_source(cfg.model.source).tokenizer
+  predict = transfer.load_predictor(opts['workdir'], cfg.model.source)
+  tok = pretrained.load_source(cfg.model.source).tokenizer
   strings = [tok.id_to_token(i) or '' for i in range(opts['vocab'])]
   t0 = time.perf_counter()
   hypernet.piece_ids(tok, strings, cfg.hypernet.max_pieces)

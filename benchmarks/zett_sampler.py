@@ -2,7 +2,7 @@
 
   python benchmarks/zett_sampler.py [--preset=smollm2_gpu] [--steps=5]
 
-Runs the family's own batch builder (train/zett_family.py `_Batcher`: decode the byte rows,
+Runs the family's own batch builder (train/families/zett.py `_Batcher`: decode the byte rows,
 count substrings of those texts + `zett.sampler_docs` documents, sample the UnigramLM, tokenize,
 split every vocabulary entry into base pieces) on real training batches, for the preset's
 sizes, and prints seconds per step for each part. The trainer runs this on a prefetch thread,
@@ -28,11 +28,11 @@ def main(argv):
   import numpy as np
   from data import corpus, pipeline, tokenizer_sampler
   from train import config_lib, families
+  from train.families import zett
   cfg, _ = config_lib.load(f'configs/zett.py:{opts["preset"]}')
   fam = families.get(cfg)
-  from train import zett_family
   fam.train_source = corpus.get_source(cfg.data, cfg.data.train_split)
-  batcher = zett_family._Batcher(fam, cfg.data.seq_len)  # pylint: disable=protected-access
+  batcher = zett._Batcher(fam, cfg.data.seq_len)  # pylint: disable=protected-access
   inner = pipeline.make_train_iterator(fam._byte_cfg(), fam.bytes, 0, 1)  # pylint: disable=protected-access
   z = cfg.zett
   times = {'texts': [], 'sample': [], 'tokenize': [], 'pieces': [], 'total': []}

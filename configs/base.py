@@ -8,7 +8,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.family = ''            # registry name in train/families.py
+  c.family = ''            # a module of train/families/ (e.g. 'lm', 'hat')
   c.seed = 0
 
   # Data -------------------------------------------------------------------
@@ -35,6 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.flops_budget = 0.0       # >0: steps = budget / training FLOPs per step (family accounting)
   t.log_every = 10
   t.eval_every = 0           # 0: only at the end
+  t.eval_count = 0           # >0: evaluate this many times along the run (sets eval_every from
+                             # the resolved steps, e.g. under a FLOP budget)
   t.eval_batches = 0         # 0: the whole validation split
   t.nan_policy = 'stop'      # non-finite loss/grads: the update is never applied; then
                              # 'stop' (exit 1, checkpoints kept) | 'skip' (count, go on)

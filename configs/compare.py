@@ -23,17 +23,12 @@ def get_config(preset: str = 'tiny'):
 
 
 def get_sweep(cfg):
-  """One point per model, all with this config's `train.flops_budget`."""
-  from train import config_lib, families  # pylint: disable=g-import-not-at-top
+  """One point per model, all with this config's `train.flops_budget`: each trains the steps
+  its own FLOP accounting gives (the trainer resolves them, train/trainer.resolve_steps) and
+  evaluates `EVALS` times along the way."""
   budget = cfg.train.flops_budget
-  points = []
-  for name in MODELS:
-    spec = f'configs/{name}.py:{cfg.preset}'
-    sub, _ = config_lib.load(spec)
-    per_step = families.get(sub).flops_per_token() * sub.train.batch_size * sub.data.seq_len
-    steps = max(1, int(budget // per_step))
-    points.append({'name': name, 'config': spec, 'train.flops_budget': budget,
-                   'train.eval_batches': 0,  # the whole validation split for every model
-                   'train.eval_every': max(1, steps // EVALS),
-                   'ckpt.every': max(1, steps // 4)})
-  return points
+  return [{'name': name, 'config': f'configs/{name}.py:{cfg.preset}',
+           'train.flops_budget': budget,
+           'train.eval_batches': 0,  # the whole validation split for every model
+           'train.eval_count': EVALS}
+          for name in MODELS]

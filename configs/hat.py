@@ -26,11 +26,12 @@ def get_config(preset: str = 'tiny'):
   c.data.encoder = 'bytes'
   c.data.splitter = 'whitespace'   # whitespace | unicode | spacebyte | fixed:N
   c.data.max_word_bytes = 16       # Lw: longer words are cut at UTF-8 character boundaries
-  c.model = hat.default_model_config()
   bd, bh, bmlp, enc, dec, win, seq, words, backbone = _SIZES[preset]
   c.data.max_words = words         # W per row; bytes of further words get weight 0 (counted)
-  c.model = _backbone(c, backbone)
-  m = c.model
+  # the word-level backbone and the trainer settings of the baselines' preset of that size
+  c.model = m = hat.default_model_config()
+  m.update(lm_presets.backbone(backbone))
+  lm_presets.set_keys(c, lm_presets.training(backbone))
   m.byte_d_model, m.byte_heads, m.byte_mlp_dim = bd, bh, bmlp
   m.enc_layers, m.dec_layers, m.byte_window = enc, dec, win
   c.data.seq_len = seq
@@ -40,21 +41,6 @@ def get_config(preset: str = 'tiny'):
     c.train.batch_size, c.train.steps, c.optim.lr = 64, 50_000, 3e-4
   c.sample.prompt = 'def '
   c.sample.max_new_tokens = 120
-  return c
-
-
-def _backbone(c, preset):
-  """The baselines' backbone sizes and trainer settings for `preset`."""
-  lm = lm_presets.apply(_with_lm_model(c), preset)
-  m = hat.default_model_config()
-  for k in ('d_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim'):
-    m[k] = lm.model[k]
-  m.remat = lm.model.remat
-  return m
-
-
-def _with_lm_model(c):
-  c.model = lm_presets.model_config()
   return c
 
 

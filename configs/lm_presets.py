@@ -1,5 +1,9 @@
-"""Backbone sizes shared by the token-LM baselines (byte and subword) so they compare fairly."""
+"""Backbone sizes and training schedules shared by the token-LM baselines (byte and subword) and
+HAT's word-level backbone, so the three compare on one backbone. Pure functions: each config
+file applies what it takes, explicitly."""
 import ml_collections
+
+from models import token_lm
 
 # name -> (d_model, num_layers, num_heads, mlp_dim, seq_len, batch_size, steps, lr)
 _SIZES = {
@@ -10,36 +14,46 @@ _SIZES = {
 PRESETS = tuple(_SIZES)
 
 
-def apply(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
-  d, layers, heads, mlp, seq, batch, steps, lr = _SIZES[preset]
-  m = c.model
-  m.d_model = d
-  m.num_layers = layers
-  m.num_heads = heads
-  m.num_kv_heads = heads
-  m.head_dim = d // heads
-  m.mlp_dim = mlp
-  c.data.seq_len = seq
-  c.train.batch_size = batch
-  c.train.steps = steps
-  c.optim.lr = lr
+def backbone(preset: str) -> dict:
+  """The transformer's `model.*` sizes of `preset`."""
+  d, layers, heads, mlp = _SIZES[preset][:4]
+  return {'d_model': d, 'num_layers': layers, 'num_heads': heads, 'num_kv_heads': heads,
+          'head_dim': d // heads, 'mlp_dim': mlp,
+          'remat': 'full' if preset == '350m' else 'none'}
+
+
+def training(preset: str) -> dict:
+  """Flat `section.key` -> value of the trainer, data and checkpoint settings of `preset`."""
+  seq, batch, steps, lr = _SIZES[preset][4:]
+  out = {'data.seq_len': seq, 'train.batch_size': batch, 'train.steps': steps, 'optim.lr': lr}
   if preset == 'tiny':  # seconds on a 2-core CPU
-    c.train.log_every = 25
-    c.ckpt.every = 100
-    c.train.eval_batches = 16
-    c.optim.warmup_steps = 20
+    out.update({'train.log_every': 25, 'ckpt.every': 100, 'train.eval_batches': 16,
+                'optim.warmup_steps': 20})
   else:
-    c.train.log_every = 50
-    c.ckpt.every = 1000
-    c.train.eval_every = 2000
-    c.train.eval_batches = 200
-    c.optim.warmup_steps = 1000
-    c.model.ce_chunk = 256
-    c.model.remat = 'full' if preset == '350m' else 'none'
+    out.update({'train.log_every': 50, 'ckpt.every': 1000, 'train.eval_every': 2000,
+                'train.eval_batches': 200, 'optim.warmup_steps': 1000})
+  return out
+
+
+def set_keys(c: ml_collections.ConfigDict, flat: dict) -> ml_collections.ConfigDict:
+  """Sets `{'section.key': value}` on `c` (every key must exist)."""
+  for key, value in flat.items():
+    section, leaf = key.split('.')
+    if leaf not in c[section]:
+      raise KeyError(f'{key} is not a config key')
+    c[section][leaf] = value
   return c
+
+
+def apply(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+  """A token LM's preset on `c`: backbone sizes on `c.model` (ce_chunk 256 beyond tiny) and the
+  preset's training settings."""
+  c.model.update(backbone(preset))
+  if preset != 'tiny':
+    c.model.ce_chunk = 256
+  return set_keys(c, training(preset))
 
 
 def model_config() -> ml_collections.ConfigDict:
   """The token LM's model keys (one home: models/token_lm.default_model_config)."""
-  from models import token_lm  # pylint: disable=g-import-not-at-top
   return token_lm.default_model_config()

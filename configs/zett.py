@@ -8,7 +8,7 @@
       --config.transfer.hypernet_workdir=runs/zett_smollm2
 
 Presets: `smollm2` (CPU-sized: 4k sampled vocabularies, 4 x 128 tokens per step) and
-`smollm2_gpu` (32k vocabularies, 32 x 512 tokens). See train/zett_family.py for the step.
+`smollm2_gpu` (32k vocabularies, 32 x 512 tokens). See train/families/zett.py for the step.
 """
 import ml_collections
 

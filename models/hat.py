@@ -29,16 +29,16 @@ import numpy as np
 import ml_collections
 from flax import nnx
 
-from data import words
+from data import encoders, words
 from models import token_lm
 from models.layers import Dense, Embed, _normal
 from models.transformer import Transformer
 
 Array = jax.Array
-# ByteEncoder ids: pad 0, bos 1, eos 2, byte b -> b + 3. The vocabulary is padded past these for
-# the head's shape; generation never emits the padding ids (they are not bytes).
-BYTE_OFFSET = 3
-NUM_IDS = 256 + BYTE_OFFSET
+# ByteEncoder ids (data/encoders.py owns them). The vocabulary is padded past these for the
+# head's shape; generation never emits the padding ids (they are not bytes).
+BYTE_OFFSET = encoders.BYTE_OFFSET
+NUM_IDS = encoders.BYTE_IDS
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -239,17 +239,11 @@ class _Steps:
     self.dec_cache = model.decoder.init_cache(1, max_len)
 
 
-def _pick(logits_V, temperature: float, top_p: float, rng, allowed: int):
-  logits = np.asarray(logits_V, np.float64)[:allowed]
-  if temperature <= 0:
-    return int(np.argmax(logits))
-  z = logits / temperature
-  p = np.exp(z - z.max())
-  p /= p.sum()
-  order = np.argsort(-p)
-  keep = order[:max(1, int(np.searchsorted(np.cumsum(p[order]), top_p) + 1))]
-  q = p[keep] / p[keep].sum()
-  return int(rng.choice(keep, p=q))
+@jax.jit
+def _pick(logits_V: Array, temperature, top_p, key) -> Array:
+  """One id from a byte head's logits (the padding ids past NUM_IDS never drawn)."""
+  logits_V = jnp.where(jnp.arange(logits_V.shape[0]) < NUM_IDS, logits_V, -jnp.inf)
+  return token_lm.sample_logits(logits_V[None], temperature, top_p, key)[0]
 
 
 def generate(model: HAT, prompt_ids: list[int], splitter: words.Splitter, max_new: int,
@@ -394,7 +388,7 @@ def _generate_host(model: HAT, prompt_ids: list[int], split_ids, max_new: int,
   ids = list(prompt_ids)
   max_len = len(ids) + max_new
   s = _Steps(model, max_len, max_word_bytes)
-  rng = np.random.default_rng(seed)
+  key = jax.random.key(seed)
   h_all = jnp.zeros((1, max_len, model.encoder.final_norm.scale.shape[0]), model.dtype)
   contexts = [s.first_word]  # contexts[j]: what bytes of word j read (backbone out of word j-1)
   starts_done: list[int] = []  # word starts whose word was fed to the backbone (all but last)
@@ -438,7 +432,8 @@ def _generate_host(model: HAT, prompt_ids: list[int], split_ids, max_new: int,
   advance(starts)
   run_decoder(0)
   for _ in range(max_new):
-    x = _pick(logits, temperature, top_p, rng, NUM_IDS)
+    key, sub = jax.random.split(key)
+    x = int(_pick(jnp.reshape(logits, (-1,)), jnp.float32(temperature), jnp.float32(top_p), sub))
     t = len(ids)
     ids.append(x)
     h, s.enc_cache = s.enc_step(s.state, jnp.full((1, 1), x, jnp.int32), t, s.enc_cache)

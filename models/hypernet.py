@@ -15,7 +15,7 @@ For each token of the new vocabulary:
      (zero-initialized heads: an untrained hypernetwork is exactly FVT, training corrects it).
 Special tokens keep the embeddings they have in the base model (`assemble`).
 
-Training (`ZettModel`, `zett_loss`; driven by train/zett_family.py): for each step a tokenizer
+Training (`ZettModel`, `zett_loss`; driven by train/families/zett.py): for each step a tokenizer
 is sampled (data/tokenizer_sampler.py), the batch text is tokenized with it, the hypernetwork
 predicts the embeddings of its whole vocabulary, and the frozen base LM runs on those
 embeddings (input and readout): the loss is its next-token cross-entropy plus `aux_weight` times

@@ -75,7 +75,6 @@ gradient accumulation), so E depends only on (seed, step, example): runs reprodu
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -420,15 +419,10 @@ def lexinv_loss(model: LexinvariantLM, batch: dict[str, Array], rng: Array
   return nll_sum / jnp.maximum(n_tokens, 1.0), metrics
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens'))
-def _generate(graphdef, state, prompt_BxP, rng, temperature, top_p, eos_id, *, max_new_tokens):
-  model = nnx.merge(graphdef, state)
-  b, p = prompt_BxP.shape
+def _bind(model: LexinvariantLM, rng: Array, batch: int):
   draw_rng, rng = jax.random.split(rng)
-  draw = model.draw(draw_rng, b)  # one E per sampled sequence, fixed for prompt + continuation
-  call = lambda ids, cache, index: model(ids, draw, cache=cache, cache_index=index)
-  return token_lm.decode(call, model.init_cache(b, p + max_new_tokens), prompt_BxP, rng,
-                         temperature, top_p, eos_id, max_new_tokens)
+  draw = model.draw(draw_rng, batch)  # one E per sampled sequence, fixed for prompt + continuation
+  return lambda ids, cache, index: model(ids, draw, cache=cache, cache_index=index), rng
 
 
 def generate(model: LexinvariantLM, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
@@ -436,13 +430,8 @@ def generate(model: LexinvariantLM, prompt_ids, max_new_tokens: int, temperature
   """Like `token_lm.generate`; each row's embedding E is drawn once from `rng` and kept for the
   prompt and every generated token (a lexinvariant model has no fixed token meaning, so the
   continuation can only follow patterns that the prompt establishes)."""
-  if max_new_tokens <= 0:
-    return jnp.zeros((np.shape(prompt_ids)[0], 0), jnp.int32)
-  graphdef, state = nnx.split(model)
-  rng = jax.random.key(0) if rng is None else rng
-  return _generate(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), rng,
-                   jnp.float32(temperature), jnp.float32(top_p),
-                   jnp.int32(-1 if eos_id is None else eos_id), max_new_tokens=int(max_new_tokens))
+  return token_lm.generate(model, prompt_ids, max_new_tokens, temperature, top_p, rng, eos_id,
+                           bind=_bind)
 
 
 def flops_per_token(cfg_model, vocab_size: int, seq_len: int, two_readouts: bool = False

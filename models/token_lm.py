@@ -162,17 +162,23 @@ def _top_p_filter(logits_BxV: Array, top_p: Array) -> Array:
   keep_BxV = mass_before_BxV < top_p
   keep_BxV = keep_BxV.at[:, 0].set(True)
   threshold_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-  filtered_BxV = jnp.where(logits_BxV >= threshold_Bx1, logits_BxV, -jnp.inf)
-  return jnp.where(top_p >= 1.0, logits_BxV, filtered_BxV)
+  return jnp.where(logits_BxV >= threshold_Bx1, logits_BxV, -jnp.inf)
 
 
 def sample_logits(logits_BxV: Array, temperature: Array, top_p: Array, rng: Array) -> Array:
-  """int32 [B] tokens: greedy at temperature 0, else nucleus sampling (shared by every
-  generation loop)."""
-  greedy_B = jnp.argmax(logits_BxV, axis=-1)
-  scaled_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
-  sampled_B = jax.random.categorical(rng, _top_p_filter(scaled_BxV, top_p), axis=-1)
-  return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+  """int32 [B] tokens: greedy at temperature 0, else nucleus sampling with `top_p` (1: plain
+  sampling). The one sampling function of every generation loop; the greedy path is a real
+  branch (`lax.cond`), so it never pays for the sort, cumsum and categorical draw."""
+  def greedy(_):
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+  def sample(_):
+    scaled_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
+    scaled_BxV = jax.lax.cond(top_p < 1.0, lambda x: _top_p_filter(x, top_p), lambda x: x,
+                              scaled_BxV)
+    return jax.random.categorical(rng, scaled_BxV, axis=-1).astype(jnp.int32)
+
+  return jax.lax.cond(jnp.asarray(temperature) > 0, sample, greedy, None)
 
 
 def decode(call, cache, prompt_BxP: Array, rng: Array, temperature, top_p, eos_id,
@@ -206,24 +212,33 @@ def decode(call, cache, prompt_BxP: Array, rng: Array, temperature, top_p, eos_i
   return jax.lax.while_loop(cond, body, carry)[2]
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens'))
-def _generate(graphdef, state, prompt_BxP, rng, temperature, top_p, eos_id, *, max_new_tokens):
+def _bind(model: TokenLM, rng: Array, batch: int):
+  """(call(ids, cache, cache_index) -> (logits, cache), rng) of a token LM for `decode`."""
+  del batch
+  return lambda ids, cache, index: model(ids, cache=cache, cache_index=index), rng
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'bind'))
+def _generate(graphdef, state, prompt_BxP, rng, temperature, top_p, eos_id, *, max_new_tokens,
+              bind):
   model = nnx.merge(graphdef, state)
   b, p = prompt_BxP.shape
-  call = lambda ids, cache, index: model(ids, cache=cache, cache_index=index)
+  call, rng = bind(model, rng, b)
   return decode(call, model.init_cache(b, p + max_new_tokens), prompt_BxP, rng, temperature,
                 top_p, eos_id, max_new_tokens)
 
 
 def generate(model: TokenLM, prompt_ids: Array, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, rng: Array | None = None, eos_id: int | None = None) -> Array:
+             top_p: float = 1.0, rng: Array | None = None, eos_id: int | None = None,
+             bind=_bind) -> Array:
   """Samples `max_new_tokens` continuations of equal-length prompts [B, P].
 
   The prompt is prefilled into a KV cache of length P + max_new_tokens, then tokens are decoded
   one at a time inside one jitted `lax.while_loop`. temperature 0 -> greedy; otherwise nucleus
   sampling with `top_p` (1.0: plain sampling). Returns int32 [B, max_new_tokens] new tokens;
   after a row emits `eos_id` (kept), its later tokens are 0 (pad), and the loop stops early
-  once every row is done. `eos_id=None` never stops.
+  once every row is done. `eos_id=None` never stops. `bind(model, rng, batch) -> (call,
+  rng)` adapts another model with this interface (the lexinvariant LM draws its embeddings).
   """
   if max_new_tokens <= 0:
     return jnp.zeros((np.shape(prompt_ids)[0], 0), jnp.int32)
@@ -231,7 +246,8 @@ def generate(model: TokenLM, prompt_ids: Array, max_new_tokens: int, temperature
   rng = jax.random.key(0) if rng is None else rng
   return _generate(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), rng,
                    jnp.float32(temperature), jnp.float32(top_p),
-                   jnp.int32(-1 if eos_id is None else eos_id), max_new_tokens=int(max_new_tokens))
+                   jnp.int32(-1 if eos_id is None else eos_id), max_new_tokens=int(max_new_tokens),
+                   bind=bind)
 
 
 def count_params(model: nnx.Module) -> int:

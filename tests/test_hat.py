@@ -197,7 +197,7 @@ def test_degenerate_text_through_hat(spec):
 
 def test_compare_sweep_matches_training_flops(monkeypatch):
   """Every model of the matched-FLOP comparison trains within one step of the same budget."""
-  from train import config_lib, families, sweep
+  from train import config_lib, families, sweep, trainer
   monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   cfg, module = config_lib.load('configs/compare.py:tiny')
   cfg.train.flops_budget = 3e12
@@ -205,6 +205,7 @@ def test_compare_sweep_matches_training_flops(monkeypatch):
   assert [p['name'] for p in points] == ['hat', 'byte_lm', 'subword_lm']
   for p in points:
     sub = sweep._point_config(cfg, p, {})
-    per_step = families.get(sub).flops_per_token() * sub.train.batch_size * sub.data.seq_len
-    steps = int(sub.train.flops_budget // per_step)
+    per_step = trainer.resolve_steps(sub, families.get(sub))
+    steps = sub.train.steps
     assert 3e12 - per_step < steps * per_step <= 3e12
+    assert sub.train.eval_every == max(1, steps // 6)

@@ -13,6 +13,9 @@ from flax import nnx
 from data import pipeline, sentences
 from models import lcm
 from train import config_lib
+from train.evals import lcm as lcm_evals
+from train.families import lcm as lcm_family
+from train.families import sentence_decoder as sd
 
 
 # -- sentence splitting ----------------------------------------------------------------------
@@ -151,26 +154,26 @@ def test_metrics():
   rng = np.random.default_rng(0)
   target = rng.normal(size=(40, 16))
   doc = np.repeat(np.arange(10), 4)
-  assert lcm.contrastive_accuracy(target, target, doc).mean() == 1.0
+  assert lcm_evals.contrastive_accuracy(target, target, doc).mean() == 1.0
   wrong = np.roll(target, 4, axis=0)  # each prediction is another document's target
-  per = lcm.contrastive_accuracy(wrong, target, doc)
+  per = lcm_evals.contrastive_accuracy(wrong, target, doc)
   assert per.mean() < 0.6 and (per < 1).all()  # that target is always a closer negative
   # chance level for predictions unrelated to the targets
-  ca = lcm.contrastive_accuracy(rng.normal(size=(40, 16)), target, doc).mean()
+  ca = lcm_evals.contrastive_accuracy(rng.normal(size=(40, 16)), target, doc).mean()
   assert 0.3 < ca < 0.7
   ctx = [target[max(i - 2, 0):i + 1] * 0 + target[i - 1] for i in range(40)]
-  assert lcm.paraphrase_ratio(target, target, ctx) == pytest.approx(1.0)
-  par = lcm.paraphrase_ratio(np.stack([c[-1] for c in ctx]), target, ctx)  # copies context
+  assert lcm_evals.paraphrase_ratio(target, target, ctx) == pytest.approx(1.0)
+  par = lcm_evals.paraphrase_ratio(np.stack([c[-1] for c in ctx]), target, ctx)  # copies context
   assert par > 1.5
-  chex.assert_trees_all_close(lcm.l2(np.ones((2, 4)), np.zeros((2, 4))), np.full(2, 2.0))
-  assert lcm.bleu(['the cat sat on the mat'], ['the cat sat on the mat']) == pytest.approx(100.0)
-  assert lcm.bleu(['a b c d'], ['w x y z']) == 0.0
+  chex.assert_trees_all_close(lcm_evals.l2(np.ones((2, 4)), np.zeros((2, 4))), np.full(2, 2.0))
+  assert lcm_evals.bleu(['the cat sat on the mat'], ['the cat sat on the mat']) == pytest.approx(100.0)
+  assert lcm_evals.bleu(['a b c d'], ['w x y z']) == 0.0
   # hand-computed: 1-gram 5/6, 2-gram 3/5, 3-gram 2/4, 4-gram 1/3; equal lengths (no penalty)
   want = 100 * np.exp(np.mean(np.log([5 / 6, 3 / 5, 2 / 4, 1 / 3])))
-  assert lcm.bleu(['the cat sat on a mat'], ['the cat sat on the mat']) == pytest.approx(want)
+  assert lcm_evals.bleu(['the cat sat on a mat'], ['the cat sat on the mat']) == pytest.approx(want)
   # 4/5, 2/4, then 0/3 -> 1/(2*3) and 0/2 -> 1/(4*2)
   want = 100 * np.exp(np.mean(np.log([4 / 5, 2 / 4, 1 / 6, 1 / 8])))
-  assert lcm.bleu(['a b c d e'], ['a b x d e']) == pytest.approx(want)
+  assert lcm_evals.bleu(['a b c d e'], ['a b x d e']) == pytest.approx(want)
 
 
 # -- end to end on a tiny local corpus -----------------------------------------------------------
@@ -237,7 +240,7 @@ def test_decoder_trains_and_round_trips(runs):
   # the data counts reach the run summary and the caches: the re-split long sentence, the
   # empty document (in whichever space it fell)
   cfg = runs['dec_cfg']
-  stats = [sentences.load_space(cfg.data, split, 'minilm').meta['stats']
+  stats = [sd.load_space(cfg.data, split, 'minilm').meta['stats']
            for split in ('train', 'validation')]
   assert sum(st.get('sentences_resplit', 0) for st in stats) >= 1
   assert sum(st.get('docs_empty', 0) for st in stats) == 1
@@ -273,7 +276,7 @@ def test_lcm_trains_evaluates_and_samples(runs, variant):
 
 def test_sentence_batches_resume_exactly(runs):
   cfg, _, _, _ = runs['base']
-  space = sentences.load_space(cfg.data, 'train', 'minilm')
+  space = sd.load_space(cfg.data, 'train', 'minilm')
   meta_time = os.path.getmtime(os.path.join(space.directory, 'meta.json'))
   index = sentences.SentenceIndex(space)
   it = pipeline.TrainIterator(index, index, 8, 2, seed=3, prefetch=0)
@@ -294,7 +297,7 @@ def test_sentence_batches_resume_exactly(runs):
   for x in a:
     chex.assert_trees_all_equal(x, next(rows2))
   # a second request reads the same cache (not rebuilt)
-  sentences.load_space(cfg.data, 'train', 'minilm')
+  sd.load_space(cfg.data, 'train', 'minilm')
   assert os.path.getmtime(os.path.join(space.directory, 'meta.json')) == meta_time
 
 
@@ -305,22 +308,18 @@ def test_bad_sentence_inputs(runs, tmp_path):
   cfg = cfg.copy_and_resolve_references()
   cfg.data.source = f'text:{empty}'
   with pytest.raises(ValueError, match='no document with text left'):
-    sentences.load_space(cfg.data, 'train', 'minilm')
+    sd.load_space(cfg.data, 'train', 'minilm')
   with pytest.raises(ValueError, match='unknown sentence encoder'):
-    sentences.SentenceEncoder('word2vec')
+    sd.sentence_encoder('word2vec')
   # a decoder for another sentence space is refused by name
-  from train import sentence_family  # pylint: disable=import-outside-toplevel
-  fam_cfg, _, _, _ = runs['base']
-  fam = sentence_family.LCMFamily(fam_cfg)
-  fam.spec = 'hf:/elsewhere'
   with pytest.raises(ValueError, match='decodes'):
-    fam._check_decoder(sentence_family.load_decoder(runs['dec']))  # pylint: disable=protected-access
+    sd.check_decoder(sd.load_decoder(runs['dec']), 'hf:/elsewhere', 'lcm.decoder_workdir')
 
 
 def test_sentence_autoencoder_space(runs):
   """model.autoencoder=True trains a byte encoder with the decoder; its embeddings then form a
   sentence space of their own (cached like MiniLM's) that an LCM reads."""
-  from train import sentence_family, trainer  # pylint: disable=import-outside-toplevel
+  from train import trainer  # pylint: disable=import-outside-toplevel
   cfg = runs['dec_cfg'].copy_and_resolve_references()
   cfg.unlock()
   config_lib.override(cfg, {'model.autoencoder': True, 'model.embed_dim': 16,
@@ -328,7 +327,7 @@ def test_sentence_autoencoder_space(runs):
   wd = str(runs['root'] / 'ae')
   summary = trainer.train(cfg, wd)
   assert np.isfinite(summary['train']['loss'])
-  enc = sentences.SentenceEncoder(f'autoencoder:{wd}')
+  enc = sd.sentence_encoder(f'autoencoder:{wd}')
   e = enc(['One sentence.', 'Another, longer sentence here.'])
   assert e.shape == (2, 16)
   np.testing.assert_allclose(np.linalg.norm(e, axis=-1), 1.0, rtol=1e-5)
@@ -336,8 +335,8 @@ def test_sentence_autoencoder_space(runs):
   lcm_cfg = lcm_cfg.copy_and_resolve_references()
   lcm_cfg.data.sentence_encoder = f'autoencoder:{wd}'
   lcm_cfg.lcm.decoder_workdir = wd
-  fam = sentence_family.LCMFamily(lcm_cfg)
+  fam = lcm_family.LCMFamily(lcm_cfg)
   assert fam.space.dim == 16 and fam.space.meta['encoder'] == f'autoencoder:{wd}'
-  fam._check_decoder(sentence_family.load_decoder(wd))  # pylint: disable=protected-access
+  sd.check_decoder(sd.load_decoder(wd), fam.spec, 'lcm.decoder_workdir')
   with pytest.raises(ValueError, match='not an autoencoder'):
-    sentence_family.load_autoencoder(runs['dec'])
+    sd.load_decoder(runs['dec'], autoencoder=True)

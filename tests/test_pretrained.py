@@ -171,13 +171,13 @@ def minilm():
 
 def test_minilm_sentence_embeddings(minilm):
   assert minilm.cfg_model.num_layers == 6 and minilm.cfg_model.d_model == 384
-  e = pretrained.sentence_embeddings(minilm, SENTENCES)
+  e = pretrained.SentenceEncoder(minilm)(SENTENCES)
   assert e.shape == (5, 384)
   np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
   sim = e @ e.T
   assert sim[0, 1] > 0.9 and sim[0, 2] < 0.3  # a paraphrase vs an unrelated sentence
   # padding does not change a sentence's embedding
-  alone = pretrained.sentence_embeddings(minilm, SENTENCES[:1])
+  alone = pretrained.SentenceEncoder(minilm)(SENTENCES[:1])
   np.testing.assert_allclose(alone[0], e[0], atol=1e-5)
 
 
@@ -198,7 +198,7 @@ def test_minilm_matches_transformers(minilm, tmp_path):
                      capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   ref = np.load(tmp_path / 'ref.npy')
-  ours = pretrained.sentence_embeddings(minilm, SENTENCES)
+  ours = pretrained.SentenceEncoder(minilm)(SENTENCES)
   cos = (ref * ours).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(ours, axis=1)
   assert cos.min() > 0.9999, cos
 

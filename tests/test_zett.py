@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data import encoders, tokenizer_sampler
+from data import encoders, target_tokenizers, tokenizer_sampler
 from models import pretrained, token_lm
 from train import config_lib
 
@@ -70,7 +70,7 @@ def _zett_cfg(overrides, **more):
 
 
 def test_zett_trains_only_the_hypernetwork_and_resumes(tiny):
-  from train import trainer, zett_family  # pylint: disable=import-outside-toplevel
+  from train import trainer  # pylint: disable=import-outside-toplevel
   root, _, overrides = tiny
   cfg = _zett_cfg(overrides)
   wd = str(root / 'zett')
@@ -101,13 +101,12 @@ def test_zett_trains_only_the_hypernetwork_and_resumes(tiny):
   # target bytes are the UTF-8 bytes of the scored tokens
   sep = int(np.flatnonzero(want[0]['vocab_keep'])[0])
   assert want[0]['vocab_shared'][sep] == fam.sep_id
-  del zett_family
 
 
 def test_transfer_with_the_hypernetwork(tiny, data_dir, tmp_path):
   """--mode=transfer with methods lexical, fvt, hypernet; the hypernetwork (FVT-anchored, barely
   trained) lands near FVT; the transferred model restores as a model source."""
-  from train import transfer, trainer, zett_family  # pylint: disable=import-outside-toplevel
+  from train import transfer, trainer  # pylint: disable=import-outside-toplevel
   root, base, overrides = tiny
   zwd = str(root / 'zett')
   if not os.path.exists(os.path.join(zwd, 'config.json')):
@@ -129,9 +128,9 @@ def test_transfer_with_the_hypernetwork(tiny, data_dir, tmp_path):
   other = str(tmp_path / 'other')
   config_lib.save(cfg, other)  # a pretrained-family run
   with pytest.raises(ValueError, match='not a zett'):
-    zett_family.load_predictor(other, base)
+    transfer.load_predictor(other, base)
   with pytest.raises(ValueError, match='was trained for model.source'):
-    zett_family.load_predictor(zwd, 'smollm2')
+    transfer.load_predictor(zwd, 'smollm2')
   cfg.transfer.hypernet_workdir = ''
   with pytest.raises(ValueError, match='set transfer.hypernet_workdir'):
     transfer.run(cfg, str(tmp_path / 'tr2'))
@@ -169,11 +168,10 @@ def test_encoder_transfer_reports_cosines(tiny, tmp_path):
 
 def test_bad_target_tokenizer_files(tmp_path):
   """Empty tokens, a token listed twice, two tokens on one id: each refused by name."""
-  from train import transfer  # pylint: disable=import-outside-toplevel
   tok = encoders._train_tokenizer(TEXTS, 300)  # pylint: disable=protected-access
   good = tmp_path / 'good.json'
   tok.save(str(good))
-  transfer.check_tokenizer_file(str(good))
+  target_tokenizers.check_file(str(good))
   text = good.read_text()
   spec = json.loads(text)
   vocab = spec['model']['vocab']
@@ -188,6 +186,6 @@ def test_bad_target_tokenizer_files(tmp_path):
     whole = json.dumps({**spec, 'model': {**spec['model'], 'vocab': '@@'}})
     bad.write_text(whole.replace('"@@"', vocab_text))
     with pytest.raises(ValueError, match=message):
-      transfer.check_tokenizer_file(str(bad))
+      target_tokenizers.check_file(str(bad))
   with pytest.raises(FileNotFoundError, match='nope.json'):
-    transfer.check_tokenizer_file(str(tmp_path / 'nope.json'))
+    target_tokenizers.check_file(str(tmp_path / 'nope.json'))

@@ -22,6 +22,7 @@ import jax
 from train import checkpoint as ckpt_lib
 from train import metrics as metrics_lib
 from train import trainer
+from train.metrics import log0
 
 RECORD = 'evaluator.jsonl'
 
@@ -40,11 +41,6 @@ def evaluated_steps(workdir: str) -> list[int]:
         except (ValueError, KeyError):
           continue  # a line torn by a crash mid-write: that step is evaluated again
   return steps
-
-
-def _say(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(msg, flush=True)
 
 
 def _append(path: str, record: dict) -> None:
@@ -66,8 +62,8 @@ def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float =
   eval_batches = fam.eval_batches(jax.process_index(), jax.process_count(),
                                   cfg.train.eval_batches)
   eval_step = setup.make_eval_step()
-  _say(f'[evaluator] following {ckpt_dir} until step {final}; already evaluated: '
-                 f'{sorted(done) or "none"}')
+  log0(f'[evaluator] following {ckpt_dir} until step {final}; already evaluated: '
+       f'{sorted(done) or "none"}')
   missed, evaluated = [], []
   idle_since = time.monotonic()
   while final not in done:
@@ -81,7 +77,7 @@ def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float =
           raise  # there and unreadable, or another config: not ours to hide
         missed.append(s)  # removed by the trainer's keep-N policy meanwhile
         done.add(s)
-        _say(f'[evaluator] step {s} was deleted before it could be read')
+        log0(f'[evaluator] step {s} was deleted before it could be read')
         continue
       finally:
         ck.close()
@@ -95,8 +91,8 @@ def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float =
       done.add(restored)
       evaluated.append(restored)
       idle_since = time.monotonic()
-      _say(f'[evaluator] step {restored}: loss {ev.get("loss", float("nan")):.4f} '
-                     f'bpb {ev.get("bpb", float("nan")):.4f}')
+      log0(f'[evaluator] step {restored}: loss {ev.get("loss", float("nan")):.4f} '
+           f'bpb {ev.get("bpb", float("nan")):.4f}')
     if final in done:
       break
     if max_idle_seconds and time.monotonic() - idle_since > max_idle_seconds:
@@ -105,5 +101,5 @@ def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float =
                          f'(evaluated {sorted(done)}; final step {final} not reached)')
     time.sleep(poll_seconds)
   writer.close()
-  _say(f'[evaluator] done: evaluated {evaluated}, missed {missed}')
+  log0(f'[evaluator] done: evaluated {evaluated}, missed {missed}')
   return {'evaluated': evaluated, 'missed': missed}

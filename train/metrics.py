@@ -13,6 +13,12 @@ import jax
 LN2 = math.log(2.0)
 
 
+def log0(*args) -> None:
+  """The one rank-0 logger: prints (flushed) on process 0 only."""
+  if jax.process_index() == 0:
+    print(*args, flush=True)
+
+
 def derived(sums: dict) -> dict:
   """Metric sums from a family's loss -> per-token loss and bits per UTF-8 byte."""
   out = {k: float(v) for k, v in sums.items()}

@@ -5,14 +5,15 @@ training curves as a PNG."""
 from __future__ import annotations
 
 import copy
-import csv
 import itertools
 import json
 import os
 import re
 import shlex
 
-from train import config_lib
+from train import config_lib, launching, trainer
+from train.evals import report
+from train.metrics import log0
 
 
 def grid(**axes) -> list[dict]:
@@ -46,7 +47,6 @@ def run(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None
   """Trains every point in `workdir/<point name>` (resuming finished or interrupted runs),
   evaluates it (validation bits per byte and, unless eval.robustness is '', the robustness
   suite), and writes summary.csv / summary.md / curves_loss.png / bpb_vs_flops.png."""
-  from train import trainer
   cli_overrides = cli_overrides or {}
   os.makedirs(workdir, exist_ok=True)
   subs = [_point_config(cfg, p, cli_overrides) for p in points]  # bad keys fail before training
@@ -54,13 +54,13 @@ def run(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None
   for point, sub in zip(points, subs):
     name = run_name(point)
     wd = os.path.join(workdir, name)
-    print(f'=== sweep point {name}', flush=True)
+    log0(f'=== sweep point {name}')
     try:
       out, status = trainer.train(sub, wd), 'done'
       ev = trainer.evaluate(sub, wd) if _evaluates(sub) else out.get('eval', {})
     except Exception as e:  # pylint: disable=broad-except  # one failed point must not end the sweep
       out, ev, status = {}, {}, f'failed: {type(e).__name__}: {e}'[:200]
-      print(f'sweep point {name} {status}', flush=True)
+      log0(f'sweep point {name} {status}')
     rows.append(_row(name, point, sub, out, ev, status))
   _write_all(rows, workdir)
   return rows
@@ -86,10 +86,10 @@ def _row(name, point, sub, out: dict, ev: dict, status: str) -> dict:
 
 
 def _write_all(rows: list[dict], workdir: str) -> None:
-  write_summary(rows, workdir)
+  log0(report.write_rows(rows, workdir, 'summary').rstrip('\n'))
   names = [r['run'] for r in rows if os.path.isdir(os.path.join(workdir, r['run']))]
-  plot_curves(names, workdir)
-  plot_eval_vs_flops(names, workdir)
+  report.plot_curves(names, workdir)
+  report.plot_eval_vs_flops(names, workdir)
 
 
 # -- sweeps as independent jobs ------------------------------------------------------------------
@@ -98,7 +98,6 @@ def job_commands(config_spec: str, points: list[dict], workdir: str, cli_overrid
   """One shell command per point: train in `workdir/<point name>`, then (when the point's
   eval.robustness is set) `--mode=eval` for the robustness suite -- what `run` does in-process.
   Gather the finished runs with `--mode=sweep_summary`."""
-  from train import launching
   python = python or launching.default_python()
   base_spec = config_spec
   out = []
@@ -143,77 +142,3 @@ def gather(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = N
   os.makedirs(workdir, exist_ok=True)
   _write_all(rows, workdir)
   return rows
-
-
-def write_summary(rows: list[dict], workdir: str) -> None:
-  cols = list(dict.fromkeys(k for r in rows for k in r))
-  with open(os.path.join(workdir, 'summary.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-  fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else ('' if v is None else str(v))
-  lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
-  lines += ['| ' + ' | '.join(fmt(r.get(c, '')) for c in cols) + ' |' for r in rows]
-  with open(os.path.join(workdir, 'summary.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  print('\n'.join(lines), flush=True)
-
-
-def _curve(path: str, key: str):
-  by_step = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        rec = json.loads(line)
-        if key in rec:
-          by_step[rec['step']] = rec[key]  # a resumed run's later record wins
-  steps = sorted(by_step)
-  return steps, [by_step[s] for s in steps]
-
-
-def plot_curves(names: list[str], workdir: str, key: str = 'loss') -> str:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name in names:
-    steps, vals = _curve(os.path.join(workdir, name, 'metrics.jsonl'), key)
-    if steps:
-      ax.plot(steps, vals, label=name)
-  ax.set_xlabel('step')
-  ax.set_ylabel(f'train {key}')
-  ax.set_yscale('log')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  path = os.path.join(workdir, f'curves_{key}.png')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
-
-
-def plot_eval_vs_flops(names: list[str], workdir: str) -> str:
-  """Validation bits per byte of each run against its training FLOPs so far."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name in names:
-    summary = os.path.join(workdir, name, 'train_summary.json')
-    if not os.path.exists(summary):
-      continue
-    with open(summary) as f:
-      per_step = json.load(f)['flops_per_step']
-    steps, vals = _curve(os.path.join(workdir, name, 'eval_metrics.jsonl'), 'bpb')
-    if steps:
-      ax.plot([s * per_step for s in steps], vals, marker='o', label=name)
-  ax.set_xscale('log')
-  ax.set_xlabel('training FLOPs')
-  ax.set_ylabel('validation bits per byte')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  path = os.path.join(workdir, 'bpb_vs_flops.png')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path

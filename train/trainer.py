@@ -1,7 +1,9 @@
 """The one trainer: mesh, sharded state, a jitted step with donated state and gradient
 accumulation, AdamW with warmup + cosine and clipping, orbax checkpoints, evaluation.
 
-Family-agnostic: everything model-specific comes through `train.families`.
+Family-agnostic: everything model-specific comes through the hooks of `train.families.Family`;
+the family's own evaluations (`eval_suite`) and the robustness suite (train/evals/) are
+dispatched from `evaluate`.
 Hot path: `nnx.split` once; the step is a pure function of (state, batch) where state =
 {'step', 'params' (pure dict), 'opt_state'}; metrics are fetched one step late so the host
 never waits for the device.
@@ -23,6 +25,8 @@ from flax import nnx
 
 from train import checkpoint as ckpt_lib
 from train import config_lib, families, metrics as metrics_lib, partitioning
+from train.evals import robustness
+from train.metrics import log0
 
 log = logging.getLogger(__name__)
 
@@ -56,30 +60,45 @@ def _match_param_shardings(abstract_opt, abstract_params, param_sh, default):
   return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
+def resolve_steps(cfg, family: families.Family) -> float:
+  """FLOPs of one optimizer step (every position of every row, padding included, from the
+  family's accounting). Resolves the step count in place: with `train.flops_budget > 0`,
+  `train.steps = budget // flops per step`; with `train.eval_count > 0`, `train.eval_every =
+  steps // eval_count` (the one place a FLOP budget becomes steps)."""
+  per_step = family.flops_per_token() * cfg.train.batch_size * cfg.data.seq_len
+  if cfg.train.flops_budget > 0:
+    cfg.train.steps = max(1, int(cfg.train.flops_budget // per_step))
+  if cfg.train.get('eval_count', 0) > 0:
+    cfg.train.eval_every = max(1, cfg.train.steps // cfg.train.eval_count)
+  return per_step
+
+
 class Setup:
   """Everything derived from a config that train, eval and sample share."""
 
-  def __init__(self, cfg):
+  def __init__(self, cfg, family: families.Family | None = None):
+    """`family`: an already built family for `cfg` (benchmarks substitute synthetic data);
+    default `families.get(cfg)`."""
     self.cfg = cfg
-    self.family = families.get(cfg)
+    self.family = families.get(cfg) if family is None else family
     self.mesh = partitioning.make_mesh(cfg.mesh)
-    # FLOPs of one optimizer step: every position of every row (padding included)
-    self.flops_per_step = (self.family.flops_per_token() * cfg.train.batch_size
-                           * cfg.data.seq_len)
-    if cfg.train.flops_budget > 0:
-      cfg.train.steps = max(1, int(cfg.train.flops_budget // self.flops_per_step))
+    self.flops_per_step = resolve_steps(cfg, self.family)
     self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
     abstract_model = nnx.eval_shape(lambda: self.family.build_model(nnx.Rngs(cfg.seed)))
-    # Trained state (`family.trainable`, default every nnx.Param) vs frozen state: the frozen
+    # Trained state (`family.trainable()`, default every nnx.Param) vs frozen state: the frozen
     # part (e.g. a pretrained LM under a hypernetwork) comes from `family.frozen_params()`, is
     # an argument of the jitted steps (never a baked-in constant), and is not checkpointed.
-    self.trainable = getattr(self.family, 'trainable', nnx.Param)
+    self.trainable = self.family.trainable()
     self.graphdef, abstract_vars, abstract_frozen = nnx.split(abstract_model, self.trainable,
                                                               ...)
     self.frozen = None
     if jax.tree.leaves(abstract_frozen):
+      frozen = self.family.frozen_params()
+      if frozen is None:
+        raise TypeError(f'family {self.family.name!r}: the model holds state outside '
+                        f'trainable() but frozen_params() returns None')
       frozen_sh = partitioning.param_shardings(abstract_frozen, self.mesh)
-      self.frozen = jax.device_put(self.family.frozen_params(), frozen_sh)
+      self.frozen = jax.device_put(frozen, frozen_sh)
     self.param_sh = partitioning.param_shardings(abstract_vars, self.mesh)
     abstract_params = nnx.to_pure_dict(abstract_vars)
     repl = partitioning.replicated(self.mesh)
@@ -98,8 +117,9 @@ class Setup:
             'opt_state': self.tx.init(params), 'nonfinite': jnp.zeros((), jnp.int32)}
 
   def init_state(self):
-    if hasattr(self.family, 'initial_params'):  # pretrained weights from a file
-      params = jax.device_put(self.family.initial_params(), self.param_sh)
+    initial = self.family.initial_params()
+    if initial is not None:  # e.g. pretrained weights from a file
+      params = jax.device_put(initial, self.param_sh)
       opt = jax.jit(self.tx.init, out_shardings=self.state_sh['opt_state'])(params)
       return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': opt,
               'nonfinite': jnp.zeros((), jnp.int32)}
@@ -211,11 +231,6 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self._prev)
 
 
-def _print(*args):
-  if jax.process_index() == 0:
-    print(*args, flush=True)
-
-
 def restore_or_init(setup: Setup, checkpointer: ckpt_lib.Checkpointer, step=None):
   """-> (state, data_state or None, restored step or None)."""
   if checkpointer.latest_step() is None:
@@ -233,9 +248,9 @@ def train(cfg, workdir: str) -> dict:
   if jax.process_index() == 0:
     config_lib.save(cfg, workdir)
   fam = setup.family
-  _print(f'[{fam.name}] {fam.describe()} | params {setup.n_params / 1e6:.2f}M | '
-         f'devices {jax.device_count()} (mesh {dict(setup.mesh.shape)}) x '
-         f'{jax.process_count()} process(es) | backend {jax.default_backend()}')
+  log0(f'[{fam.name}] {fam.describe()} | params {setup.n_params / 1e6:.2f}M | '
+       f'devices {jax.device_count()} (mesh {dict(setup.mesh.shape)}) x '
+       f'{jax.process_count()} process(es) | backend {jax.default_backend()}')
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.ckpt.keep,
                                        cfg.ckpt.async_save)
   writer = metrics_lib.Writer(workdir)
@@ -245,13 +260,13 @@ def train(cfg, workdir: str) -> dict:
   if restored is not None:
     if data_state is not None:
       it.set_state(data_state)
-    _print(f'resumed from step {restored} ({checkpointer.directory})')
+    log0(f'resumed from step {restored} ({checkpointer.directory})')
   eval_batches = fam.eval_batches(pid, pcount, cfg.train.eval_batches)
   counted = {k: v for k, v in fam.data_stats().items() if v and ('skipped' in k or 'cut' in k
                                                                  or 'without' in k)}
-  _print(f'data: {len(eval_batches)} eval batches'
-         + (' | counted and skipped/cut: ' + ', '.join(f'{k}={v}' for k, v in
-                                                       sorted(counted.items())) if counted else ''))
+  log0(f'data: {len(eval_batches)} eval batches'
+       + (' | counted and skipped/cut: ' + ', '.join(f'{k}={v}' for k, v in
+                                                     sorted(counted.items())) if counted else ''))
   train_step, eval_step = setup.make_train_step(), setup.make_eval_step()
   cfg_dict = cfg.to_dict()
 
@@ -292,7 +307,7 @@ def train(cfg, workdir: str) -> dict:
     if s % cfg.train.log_every == 0 or s == total:
       r = progress.rates(s)
       writer.scalars(s, r, prefix='perf')
-      _print(progress.line(s, window, r))
+      log0(progress.line(s, window, r))
     result.update(window)
 
   t_start = time.perf_counter()
@@ -309,8 +324,8 @@ def train(cfg, workdir: str) -> dict:
       if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
         ev = setup.evaluate(state['params'], eval_batches, eval_step)
         writer.scalars(step, ev, prefix='eval', jsonl='eval_metrics.jsonl')
-        _print(f'eval step {step}: loss {ev.get("loss", float("nan")):.4f}'
-               + (f' bpb {ev["bpb"]:.4f}' if 'bpb' in ev else ''))
+        log0(f'eval step {step}: loss {ev.get("loss", float("nan")):.4f}'
+             + (f' bpb {ev["bpb"]:.4f}' if 'bpb' in ev else ''))
       if stop.requested:
         break
     if pending is not None:
@@ -322,17 +337,17 @@ def train(cfg, workdir: str) -> dict:
   train_time = time.perf_counter() - t_start
 
   if stop.requested and step < total:
-    _print(f'stopped by SIGTERM at step {step}; checkpoint saved')
+    log0(f'stopped by SIGTERM at step {step}; checkpoint saved')
     _close(checkpointer, writer, it)
     return {'preempted_at': step}
 
   ev = setup.evaluate(state['params'], eval_batches, eval_step)
   writer.scalars(step, ev, prefix='eval', jsonl='eval_metrics.jsonl')
-  _print(f'validation at step {step}: loss {ev.get("loss", float("nan")):.4f}'
-         + (f' | bits per byte {ev["bpb"]:.4f}' if 'bpb' in ev else ''))
+  log0(f'validation at step {step}: loss {ev.get("loss", float("nan")):.4f}'
+       + (f' | bits per byte {ev["bpb"]:.4f}' if 'bpb' in ev else ''))
   samples = fam.sample(setup.model(state['params']), cfg.sample)
   for i, s in enumerate(samples[:1]):
-    _print(f'sample {i} (prompt {cfg.sample.prompt!r}):\n{s}')
+    log0(f'sample {i} (prompt {cfg.sample.prompt!r}):\n{s}')
     writer.text(step, 'sample', s)
   nonfinite = int(jax.device_get(state['nonfinite']))
   summary = {'step': step, 'train': result, 'eval': ev, 'train_seconds': train_time,
@@ -349,20 +364,20 @@ def train(cfg, workdir: str) -> dict:
 def _close(checkpointer, writer, it):
   checkpointer.close()
   writer.close()
-  if hasattr(it, 'close'):
-    it.close()
+  it.close()
 
 
-def restore(cfg, workdir: str, step: int | None = None):
+def restore(cfg, workdir: str, step: int | None = None, family: families.Family | None = None):
   """(setup, state, step) of the latest (or `step`) checkpoint, restored onto this process's
-  mesh, whatever the device count of the run that wrote it."""
-  setup = Setup(cfg)
+  mesh, whatever the device count of the run that wrote it. A family with its own weights
+  (`has_own_weights`) uses them when the workdir has no checkpoint."""
+  setup = Setup(cfg, family)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.ckpt.keep,
                                        async_save=False)
   try:
     if (step is None and checkpointer.latest_step() is None
-        and getattr(setup.family, 'pretrained', False)):
-      _print(f'no checkpoint in {workdir}/checkpoints: using the pretrained weights')
+        and setup.family.has_own_weights()):
+      log0(f'no checkpoint in {workdir}/checkpoints: using the pretrained weights')
       return setup, setup.init_state(), 0
     state, _, s = restore_or_init(setup, checkpointer, step=step)
     if s is None:
@@ -373,75 +388,45 @@ def restore(cfg, workdir: str, step: int | None = None):
 
 
 def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
-  """Restores the latest (or `step`) checkpoint onto this process's mesh and evaluates."""
+  """Restores the latest (or `step`) checkpoint onto this process's mesh and evaluates:
+  validation loss / bits per byte, the robustness suite (`eval.robustness`) and the family's
+  own `eval_suite`; writes `eval_step{N}.json`."""
   setup, state, s = restore(cfg, workdir, step)
   fam = setup.family
   ev = setup.evaluate(state['params'], fam.eval_batches(jax.process_index(),
                                                         jax.process_count(),
                                                         cfg.train.eval_batches))
   ev['step'] = s
-  _print(f'eval of step {s}: loss {ev.get("loss", float("nan")):.4f}'
-         + (f' | bits per byte {ev["bpb"]:.4f}' if 'bpb' in ev else '')
-         + f' ({int(ev.get("n_tokens", 0))} tokens, {int(ev.get("n_bytes", 0))} bytes)')
+  log0(f'eval of step {s}: loss {ev.get("loss", float("nan")):.4f}'
+       + (f' | bits per byte {ev["bpb"]:.4f}' if 'bpb' in ev else '')
+       + f' ({int(ev.get("n_tokens", 0))} tokens, {int(ev.get("n_bytes", 0))} bytes)')
   kinds = [k for k in cfg.eval.robustness.split(',') if k]
   if kinds:
-    ev['robustness'] = robustness_suite(setup, state['params'], kinds, ev, workdir, s)
-  if hasattr(fam, 'eval_suite'):  # the family's own evaluations (probes, plots)
-    ev.update(fam.eval_suite(setup, state['params'], workdir, s))
+    ev['robustness'] = robustness.run(setup, state['params'], kinds, ev, workdir, s)
+  ev.update(fam.eval_suite(setup, state['params'], workdir, s))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f'eval_step{s}.json'), 'w') as f:
       json.dump(ev, f, indent=2)
   return ev
 
 
-def robustness_suite(setup: Setup, params, kinds, clean: dict, workdir: str, step: int) -> dict:
-  """Bits per byte of the validation text under each perturbation (data/perturb.py)."""
-  cfg, fam = setup.cfg, setup.family
-  eval_step = setup.make_eval_step()
-  out = {}
-  for kind in kinds:
-    r = setup.evaluate(params, fam.eval_batches(jax.process_index(), jax.process_count(),
-                                                cfg.train.eval_batches, perturbation=kind),
-                       eval_step)
-    out[kind] = {'bpb': r.get('bpb'), 'loss': r.get('loss'), 'n_bytes': r.get('n_bytes')}
-  lines = ['| condition | bits per byte | vs clean |', '|---|---|---|',
-           f'| clean | {clean["bpb"]:.4f} | 1.000x |']
-  lines += [f'| {k} ({cfg.eval.noise_frac:.0%} of characters per word) | {v["bpb"]:.4f} | '
-            f'{v["bpb"] / clean["bpb"]:.3f}x |' if k != 'caps' else
-            f'| ALL CAPS | {v["bpb"]:.4f} | {v["bpb"] / clean["bpb"]:.3f}x |'
-            for k, v in out.items()]
-  table = '\n'.join(lines)
-  _print(table)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, f'robustness_step{step}.md'), 'w') as f:
-      f.write(table + '\n')
-  return out
-
-
 def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
   setup, state, s = restore(cfg, workdir, step)
+  setup.family.check_sample(cfg.sample)
   out = setup.family.sample(setup.model(state['params']), cfg.sample)
   for i, text in enumerate(out):
-    _print(f'--- sample {i} (step {s}, prompt {cfg.sample.prompt!r}, temperature '
-           f'{cfg.sample.temperature}, top_p {cfg.sample.top_p})\n{text}')
+    log0(f'--- sample {i} (step {s}, prompt {cfg.sample.prompt!r}, temperature '
+         f'{cfg.sample.temperature}, top_p {cfg.sample.top_p})\n{text}')
   return out
 
 
 def export_hf(cfg, workdir: str, step: int | None = None, out_dir: str = '') -> str:
-  """Writes the latest (or `step`) checkpoint of a token LM (families 'lm' and 'pretrained',
-  with a `tokenizers`-based encoder) as an HF-format Llama directory: config.json,
-  model.safetensors (parameters only, float32) and tokenizer.json. transformers loads it, and so
-  does `--config=configs/pretrained.py --config.model.source=DIR` for evaluation."""
-  from models import pretrained, token_lm  # pylint: disable=import-outside-toplevel
+  """Writes the latest (or `step`) checkpoint as an HF-format directory through the family's
+  `export_hf` (token LMs: config.json, model.safetensors with float32 parameters only,
+  tokenizer.json; transformers loads it, and so does `--config=configs/pretrained.py
+  --config.model.source=DIR` for evaluation)."""
   setup, state, s = restore(cfg, workdir, step)
-  model = setup.model(state['params'])
-  enc = setup.family.encoder
-  if not isinstance(model, token_lm.TokenLM) or not hasattr(enc, 'tokenizer'):
-    raise ValueError(f'HF export needs a token LM with a tokenizers-based encoder (family lm with '
-                     f'data.encoder bpe/tokenizer:PATH, or pretrained); this run is family '
-                     f'{cfg.family!r} with {type(enc).__name__}')
   out_dir = out_dir or os.path.join(workdir, 'export', f'hf_step{s}')
-  model_cfg = getattr(setup.family, 'model_cfg', cfg.model)
-  pretrained.save_hf(model, model_cfg, enc.tokenizer, out_dir, enc.bos_id, enc.eos_id)
-  _print(f'exported step {s} to {out_dir}')
+  setup.family.export_hf(setup.model(state['params']), out_dir)
+  log0(f'exported step {s} to {out_dir}')
   return out_dir

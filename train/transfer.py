@@ -27,96 +27,21 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 
 import numpy as np
 
-from data import corpus, encoders
-from models import pretrained, token_lm
+import jax
+import jax.numpy as jnp
+
+from data import pipeline, sentences, target_tokenizers
+from models import hypernet, pretrained
+from train import runs, trainer
+from train.evals import report
+from train.families.pretrained import load_source
+from train.metrics import log0
 
 METHODS = ('lexical', 'fvt', 'hypernet')
-
-
-def _is_byte_level(tok) -> bool:
-  return 'ByteLevel' in json.dumps(json.loads(tok.to_str()).get('decoder'))
-
-
-def target_tokenizer(cfg):
-  """`target_tokenizer`: 'bpe:N' (byte-level BPE of N tokens trained on the config's train
-  split, cached), 'unigram:N' (a byte-level UnigramLM trained on the train split's documents
-  matching `transfer.text_filter`, e.g. the embedded corpus's English prose) or a
-  tokenizer.json path."""
-  spec = str(cfg.target_tokenizer).strip()
-  if not spec:
-    raise ValueError('--mode=transfer needs --config.target_tokenizer=PATH/tokenizer.json, '
-                     'bpe:VOCAB_SIZE or unigram:VOCAB_SIZE')
-  if spec.startswith(('bpe:', 'unigram:', 'wordpiece:')):
-    kind, _, n = spec.partition(':')
-    try:
-      n = int(n)
-    except ValueError as e:
-      raise ValueError(f'target_tokenizer={spec!r}: expected {kind}:VOCAB_SIZE') from e
-    source = corpus.get_source(cfg.data, cfg.data.train_split)
-    name_filter = str(cfg.transfer.get('text_filter', '')) if kind == 'unigram' else ''
-    if kind == 'wordpiece':
-      raise ValueError('wordpiece:N targets are for encoder models (model.source=minilm)')
-    enc = encoders.train_bpe(source, n, corpus.default_data_dir(cfg.data.get('data_dir', '')),
-                             cfg.data.train_split, int(cfg.data.get('max_docs', 0)), kind,
-                             name_filter)
-    where = f' documents matching {name_filter!r}' if name_filter else ''
-    return enc.tokenizer, f'{kind}{n} trained on {source.name}{where}'
-  check_tokenizer_file(spec)
-  return encoders.BPEEncoder.load(spec).tokenizer, spec
-
-
-def check_tokenizer_file(path: str) -> None:
-  """Refuses a target tokenizer.json whose vocabulary has an empty token, a token string listed
-  twice, or two tokens with one id (the tokenizers library would silently keep one of them)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'target tokenizer not found: {path}')
-  dup_keys = []
-
-  def pairs(items):
-    seen = {}
-    for k, v in items:
-      if k in seen:
-        dup_keys.append(k)
-      seen[k] = v
-    return seen
-
-  try:
-    with open(path, encoding='utf-8') as f:
-      spec = json.load(f, object_pairs_hook=pairs)
-  except (OSError, ValueError) as e:
-    raise ValueError(f'{path}: not a readable tokenizer.json ({e})') from e
-  vocab = (spec.get('model') or {}).get('vocab')
-  if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
-    strings = [v[0] for v in vocab]
-    ids = list(range(len(vocab)))
-  elif isinstance(vocab, dict):
-    strings, ids = list(vocab), list(vocab.values())
-  else:
-    raise ValueError(f'{path}: no model vocabulary')
-  strings += [t['content'] for t in spec.get('added_tokens') or []]
-  ids += [t['id'] for t in spec.get('added_tokens') or []]
-  problems = []
-  if not strings:
-    problems.append('the vocabulary is empty')
-  if '' in strings:
-    problems.append('it has an empty token')
-  repeated = sorted({s for s in strings if strings.count(s) > 1} | set(dup_keys))
-  added = {t['content']: t['id'] for t in spec.get('added_tokens') or []}
-  repeated = [s for s in repeated if not (s in added and isinstance(vocab, dict)
-                                          and vocab.get(s) == added[s])]
-  if repeated:
-    problems.append(f'token strings listed twice: {repeated[:5]}')
-  by_id = {}
-  for s, i in zip(strings, ids):
-    by_id.setdefault(i, set()).add(s)
-  shared = {i: sorted(v) for i, v in by_id.items() if len(v) > 1}
-  if shared:
-    problems.append(f'ids shared by several tokens: {dict(list(shared.items())[:3])}')
-  if problems:
-    raise ValueError(f'target tokenizer {path}: ' + '; '.join(problems))
 
 
 def transfer_matrix(base_E: np.ndarray, base_tok, target_tok, method: str,
@@ -129,7 +54,7 @@ def transfer_matrix(base_E: np.ndarray, base_tok, target_tok, method: str,
   if (method == 'hypernet') != (predicted is not None):
     raise ValueError('the hypernet method (and only it) needs predicted embeddings')
   for name, tok in (('base', base_tok), ('target', target_tok)):
-    if not _is_byte_level(tok):
+    if not target_tokenizers.is_byte_level(tok):
       raise ValueError(f'the {name} tokenizer is not byte-level BPE: transfer needs token '
                        f'strings in the byte alphabet')
   base_vocab = base_tok.get_vocab(with_added_tokens=True)
@@ -195,15 +120,14 @@ def transferred_model(base: pretrained.Pretrained, target_tok, method: str, pred
 
 
 def run(cfg, workdir: str) -> dict:
-  from train import trainer  # pylint: disable=import-outside-toplevel
   if cfg.family != 'pretrained':
     raise ValueError(f'--mode=transfer needs a pretrained model config (family pretrained), '
                      f'not family {cfg.family!r}')
-  from train import pretrained_family  # pylint: disable=import-outside-toplevel
-  base = pretrained_family.load_source(cfg.model.source)
+  base = load_source(cfg.model.source)
   if base.meta.get('kind') == 'encoder':
     return run_encoder(cfg, workdir, base)
-  target, target_name = target_tokenizer(cfg)
+  target, target_name = target_tokenizers.build(cfg.target_tokenizer, cfg.data,
+                                                cfg.transfer.text_filter)
   os.makedirs(workdir, exist_ok=True)
   methods = [m.strip() for m in str(cfg.transfer.methods).split(',') if m.strip()]
   rows = []
@@ -215,8 +139,7 @@ def run(cfg, workdir: str) -> dict:
     if not cfg.transfer.hypernet_workdir:
       raise ValueError('transfer.methods includes hypernet: set transfer.hypernet_workdir to a '
                        'trained configs/zett.py run')
-    from train import zett_family  # pylint: disable=import-outside-toplevel
-    predictor = zett_family.load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source)
+    predictor = load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source)
   for method in methods:
     model, counts = transferred_model(base, target, method, predictor)
     out_dir = os.path.join(workdir, method)
@@ -228,21 +151,33 @@ def run(cfg, workdir: str) -> dict:
     ev = trainer.evaluate(sub, out_dir)
     rows.append({'model': method, 'tokenizer': target_name,
                  'vocab': int(model.embed.embedding.shape[0]), **counts, **_scores(ev)})
-    print(f'[transfer] {method}: {counts} -> bits per byte {ev.get("bpb", float("nan")):.4f}',
-          flush=True)
+    log0(f'[transfer] {method}: {counts} -> bits per byte {ev.get("bpb", float("nan")):.4f}')
   return _write_rows(rows, workdir)
 
 
+def load_predictor(workdir: str, source: str):
+  """`strings -> (input [N, D], output [N, D] or None)`: the hypernetwork of the latest
+  checkpoint of a zett run (configs/zett.py) on the base model `source` (jitted, in chunks of
+  4096 tokens)."""
+  run = runs.load_run(workdir, family='zett', what='transfer.hypernet_workdir')
+  if run.cfg.model.source != source:
+    raise ValueError(f'the hypernetwork in {workdir} was trained for model.source='
+                     f'{run.cfg.model.source!r}, not {source!r}')
+  model = run.model()
+  log0(f'[transfer] hypernetwork from {workdir} (step {run.step})')
+  predict = jax.jit(lambda pieces: model.hypernet(jnp.asarray(pieces)))
+
+  def predictor(strings):
+    pieces = hypernet.piece_ids(run.family.base.tokenizer, strings, run.cfg.hypernet.max_pieces)
+    return pipeline.map_in_batches(predict, pieces, 4096, fill=-1)
+
+  return predictor
+
+
 def _write_rows(rows: list[dict], workdir: str) -> dict:
-  with open(os.path.join(workdir, 'transfer.json'), 'w') as f:
-    json.dump(rows, f, indent=2)
-  cols = list(dict.fromkeys(k for r in rows for k in r))
-  fmt = lambda v: f'{v:.4f}' if isinstance(v, float) else str(v)
-  lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
-  lines += ['| ' + ' | '.join(fmt(r.get(c, '')) for c in cols) + ' |' for r in rows]
-  with open(os.path.join(workdir, 'transfer.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  print('\n'.join(lines), flush=True)
+  table = report.write_rows(rows, workdir, 'transfer', formats=('md', 'json'),
+                            fmt=report.fmt_fixed)
+  log0(table.rstrip('\n'))
   return {'rows': rows}
 
 
@@ -297,35 +232,8 @@ def encoder_matrix(base_E: np.ndarray, base_tok, target_tok, method: str
   return out, counts
 
 
-def train_wordpiece(texts, vocab_size: int):
-  """A BERT-style uncased WordPiece tokenizer ([CLS] text [SEP]) trained on `texts`."""
-  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # pylint: disable=import-outside-toplevel,g-multiple-import
-  specials = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
-  tok = Tokenizer(models.WordPiece(unk_token='[UNK]'))
-  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-  tok.decoder = decoders.WordPiece()
-  tok.train_from_iterator(texts, trainers.WordPieceTrainer(
-      vocab_size=vocab_size, special_tokens=specials, show_progress=False))
-  cls, sep = tok.token_to_id('[CLS]'), tok.token_to_id('[SEP]')
-  tok.post_processor = processors.TemplateProcessing(
-      single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1',
-      special_tokens=[('[CLS]', cls), ('[SEP]', sep)])
-  return tok
-
-
-def _prose_texts(cfg, split: str):
-  import re  # pylint: disable=import-outside-toplevel
-  source = corpus.get_source(cfg.data, split)
-  pattern = re.compile(cfg.transfer.text_filter) if cfg.transfer.text_filter else None
-  for i in range(len(source)):
-    if pattern is None or pattern.search(str(source.record(i).get('name', ''))):
-      yield source[i]
-
-
 def save_encoder(base_dir: str, embeddings: np.ndarray, tokenizer, out_dir: str) -> None:
   """The HF BERT directory `base_dir` with a new tokenizer and word-embedding matrix."""
-  import shutil  # pylint: disable=import-outside-toplevel
   from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
   shutil.rmtree(out_dir, ignore_errors=True)
   shutil.copytree(base_dir, out_dir, ignore=shutil.ignore_patterns('model.safetensors',
@@ -348,33 +256,16 @@ def run_encoder(cfg, workdir: str, base) -> dict:
   the train split's `transfer.text_filter` documents, or a tokenizer.json), per method written
   as an HF directory; scored by the cosine between each held-out sentence's embedding with the
   original tokenizer and with the transferred one (validation sentences of the same documents)."""
-  from data import sentences  # pylint: disable=import-outside-toplevel
-  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-  spec = str(cfg.target_tokenizer).strip()
-  if spec.startswith('wordpiece:'):
-    try:
-      n = int(spec.split(':', 1)[1])
-    except ValueError as e:
-      raise ValueError(f'target_tokenizer={spec!r}: expected wordpiece:VOCAB_SIZE') from e
-    target = train_wordpiece(_prose_texts(cfg, cfg.data.train_split), n)
-    target_name = f'wordpiece{n} trained on the train split ({cfg.transfer.text_filter or "all"})'
-  elif spec and os.path.isfile(spec):
-    check_tokenizer_file(spec)
-    target, target_name = Tokenizer.from_file(spec), spec
-  else:
-    raise ValueError(f'encoder transfer needs --config.target_tokenizer=wordpiece:N or a '
-                     f'tokenizer.json path (got {spec!r})')
-  if json.loads(target.to_str())['model']['type'] != 'WordPiece':
-    raise ValueError(f'target tokenizer {target_name}: encoder transfer needs a WordPiece '
-                     'tokenizer')
+  target, target_name = target_tokenizers.build_encoder_target(
+      cfg.target_tokenizer, cfg.data, cfg.transfer.text_filter)
   sents = []
-  for text in _prose_texts(cfg, cfg.data.eval_split):
+  for text in target_tokenizers.texts(cfg.data, cfg.data.eval_split, cfg.transfer.text_filter):
     sents.extend(sentences.split_document(text, 512))
   sents = sents[:cfg.transfer.eval_sentences]
   if not sents:
     raise ValueError('no held-out sentences to compare (data.eval_split, transfer.text_filter)')
   base_dir = base.meta['source']
-  ref = sentences.SentenceEncoder(f'hf:{base_dir}')(sents)
+  ref = pretrained.SentenceEncoder(f'hf:{base_dir}')(sents)
   base_len = np.mean([len(e.ids) for e in base.tokenizer.encode_batch(sents)])
   rows = [{'model': 'base', 'tokenizer': base_dir, 'vocab': base.tokenizer.get_vocab_size(),
            'cosine_mean': 1.0, 'cosine_min': 1.0, 'tokens_per_sentence': float(base_len)}]
@@ -386,13 +277,13 @@ def run_encoder(cfg, workdir: str, base) -> dict:
     mat, counts = encoder_matrix(e, base.tokenizer, target, method)
     out_dir = os.path.join(workdir, method)
     save_encoder(base_dir, mat, target, out_dir)
-    got = sentences.SentenceEncoder(f'hf:{out_dir}')(sents)
+    got = pretrained.SentenceEncoder(f'hf:{out_dir}')(sents)
     cos = (ref * got).sum(-1)  # both L2-normalized
     moved = pretrained.load(out_dir).tokenizer
     rows.append({'model': method, 'tokenizer': target_name, 'vocab': int(mat.shape[0]),
                  **counts, 'cosine_mean': float(cos.mean()), 'cosine_min': float(cos.min()),
                  'tokens_per_sentence': float(np.mean([len(x.ids) for x in
                                                        moved.encode_batch(sents)]))})
-    print(f'[transfer] {method}: {counts} -> mean cosine {cos.mean():.4f} over {len(sents)} '
-          'held-out sentences', flush=True)
+    log0(f'[transfer] {method}: {counts} -> mean cosine {cos.mean():.4f} over {len(sents)} '
+         'held-out sentences')
   return _write_rows(rows, workdir)

@@ -1,9 +1,6 @@
-"""Lexinvariant LM family (`family='lexinv'`): training objective and the paper's evaluations.
-
-Data, iterators and encoders are those of the token-LM family; the model is
-`models.lexinvariant.LexinvariantLM`. `--mode=eval` runs `eval_suite`, which compares the
-lexinvariant model with a standard LM (`lexinv.baseline_workdir`: a trained `lm`-family
-workdir of the same size on the same data) and writes into the workdir:
+"""The lexinvariant LM's evaluations (`--mode=eval` of family 'lexinv', train/families/lexinv.py),
+for the lexinvariant model and, given a trained standard LM of the same size on the same data
+(`lexinv.baseline_workdir`), for both. Files written into the workdir:
 
   lexinv_eval_step{N}.json / .md     every figure below
   lexinv_ppl_by_position_step{N}.png perplexity vs context position for both, and their ratio
@@ -28,6 +25,7 @@ Evaluations:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -37,65 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from data import corpus, pipeline, synthetic
-from models import lexinvariant, token_lm
-from train import families, lm_family, partitioning
+from data import pipeline, synthetic
+from models import token_lm
+from train import partitioning
+from train.evals import report
+from train.metrics import log0
 
 BINS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-
-
-@families.register('lexinv')
-class LexinvariantFamily(lm_family.TokenLMFamily):
-
-  def __init__(self, cfg):
-    super().__init__(cfg)
-    self.lexinv_cfg = cfg.lexinv
-    self._live = None
-
-  def live_ids(self) -> np.ndarray:
-    """bool [vocab_size]: the ids whose frequency in the training split is at least
-    `lexinv.vocab_min_freq` (`lexinv.vocab='train'`), counted once over at most
-    `lexinv.vocab_max_chars` characters of it."""
-    if self._live is None:
-      source = corpus.get_source(self.cfg.data, self.cfg.data.train_split)
-      counts = pipeline.token_counts(source, self.encoder,
-                                     int(self.lexinv_cfg.get('vocab_max_chars', 0)))
-      min_freq = float(self.lexinv_cfg.get('vocab_min_freq', 0.0))
-      self._live = (counts > 0) & (counts >= min_freq * counts.sum())
-      self._stats['lexinv_live_ids'] = int(self._live[:self.encoder.true_vocab_size].sum())
-    return self._live
-
-  def build_model(self, rngs):
-    enc = self.encoder
-    live = self.live_ids() if self.lexinv_cfg.get('vocab', 'all') == 'train' else None
-    return lexinvariant.LexinvariantLM(self.model_cfg, self.lexinv_cfg, enc.vocab_size,
-                                       enc.true_vocab_size, self.dtype,
-                                       special_ids=(enc.pad_id, enc.bos_id, enc.eos_id),
-                                       live=live, rngs=rngs)
-
-  def loss(self, model, batch, rng):
-    return lexinvariant.lexinv_loss(model, batch, rng)
-
-  def sample(self, model, cfg_sample) -> list[str]:
-    return lm_family.sample_text(lexinvariant.generate, model, self.encoder, cfg_sample)
-
-  def flops_per_token(self) -> float:
-    c = self.lexinv_cfg
-    two = c.table != 'permuted_learned' and 0.0 < c.p < 1.0
-    return lexinvariant.flops_per_token(self.model_cfg, self.encoder.vocab_size,
-                                        self.cfg.data.seq_len, two)
-
-  def describe(self) -> str:
-    c = self.lexinv_cfg
-    vocab = c.get('vocab', 'all')
-    if vocab == 'train':
-      vocab += f' ({int(self.live_ids()[:self.encoder.true_vocab_size].sum())} of ' \
-               f'{self.encoder.true_vocab_size} ids are live)'
-    return (f'lexinvariant p={c.p} table={c.table} vocab={vocab} '
-            f'fixed_specials={bool(c.get("fixed_specials", False))} | ' + super().describe())
-
-  def eval_suite(self, setup, params, workdir: str, step: int) -> dict:
-    return run_suite(self, setup, params, workdir, step)
 
 
 # -- uniform per-model functions ---------------------------------------------------------------
@@ -144,16 +90,6 @@ class _Scorer:
 
   def hidden(self, b, rng):
     return np.asarray(jax.device_get(self._hidden(self.params, self._batch(b), rng)))
-
-
-def load_baseline(workdir: str):
-  """(Setup, params, step) of a trained `lm`-family workdir."""
-  from train import config_lib, trainer
-  cfg = config_lib.load_saved(workdir)
-  if cfg.family != 'lm':
-    raise ValueError(f'lexinv.baseline_workdir {workdir} is a {cfg.family!r} run, not an lm run')
-  setup, state, s = trainer.restore(cfg, workdir)
-  return setup, state['params'], s
 
 
 def _cipher(vocab_size: int, alphabet: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -280,10 +216,8 @@ def probe_eval(scorers, batches, key, encoder, alphabet, n_train_rows, steps, se
     feats, labels, pos, row_id, cipher_ids = [], [], [], [], []
     for start in range(0, len(rows), bsz):
       chunk = rows[start:start + bsz]
-      pad = bsz - len(chunk)
-      b = {k: np.concatenate([c[k] for c in chunk] + [np.zeros_like(chunk[0][k])] * pad)
-           for k in chunk[0]}
-      sg = np.concatenate([sig[start:start + len(chunk)], np.tile(sig[:1], (pad, 1))])
+      b = pipeline.pad_rows({k: np.concatenate([c[k] for c in chunk]) for k in chunk[0]}, bsz)
+      sg = pipeline.pad_rows(sig[start:start + len(chunk)], bsz, fill=sig[0])
       cb = _apply_cipher(b, sg)
       h = s.hidden(cb, jax.random.fold_in(key, start))
       for r in range(len(chunk)):
@@ -329,15 +263,11 @@ def synthetic_eval(scorers, encoder, cfg, seq_len, key):
   for task, full in tasks.items():
     out[task] = {}
     for s in scorers:
-      preds = []
-      for start in range(0, c.synthetic_n, bsz):
-        b = {k: v[start:start + bsz] for k, v in full.items()}
-        n = b['inputs'].shape[0]
-        if n < bsz:
-          b = {k: np.concatenate([v, np.zeros((bsz - n,) + v.shape[1:], v.dtype)])
-               for k, v in b.items()}
-        preds.append(s.pred(b, jax.random.fold_in(key, start))[:n])
-      out[task][s.name] = synthetic.score(np.concatenate(preds), full)
+      starts = itertools.count(0, bsz)  # the key of each chunk: its first row
+      preds = pipeline.map_in_batches(
+          lambda b, s=s, starts=starts: s.pred(b, jax.random.fold_in(key, next(starts))),
+          full, bsz)
+      out[task][s.name] = synthetic.score(preds, full)
   return out
 
 
@@ -378,37 +308,6 @@ def attention_profile(setup, params, batch, rng, rows: int = 4) -> list[list[dic
     out.append(heads)
     h = layer(h, pos, seg)[0]
   return out
-
-
-def _plot(path, per_pos, count, names, title):
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  valid = np.flatnonzero(count > 0)
-  x = valid + 1
-  fig, axes = plt.subplots(1, 2 if len(names) == 2 else 1, figsize=(11, 4), squeeze=False)
-  ax = axes[0, 0]
-  for n in names:
-    ax.plot(x, np.exp(np.asarray(per_pos[n])[valid]), label=n)
-  ax.set_xscale('log')
-  ax.set_yscale('log')
-  ax.set_xlabel('context position (tokens into the document) + 1')
-  ax.set_ylabel('perplexity')
-  ax.set_title(title)
-  ax.legend()
-  if len(names) == 2:
-    ax = axes[0, 1]
-    ratio = np.exp(np.asarray(per_pos[names[0]])[valid] - np.asarray(per_pos[names[1]])[valid])
-    ax.plot(x, ratio, color='C2')
-    ax.axhline(1.0, color='gray', ls='--', lw=1)
-    ax.set_xscale('log')
-    ax.set_yscale('log')
-    ax.set_xlabel('context position + 1')
-    ax.set_ylabel(f'ppl {names[0]} / ppl {names[1]}')
-    ax.set_title('perplexity ratio')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def _markdown(res) -> str:
@@ -468,48 +367,43 @@ def _markdown(res) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def run_suite(fam, setup, params, workdir: str, step: int) -> dict:
+def run_suite(setup, params, encoder, workdir: str, step: int, baseline=None) -> dict:
+  """Every evaluation above for the lexinvariant model (`setup`, `params`, its `encoder`) and,
+  with `baseline` (a trained standard LM: `train.runs.Run`), for both; writes
+  lexinv_eval_step{N}.json / .md and lexinv_ppl_by_position_step{N}.png into `workdir`."""
   cfg = setup.cfg
   c = cfg.lexinv
   scorers = [_Scorer('lexinv', setup, params)]
   res = {'step': step, 'baseline_workdir': c.baseline_workdir}
-  if c.baseline_workdir:
-    b_setup, b_params, b_step = load_baseline(c.baseline_workdir)
-    if (b_setup.family.encoder.vocab_size != fam.encoder.vocab_size
-        or b_setup.cfg.data.source != cfg.data.source):
-      raise ValueError('the baseline must use the same data source and vocabulary '
-                       f'({b_setup.cfg.data.source}, {b_setup.family.encoder.vocab_size}) vs '
-                       f'({cfg.data.source}, {fam.encoder.vocab_size})')
-    scorers.append(_Scorer('standard', b_setup, b_params))
-    res['baseline_step'] = b_step
+  if baseline is not None:
+    scorers.append(_Scorer('standard', baseline.setup, baseline.params))
+    res['baseline_step'] = baseline.step
   res['models'] = [s.name for s in scorers]
   key = jax.random.key(c.eval_seed)
-  batches = fam.eval_batches(0, 1, c.eval_batches)
+  batches = setup.family.eval_batches(0, 1, c.eval_batches)
   seq_len = cfg.data.seq_len
 
   rows, per_pos, count = position_curve(scorers, batches, jax.random.fold_in(key, 1), seq_len)
   res['by_position'] = rows
-  alphabet = cipher_alphabet(setup.model(params), fam.encoder)
+  alphabet = cipher_alphabet(setup.model(params), encoder)
   res['cipher_alphabet_size'] = int(alphabet.size)
   res['cipher'] = cipher_eval(scorers, batches, jax.random.fold_in(key, 2),
-                              _cipher(fam.encoder.vocab_size, alphabet,
+                              _cipher(encoder.vocab_size, alphabet,
                                       np.random.default_rng([c.eval_seed, 3])))
-  res['probe'] = probe_eval(scorers, batches, jax.random.fold_in(key, 3), fam.encoder, alphabet,
+  res['probe'] = probe_eval(scorers, batches, jax.random.fold_in(key, 3), encoder, alphabet,
                             c.probe_rows, c.probe_steps, c.eval_seed)
-  res['synthetic'] = synthetic_eval(scorers, fam.encoder, cfg, seq_len,
-                                    jax.random.fold_in(key, 4))
-  res['repeat'] = repeat_eval(scorers, fam.encoder, cfg, seq_len, jax.random.fold_in(key, 5))
+  res['synthetic'] = synthetic_eval(scorers, encoder, cfg, seq_len, jax.random.fold_in(key, 4))
+  res['repeat'] = repeat_eval(scorers, encoder, cfg, seq_len, jax.random.fold_in(key, 5))
   res['attention'] = {s.name: attention_profile(s.setup, s.params, batches[0],
                                                 jax.random.fold_in(key, 6)) for s in scorers}
+  base = os.path.join(workdir, f'lexinv_eval_step{step}')
   if jax.process_index() == 0:
-    base = os.path.join(workdir, f'lexinv_eval_step{step}')
-    _plot(base.replace('lexinv_eval', 'lexinv_ppl_by_position') + '.png', per_pos, count,
-          res['models'], f'validation, step {step}')
+    report.plot_ppl_by_position(base.replace('lexinv_eval', 'lexinv_ppl_by_position') + '.png',
+                                per_pos, count, res['models'], f'validation, step {step}')
     with open(base + '.json', 'w') as f:
       json.dump({**res, 'per_position_loss': per_pos, 'per_position_count': count.tolist()}, f,
                 indent=1)
-    md = _markdown(res)
-    with open(base + '.md', 'w') as f:
-      f.write(md)
-    print(md, flush=True)
+  md = _markdown(res)
+  report.write_text(base + '.md', md)
+  log0(md)
   return {'lexinv_suite': res}

@@ -1,24 +1,35 @@
-"""Token LM family: the byte-level and subword baselines (one model, two encoders)."""
+"""Token LM family (`family='lm'`): the byte-level and subword baselines, one model
+(models/token_lm.py) over two encoders (`data.encoder`: 'bytes', 'bpe' or 'tokenizer:PATH').
+
+Subclasses (pretrained, lexinv) reuse its data path and override `make_encoder` /
+`model_config` (how the encoder and the architecture are obtained) or the model hooks."""
 from __future__ import annotations
 
 import jax
 import numpy as np
 
 from data import encoders, pipeline
-from models import token_lm
+from models import pretrained, token_lm
 from train import families
 
 
-@families.register('lm')
-class TokenLMFamily:
+class TokenLMFamily(families.Family):
 
   def __init__(self, cfg):
-    self.cfg = cfg
-    self.encoder = encoders.get_encoder(cfg.data)
-    self.dtype = families.compute_dtype(cfg)
-    self.model_cfg = cfg.model
-    self._stats = {}
+    super().__init__(cfg)
+    self.model_cfg = self.model_config()
+    self.encoder = self.make_encoder()
 
+  # -- what subclasses change ------------------------------------------------------------------
+  def model_config(self):
+    """The `model.*` keys the model is built from (default: the config's)."""
+    return self.cfg.model
+
+  def make_encoder(self) -> encoders.Encoder:
+    """The text <-> ids encoder (default: `data.encoder`)."""
+    return encoders.get_encoder(self.cfg.data)
+
+  # -- Family hooks ----------------------------------------------------------------------------
   def build_model(self, rngs):
     return token_lm.TokenLM(self.model_cfg, self.encoder.vocab_size, self.dtype, rngs=rngs)
 
@@ -41,14 +52,21 @@ class TokenLMFamily:
   def flops_per_token(self) -> float:
     return token_lm.flops_per_token(self.model_cfg, self.encoder.vocab_size, self.cfg.data.seq_len)
 
-  def data_stats(self) -> dict:
-    return dict(self._stats)
+  def export_hf(self, model, out_dir: str) -> None:
+    enc = self.encoder
+    if not isinstance(enc, encoders.BPEEncoder):
+      raise ValueError(f'--mode=export needs a token LM with a tokenizers-based encoder (data.'
+                       f'encoder bpe or tokenizer:PATH); this run uses {type(enc).__name__}')
+    pretrained.save_hf(model, self.model_cfg, enc.tokenizer, out_dir, enc.bos_id, enc.eos_id)
 
   def describe(self) -> str:
     e = self.encoder
     return (f'{type(e).__name__} vocab {e.vocab_size} | data {self.cfg.data.source} | '
             f'seq_len {self.cfg.data.seq_len} | batch {self.cfg.train.batch_size} | '
             f'compute {np.dtype(self.dtype).name}')
+
+
+Family = TokenLMFamily
 
 
 def sample_text(generate, model, encoder, cfg_sample) -> list[str]:

@@ -1,4 +1,5 @@
-"""HAT family: byte stream + word fields in, next-byte loss out (models/hat.py)."""
+"""HAT family (`family='hat'`): byte stream + word fields in, next-byte loss out
+(models/hat.py; word splitting in data/words.py, the word fields in data/hat_data.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,21 +9,18 @@ from models import hat
 from train import families
 
 
-@families.register('hat')
-class HATFamily:
+class HATFamily(families.Family):
 
   def __init__(self, cfg):
-    self.cfg = cfg
+    super().__init__(cfg)
     if cfg.data.encoder != 'bytes':
       raise ValueError(f"family 'hat' reads bytes: data.encoder must be 'bytes', "
                        f'got {cfg.data.encoder!r}')
     self.encoder = encoders.ByteEncoder()
-    self.dtype = families.compute_dtype(cfg)
     self.splitter = words.get_splitter(cfg.data.splitter, cfg.data.max_word_bytes)
     d = cfg.data
     self.fields = hat_data.WordFields(self.splitter, d.max_words, d.max_word_bytes)
     self.eval_fields = hat_data.WordFields(self.splitter, d.max_words, d.max_word_bytes)
-    self._stats = {}
 
   def build_model(self, rngs):
     return hat.HAT(self.cfg.model, self.encoder.vocab_size, self.dtype, rngs=rngs)
@@ -56,7 +54,7 @@ class HATFamily:
                               d.max_word_bytes)
 
   def data_stats(self) -> dict:
-    out = dict(self._stats)
+    out = super().data_stats()
     for name, f in (('train', self.fields), ('eval', self.eval_fields)):
       s = f.stats
       out[f'{name}_dropped_bytes'] = s['dropped_bytes']
@@ -69,3 +67,6 @@ class HATFamily:
     return (f'HAT splitter {d.splitter} | {d.seq_len} bytes, {d.max_words} words x '
             f'{d.max_word_bytes} bytes per row | data {d.source} | batch '
             f'{self.cfg.train.batch_size} | compute {np.dtype(self.dtype).name}')
+
+
+Family = HATFamily

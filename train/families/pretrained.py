@@ -1,17 +1,17 @@
-"""Pretrained family: a real pretrained Llama-architecture LM (GGUF file or HF directory, see
-models/pretrained.py) as a `TokenLM`, with its own tokenizer. `--mode=eval` on a workdir without
-checkpoints evaluates the file's weights (the baseline tokenizer transfer is measured against);
-`train` fine-tunes them; eval / sample restore like every family."""
+"""Pretrained family (`family='pretrained'`): a real pretrained Llama-architecture LM (GGUF file
+or HF directory, see models/pretrained.py) as a `TokenLM`, with its own tokenizer.
+`--mode=eval` on a workdir without checkpoints evaluates the file's weights (the baseline
+tokenizer transfer is measured against); `train` fine-tunes them; eval / sample restore like
+every family."""
 from __future__ import annotations
 
 import functools
 
-import numpy as np
 from flax import nnx
 
 from data import encoders
-from models import pretrained, token_lm
-from train import families, lm_family
+from models import pretrained
+from train.families import lm
 
 
 @functools.lru_cache(maxsize=2)
@@ -22,17 +22,22 @@ def load_source(source: str) -> pretrained.Pretrained:
   return pretrained.load(named[source]() if source in named else source)
 
 
-@families.register('pretrained')
-class PretrainedFamily(lm_family.TokenLMFamily):
-  pretrained = True  # weights come from a file: eval without a checkpoint uses them
+class PretrainedFamily(lm.TokenLMFamily):
 
-  def __init__(self, cfg):  # pylint: disable=super-init-not-called
-    self.cfg = cfg
+  def __init__(self, cfg):
     self.loaded = load_source(cfg.model.source)
-    self.model_cfg = self.loaded.cfg_model
-    for k, v in self.model_cfg.items():  # the architecture, recorded in config.json
-      if k in cfg.model:
-        cfg.model[k] = v
+    super().__init__(cfg)
+
+  def model_config(self):
+    """The architecture read from the file, also written into the run's config (config.json
+    then records what was trained)."""
+    m = self.loaded.cfg_model
+    for k, v in m.items():
+      if k in self.cfg.model:
+        self.cfg.model[k] = v
+    return m
+
+  def make_encoder(self) -> encoders.Encoder:
     m = self.loaded.meta
     doc = m['doc_token_id']
     specials = {'pad': doc, 'bos': doc, 'eos': doc}  # documents between the separator token
@@ -40,19 +45,20 @@ class PretrainedFamily(lm_family.TokenLMFamily):
                                    for k in ('bos_id', 'eos_id')):
       specials = {'pad': m['eos_id'], 'bos': m['bos_id'], 'eos': m['eos_id']}  # as declared
     vocab = self.loaded.model.embed.embedding.shape[0]
-    self.encoder = encoders.BPEEncoder(self.loaded.tokenizer, f'{m["format"]}:{m["source"]}',
-                                       specials=specials, vocab_size=vocab)
-    self.dtype = families.compute_dtype(cfg)
-    self._stats = {}
-
-  def build_model(self, rngs):
-    return token_lm.TokenLM(self.model_cfg, self.encoder.vocab_size, self.dtype, rngs=rngs)
+    return encoders.BPEEncoder(self.loaded.tokenizer, f'{m["format"]}:{m["source"]}',
+                               specials=specials, vocab_size=vocab)
 
   def initial_params(self):
     """The file's weights as the pure parameter dict `Setup` places on the mesh."""
     return nnx.to_pure_dict(nnx.state(self.loaded.model))
 
+  def has_own_weights(self) -> bool:
+    return True
+
   def describe(self) -> str:
     m = self.model_cfg
     return (f'pretrained {self.loaded.meta["source"]} ({m.num_layers} layers, d {m.d_model}, '
             f'{m.num_heads}/{m.num_kv_heads} heads) | ' + super().describe())
+
+
+Family = PretrainedFamily

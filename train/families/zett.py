@@ -22,12 +22,15 @@ from __future__ import annotations
 import queue
 import threading
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data import encoders, pipeline, tokenizer_sampler
+from data import corpus, encoders, pipeline, target_tokenizers, tokenizer_sampler
 from models import hypernet, token_lm
-from train import families, pretrained_family
+from train import families
+from train.families import pretrained
 
 
 class _Batcher:
@@ -185,17 +188,14 @@ class ZettIterator:
     return self.inner.source
 
 
-@families.register('zett')
-class ZettFamily:
+class ZettFamily(families.Family):
 
   def __init__(self, cfg):
-    import jax  # pylint: disable=import-outside-toplevel
+    super().__init__(cfg)
     if jax.process_count() > 1:
       raise ValueError('zett training samples one tokenizer per step from host-local text: '
                        'run it as one process (any number of local devices)')
-    self.cfg = cfg
-    self.dtype = families.compute_dtype(cfg)
-    self.base = pretrained_family.load_source(cfg.model.source)
+    self.base = pretrained.load_source(cfg.model.source)
     self.lm_cfg = self.base.cfg_model
     self.base_vocab = self.base.tokenizer.get_vocab(with_added_tokens=True)
     self.sep_id = int(self.base.meta['doc_token_id'])
@@ -217,8 +217,10 @@ class ZettFamily:
     self.train_source = None
     self._eager = None
     self._eval_tok = None
-    self._stats = {}
-    self.trainable = nnx.All(nnx.Param, nnx.PathContains('hypernet'))
+    self._batcher = None
+
+  def trainable(self):
+    return nnx.All(nnx.Param, nnx.PathContains('hypernet'))
 
   def build_model(self, rngs):
     return hypernet.ZettModel(self.cfg.hypernet, self.lm_cfg, self.vocab, self.base_in,
@@ -232,10 +234,10 @@ class ZettFamily:
     return self._eager
 
   def initial_params(self):
-    return nnx.to_pure_dict(nnx.state(self._eager_model(), self.trainable))
+    return nnx.to_pure_dict(nnx.state(self._eager_model(), self.trainable()))
 
   def frozen_params(self):
-    return nnx.to_pure_dict(nnx.state(self._eager_model(), nnx.Not(self.trainable)))
+    return nnx.to_pure_dict(nnx.state(self._eager_model(), nnx.Not(self.trainable())))
 
   def loss(self, model, batch, rng):
     del rng
@@ -247,7 +249,6 @@ class ZettFamily:
     return c
 
   def train_iterator(self, process_index, process_count):
-    from data import corpus  # pylint: disable=import-outside-toplevel
     self.train_source = corpus.get_source(self.cfg.data, self.cfg.data.train_split)
     inner = pipeline.make_train_iterator(self._byte_cfg(), self.bytes, process_index,
                                          process_count)
@@ -257,10 +258,9 @@ class ZettFamily:
   def eval_tokenizer(self):
     """The fixed evaluation tokenizer (see the module doc)."""
     if self._eval_tok is None:
-      from data import corpus  # pylint: disable=import-outside-toplevel
-      from train import transfer  # pylint: disable=import-outside-toplevel
       if self.cfg.target_tokenizer:
-        tok, _ = transfer.target_tokenizer(self.cfg)
+        tok, _ = target_tokenizers.build(self.cfg.target_tokenizer, self.cfg.data,
+                                         self.cfg.transfer.text_filter)
       else:
         src = corpus.get_source(self.cfg.data, self.cfg.data.eval_split)
         z = self.cfg.zett
@@ -286,7 +286,6 @@ class ZettFamily:
   def sample(self, model, cfg_sample):
     """A look at the predictions: the nearest base tokens (cosine) of a few eval tokens that the
     base vocabulary does not have."""
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     b = _Batcher(self, 8).vocab_arrays(self.eval_tokenizer())
     new = np.flatnonzero((b['vocab_shared'] < 0) & (b['vocab_pieces'][:, 1] >= 0))[:6]
     e_in, _ = model.embeddings(jnp.asarray(b['vocab_pieces'][new]),
@@ -309,8 +308,8 @@ class ZettFamily:
     return lm + per_vocab_row * self.cfg.zett.vocab_size / rows
 
   def data_stats(self):
-    out = dict(self._stats)
-    if getattr(self, '_batcher', None) is not None:
+    out = super().data_stats()
+    if self._batcher is not None:
       out['train_tokens_cut'] = self._batcher.stats['tokens_cut']
       out['train_tokens'] = self._batcher.stats['tokens']
     return out
@@ -323,38 +322,4 @@ class ZettFamily:
             f'{self.cfg.data.seq_len} tokens x batch {self.cfg.train.batch_size}')
 
 
-def load_predictor(workdir: str, source: str):
-  """`strings -> (input [N, D], output [N, D] or None)` from the latest checkpoint of a zett run
-  on the base model `source` (jitted, in chunks of 4096 tokens)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from train import config_lib, trainer  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.load_saved(workdir)
-  if cfg.family != 'zett':
-    raise ValueError(f'{workdir} is a {cfg.family!r} run, not a zett (hypernetwork) run')
-  if cfg.model.source != source:
-    raise ValueError(f'the hypernetwork in {workdir} was trained for model.source='
-                     f'{cfg.model.source!r}, not {source!r}')
-  setup, state, step = trainer.restore(cfg, workdir)
-  model = setup.model(state['params'])
-  fam = setup.family
-  print(f'[transfer] hypernetwork from {workdir} (step {step})', flush=True)
-
-  @jax.jit
-  def predict(pieces):
-    return model.hypernet(pieces)
-
-  def run(strings):
-    pieces = hypernet.piece_ids(fam.base.tokenizer, strings, cfg.hypernet.max_pieces)
-    n, chunk = len(strings), 4096
-    outs_in, outs_out = [], []
-    for s in range(0, n, chunk):
-      part = np.full((chunk, pieces.shape[1]), -1, np.int32)
-      part[:min(chunk, n - s)] = pieces[s:s + chunk]
-      e_in, e_out = predict(jnp.asarray(part))
-      outs_in.append(np.asarray(e_in)[:min(chunk, n - s)])
-      if e_out is not None:
-        outs_out.append(np.asarray(e_out)[:min(chunk, n - s)])
-    return np.concatenate(outs_in), (np.concatenate(outs_out) if outs_out else None)
-
-  return run
+Family = ZettFamily

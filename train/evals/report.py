@@ -1,0 +1,154 @@
+"""Tables and plots of evaluation results: the one home of the Markdown / CSV / JSON table
+writers and the PNG plots (sweep summaries, transfer tables, the robustness table, the
+lexinvariant perplexity curves). Files are written by process 0 only."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+
+def markdown(header: list[str], rows: list[list[Any]]) -> str:
+  """A Markdown table (cells already formatted, or formatted with str)."""
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(lines) + '\n'
+
+
+def fmt_general(v) -> str:
+  """Four significant digits for floats, '' for None (sweep summaries)."""
+  return f'{v:.4g}' if isinstance(v, float) else ('' if v is None else str(v))
+
+
+def fmt_fixed(v) -> str:
+  """Four decimals for floats (bits per byte, cosines)."""
+  return f'{v:.4f}' if isinstance(v, float) else ('' if v is None else str(v))
+
+
+def write_text(path: str, text: str) -> None:
+  if jax.process_index() == 0:
+    with open(path, 'w') as f:
+      f.write(text)
+
+
+def write_rows(rows: list[dict], directory: str, stem: str, formats=('md', 'csv'),
+               fmt: Callable[[Any], str] = fmt_general) -> str:
+  """`rows` (dicts; columns in first-seen order) as `stem.md` plus `stem.csv` / `stem.json`;
+  returns the Markdown table."""
+  cols = list(dict.fromkeys(k for r in rows for k in r))
+  table = markdown(cols, [[fmt(r.get(c)) for c in cols] for r in rows])
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    if 'csv' in formats:
+      with open(os.path.join(directory, f'{stem}.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    if 'json' in formats:
+      with open(os.path.join(directory, f'{stem}.json'), 'w') as f:
+        json.dump(rows, f, indent=2)
+    if 'md' in formats:
+      with open(os.path.join(directory, f'{stem}.md'), 'w') as f:
+        f.write(table)
+  return table
+
+
+# -- plots ---------------------------------------------------------------------------------------
+def _pyplot():
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def read_curve(path: str, key: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of `key` in a metrics JSONL file; a resumed run's later record wins."""
+  by_step = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        rec = json.loads(line)
+        if key in rec:
+          by_step[rec['step']] = rec[key]
+  steps = sorted(by_step)
+  return steps, [by_step[s] for s in steps]
+
+
+def plot_curves(names: list[str], workdir: str, key: str = 'loss') -> str:
+  """Training `key` of each run `workdir/<name>` against the step (log scale)."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name in names:
+    steps, vals = read_curve(os.path.join(workdir, name, 'metrics.jsonl'), key)
+    if steps:
+      ax.plot(steps, vals, label=name)
+  ax.set_xlabel('step')
+  ax.set_ylabel(f'train {key}')
+  ax.set_yscale('log')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  path = os.path.join(workdir, f'curves_{key}.png')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_eval_vs_flops(names: list[str], workdir: str) -> str:
+  """Validation bits per byte of each run against its training FLOPs so far."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name in names:
+    summary = os.path.join(workdir, name, 'train_summary.json')
+    if not os.path.exists(summary):
+      continue
+    with open(summary) as f:
+      per_step = json.load(f)['flops_per_step']
+    steps, vals = read_curve(os.path.join(workdir, name, 'eval_metrics.jsonl'), 'bpb')
+    if steps:
+      ax.plot([s * per_step for s in steps], vals, marker='o', label=name)
+  ax.set_xscale('log')
+  ax.set_xlabel('training FLOPs')
+  ax.set_ylabel('validation bits per byte')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  path = os.path.join(workdir, 'bpb_vs_flops.png')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_ppl_by_position(path: str, per_pos: dict, count: np.ndarray, names: list[str],
+                         title: str) -> None:
+  """Perplexity against the context position for each model, and (two models) their ratio."""
+  plt = _pyplot()
+  valid = np.flatnonzero(count > 0)
+  x = valid + 1
+  fig, axes = plt.subplots(1, 2 if len(names) == 2 else 1, figsize=(11, 4), squeeze=False)
+  ax = axes[0, 0]
+  for n in names:
+    ax.plot(x, np.exp(np.asarray(per_pos[n])[valid]), label=n)
+  ax.set_xscale('log')
+  ax.set_yscale('log')
+  ax.set_xlabel('context position (tokens into the document) + 1')
+  ax.set_ylabel('perplexity')
+  ax.set_title(title)
+  ax.legend()
+  if len(names) == 2:
+    ax = axes[0, 1]
+    ratio = np.exp(np.asarray(per_pos[names[0]])[valid] - np.asarray(per_pos[names[1]])[valid])
+    ax.plot(x, ratio, color='C2')
+    ax.axhline(1.0, color='gray', ls='--', lw=1)
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('context position + 1')
+    ax.set_ylabel(f'ppl {names[0]} / ppl {names[1]}')
+    ax.set_title('perplexity ratio')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,180 @@
+"""The one contract between a model family and the trainer: the `Family` base class.
+
+A family is one module of this package, found by its name: `config.family = 'hat'` imports
+`train/families/hat.py` and instantiates its `Family` class (a subclass of the base below;
+modules starting with `_` are helpers, not families). Nothing is registered by hand. The
+trainer knows nothing about bytes, words, hypernetworks or sentences: it calls the hooks below
+and nothing else (no attribute probing).
+
+Required hooks (abstract): `build_model`, `loss`, `train_iterator`, `eval_batches`,
+`flops_per_token`. Optional hooks have a documented default that suits a family training
+every parameter of a freshly initialized model. See README "Adding a family".
+
+Layering: this package's `__init__` (the contract) sits beside the trainer; the family
+modules sit above it and may import `train.trainer`, `train.runs` and `train.evals`, never
+`train.sweep`, `train.evaluator` or `train.transfer` (tests/test_layering.py).
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+import os
+import pkgutil
+from typing import Any, Iterator, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class BatchIterator(Protocol):
+  """What `Family.train_iterator` returns: an endless iterator of host-local numpy batches
+  whose position can be checkpointed (every host's state is saved with the train state)."""
+
+  def __iter__(self) -> Iterator[dict]: ...
+
+  def __next__(self) -> dict: ...
+
+  def get_state(self) -> dict:
+    """The position after the last batch returned (small and JSON-able)."""
+
+  def set_state(self, state: dict) -> None:
+    """Continue so that the next batch is the one that followed `state`; a ValueError if
+    `state` belongs to other data."""
+
+  def close(self) -> None:
+    """Stops any prefetch thread."""
+
+
+class Family(abc.ABC):
+  """Base class of every family. `__init__(cfg)` gets the resolved, locked config; a subclass
+  calls `super().__init__(cfg)` first, then builds what its hooks need (encoder, data source,
+  pretrained weights). Errors in the user's config or data are `ValueError`s naming the key
+  or the input."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    self.dtype = compute_dtype(cfg)
+    self._stats: dict[str, Any] = {}
+
+  @property
+  def name(self) -> str:
+    """The family's name: its module's name (`config.family`)."""
+    return type(self).__module__.rsplit('.', 1)[-1]
+
+  # -- required ------------------------------------------------------------------------------
+  @abc.abstractmethod
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    """The model, built from the config. It must hold only `nnx.Param` state (so it splits
+    into a graph and a pure parameter dict), annotated with logical axis names for sharding.
+    Called under `nnx.eval_shape` and `jax.jit`: no host side effects."""
+
+  @abc.abstractmethod
+  def loss(self, model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """(scalar loss to minimize, metrics): a pure function of a batch of global arrays. The
+    metrics are scalar SUMS, additive over micro-batches and hosts; the keys `nll_sum`,
+    `n_tokens` and `n_bytes` give the reported loss and bits per UTF-8 byte."""
+
+  @abc.abstractmethod
+  def train_iterator(self, process_index: int, process_count: int) -> BatchIterator:
+    """This host's endless, checkpointable training batches (see `BatchIterator`), each
+    `train.batch_size // process_count` rows."""
+
+  @abc.abstractmethod
+  def eval_batches(self, process_index: int, process_count: int, max_batches: int = 0,
+                   perturbation: str | None = None) -> list[dict]:
+    """This host's validation batches: `max_batches` global batches (0: the whole split), the
+    same number on every host. `perturbation` (a kind from data/perturb.py, for the robustness
+    suite): the text perturbed before encoding; a family without text raises ValueError."""
+
+  @abc.abstractmethod
+  def flops_per_token(self) -> float:
+    """Training FLOPs (forward + backward) per position of a row, padding included: the
+    trainer's MFU and `train.flops_budget` accounting multiply it by batch x seq_len."""
+
+  # -- optional, with defaults -----------------------------------------------------------------
+  def trainable(self):
+    """The nnx filter of the trained state (default: every `nnx.Param`). Anything else the
+    model holds is frozen: it comes from `frozen_params()`, is an argument of the jitted steps
+    (never a baked-in constant) and is not checkpointed."""
+    return nnx.Param
+
+  def initial_params(self) -> dict | None:
+    """The trained state's initial values as a pure dict (e.g. pretrained weights read from a
+    file), or None (default) for `build_model`'s random initialization under jit."""
+    return None
+
+  def frozen_params(self) -> dict | None:
+    """The frozen state (see `trainable`) as a pure dict; needed only when the model holds
+    state outside `trainable()`. Default: None (nothing is frozen)."""
+    return None
+
+  def has_own_weights(self) -> bool:
+    """True when `initial_params()` are meaningful weights (a pretrained model), so
+    `--mode=eval` / `sample` on a workdir without checkpoints use them. Default: False."""
+    return False
+
+  def sample(self, model: nnx.Module, cfg_sample) -> list[str]:
+    """Text from `model` for `config.sample` (prompt, temperature, top_p, max_new_tokens,
+    seed): shown at the end of training and by `--mode=sample`. Default: no samples."""
+    del model, cfg_sample
+    return []
+
+  def check_sample(self, cfg_sample) -> None:
+    """Raises ValueError if `sample(...)` would fail on this `config.sample` (an empty prompt
+    where the family needs one): checked before training starts, so a run never fails
+    after its last step. Default: no check."""
+    del cfg_sample
+
+  def eval_suite(self, setup, params, workdir: str, step: int) -> dict:
+    """The family's own evaluations for `--mode=eval` (probes, generation metrics, plots into
+    `workdir`), merged into `eval_step{N}.json`; an optional `'row'` dict of headline
+    metrics goes into sweep summaries. `setup` is the trainer's `Setup` (mesh, model(params)).
+    Default: none."""
+    del setup, params, workdir, step
+    return {}
+
+  def export_hf(self, model: nnx.Module, out_dir: str) -> None:
+    """Writes `model` as an HF-format directory (`--mode=export`). Default: not supported."""
+    del model
+    raise ValueError(f'--mode=export: family {self.name!r} has no HF-format export (it exists '
+                     f'for token LMs with a tokenizers-based encoder); not written: {out_dir}')
+
+  def describe(self) -> str:
+    """One line for the run log. Default: the family's name."""
+    return self.name
+
+  def data_stats(self) -> dict:
+    """Counted data skips / cuts and other data facts for the run log and train_summary.json
+    (keys with 'skipped', 'cut' or 'without' are printed at the start of a run)."""
+    return dict(self._stats)
+
+
+def names() -> list[str]:
+  """Every family name (the modules of this package)."""
+  here = os.path.dirname(__file__)
+  return sorted(m.name for m in pkgutil.iter_modules([here]) if not m.name.startswith('_'))
+
+
+def get(cfg) -> Family:
+  """The family `cfg.family`, constructed from `cfg`."""
+  name = str(cfg.family)
+  known = names()
+  if name not in known:
+    raise ValueError(f'unknown family {name!r} (config.family); known: {known}')
+  module = importlib.import_module(f'{__name__}.{name}')
+  cls = getattr(module, 'Family', None)
+  if not (isinstance(cls, type) and issubclass(cls, Family)):
+    raise TypeError(f'{module.__name__} must define a `Family` subclass of '
+                    f'train.families.Family')
+  return cls(cfg)
+
+
+def compute_dtype(cfg):
+  """`train.compute_dtype`: bf16 on GPU/TPU and fp32 on CPU for 'auto'."""
+  name = cfg.train.compute_dtype
+  if name == 'auto':
+    return jnp.bfloat16 if jax.default_backend() in ('gpu', 'tpu') else jnp.float32
+  if name not in ('float32', 'bfloat16'):
+    raise ValueError(f'train.compute_dtype={name!r}: expected auto, float32 or bfloat16')
+  return jnp.dtype(name)

@@ -1,0 +1,82 @@
+"""Lexinvariant LM family (`family='lexinv'`, Huang et al. 2023): the model is
+`models.lexinvariant.LexinvariantLM`; data, iterators and encoders are the token-LM family's.
+`--mode=eval` runs the paper's evaluations (train/evals/lexinv.py) against a standard LM of the
+same size on the same data (`lexinv.baseline_workdir`, a trained `lm`-family run)."""
+from __future__ import annotations
+
+import numpy as np
+
+from data import corpus, pipeline
+from models import lexinvariant
+from train import families, runs
+from train.evals import lexinv as lexinv_evals
+from train.families import lm
+
+
+class LexinvariantFamily(lm.TokenLMFamily):
+
+  def __init__(self, cfg):
+    super().__init__(cfg)
+    self.lexinv_cfg = cfg.lexinv
+    self._live = None
+
+  def live_ids(self) -> np.ndarray:
+    """bool [vocab_size]: the ids whose frequency in the training split is at least
+    `lexinv.vocab_min_freq` (`lexinv.vocab='train'`), counted once over at most
+    `lexinv.vocab_max_chars` characters of it."""
+    if self._live is None:
+      source = corpus.get_source(self.cfg.data, self.cfg.data.train_split)
+      counts = pipeline.token_counts(source, self.encoder,
+                                     int(self.lexinv_cfg.get('vocab_max_chars', 0)))
+      min_freq = float(self.lexinv_cfg.get('vocab_min_freq', 0.0))
+      self._live = (counts > 0) & (counts >= min_freq * counts.sum())
+      self._stats['lexinv_live_ids'] = int(self._live[:self.encoder.true_vocab_size].sum())
+    return self._live
+
+  def build_model(self, rngs):
+    enc = self.encoder
+    live = self.live_ids() if self.lexinv_cfg.get('vocab', 'all') == 'train' else None
+    return lexinvariant.LexinvariantLM(self.model_cfg, self.lexinv_cfg, enc.vocab_size,
+                                       enc.true_vocab_size, self.dtype,
+                                       special_ids=(enc.pad_id, enc.bos_id, enc.eos_id),
+                                       live=live, rngs=rngs)
+
+  def loss(self, model, batch, rng):
+    return lexinvariant.lexinv_loss(model, batch, rng)
+
+  def sample(self, model, cfg_sample) -> list[str]:
+    return lm.sample_text(lexinvariant.generate, model, self.encoder, cfg_sample)
+
+  def flops_per_token(self) -> float:
+    c = self.lexinv_cfg
+    two = c.table != 'permuted_learned' and 0.0 < c.p < 1.0
+    return lexinvariant.flops_per_token(self.model_cfg, self.encoder.vocab_size,
+                                        self.cfg.data.seq_len, two)
+
+  def describe(self) -> str:
+    c = self.lexinv_cfg
+    vocab = c.get('vocab', 'all')
+    if vocab == 'train':
+      vocab += f' ({int(self.live_ids()[:self.encoder.true_vocab_size].sum())} of ' \
+               f'{self.encoder.true_vocab_size} ids are live)'
+    return (f'lexinvariant p={c.p} table={c.table} vocab={vocab} '
+            f'fixed_specials={bool(c.get("fixed_specials", False))} | ' + super().describe())
+
+  def export_hf(self, model, out_dir: str) -> None:
+    families.Family.export_hf(self, model, out_dir)  # no HF architecture for it
+
+  def eval_suite(self, setup, params, workdir: str, step: int) -> dict:
+    baseline = None
+    if self.lexinv_cfg.baseline_workdir:
+      baseline = runs.load_run(self.lexinv_cfg.baseline_workdir, family='lm',
+                               what='lexinv.baseline_workdir')
+      b_enc = baseline.family.encoder
+      if (b_enc.vocab_size != self.encoder.vocab_size
+          or baseline.cfg.data.source != self.cfg.data.source):
+        raise ValueError('the baseline must use the same data source and vocabulary '
+                         f'({baseline.cfg.data.source}, {b_enc.vocab_size}) vs '
+                         f'({self.cfg.data.source}, {self.encoder.vocab_size})')
+    return lexinv_evals.run_suite(setup, params, self.encoder, workdir, step, baseline)
+
+
+Family = LexinvariantFamily
