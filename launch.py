@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     return _write_jobs(args, cfg, module, overrides)  # no devices needed
 
   from train import launching
+  launching.enable_compile_cache()
   try:
     how = launching.init_distributed(args.coordinator, args.num_processes, args.process_id)
   except ValueError as e:

@@ -1,5 +1,6 @@
-"""Shared test setup: CPU only, one TFDS data dir per test session (the embedded corpus is
-prepared once), and helpers to run launch.py in a subprocess."""
+"""Shared test setup: CPU only, the persistent compilation cache (the same one runs use), one
+TFDS data dir per test session (the embedded corpus is prepared once, also when pytest-xdist
+runs the files in several worker processes), and helpers to run launch.py in a subprocess."""
 import os
 import subprocess
 import sys
@@ -11,10 +12,19 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+from train import launching  # pylint: disable=wrong-import-position
+
+launching.enable_compile_cache()  # in-process tests; launch.py subprocesses enable it themselves
+
 
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
-  d = os.environ.get('NOTOKLM_TEST_DATA_DIR') or str(tmp_path_factory.mktemp('tfds'))
+  d = os.environ.get('NOTOKLM_TEST_DATA_DIR')
+  if not d:
+    # xdist workers share one directory (preparation is file-locked in data/corpus.py)
+    base = tmp_path_factory.getbasetemp()
+    d = str((base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / 'tfds')
+    os.makedirs(d, exist_ok=True)
   os.environ['NOTOKLM_DATA_DIR'] = d
   return d
 

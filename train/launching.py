@@ -21,6 +21,36 @@ import jax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+COMPILE_CACHE_ENV = 'NOTOKLM_COMPILE_CACHE'
+COMPILE_CACHE_MAX_BYTES = 4 << 30
+
+
+def compile_cache_dir() -> str:
+  """Where compiled programs are kept across processes: $NOTOKLM_COMPILE_CACHE, else
+  ~/.cache/notoklm/jax_compile ('' or 'off' disables it)."""
+  d = os.environ.get(COMPILE_CACHE_ENV)
+  if d is None:
+    d = os.path.join(os.path.expanduser('~'), '.cache', 'notoklm', 'jax_compile')
+  return '' if d.strip().lower() in ('', 'off', '0', 'none') else os.path.abspath(d)
+
+
+def enable_compile_cache() -> str:
+  """Turns on JAX's persistent compilation cache in `compile_cache_dir()` (before the first
+  compile): a program compiled once -- by any earlier run, evaluation or test process with the
+  same shapes, code and jax version -- is loaded instead of compiled again. Every program is
+  kept (no minimum compile time), the directory is bounded (least recently used entries go
+  past 4 GiB) and file-locked, so concurrent processes share it safely. Returns the directory
+  ('' when disabled). Deleting the directory is always safe."""
+  d = compile_cache_dir()
+  if d:
+    os.makedirs(d, exist_ok=True)
+    jax.config.update('jax_compilation_cache_dir', d)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+    jax.config.update('jax_compilation_cache_max_size', COMPILE_CACHE_MAX_BYTES)
+  return d
+
+
 def default_python() -> str:
   """The interpreter for generated commands: the repo's own `.venv` path (relative, so it holds
   on every host that has the repo and its venv at --repo), else this interpreter."""
