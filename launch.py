@@ -36,6 +36,8 @@ def parse(argv):
   p.add_argument('--workdir', required=True)
   p.add_argument('--mode', default='train', choices=MODES)
   p.add_argument('--step', type=int, default=None, help='checkpoint step for eval/sample')
+  p.add_argument('--debug', action='store_true',
+                 help="show the traceback of an error that is reported as the user's mistake")
   p.add_argument('--coordinator', default=os.environ.get('NOTOKLM_COORDINATOR'))
   p.add_argument('--num_processes', type=int,
                  default=int(os.environ.get('NOTOKLM_NUM_PROCESSES', '0')) or None)
@@ -65,80 +67,108 @@ def parse(argv):
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+  debug = '--debug' in argv
+  if not debug:
+    _quiet_background_errors()
   from train import config_lib
   try:
     args, overrides = parse(argv)
     cfg, module = config_lib.load(args.config)
     config_lib.override(cfg, overrides)
+    config_lib.validate(cfg)
   except config_lib.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-
-  if args.mode in ('launch', 'sweep_summary') or (args.mode == 'sweep' and args.sweep_jobs):
-    return _write_jobs(args, cfg, module, overrides)  # no devices needed
-
-  from train import launching
-  launching.enable_compile_cache()
   try:
-    how = launching.init_distributed(args.coordinator, args.num_processes, args.process_id)
-  except ValueError as e:
+    return _main(args, cfg, module, overrides)
+  except config_lib.ConfigError as e:
+    if debug:
+      raise
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except _user_errors() as e:
+    if debug:
+      raise
+    # a user's mistake (a bad input, a busy or unusable workdir, a checkpoint to act on, a
+    # stopped non-finite step): one paragraph, no traceback. Leave at once: a failed async
+    # checkpoint write leaves orbax threads whose shutdown would bury the message.
+    print(f'error: {_message(e)}\n(--debug shows the traceback)', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+
+
+def _quiet_background_errors() -> None:
+  """A failed asynchronous checkpoint write (full disk, read-only directory) makes orbax's
+  writer threads log their tracebacks and leaves asyncio callbacks on a closed loop: hundreds of
+  lines before the one message that matters. Without --debug those lines are dropped (the
+  errors themselves still end the run with the message)."""
+  class _NoTraceback(logging.Filter):
+    def filter(self, record):
+      record.exc_info, record.exc_text = None, None
+      return True
+
+  logging.getLogger('absl').addFilter(_NoTraceback())
+  default = sys.unraisablehook
+
+  def unraisable(u):
+    if isinstance(u.exc_value, RuntimeError) and 'Event loop is closed' in str(u.exc_value):
+      return
+    default(u)
+
+  sys.unraisablehook = unraisable
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """Exceptions that report a user's mistake (the code raises them with a message naming the
+  input); anything else is a bug and keeps its traceback."""
+  from train import checkpoint, storage  # pylint: disable=import-outside-toplevel
+  return (ValueError, OSError, FloatingPointError, TimeoutError, checkpoint.CheckpointError,
+          storage.WorkdirError)
+
+
+def _message(e: BaseException) -> str:
+  if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e.strerror or ''):
+    return f'{e.strerror or type(e).__name__}: {e.filename}'
+  return str(e) or type(e).__name__
+
+
+def _main(args, cfg, module, overrides) -> int:
+  if args.mode in ('launch', 'sweep_summary') or (args.mode == 'sweep' and args.sweep_jobs):
+    return _write_jobs(args, cfg, module, overrides)  # no devices needed
+  from train import launching
+  launching.enable_compile_cache()
+  how = launching.init_distributed(args.coordinator, args.num_processes, args.process_id)
   if how != 'single':
     import jax
     print(f'jax.distributed ({how}): process {jax.process_index()} of {jax.process_count()}',
           flush=True)
-
-  from train import checkpoint
-  try:
-    return _run(args, cfg, module, overrides)
-  except config_lib.ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  except checkpoint.CheckpointError as e:
-    # a checkpoint to act on (wrong config, nothing readable, a failed write): say it and leave
-    # at once -- a failed async write leaves orbax threads whose shutdown would bury the message
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(1)
-  except (FileNotFoundError, FloatingPointError) as e:
-    # a missing input, a stopped non-finite step: say which, without a traceback
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  return _run(args, cfg, module, overrides)
 
 
 def _run(args, cfg, module, overrides) -> int:
-  from train import sweep, trainer
+  from train import evaluator, sweep, trainer, transfer
   if args.mode == 'train':
     out = trainer.train(cfg, args.workdir)
-    return 0 if 'preempted_at' not in out else 143
+    return {None: 0, 'SIGTERM': 143, 'SIGINT': 130}.get(out.get('signal'), 0)
   if args.mode == 'eval':
     trainer.evaluate(cfg, args.workdir, step=args.step)
-    return 0
-  if args.mode == 'sample':
+  elif args.mode == 'sample':
     trainer.sample(cfg, args.workdir, step=args.step)
-    return 0
-  if args.mode == 'sweep':
+  elif args.mode == 'sweep':
     if not hasattr(module, 'get_sweep'):
       print(f'error: {args.config} defines no get_sweep(config)', file=sys.stderr)
       return 2
-    sweep.run(cfg, module.get_sweep(cfg), args.workdir, overrides)
-    return 0
-  if args.mode in ('export', 'transfer', 'evaluator'):
-    from train import evaluator, transfer
-    run, expected = {  # each mode's bad-input error: reported without a traceback, exit 1
-        'export': (lambda: trainer.export_hf(cfg, args.workdir, step=args.step), ValueError),
-        'transfer': (lambda: transfer.run(cfg, args.workdir), ValueError),
-        'evaluator': (lambda: evaluator.run(cfg, args.workdir, args.poll_seconds,
-                                            args.max_idle_seconds), TimeoutError),
-    }[args.mode]
-    try:
-      run()
-    except expected as e:
-      print(f'error: {e}', file=sys.stderr)
-      return 1
-    return 0
-  return 2
+    _, stopped = sweep.run(cfg, module.get_sweep(cfg), args.workdir, overrides)
+    return {None: 0, 'SIGTERM': 143, 'SIGINT': 130}[stopped]
+  elif args.mode == 'export':
+    trainer.export_hf(cfg, args.workdir, step=args.step)
+  elif args.mode == 'transfer':
+    transfer.run(cfg, args.workdir)
+  elif args.mode == 'evaluator':
+    evaluator.run(cfg, args.workdir, args.poll_seconds, args.max_idle_seconds)
+  else:
+    return 2
+  return 0
 
 
 def _write_jobs(args, cfg, module, overrides) -> int:

@@ -574,6 +574,43 @@ def _bounded_tfds_writer():
     shuffle.MAX_MEM_BUFFER_SIZE, shuffle.tf = saved
 
 
+def _tree(root: str) -> list[str]:
+  """Every directory and file under `root` (deepest first), `root` included."""
+  out = []
+  for d, dirs, files in os.walk(root, topdown=False):
+    out += [os.path.join(d, f) for f in files] + [os.path.join(d, x) for x in dirs]
+  return out + ([root] if os.path.isdir(root) else [])
+
+
+def _remove_new(root: str, existed: set[str]) -> None:
+  """Removes what a failed preparation created under `root` (nothing that existed before)."""
+  for p in _tree(root):
+    if p in existed:
+      continue
+    try:
+      if os.path.isdir(p) and not os.path.islink(p):
+        if not os.listdir(p):
+          os.rmdir(p)
+      else:
+        os.remove(p)
+    except OSError:
+      pass
+
+
+def _check_catalog_preparable(builder, data_dir: str) -> None:
+  """A TFDS catalog dataset (lm1b, c4, wiki40b, pg19, ...) that is not prepared here needs
+  TensorFlow and internet to prepare: say so, and how, before anything is downloaded."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  if importlib.util.find_spec('tensorflow') is None:
+    raise ValueError(
+        f'data.source=tfds:{builder.name}: the TFDS dataset is not prepared in {data_dir}, and '
+        'preparing a catalog dataset needs TensorFlow (not installed here) and internet. On a '
+        'connected machine: pip install tensorflow, then python -c "import tensorflow_datasets '
+        f"as tfds; tfds.builder('{builder.name}', data_dir='DIR').download_and_prepare("
+        f"file_format='array_record')\"; copy DIR/{builder.name} into {data_dir} (or set "
+        'data.data_dir to DIR). Local files work without it: data.source=text:PATH.')
+
+
 def prepare(make_builder, data_dir: str):
   """Prepares a builder once across processes; returns a fresh builder reading from disk."""
   make_builder = _quiet(make_builder)
@@ -586,9 +623,17 @@ def prepare(make_builder, data_dir: str):
   with file_lock(lock):
     builder = make_builder()
     if not _is_prepared(builder):
+      if not ours:
+        _check_catalog_preparable(builder, data_dir)
       tfds.disable_progress_bar()
-      with _bounded_tfds_writer():
-        builder.download_and_prepare(file_format='array_record')
+      dataset_dir = os.path.join(data_dir, builder.name)
+      existed = set(_tree(dataset_dir))
+      try:
+        with _bounded_tfds_writer():
+          builder.download_and_prepare(file_format='array_record')
+      except BaseException:
+        _remove_new(dataset_dir, existed)  # no half-prepared or empty cache directories
+        raise
       if ours:
         _write_stats(os.path.join(os.fspath(builder.data_dir), _STATS_FILE),
                      dict(builder.notoklm_stats))

@@ -5,7 +5,7 @@ no set of modules may import each other in a cycle.
 Layers, lowest first (a module may import its own layer and those below):
   data/ < models/ < train/ < configs/, benchmarks/, launch.py, tests/
 Inside train/, by rank (the same rule):
-  0  config_lib, partitioning, metrics, checkpoint, launching     (foundations)
+  0  config_lib, partitioning, metrics, checkpoint, launching, storage (foundations)
   1  families (the Family contract, train/families/__init__.py), evals/*
   2  trainer                                                     (the one loop)
   3  runs                                                        (finished runs as inputs)
@@ -20,7 +20,7 @@ from conftest import ROOT
 
 PACKAGE_RANK = {'data': 0, 'models': 1, 'train': 2, 'configs': 3, 'benchmarks': 3,
                 'launch': 3, 'tests': 3}
-TRAIN_RANK = {'config_lib': 0, 'partitioning': 0, 'metrics': 0, 'checkpoint': 0,
+TRAIN_RANK = {'config_lib': 0, 'partitioning': 0, 'metrics': 0, 'checkpoint': 0, 'storage': 0,
               'launching': 0, 'families': 1, 'evals': 1, 'trainer': 2, 'runs': 3,
               'sweep': 5, 'evaluator': 5, 'transfer': 5}
 WHY = {
@@ -28,7 +28,7 @@ WHY = {
     'models': 'models/ are Flax modules and their math: they may use data/, never the trainer',
     'configs': 'a config file only declares values (it may read models/ for their defaults); '
                'steps, FLOPs and families are resolved by the trainer',
-    'train': 'inside train/ the ranks are: foundations (config_lib, partitioning, metrics, '
+    'train': 'inside train/ the ranks are: foundations (config_lib, partitioning, metrics, storage, '
              'checkpoint, launching) < the Family contract and evals/ < trainer < runs < '
              'families/<name> < sweep, evaluator, transfer',
 }
@@ -77,6 +77,9 @@ def rank(module):
     return (top, 0)
   if parts[1] == 'families' and len(parts) > 2:
     return (top, 4)
+  if parts[1] not in TRAIN_RANK:
+    raise AssertionError(f'train/{parts[1]} has no rank: add it to TRAIN_RANK in '
+                         'tests/test_layering.py (and to the README\'s layering paragraph)')
   return (top, TRAIN_RANK[parts[1]])
 
 

@@ -314,6 +314,13 @@ def test_bad_sentence_inputs(runs, tmp_path):
   # a decoder for another sentence space is refused by name
   with pytest.raises(ValueError, match='decodes'):
     sd.check_decoder(sd.load_decoder(runs['dec']), 'hf:/elsewhere', 'lcm.decoder_workdir')
+  # a prompt without a sentence is refused before training (not after the last step)
+  from train import trainer  # pylint: disable=import-outside-toplevel
+  no_prompt = runs['base'][0].copy_and_resolve_references()
+  no_prompt.sample.prompt = ' \n '
+  with pytest.raises(ValueError, match='has no sentence'):
+    trainer.train(no_prompt, str(tmp_path / 'no_prompt'))
+  assert not os.path.exists(tmp_path / 'no_prompt' / 'checkpoints')
 
 
 def test_sentence_autoencoder_space(runs):

@@ -2,10 +2,14 @@
 
 Async saves, a keep-N policy, and restore onto whatever mesh the restoring process has (the
 abstract target carries the new shardings). If the newest checkpoint cannot be read (a
-truncated or corrupted write), restore falls back to the previous one and says so.
+truncated or corrupted write), restore falls back to the previous one and says so; the
+training process (`move_aside=True`) then moves the unreadable steps to
+`WORKDIR/checkpoints_unreadable/<step>-<time>` (kept for inspection), so its next saves of those
+steps are written. A save that does not happen is an error, never reported as done.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -98,6 +102,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
+    """`read_only`: a reader (eval, sample, the evaluator): creates nothing, writes nothing."""
+    if keep < 1:
+      raise ValueError(f'ckpt.keep={keep}: at least the newest checkpoint must be kept (>= 1)')
     self.directory = os.path.abspath(directory)
     opts = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
@@ -130,12 +137,20 @@ class Checkpointer:
         data=ocp.args.JsonSave({'hosts': states}),
         config=ocp.args.JsonSave(config))
     try:  # also raises a previous async save's error
-      return self.manager.save(step, args=args, force=force)
+      saved = self.manager.save(step, args=args, force=force)
     except Exception as e:  # pylint: disable=broad-except
       raise self._failed(f'saving the checkpoint of step {step}', e) from e
+    if not saved:
+      raise CheckpointError(
+          f'the checkpoint of step {step} was not written in {self.directory}: a checkpoint of '
+          f'step {self.manager.latest_step()} is already there (orbax writes only newer steps)')
+    return True
 
-  def restore(self, abstract_state, step: int | None = None, fallback: bool = True):
-    """-> (step, state, this host's data state or None). Falls back to older steps on failure."""
+  def restore(self, abstract_state, step: int | None = None, fallback: bool = True,
+              move_aside: bool = False):
+    """-> (step, state, this host's data state or None). Falls back to older steps on failure;
+    with `move_aside` (the training process only) the unreadable newer steps are then moved
+    out of the checkpoint directory, so the steps they held can be saved again."""
     steps = self.all_steps()
     if not steps:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
@@ -159,6 +174,8 @@ class Checkpointer:
         continue
       if errors:
         log.warning('restored step %d after skipping unreadable checkpoints: %s', s, errors)
+        if move_aside:
+          self._move_aside([c for c in candidates if c > s])
       hosts = (out.data or {}).get('hosts') or []
       pid = jax.process_index()
       data_state = hosts[pid] if pid < len(hosts) and len(hosts) == jax.process_count() else None
@@ -168,6 +185,21 @@ class Checkpointer:
                     jax.process_count())
       return s, out.state, data_state
     raise CheckpointError(f'no readable checkpoint in {self.directory}:\n' + '\n'.join(errors))
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Moves unreadable step directories to ../checkpoints_unreadable/<step>-<time> (process 0;
+    every process waits for it), then re-reads the directory."""
+    dest = os.path.join(os.path.dirname(self.directory), 'checkpoints_unreadable')
+    stamp = datetime.datetime.now().strftime('%Y%m%dT%H%M%S')
+    if jax.process_index() == 0:
+      os.makedirs(dest, exist_ok=True)
+      for s in steps:
+        target = os.path.join(dest, f'{s}-{stamp}')
+        os.replace(os.path.join(self.directory, str(s)), target)
+        log.warning('moved the unreadable checkpoint of step %d to %s', s, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('notoklm_checkpoint_move_aside')
+    self.manager.reload()
 
   def wait(self):
     try:

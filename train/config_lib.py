@@ -10,6 +10,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
 import os
 from typing import Any, Iterable
 
@@ -47,6 +48,98 @@ def load(spec: str) -> tuple[ml_collections.ConfigDict, Any]:
   cfg.preset = preset
   cfg.lock()
   return cfg, module
+
+
+def _num(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# key -> (check, what the key must be). Keys a config does not have are skipped. Families and
+# models check their own combinations (e.g. HAT's byte width vs heads) when they are built.
+RANGES = {
+    'seed': (lambda v: isinstance(v, int), 'an integer'),
+    'data.seq_len': (lambda v: v >= 1, '>= 1'),
+    'data.max_docs': (lambda v: v >= 0, '>= 0 (0: every document)'),
+    'data.max_doc_chars': (lambda v: v >= 1, '>= 1'),
+    'data.prefetch': (lambda v: v >= 0, '>= 0'),
+    'data.max_words': (lambda v: v >= 1, '>= 1'),
+    'data.max_word_bytes': (lambda v: v >= 1, '>= 1'),
+    'data.max_sentence_bytes': (lambda v: v >= 8, '>= 8'),
+    'data.holdout_docs': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'train.batch_size': (lambda v: v >= 1, '>= 1'),
+    'train.grad_accum': (lambda v: v >= 1, '>= 1'),
+    'train.steps': (lambda v: v >= 1, '>= 1'),
+    'train.flops_budget': (lambda v: _num(v) and v >= 0, 'finite and >= 0 (0: use train.steps)'),
+    'train.log_every': (lambda v: v >= 1, '>= 1'),
+    'train.eval_every': (lambda v: v >= 0, '>= 0 (0: only at the end)'),
+    'train.eval_count': (lambda v: v >= 0, '>= 0'),
+    'train.eval_batches': (lambda v: v >= 0, '>= 0 (0: the whole split)'),
+    'train.nan_policy': (lambda v: v in ('stop', 'skip'), "'stop' or 'skip'"),
+    'train.compute_dtype': (lambda v: v in ('auto', 'float32', 'bfloat16'),
+                            "'auto', 'float32' or 'bfloat16'"),
+    'optim.lr': (lambda v: _num(v) and v >= 0, 'finite and >= 0'),
+    'optim.warmup_steps': (lambda v: v >= 0, '>= 0'),
+    'optim.min_lr_ratio': (lambda v: _num(v) and 0 <= v <= 1, 'in [0, 1]'),
+    'optim.b1': (lambda v: _num(v) and 0 <= v < 1, 'in [0, 1)'),
+    'optim.b2': (lambda v: _num(v) and 0 <= v < 1, 'in [0, 1)'),
+    'optim.eps': (lambda v: _num(v) and v > 0, 'finite and > 0'),
+    'optim.weight_decay': (lambda v: _num(v) and v >= 0, 'finite and >= 0'),
+    'optim.clip_norm': (lambda v: _num(v) and v > 0, 'finite and > 0'),
+    'eval.noise_frac': (lambda v: _num(v) and 0 <= v <= 1, 'in [0, 1]'),
+    'mesh.data': (lambda v: v == -1 or v >= 1, '-1 (every device not in fsdp) or >= 1'),
+    'mesh.fsdp': (lambda v: v >= 1, '>= 1'),
+    'ckpt.every': (lambda v: v >= 1, '>= 1 (steps between checkpoints)'),
+    'ckpt.keep': (lambda v: v >= 1, '>= 1 (at least the newest checkpoint is kept)'),
+    'sample.max_new_tokens': (lambda v: v >= 0, '>= 0'),
+    'sample.temperature': (lambda v: _num(v) and v >= 0, 'finite and >= 0 (0: greedy)'),
+    'sample.top_p': (lambda v: _num(v) and 0 < v <= 1, 'in (0, 1]'),
+    'model.d_model': (lambda v: v >= 1, '>= 1'),
+    'model.num_layers': (lambda v: v >= 1, '>= 1'),
+    'model.num_heads': (lambda v: v >= 1, '>= 1'),
+    'model.num_kv_heads': (lambda v: v >= 1, '>= 1'),
+    'model.head_dim': (lambda v: v >= 2 and v % 2 == 0, 'even and >= 2 (RoPE rotates pairs)'),
+    'model.mlp_dim': (lambda v: v >= 1, '>= 1'),
+    'model.window': (lambda v: v >= 0, '>= 0 (0: full causal attention)'),
+    'model.ce_chunk': (lambda v: v >= -1, '>= -1'),
+    'model.byte_d_model': (lambda v: v >= 1, '>= 1'),
+    'model.byte_heads': (lambda v: v >= 1, '>= 1'),
+    'model.byte_window': (lambda v: v >= 0, '>= 0'),
+    'model.enc_layers': (lambda v: v >= 1, '>= 1'),
+    'model.dec_layers': (lambda v: v >= 1, '>= 1'),
+}
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first key whose value is out of range (see RANGES), or a
+  pair of keys that do not fit together."""
+  values = dict(_flat_items(cfg))
+  for key, (ok, want) in RANGES.items():
+    if key not in values or values[key] is None:
+      continue
+    v = values[key]
+    try:
+      good = bool(ok(v))
+    except TypeError:
+      good = False
+    if not good:
+      raise ConfigError(f'{key}={v!r}: must be {want}')
+  pairs = []
+  if values.get('train.batch_size', 1) % values.get('train.grad_accum', 1):
+    pairs.append(f'train.batch_size={values["train.batch_size"]} is not divisible by '
+                 f'train.grad_accum={values["train.grad_accum"]}')
+  if 'model.num_heads' in values and values['model.num_heads'] % values.get('model.num_kv_heads',
+                                                                             1):
+    pairs.append(f'model.num_heads={values["model.num_heads"]} is not a multiple of '
+                 f'model.num_kv_heads={values["model.num_kv_heads"]} (grouped-query attention)')
+  if ('model.byte_d_model' in values
+      and values['model.byte_d_model'] % values.get('model.byte_heads', 1)):
+    pairs.append(f'model.byte_d_model={values["model.byte_d_model"]} is not divisible by '
+                 f'model.byte_heads={values["model.byte_heads"]}')
+  if values.get('data.encoder') == 'bpe' and values.get('data.vocab_size', 0) <= 259:
+    pairs.append(f'data.encoder=bpe needs data.vocab_size > 259 (256 bytes + 3 specials), got '
+                 f'{values.get("data.vocab_size")}')
+  if pairs:
+    raise ConfigError(pairs[0])
 
 
 def flat_keys(cfg: ml_collections.ConfigDict, prefix: str = '') -> list[str]:

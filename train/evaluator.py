@@ -51,7 +51,7 @@ def _append(path: str, record: dict) -> None:
 
 
 def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float = 0.0) -> dict:
-  setup = trainer.Setup(cfg)
+  setup = trainer.Setup(cfg, workdir=workdir)
   fam = setup.family
   final = int(setup.cfg.train.steps)
   ckpt_dir = os.path.join(workdir, 'checkpoints')

@@ -31,19 +31,31 @@ def derived(sums: dict) -> dict:
 
 
 class Writer:
+  """Scalars to TensorBoard (`WORKDIR/tb`) and JSONL files (one record per line, `step` first).
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  `resume_step` (the trainer's: the step a run starts or resumes from): records of later steps,
+  left by a run that was killed after its last checkpoint, are dropped from the JSONL files and
+  purged from TensorBoard, so a resumed run's logs hold every step once."""
+
+  JSONL = ('metrics.jsonl', 'eval_metrics.jsonl')
+
+  def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.workdir = workdir
+    self.resume_step = resume_step
     self._tb = None
     self._jsonl = {}
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      if resume_step is not None:
+        for name in self.JSONL:
+          _truncate_jsonl(os.path.join(workdir, name), resume_step)
 
   def _tb_writer(self):
     if self._tb is None:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(self.workdir, 'tb'), flush_secs=10)
+      purge = None if self.resume_step is None else self.resume_step + 1
+      self._tb = SummaryWriter(os.path.join(self.workdir, 'tb'), flush_secs=10, purge_step=purge)
     return self._tb
 
   def scalars(self, step: int, values: dict, prefix: str = 'train', jsonl: str | None = None):
@@ -78,6 +90,28 @@ class Writer:
     for f in self._jsonl.values():
       f.close()
     self._jsonl = {}
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+  """Keeps the records of steps <= last_step (and drops a line torn by a crash)."""
+  if not os.path.exists(path):
+    return
+  keep, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        rec = json.loads(line)
+        if int(rec['step']) <= last_step:
+          keep.append(line if line.endswith('\n') else line + '\n')
+          continue
+      except (ValueError, KeyError, TypeError):
+        pass
+      dropped += 1
+  if dropped:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
 
 
 class Progress:

@@ -40,30 +40,40 @@ def _point_config(cfg, point: dict, cli_overrides: dict):
     sub, _ = config_lib.load(spec)
     config_lib.override(sub, cli_overrides)
   config_lib.override(sub, point)
+  config_lib.validate(sub)
   return sub
 
 
 def run(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None) -> list[dict]:
   """Trains every point in `workdir/<point name>` (resuming finished or interrupted runs),
   evaluates it (validation bits per byte and, unless eval.robustness is '', the robustness
-  suite), and writes summary.csv / summary.md / curves_loss.png / bpb_vs_flops.png."""
+  suite), and writes summary.csv / summary.md / curves_loss.png / bpb_vs_flops.png. A point
+  stopped by SIGTERM / SIGINT (checkpointed) ends the sweep there: its row says 'stopped by
+  SIGTERM at step N' and later points are 'not started'; rerunning the command resumes."""
   cli_overrides = cli_overrides or {}
   os.makedirs(workdir, exist_ok=True)
   subs = [_point_config(cfg, p, cli_overrides) for p in points]  # bad keys fail before training
-  rows = []
+  rows, stopped = [], None
   for point, sub in zip(points, subs):
     name = run_name(point)
     wd = os.path.join(workdir, name)
+    if stopped:
+      rows.append(_row(name, point, sub, {}, {}, 'not started'))
+      continue
     log0(f'=== sweep point {name}')
     try:
       out, status = trainer.train(sub, wd), 'done'
-      ev = trainer.evaluate(sub, wd) if _evaluates(sub) else out.get('eval', {})
+      if 'preempted_at' in out:
+        stopped = out['signal']
+        status, ev = f'stopped by {stopped} at step {out["preempted_at"]}', {}
+      else:
+        ev = trainer.evaluate(sub, wd) if _evaluates(sub) else out.get('eval', {})
     except Exception as e:  # pylint: disable=broad-except  # one failed point must not end the sweep
       out, ev, status = {}, {}, f'failed: {type(e).__name__}: {e}'[:200]
       log0(f'sweep point {name} {status}')
     rows.append(_row(name, point, sub, out, ev, status))
   _write_all(rows, workdir)
-  return rows
+  return rows, stopped
 
 
 def _evaluates(sub) -> bool:

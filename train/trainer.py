@@ -10,7 +10,6 @@ never waits for the device.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -24,7 +23,7 @@ import optax
 from flax import nnx
 
 from train import checkpoint as ckpt_lib
-from train import config_lib, families, metrics as metrics_lib, partitioning
+from train import config_lib, families, metrics as metrics_lib, partitioning, storage
 from train.evals import robustness
 from train.metrics import log0
 
@@ -76,11 +75,13 @@ def resolve_steps(cfg, family: families.Family) -> float:
 class Setup:
   """Everything derived from a config that train, eval and sample share."""
 
-  def __init__(self, cfg, family: families.Family | None = None):
+  def __init__(self, cfg, family: families.Family | None = None, workdir: str | None = None):
     """`family`: an already built family for `cfg` (benchmarks substitute synthetic data);
-    default `families.get(cfg)`."""
+    default `families.get(cfg, workdir)` (`workdir`: the run whose recorded artifacts the
+    family reads)."""
+    config_lib.validate(cfg)
     self.cfg = cfg
-    self.family = families.get(cfg) if family is None else family
+    self.family = families.get(cfg, workdir) if family is None else family
     self.mesh = partitioning.make_mesh(cfg.mesh)
     self.flops_per_step = resolve_steps(cfg, self.family)
     self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
@@ -142,10 +143,6 @@ class Setup:
     cfg, tx, accum = self.cfg, self.tx, self.cfg.train.grad_accum
     base_rng = jax.random.fold_in(jax.random.key(cfg.seed), 1)
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)  # (params, batch, rng, frozen)
-    skip_nonfinite = True  # a non-finite update is never applied; the policy decides what next
-    if cfg.train.nan_policy not in ('stop', 'skip'):
-      raise config_lib.ConfigError(f"train.nan_policy={cfg.train.nan_policy!r}: expected 'stop' "
-                                   "or 'skip'")
     try:
       fault_steps = [int(x) for x in str(cfg.train.fault_nonfinite_steps).split(',') if x.strip()]
     except ValueError as e:
@@ -179,18 +176,20 @@ class Setup:
         bad = jnp.isin(state['step'] + 1, jnp.asarray(fault_steps, jnp.int32))
         loss = jnp.where(bad, jnp.nan, loss)
         grads = jax.tree.map(lambda g: jnp.where(bad, jnp.nan, g), grads)
-      grad_norm = optax.global_norm(grads)
-      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      grad_norm = optax.tree.norm(grads)
       updates, opt_state = tx.update(grads, state['opt_state'], params)
+      update_norm = optax.tree.norm(updates)
+      # a non-finite loss, gradient or update (e.g. an overflowing learning rate) is never
+      # applied; train.nan_policy decides whether the run stops or counts it and goes on
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
       new_params = optax.apply_updates(params, updates)
-      if skip_nonfinite:
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_params = keep(new_params, params)
-        opt_state = keep(opt_state, state['opt_state'])
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      new_params = keep(new_params, params)
+      opt_state = keep(opt_state, state['opt_state'])
       new_state = {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state,
                    'nonfinite': state['nonfinite'] + (~finite).astype(jnp.int32)}
-      out = dict(sums, loss_mean=loss, grad_norm=grad_norm, lr=self.schedule(state['step']),
-                 finite=finite)
+      out = dict(sums, loss_mean=loss, grad_norm=grad_norm, update_norm=update_norm,
+                 lr=self.schedule(state['step']), finite=finite)
       return new_state, out
 
     step = jax.jit(step_fn, out_shardings=(self.state_sh, partitioning.replicated(self.mesh)),
@@ -214,53 +213,125 @@ class Setup:
 
 
 class _StopFlag:
-  """Set by SIGTERM (preemption): the loop checkpoints and returns at the next step."""
+  """Set by SIGTERM (preemption) and SIGINT (Ctrl-C): the loop checkpoints and returns at the
+  next step. Later signals while stopping are ignored (the checkpoint is on its way)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._prev = None
+    self.signum = None
+    self._prev = {}
     if threading.current_thread() is threading.main_thread():
-      self._prev = signal.signal(signal.SIGTERM, self._handle)
+      self._prev = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
+
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.signum).name if self.signum else ''
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if self.signum is None:
+      self.signum = signum
 
   def restore(self):
-    if self._prev is not None:
-      signal.signal(signal.SIGTERM, self._prev)
+    for s, prev in self._prev.items():
+      signal.signal(s, prev)
+    self._prev = {}
 
 
-def restore_or_init(setup: Setup, checkpointer: ckpt_lib.Checkpointer, step=None):
-  """-> (state, data_state or None, restored step or None)."""
+def restore_or_init(setup: Setup, checkpointer: ckpt_lib.Checkpointer, step=None,
+                    move_aside: bool = False):
+  """-> (state, data_state or None, restored step or None). `move_aside`: the training process
+  moves unreadable newer checkpoints out of its way (see train/checkpoint.py)."""
   if checkpointer.latest_step() is None:
     if step is not None:
       raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}')
     return setup.init_state(), None, None
-  s, state, data_state = checkpointer.restore(setup.abstract_state(), step=step)
+  s, state, data_state = checkpointer.restore(setup.abstract_state(), step=step,
+                                              move_aside=move_aside)
   return state, data_state, s
 
 
-def train(cfg, workdir: str) -> dict:
-  """Trains (resuming from the workdir's latest checkpoint), evaluates, samples."""
-  os.makedirs(workdir, exist_ok=True)
-  setup = Setup(cfg)  # resolves train.steps from train.flops_budget
-  if jax.process_index() == 0:
-    config_lib.save(cfg, workdir)
+def _resume_data(it, data_state: dict, cfg) -> None:
+  """Continues the data iterator where the checkpoint left it, or says what changed."""
+  try:
+    it.set_state(data_state)
+  except ValueError as e:
+    raise ckpt_lib.CheckpointError(
+        f'the training data changed since this run was checkpointed, so it cannot resume on '
+        f'the exact next batch ({e}; data.source={cfg.data.source!r}). Restore the data the '
+        'run was trained on, or start a new run in another --workdir.') from e
+
+
+def _announce(setup: Setup) -> None:
   fam = setup.family
   log0(f'[{fam.name}] {fam.describe()} | params {setup.n_params / 1e6:.2f}M | '
        f'devices {jax.device_count()} (mesh {dict(setup.mesh.shape)}) x '
        f'{jax.process_count()} process(es) | backend {jax.default_backend()}')
+
+
+def _lock(workdir: str):
+  """The workdir's one-writer lock, taken by process 0; every process learns whether it got it
+  (so a refused multi-host job ends on every host, not in a collective)."""
+  lock = storage.WorkdirLock(workdir)
+  error = ''
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except storage.WorkdirError as e:
+      error = str(e)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    flag = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
+    if flag and not error:
+      error = f'workdir {workdir} is already being trained (refused on process 0)'
+  if error:
+    raise storage.WorkdirError(error)
+  return lock
+
+
+def train(cfg, workdir: str) -> dict:
+  """Trains (resuming from the workdir's latest checkpoint), evaluates, samples. One training
+  process per workdir (a lock); nothing is written before the config, the checkpoint and the
+  data are known to fit together."""
+  config_lib.validate(cfg)
+  storage.prepare_workdir(workdir)
+  lock = _lock(workdir)
+  try:
+    return _train(cfg, workdir)
+  finally:
+    lock.release()
+
+
+def _train(cfg, workdir: str) -> dict:
+  setup = Setup(cfg, workdir=workdir)  # resolves train.steps from train.flops_budget
+  fam = setup.family
+  fam.check_sample(cfg.sample)  # what the end of the run needs, before any training
+  _announce(setup)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.ckpt.keep,
                                        cfg.ckpt.async_save)
-  writer = metrics_lib.Writer(workdir)
   pid, pcount = jax.process_index(), jax.process_count()
   it = fam.train_iterator(pid, pcount)
-  state, data_state, restored = restore_or_init(setup, checkpointer)
-  if restored is not None:
+  try:
+    state, data_state, restored = restore_or_init(setup, checkpointer, move_aside=True)
     if data_state is not None:
-      it.set_state(data_state)
+      _resume_data(it, data_state, cfg)
+  except BaseException:
+    it.close()
+    checkpointer.close()
+    raise
+  # the config, the checkpoint and the data agree: only now is anything written
+  if pid == 0:
+    config_lib.save(cfg, workdir)
+  if restored is None:
+    families.write_artifacts(fam, workdir)
+  else:
     log0(f'resumed from step {restored} ({checkpointer.directory})')
+  writer = metrics_lib.Writer(workdir, resume_step=restored or 0)
   eval_batches = fam.eval_batches(pid, pcount, cfg.train.eval_batches)
   counted = {k: v for k, v in fam.data_stats().items() if v and ('skipped' in k or 'cut' in k
                                                                  or 'without' in k)}
@@ -295,9 +366,11 @@ def train(cfg, workdir: str) -> dict:
     if not finite:
       if cfg.train.nan_policy == 'stop':
         raise FloatingPointError(
-            f'non-finite loss or gradient at step {s} (loss {d["loss"]}, grad_norm '
-            f'{d["grad_norm"]}); the update was not applied; last checkpoint: step {last_saved}')
-      log.warning('non-finite loss/gradient at step %d: update skipped (nan_policy=skip)', s)
+            f'non-finite loss, gradient or update at step {s} (loss {d["loss"]}, grad_norm '
+            f'{d["grad_norm"]}, update_norm {d["update_norm"]}); the update was not applied; '
+            f'last checkpoint: step {last_saved}')
+      log.warning('non-finite loss/gradient/update at step %d: update skipped (nan_policy=skip)',
+                  s)
     progress.add(d.get('n_tokens', 0.0), d.get('n_bytes', 0.0))
     writer.scalars(s, {k: d[k] for k in ('loss', 'bpb', 'grad_norm', 'lr') if k in d},
                    jsonl='metrics.jsonl')
@@ -330,33 +403,44 @@ def train(cfg, workdir: str) -> dict:
         break
     if pending is not None:
       flush(pending)
-  finally:
+  except BaseException:
     stop.restore()
-    writer.flush()
-    checkpointer.wait()
+    _close(checkpointer, writer, it)
+    raise
+  stop.restore()
+  writer.flush()
+  checkpointer.wait()
   train_time = time.perf_counter() - t_start
 
   if stop.requested and step < total:
-    log0(f'stopped by SIGTERM at step {step}; checkpoint saved')
+    log0(f'stopped by {stop.name} at step {step}; checkpoint of step {last_saved} saved')
     _close(checkpointer, writer, it)
-    return {'preempted_at': step}
+    return {'preempted_at': step, 'signal': stop.name}
 
   ev = setup.evaluate(state['params'], eval_batches, eval_step)
   writer.scalars(step, ev, prefix='eval', jsonl='eval_metrics.jsonl')
   log0(f'validation at step {step}: loss {ev.get("loss", float("nan")):.4f}'
        + (f' | bits per byte {ev["bpb"]:.4f}' if 'bpb' in ev else ''))
-  samples = fam.sample(setup.model(state['params']), cfg.sample)
-  for i, s in enumerate(samples[:1]):
-    log0(f'sample {i} (prompt {cfg.sample.prompt!r}):\n{s}')
-    writer.text(step, 'sample', s)
   nonfinite = int(jax.device_get(state['nonfinite']))
   summary = {'step': step, 'train': result, 'eval': ev, 'train_seconds': train_time,
              'flops_per_step': setup.flops_per_step, 'train_flops': setup.flops_per_step * step,
              'params': setup.n_params,
              'nonfinite_steps': nonfinite, 'data': fam.data_stats()}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'train_summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2)
+  summary_path = os.path.join(workdir, 'train_summary.json')
+  if pid == 0:  # the run's record, before any extra that could fail
+    storage.write_json(summary_path, summary)
+  try:
+    samples = fam.sample(setup.model(state['params']), cfg.sample)
+  except Exception as e:  # pylint: disable=broad-except  # an extra: the run stays recorded
+    log.warning('sampling after training failed (the run is complete and recorded in %s): '
+                '%s: %s', summary_path, type(e).__name__, e)
+    summary['sample_error'] = f'{type(e).__name__}: {e}'
+    samples = []
+    if pid == 0:
+      storage.write_json(summary_path, summary)
+  for i, s in enumerate(samples[:1]):
+    log0(f'sample {i} (prompt {cfg.sample.prompt!r}):\n{s}')
+    writer.text(step, 'sample', s)
   _close(checkpointer, writer, it)
   return summary
 
@@ -369,19 +453,30 @@ def _close(checkpointer, writer, it):
 
 def restore(cfg, workdir: str, step: int | None = None, family: families.Family | None = None):
   """(setup, state, step) of the latest (or `step`) checkpoint, restored onto this process's
-  mesh, whatever the device count of the run that wrote it. A family with its own weights
-  (`has_own_weights`) uses them when the workdir has no checkpoint."""
-  setup = Setup(cfg, family)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.ckpt.keep,
-                                       async_save=False)
+  mesh, whatever the device count of the run that wrote it. Reads only: a workdir without
+  checkpoints is an error, except for a family with its own weights (`has_own_weights`), which
+  then uses them."""
+  if storage.path(workdir).exists() and not storage.path(workdir).is_dir():
+    raise storage.WorkdirError(f'workdir {workdir} is a file, not a directory')
+  setup = Setup(cfg, family, workdir)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not ckpt_lib.complete_steps(ckpt_dir) and not os.path.isdir(ckpt_dir):
+    if step is None and setup.family.has_own_weights():
+      log0(f'no checkpoint in {ckpt_dir}: using the pretrained weights')
+      return setup, setup.init_state(), 0
+    what = ('does not exist' if not os.path.exists(workdir)
+            else 'has no checkpoints (was it trained?)')
+    raise FileNotFoundError(f'workdir {workdir} {what}')
+  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, cfg.ckpt.keep, async_save=False,
+                                       read_only=True)
   try:
     if (step is None and checkpointer.latest_step() is None
         and setup.family.has_own_weights()):
-      log0(f'no checkpoint in {workdir}/checkpoints: using the pretrained weights')
+      log0(f'no checkpoint in {ckpt_dir}: using the pretrained weights')
       return setup, setup.init_state(), 0
     state, _, s = restore_or_init(setup, checkpointer, step=step)
     if s is None:
-      raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints')
+      raise FileNotFoundError(f'no checkpoint in {ckpt_dir}')
   finally:
     checkpointer.close()
   return setup, state, s
@@ -392,6 +487,7 @@ def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
   validation loss / bits per byte, the robustness suite (`eval.robustness`) and the family's
   own `eval_suite`; writes `eval_step{N}.json`."""
   setup, state, s = restore(cfg, workdir, step)
+  storage.prepare_workdir(workdir)  # the results go there (a pretrained model's may be new)
   fam = setup.family
   ev = setup.evaluate(state['params'], fam.eval_batches(jax.process_index(),
                                                         jax.process_count(),
@@ -405,8 +501,7 @@ def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
     ev['robustness'] = robustness.run(setup, state['params'], kinds, ev, workdir, s)
   ev.update(fam.eval_suite(setup, state['params'], workdir, s))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f'eval_step{s}.json'), 'w') as f:
-      json.dump(ev, f, indent=2)
+    storage.write_json(os.path.join(workdir, f'eval_step{s}.json'), ev)
   return ev
 
 

@@ -17,7 +17,9 @@ modules sit above it and may import `train.trainer`, `train.runs` and `train.eva
 from __future__ import annotations
 
 import abc
+import hashlib
 import importlib
+import json
 import os
 import pkgutil
 from typing import Any, Iterator, Protocol
@@ -46,16 +48,22 @@ class BatchIterator(Protocol):
     """Stops any prefetch thread."""
 
 
-class Family(abc.ABC):
-  """Base class of every family. `__init__(cfg)` gets the resolved, locked config; a subclass
-  calls `super().__init__(cfg)` first, then builds what its hooks need (encoder, data source,
-  pretrained weights). Errors in the user's config or data are `ValueError`s naming the key
-  or the input."""
+ARTIFACTS = 'artifacts'  # WORKDIR/artifacts/: files a run needs to be evaluated later
 
-  def __init__(self, cfg):
+
+class Family(abc.ABC):
+  """Base class of every family. `__init__(cfg, workdir)` gets the resolved, locked config and
+  the run's workdir (None outside a run); a subclass calls `super().__init__(cfg, workdir)`
+  first, then builds what its hooks need (encoder, data source, pretrained weights), reading
+  what the run recorded (`recorded`) before deriving anything from data. Errors in the user's
+  config or data are `ValueError`s naming the key or the input."""
+
+  def __init__(self, cfg, workdir: str | None = None):
     self.cfg = cfg
+    self.workdir = workdir
     self.dtype = compute_dtype(cfg)
     self._stats: dict[str, Any] = {}
+    self._manifest = _read_manifest(workdir)
 
   @property
   def name(self) -> str:
@@ -140,6 +148,38 @@ class Family(abc.ABC):
     raise ValueError(f'--mode=export: family {self.name!r} has no HF-format export (it exists '
                      f'for token LMs with a tokenizers-based encoder); not written: {out_dir}')
 
+  def artifacts(self) -> dict[str, bytes]:
+    """Files derived from data that evaluating this run later needs (a trained tokenizer, a
+    sampled evaluation tokenizer), by file name: written into `WORKDIR/artifacts/` when
+    training starts, pinned by SHA-256 in its manifest.json, and read back with `recorded`
+    by eval, sample and resume, so they never silently come from data that has changed since.
+    (State that lives in the parameters, like a vocabulary mask or a normalizer, is already
+    in the checkpoint.) Default: none."""
+    return {}
+
+  def recorded(self, name: str) -> bytes | None:
+    """The run's recorded artifact `name`: None outside a run or for a run that recorded no
+    artifacts yet; a ValueError when the run's manifest lists it but the file is missing or
+    differs from its recorded hash."""
+    if self._manifest is None:
+      return None
+    entry = self._manifest['files'].get(name)
+    if entry is None:
+      raise ValueError(f'{self.workdir}: the run recorded no artifact {name!r} (its '
+                       f'{ARTIFACTS}/manifest.json lists {sorted(self._manifest["files"])}); '
+                       'was it trained with another data.encoder?')
+    p = os.path.join(self.workdir, ARTIFACTS, name)
+    if not os.path.exists(p):
+      raise ValueError(f'{p} is missing: the run needs it to be evaluated or resumed (its '
+                       'manifest records it); restore the file or retrain')
+    with open(p, 'rb') as f:
+      data = f.read()
+    if hashlib.sha256(data).hexdigest() != entry['sha256']:
+      raise ValueError(f'{p} differs from what the run recorded (sha256 '
+                       f'{entry["sha256"][:12]}...): it was changed after training; restore '
+                       'the original or retrain')
+    return data
+
   def describe(self) -> str:
     """One line for the run log. Default: the family's name."""
     return self.name
@@ -150,14 +190,47 @@ class Family(abc.ABC):
     return dict(self._stats)
 
 
+def _read_manifest(workdir) -> dict | None:
+  if not workdir:
+    return None
+  p = os.path.join(workdir, ARTIFACTS, 'manifest.json')
+  if not os.path.exists(p):
+    return None
+  with open(p) as f:
+    return json.load(f)
+
+
+def write_artifacts(family: Family, workdir: str) -> list[str]:
+  """Records `family.artifacts()` in `workdir/artifacts/` with a manifest of their SHA-256
+  (process 0); returns the file names. Nothing is written when there is nothing to record."""
+  files = family.artifacts()
+  if not files or jax.process_index() != 0:
+    return sorted(files)
+  d = os.path.join(workdir, ARTIFACTS)
+  os.makedirs(d, exist_ok=True)
+  manifest = {'family': family.name, 'files': {}}
+  for name, data in files.items():
+    tmp = os.path.join(d, f'.{name}.tmp')
+    with open(tmp, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, os.path.join(d, name))
+    manifest['files'][name] = {'sha256': hashlib.sha256(data).hexdigest(), 'bytes': len(data)}
+  tmp = os.path.join(d, '.manifest.json.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(manifest, f, indent=2)
+  os.replace(tmp, os.path.join(d, 'manifest.json'))  # written last: marks the set complete
+  family._manifest = manifest  # pylint: disable=protected-access
+  return sorted(files)
+
+
 def names() -> list[str]:
   """Every family name (the modules of this package)."""
   here = os.path.dirname(__file__)
   return sorted(m.name for m in pkgutil.iter_modules([here]) if not m.name.startswith('_'))
 
 
-def get(cfg) -> Family:
-  """The family `cfg.family`, constructed from `cfg`."""
+def get(cfg, workdir: str | None = None) -> Family:
+  """The family `cfg.family`, constructed from `cfg` for the run in `workdir` (None: no run)."""
   name = str(cfg.family)
   known = names()
   if name not in known:
@@ -167,7 +240,7 @@ def get(cfg) -> Family:
   if not (isinstance(cls, type) and issubclass(cls, Family)):
     raise TypeError(f'{module.__name__} must define a `Family` subclass of '
                     f'train.families.Family')
-  return cls(cfg)
+  return cls(cfg, workdir)
 
 
 def compute_dtype(cfg):

@@ -11,8 +11,8 @@ from train import families
 
 class HATFamily(families.Family):
 
-  def __init__(self, cfg):
-    super().__init__(cfg)
+  def __init__(self, cfg, workdir=None):
+    super().__init__(cfg, workdir)
     if cfg.data.encoder != 'bytes':
       raise ValueError(f"family 'hat' reads bytes: data.encoder must be 'bytes', "
                        f'got {cfg.data.encoder!r}')

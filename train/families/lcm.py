@@ -25,8 +25,8 @@ from train.metrics import log0
 
 class LCMFamily(families.Family):
 
-  def __init__(self, cfg):
-    super().__init__(cfg)
+  def __init__(self, cfg, workdir=None):
+    super().__init__(cfg, workdir)
     self.spec = cfg.data.sentence_encoder
     self.space = self.train_space()
     self.center, self.scale = sd.normalizer(self.space)

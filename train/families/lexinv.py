@@ -15,8 +15,8 @@ from train.families import lm
 
 class LexinvariantFamily(lm.TokenLMFamily):
 
-  def __init__(self, cfg):
-    super().__init__(cfg)
+  def __init__(self, cfg, workdir=None):
+    super().__init__(cfg, workdir)
     self.lexinv_cfg = cfg.lexinv
     self._live = None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import tokenizers
 
 from data import encoders, pipeline
 from models import pretrained, token_lm
@@ -15,8 +16,8 @@ from train import families
 
 class TokenLMFamily(families.Family):
 
-  def __init__(self, cfg):
-    super().__init__(cfg)
+  def __init__(self, cfg, workdir=None):
+    super().__init__(cfg, workdir)
     self.model_cfg = self.model_config()
     self.encoder = self.make_encoder()
 
@@ -26,8 +27,18 @@ class TokenLMFamily(families.Family):
     return self.cfg.model
 
   def make_encoder(self) -> encoders.Encoder:
-    """The text <-> ids encoder (default: `data.encoder`)."""
+    """The text <-> ids encoder: the run's recorded tokenizer, else `data.encoder` (a BPE is
+    trained on the current data then, and recorded when training starts)."""
+    recorded = self.recorded('tokenizer.json') if self.cfg.data.encoder != 'bytes' else None
+    if recorded is not None:
+      return encoders.BPEEncoder(tokenizers.Tokenizer.from_str(recorded.decode()),
+                                 f'{self.cfg.data.encoder} (recorded in {self.workdir})')
     return encoders.get_encoder(self.cfg.data)
+
+  def artifacts(self) -> dict[str, bytes]:
+    if isinstance(self.encoder, encoders.BPEEncoder):
+      return {'tokenizer.json': self.encoder.tokenizer.to_str().encode()}
+    return {}
 
   # -- Family hooks ----------------------------------------------------------------------------
   def build_model(self, rngs):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+import tokenizers
 from flax import nnx
 
 from data import encoders
@@ -24,9 +25,9 @@ def load_source(source: str) -> pretrained.Pretrained:
 
 class PretrainedFamily(lm.TokenLMFamily):
 
-  def __init__(self, cfg):
+  def __init__(self, cfg, workdir=None):
     self.loaded = load_source(cfg.model.source)
-    super().__init__(cfg)
+    super().__init__(cfg, workdir)
 
   def model_config(self):
     """The architecture read from the file, also written into the run's config (config.json
@@ -45,8 +46,11 @@ class PretrainedFamily(lm.TokenLMFamily):
                                    for k in ('bos_id', 'eos_id')):
       specials = {'pad': m['eos_id'], 'bos': m['bos_id'], 'eos': m['eos_id']}  # as declared
     vocab = self.loaded.model.embed.embedding.shape[0]
-    return encoders.BPEEncoder(self.loaded.tokenizer, f'{m["format"]}:{m["source"]}',
-                               specials=specials, vocab_size=vocab)
+    recorded = self.recorded('tokenizer.json')  # a fine-tuning run's own copy
+    tok = (tokenizers.Tokenizer.from_str(recorded.decode()) if recorded is not None
+           else self.loaded.tokenizer)
+    return encoders.BPEEncoder(tok, f'{m["format"]}:{m["source"]}', specials=specials,
+                               vocab_size=vocab)
 
   def initial_params(self):
     """The file's weights as the pure parameter dict `Setup` places on the mesh."""

@@ -85,8 +85,8 @@ def _load_decoder(workdir: str) -> sentence_decoder.Decoder:
 
 class SentenceDecoderFamily(families.Family):
 
-  def __init__(self, cfg):
-    super().__init__(cfg)
+  def __init__(self, cfg, workdir=None):
+    super().__init__(cfg, workdir)
     self.autoencoder = bool(cfg.model.autoencoder)
     self.spec = 'none' if self.autoencoder else cfg.data.sentence_encoder
     self.space = load_space(cfg.data, cfg.data.train_split, self.spec)

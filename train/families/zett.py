@@ -25,6 +25,7 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tokenizers
 from flax import nnx
 
 from data import corpus, encoders, pipeline, target_tokenizers, tokenizer_sampler
@@ -190,8 +191,8 @@ class ZettIterator:
 
 class ZettFamily(families.Family):
 
-  def __init__(self, cfg):
-    super().__init__(cfg)
+  def __init__(self, cfg, workdir=None):
+    super().__init__(cfg, workdir)
     if jax.process_count() > 1:
       raise ValueError('zett training samples one tokenizer per step from host-local text: '
                        'run it as one process (any number of local devices)')
@@ -258,7 +259,10 @@ class ZettFamily(families.Family):
   def eval_tokenizer(self):
     """The fixed evaluation tokenizer (see the module doc)."""
     if self._eval_tok is None:
-      if self.cfg.target_tokenizer:
+      recorded = self.recorded('eval_tokenizer.json')
+      if recorded is not None:
+          tok = tokenizers.Tokenizer.from_str(recorded.decode())
+      elif self.cfg.target_tokenizer:
         tok, _ = target_tokenizers.build(self.cfg.target_tokenizer, self.cfg.data,
                                          self.cfg.transfer.text_filter)
       else:
@@ -282,6 +286,9 @@ class ZettFamily(families.Family):
       out.append(batcher(b, step=self.cfg.zett.warmup_steps, tok=tok))
     self._stats['eval_tokens_cut'] = batcher.stats['tokens_cut']
     return out
+
+  def artifacts(self) -> dict[str, bytes]:
+    return {'eval_tokenizer.json': self.eval_tokenizer().to_str().encode()}
 
   def sample(self, model, cfg_sample):
     """A look at the predictions: the nearest base tokens (cosine) of a few eval tokens that the
