@@ -1,0 +1,660 @@
+"""Canonical encodings under a byte-level BPE tokenizer, and which next tokens keep one canonical.
+
+This is the tokenizer half of exact byte-level probabilities from a tokenized LM
+(models/byte_level.py is the model half). Everything here is model-free and runs on the host.
+
+Definitions (bytes are the text; the tokenizer is a HF `tokenizers` byte-level BPE):
+  * enc(s): the tokenizer's encoding of a UTF-8 byte string s (no special tokens added; special
+    token strings inside s are text).
+  * A token sequence t is *canonical* ("valid", the papers' word) iff at every token boundary k
+    that falls on a character boundary, t[:k] == enc(bytes(t[:k])), and at a boundary inside a
+    multi-byte character, t[:k] is the canonical prefix of the encoding of bytes(t[:k]) completed
+    by *some* character (chunk structure for some completion's character class, BPE of the bytes
+    so far). Canonical sequences are exactly the prefixes of tokenizer outputs that a byte-level
+    process can reach; every other sequence is pruned.
+  * `Canonical.row(tail)` is the boolean mask over the vocabulary of tokens v such that t + [v] is
+    canonical, for the canonical t described by `tail`. This is the expensive part and is done
+    structurally (below); `valid_slow` is the direct definition, used by tests.
+
+How a row is computed (for tokenizers whose pieces come from a regex pre-tokenizer, then BPE):
+  1. Pre-tokenization. Only the last three chunks of t's text (the "tail", from a chunk start that
+     later text cannot move) matter. Appending a token's bytes w can extend or re-split the last
+     chunks; whether it does depends only on the *character classes* of tail + w as the regex sees
+     them (letters, digits, whitespace, the literal space and apostrophe, letters right after an
+     apostrophe, other). Tokens are grouped by the class string of their bytes; one
+     representative per group is pre-tokenized after the tail. A group is invalid if a chunk
+     boundary falls strictly inside w; the chunks before w's chunk must re-encode to the tail's
+     tokens; w's chunk then either starts at w (a new chunk: valid iff v is *reachable*, i.e.
+     enc(w) == [v]) or extends the tail's last token l (valid iff the pair (l, v) is valid).
+  2. BPE pairs. Within one chunk, a BPE encoding is the tokenizer's iff every adjacent pair is
+     (BPE is "pairwise": Berglund & van der Merwe 2023; Hayase et al. 2025 use the same). A pair
+     (l, r) is invalid iff some merge (x, y) with x on l's right spine and y on r's left spine
+     fires while both are alive: birth(x) < rank < death(x) and birth(y) < rank <= death(y)
+     (the `<=`: HF applies equal ranks leftmost first, so a crossing merge beats the same merge
+     inside r). Spines and births come from running the tokenizer's BPE on each token's bytes
+     (`_bpe_trace`, HF's algorithm: lowest rank first, leftmost on ties).
+Tokens that end inside a character try every character class a completion can have (a
+representative character per class) and are valid if one works.
+
+Supported: HF `tokenizers` BPE models over the byte-level alphabet, no normalizer, pre-tokenizer
+ByteLevel(add_prefix_space=False) (its GPT-2 regex, or none) optionally after Digits / Split
+(Sequence), ignore_merges off. Anything else raises `UnsupportedTokenizer` (a ValueError).
+"""
+from __future__ import annotations
+
+import bisect
+import functools
+import heapq
+import itertools
+import json
+import unicodedata
+
+import numpy as np
+
+NEW, PAIR = 1, 2  # group outcome bits: w starts a new chunk / extends the tail's last token
+_INF = 1 << 40
+
+
+class UnsupportedTokenizer(ValueError):
+  """The tokenizer is not a byte-level BPE this module can canonicalize exactly."""
+
+
+def byte_alphabet() -> dict[str, int]:
+  """GPT-2's bytes_to_unicode, inverted: alphabet character -> byte."""
+  bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(
+      range(ord('®'), ord('ÿ') + 1))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return {chr(c): b for b, c in zip(bs, cs)}
+
+
+# -- UTF-8 ---------------------------------------------------------------------------------------
+def _char_len(lead: int) -> int:
+  """Bytes in a UTF-8 character with this first byte; 0 for a byte that cannot start one."""
+  if lead < 0x80:
+    return 1
+  if 0xC2 <= lead <= 0xDF:
+    return 2
+  if 0xE0 <= lead <= 0xEF:
+    return 3
+  if 0xF0 <= lead <= 0xF4:
+    return 4
+  return 0
+
+
+def _cont_ok(prefix: bytes, b: int) -> bool:
+  """Can byte b follow the partial character `prefix` (1-3 bytes, a valid lead) in UTF-8?"""
+  if not 0x80 <= b <= 0xBF:
+    return False
+  if len(prefix) == 1:  # the second byte's range is restricted for some leads
+    lead = prefix[0]
+    lo, hi = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF),
+              0xF4: (0x80, 0x8F)}.get(lead, (0x80, 0xBF))
+    return lo <= b <= hi
+  return True
+
+
+def utf8_split(b: bytes) -> tuple[int, bytes]:
+  """(length of the longest prefix of b ending at a character boundary, the partial character
+  after it). Raises ValueError naming the first byte that no UTF-8 text can have there."""
+  i, n = 0, len(b)
+  while i < n:
+    k = _char_len(b[i])
+    if k == 0:
+      raise ValueError(f'byte {i} (0x{b[i]:02x}) is not valid UTF-8 here')
+    for m in range(1, k):
+      if i + m >= n:
+        return i, bytes(b[i:])
+      if not _cont_ok(b[i:i + m], b[i + m]):
+        raise ValueError(f'byte {i + m} (0x{b[i + m]:02x}) is not valid UTF-8 here')
+    i += k
+  return n, b''
+
+
+def partial_ok(prefix: bytes) -> bool:
+  """Is `prefix` (possibly empty) a proper prefix of some UTF-8 character?"""
+  if not prefix:
+    return True
+  k = _char_len(prefix[0])
+  if not 1 < k or len(prefix) >= k:
+    return False
+  return all(_cont_ok(prefix[:m], prefix[m]) for m in range(1, len(prefix)))
+
+
+# -- character classes as a regex pre-tokenizer sees them --------------------------------------
+_WHITE_SPACE = frozenset('\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000'
+                         + ''.join(chr(c) for c in range(0x2000, 0x200B)))
+
+
+def _char_class(c: str, fine: bool) -> str:
+  """A representative character with the same membership in every set the pre-tokenizer's regex
+  tests: \\p{L}, \\p{N}, \\s, and the literal characters it names. `fine` keeps every ASCII
+  character that is not a letter or digit as itself (for regexes we do not know)."""
+  if c in " '":
+    return c
+  o = ord(c)
+  if o < 128:
+    if c.isalpha():
+      return 'a'
+    if c.isdigit():
+      return '0'
+    if fine or c in _WHITE_SPACE:
+      return c if fine else '\t'
+    return '.'
+  if c in _WHITE_SPACE:
+    return '\u2000'
+  cat = unicodedata.category(c)
+  if cat[0] == 'L':
+    return '\u00e9'  # é: a non-ASCII letter
+  if cat[0] == 'N':
+    return '\u0663'  # Arabic-Indic three: a non-ASCII digit
+  return '\u2014'    # em dash: non-ASCII other
+
+
+def _signature(chars: str, fine: bool, before: str = '') -> str:
+  """The class string of `chars` (following the text `before`): characters within two of an
+  apostrophe keep their identity (contractions: 's 'll ...), the rest map to their class."""
+  ctx = before[-2:] + chars
+  out = []
+  for i, c in enumerate(chars):
+    j = i + len(ctx) - len(chars)
+    near = "'" in ctx[max(0, j - 2):j]
+    out.append(c if (near and ord(c) < 128) else _char_class(c, fine))
+  return ''.join(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _rests(partial: bytes) -> tuple[tuple[str, str, tuple[bytes, ...]], ...]:
+  """For a partial character: (class, a completing character of that class, every completion
+  of that class as the missing bytes), one entry per class a completion can have."""
+  k = _char_len(partial[0])
+  found: dict[str, tuple[str, list[bytes]]] = {}
+  for rest in itertools.product(range(0x80, 0xC0), repeat=k - len(partial)):
+    r = bytes(rest)
+    try:
+      c = (partial + r).decode('utf-8')
+    except UnicodeDecodeError:
+      continue
+    found.setdefault(_char_class(c, False), (c, []))[1].append(r)
+  return tuple((cls, c, tuple(rs)) for cls, (c, rs) in sorted(found.items()))
+
+
+# -- BPE -------------------------------------------------------------------------------------------
+def _bpe_trace(units: list[int], ranks: dict) -> list[tuple]:
+  """HF's BPE on one chunk given as single-byte token ids: repeatedly merge the adjacent pair of
+  lowest rank (leftmost on ties). Returns the final symbols as trees (id, birth_rank, left, right)
+  with leaves (byte_id, -1, None, None)."""
+  n = len(units)
+  ids = list(units)
+  trees = [(u, -1, None, None) for u in units]
+  nxt = list(range(1, n)) + [-1]
+  prv = list(range(-1, n - 1))
+  alive = [True] * n
+  heap = []
+  for i in range(n - 1):
+    r = ranks.get((ids[i], ids[i + 1]))
+    if r is not None:
+      heap.append((r[0], i, r[1]))
+  heapq.heapify(heap)
+  while heap:
+    rank, i, new = heapq.heappop(heap)
+    if not alive[i] or nxt[i] < 0:
+      continue
+    j = nxt[i]
+    if ranks.get((ids[i], ids[j])) != (rank, new):
+      continue
+    trees[i] = (new, rank, trees[i], trees[j])
+    ids[i] = new
+    alive[j] = False
+    nxt[i] = nxt[j]
+    if nxt[i] >= 0:
+      prv[nxt[i]] = i
+    if prv[i] >= 0:
+      r = ranks.get((ids[prv[i]], new))
+      if r is not None:
+        heapq.heappush(heap, (r[0], prv[i], r[1]))
+    if nxt[i] >= 0:
+      r = ranks.get((new, ids[nxt[i]]))
+      if r is not None:
+        heapq.heappush(heap, (r[0], i, r[1]))
+  return [trees[i] for i in range(n) if alive[i]]
+
+
+def _spine(tree, side: int) -> list[tuple[int, int, int]]:
+  """(token, birth, death) along a tree's left (side=2) or right (side=3) edge, leaf first; a
+  node dies when the merge that makes its spine parent fires (the root never dies)."""
+  nodes = []
+  while tree is not None:
+    nodes.append(tree)
+    tree = tree[side]
+  out = []
+  for k in range(len(nodes) - 1, -1, -1):
+    death = nodes[k - 1][1] if k > 0 else _INF
+    out.append((nodes[k][0], nodes[k][1], death))
+  return out
+
+
+# -- the tokenizer -------------------------------------------------------------------------------
+class Tail:
+  """The end of a canonical token sequence: the text from a stable chunk start (`text`, bytes,
+  may end inside a character) and the tokens that cover it (`tokens`)."""
+  __slots__ = ('text', 'tokens', 'key')
+
+  def __init__(self, text: bytes, tokens: tuple[int, ...]):
+    self.text, self.tokens = bytes(text), tuple(tokens)
+    self.key = (self.text, self.tokens)
+
+
+class Canonical:
+  """Canonical encodings and next-token validity for one byte-level BPE tokenizer.
+
+  `vocab_size`: the model's vocabulary (ids past the tokenizer's are padding: never valid).
+  Token ids that are special (added) tokens or padding are not text: `token_bytes[v]` is None
+  and they are never valid continuations (the end-of-text token is handled by the caller)."""
+
+  TAIL_CHUNKS = 3
+
+  def __init__(self, tokenizer, vocab_size: int | None = None):
+    import copy  # pylint: disable=import-outside-toplevel
+    state = json.loads(tokenizer.to_str())
+    model = state.get('model') or {}
+    if model.get('type') != 'BPE':
+      raise UnsupportedTokenizer(f'exact byte-level probabilities need a BPE tokenizer; this one '
+                                 f'is {model.get("type")!r}')
+    if model.get('ignore_merges') or model.get('dropout') or model.get(
+        'continuing_subword_prefix') or model.get('end_of_word_suffix'):
+      raise UnsupportedTokenizer('BPE options ignore_merges / dropout / subword prefixes are '
+                                 'not supported')
+    if state.get('normalizer') is not None:
+      raise UnsupportedTokenizer(f'tokenizer normalizer {state["normalizer"].get("type")} is not '
+                                 f'supported (the encoding must be a function of the bytes)')
+    self.fine = self._check_pretokenizer(state.get('pre_tokenizer'))
+    alphabet = byte_alphabet()
+    self.tokenizer = copy.deepcopy(tokenizer)
+    self.tokenizer.encode_special_tokens = True
+    self.pre = self.tokenizer.pre_tokenizer
+    added = {t['id'] for t in state.get('added_tokens', [])}
+    n_tok = tokenizer.get_vocab_size(with_added_tokens=True)
+    self.vocab_size = int(vocab_size or n_tok)
+    if self.vocab_size < n_tok:
+      raise ValueError(f'vocab_size {self.vocab_size} < the tokenizer\'s {n_tok} tokens')
+    vocab = model['vocab']
+    self.token_bytes: list[bytes | None] = [None] * self.vocab_size
+    for piece, i in vocab.items():
+      if i in added or i >= self.vocab_size:
+        continue
+      if not all(c in alphabet for c in piece):
+        raise UnsupportedTokenizer(f'token {i} {piece!r} is not in the byte-level alphabet')
+      self.token_bytes[i] = bytes(alphabet[c] for c in piece)
+    self.by_bytes = {b: i for i, b in enumerate(self.token_bytes) if b is not None}
+    self.byte_token = np.array([self.by_bytes.get(bytes([b]), -1) for b in range(256)], np.int64)
+    self.text_ids = np.array([i for i, b in enumerate(self.token_bytes) if b], np.int64)
+    self.max_len = max(len(self.token_bytes[i]) for i in self.text_ids)
+    self.lengths = np.array([len(b) if b else 0 for b in self.token_bytes], np.int64)
+    # text tokens sorted by their bytes: tokens with a given prefix form a contiguous range
+    order = sorted(self.text_ids.tolist(), key=lambda i: self.token_bytes[i])
+    self.sorted_ids = np.array(order, np.int64)
+    self.sorted_bytes = [self.token_bytes[i] for i in order]
+    self.sorted_lengths = self.lengths[self.sorted_ids]
+    # sorted_next[k, m]: byte m of the k-th sorted token (256 past its end)
+    self.sorted_next = np.full((len(order), self.max_len + 1), 256, np.int16)
+    for k, b in enumerate(self.sorted_bytes):
+      self.sorted_next[k, :len(b)] = np.frombuffer(b, np.uint8)
+    self.first_byte = np.full(self.vocab_size, 256, np.int64)
+    self.first_byte[self.sorted_ids] = self.sorted_next[:, 0]
+    self.ranks = {}
+    for r, m in enumerate(model.get('merges', [])):
+      a, b = m.split(' ', 1) if isinstance(m, str) else m
+      ia, ib, iab = vocab.get(a), vocab.get(b), vocab.get(a + b)
+      if None in (ia, ib, iab):
+        continue
+      self.ranks.setdefault((ia, ib), (r, iab))
+    self._groups = None
+    self._pair_index = None
+    self._pair_rows: dict[int, np.ndarray] = {}
+    self._outcomes: dict = {}
+
+  @staticmethod
+  def _check_pretokenizer(pre) -> bool:
+    """Returns whether character classes must be fine (an unknown Split regex)."""
+    if pre is None:
+      raise UnsupportedTokenizer('a byte-level BPE needs a ByteLevel pre-tokenizer')
+    parts = pre.get('pretokenizers', []) if pre.get('type') == 'Sequence' else [pre]
+    fine = False
+    byte_level = False
+    for p in parts:
+      t = p.get('type')
+      if t == 'ByteLevel':
+        if p.get('add_prefix_space'):
+          raise UnsupportedTokenizer('ByteLevel(add_prefix_space=True) changes the text')
+        byte_level = True
+      elif t == 'Digits':
+        pass
+      elif t == 'Split' and p.get('behavior') in ('Isolated', 'Removed', 'MergedWithPrevious',
+                                                     'MergedWithNext', 'Contiguous'):
+        if p.get('behavior') == 'Removed' and not p.get('invert'):
+          raise UnsupportedTokenizer('a Split pre-tokenizer that removes text')
+        fine = True
+      else:
+        raise UnsupportedTokenizer(f'pre-tokenizer {t} is not supported')
+    if not byte_level:
+      raise UnsupportedTokenizer('a byte-level BPE needs a ByteLevel pre-tokenizer')
+    return fine
+
+  # -- encodings ----------------------------------------------------------------------------
+  def encode(self, text: bytes) -> list[int]:
+    """enc(text) for UTF-8 bytes (ValueError naming the first invalid byte)."""
+    n, partial = utf8_split(text)
+    if partial:
+      raise ValueError(f'text ends inside a UTF-8 character (byte {n})')
+    return self.tokenizer.encode(bytes(text).decode('utf-8'), add_special_tokens=False).ids
+
+  def chunk_starts(self, text: str) -> list[int]:
+    """Byte offsets where the pre-tokenizer's pieces of `text` start."""
+    out, pos = [], 0
+    for piece, _ in self.pre.pre_tokenize_str(text):
+      out.append(pos)
+      pos += len(piece)
+    return out
+
+  def bpe(self, b: bytes) -> list[int]:
+    """The tokenizer's BPE of one chunk's bytes (no pre-tokenization)."""
+    alphabet = _ALPHABET_CHARS
+    return [t.id for t in self.tokenizer.model.tokenize(''.join(alphabet[x] for x in b))]
+
+  def make_tail(self, text, end: int, tokens_rev) -> Tail:
+    """The `Tail` of the canonical sequence whose bytes are text[:end] (a prefix of valid
+    UTF-8); `tokens_rev` yields its tokens from the last one backwards. The tail starts at the
+    third-last chunk start of text[:end] that is a token boundary of the sequence (0 if none)."""
+    cb = end  # last character boundary <= end
+    for p in range(end - 1, max(-1, end - 4), -1):
+      k = _char_len(text[p])
+      if k == 1 or (k > 1 and k <= end - p):
+        break
+      if k > 1:
+        cb = p
+        break
+    window = 64
+    while True:
+      w0 = max(0, cb - window)
+      while w0 > 0 and 0x80 <= text[w0] <= 0xBF:
+        w0 -= 1
+      starts = [w0 + s for s in self.chunk_starts(bytes(text[w0:cb]).decode('utf-8'))]
+      if w0 == 0 or len(starts) > self.TAIL_CHUNKS + 1:
+        break
+      window *= 4
+    if w0 > 0:
+      starts = starts[1:]  # the window may cut the first piece
+    elif not starts or starts[0] != 0:
+      starts = [0] + starts
+    cands = starts[-self.TAIL_CHUNKS:]
+    anchor = cands[0]
+    toks, pos = [], end
+    for t in tokens_rev:
+      if pos <= anchor:
+        break
+      toks.append(t)
+      pos -= int(self.lengths[t])
+    if pos != anchor:  # a token crosses the anchor: fall back to an earlier chunk start
+      earlier = [s for s in starts if s <= pos]
+      if not earlier or earlier[-1] != pos:
+        raise RuntimeError(f'token boundaries of the sequence ending at byte {end} do not align '
+                           f'with the pre-tokenizer\'s chunks (anchor {anchor}, token start {pos})')
+    return Tail(bytes(text[pos:end]), tuple(toks[::-1]))
+
+  # -- structure of every token's BPE ---------------------------------------------------------
+  def _build_pair_index(self):
+    v = self.vocab_size
+    reachable = np.zeros(v, bool)
+    birth = np.full(v, -1, np.int64)
+    rspines: dict[int, list] = {}
+    ls_y, ls_r, ls_d = [], [], []
+    for t in self.text_ids.tolist():
+      units = [int(self.byte_token[x]) for x in self.token_bytes[t]]
+      if min(units) < 0:
+        continue
+      out = _bpe_trace(units, self.ranks)
+      if len(out) != 1 or out[0][0] != t:
+        continue
+      reachable[t] = True
+      birth[t] = out[0][1]
+      rspines[t] = _spine(out[0], 3)
+      for y, _, d in _spine(out[0], 2):
+        ls_y.append(y)
+        ls_r.append(t)
+        ls_d.append(d)
+    ls_y, ls_r, ls_d = (np.array(a, np.int64) for a in (ls_y, ls_r, ls_d))
+    order = np.argsort(ls_y, kind='stable')
+    ls_y, ls_r, ls_d = ls_y[order], ls_r[order], ls_d[order]
+    bounds = np.searchsorted(ls_y, np.arange(v + 1))
+    by_left: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    tmp: dict[int, list] = {}
+    for (a, b), (r, _) in self.ranks.items():
+      tmp.setdefault(a, []).append((b, r))
+    for a, lst in tmp.items():
+      arr = np.array(lst, np.int64)
+      by_left[a] = (arr[:, 0], arr[:, 1])
+    self.reachable = reachable
+    self._pair_index = (birth, rspines, ls_r, ls_d, bounds, by_left)
+
+  def pair_row(self, left: int) -> np.ndarray:
+    """bool [V]: the pairs (left, r) that BPE keeps as two tokens (both reachable, no crossing
+    merge fires)."""
+    row = self._pair_rows.get(left)
+    if row is not None:
+      return row
+    if self._pair_index is None:
+      self._build_pair_index()
+    birth, rspines, ls_r, ls_d, bounds, by_left = self._pair_index
+    row = self.reachable.copy()
+    if not self.reachable[left]:
+      row[:] = False
+    else:
+      for x, bx, dx in rspines[left]:
+        ys_ranks = by_left.get(x)
+        if ys_ranks is None:
+          continue
+        ys, ranks = ys_ranks
+        sel = (ranks > bx) & (ranks < dx) & (birth[ys] < ranks)
+        for y, rho in zip(ys[sel].tolist(), ranks[sel].tolist()):
+          lo, hi = bounds[y], bounds[y + 1]
+          if lo == hi:
+            continue
+          owners = ls_r[lo:hi]
+          row[owners[ls_d[lo:hi] >= rho]] = False
+    if len(self._pair_rows) > 4096:
+      self._pair_rows.clear()
+    self._pair_rows[left] = row
+    return row
+
+  # -- groups of tokens that pre-tokenize alike -------------------------------------------------
+  def _build_groups(self):
+    """For each apostrophe context of the tail (none / ends with ' / ends with ' + 1 char): an
+    int [V] group id per token (-1: never valid after a complete tail, e.g. it starts inside a
+    character) and per group its representative strings (one per class of the completion of a
+    trailing partial character). Also the tokens that end inside a character."""
+    variants = []
+    self._partial_tokens = []
+    for vi, before in enumerate(('', "'", "'a")):
+      gid = np.full(self.vocab_size, -1, np.int64)
+      reps: list[tuple[str, ...]] = []
+      index: dict = {}
+      for t in self.text_ids.tolist():
+        b = self.token_bytes[t]
+        if _char_len(b[0]) == 0:
+          continue
+        try:
+          n, partial = utf8_split(b)
+        except ValueError:
+          continue
+        head = b[:n].decode('utf-8')
+        comps = _rests(partial) if partial else (('', '', ()),)
+        key = (_signature(head, self.fine, before), tuple(c[0] for c in comps))
+        g = index.get(key)
+        if g is None:
+          g = index[key] = len(reps)
+          reps.append(tuple(head + c[1] for c in comps))
+        gid[t] = g
+        if partial and vi == 0:
+          self._partial_tokens.append(t)
+      variants.append((gid, reps))
+    self._groups = variants
+    self._k_ok: dict[int, tuple[bool, ...]] = {}
+
+  def _completable(self, v: int) -> tuple[bool, ...]:
+    """For a token ending inside a character, per completion class (in `_rests` order): can
+    the character be completed so that the next token does not merge into v? (some rest r of
+    that class with (v, first token of BPE(r)) a valid pair)."""
+    ok = self._k_ok.get(v)
+    if ok is None:
+      _, partial = utf8_split(self.token_bytes[v])
+      row = self.pair_row(v)
+      ok = tuple(any(row[self.bpe(r)[0]] for r in rs) for _, _, rs in _rests(partial))
+      self._k_ok[v] = ok
+    return ok
+
+  def row(self, tail: Tail) -> np.ndarray:
+    """bool [V]: tokens v such that (the sequence ending in `tail`) + [v] is canonical."""
+    _, partial = utf8_split(tail.text)
+    if partial:
+      return self._row_pending(tail, partial)
+    if self._groups is None:
+      self._build_groups()
+    if self._pair_index is None:
+      self._build_pair_index()
+    text = tail.text.decode('utf-8')
+    before = text[-2:]
+    variant = 1 if before[-1:] == "'" else 2 if before[:1] == "'" and len(before) == 2 else 0
+    gid, reps = self._groups[variant]
+    alts = self._group_codes(tail, text, variant, reps)
+    first = np.array([a[0] for a in alts], np.int64)
+    code_v = np.where(gid >= 0, first[np.maximum(gid, 0)], 0)
+    pair = self.pair_row(tail.tokens[-1]) if tail.tokens else None
+    valid = (code_v & NEW).astype(bool) & self.reachable
+    if pair is not None:
+      valid |= (code_v & PAIR).astype(bool) & pair
+    for v in self._partial_tokens:  # ends inside a character: some completion class must work
+      g = gid[v]
+      ok = False
+      if g >= 0:
+        for code, fine in zip(alts[g], self._completable(v)):
+          if fine and ((code & NEW and self.reachable[v]) or
+                       (code & PAIR and pair is not None and pair[v])):
+            ok = True
+            break
+      valid[v] = ok
+    return valid
+
+  def _group_codes(self, tail: Tail, text: str, variant: int, reps) -> list[tuple[int, ...]]:
+    """Per group, per representative: the outcome bits (0 | NEW | PAIR) after this tail."""
+    sig_key = (_signature(text, self.fine), variant)
+    pattern = self._outcomes.get(sig_key)
+    if pattern is None:
+      # per group and representative: the piece starts (characters) inside the tail, or None
+      # if a piece starts strictly inside the token
+      tc = len(text)
+      pattern = []
+      for strs in reps:
+        alts = []
+        for s in strs:
+          starts = [a for _, (a, _) in self.pre.pre_tokenize_str(text + s)]
+          alts.append(None if any(tc < a < tc + len(s) for a in starts)
+                      else tuple(a for a in starts if a <= tc))
+        pattern.append(tuple(alts))
+      if len(self._outcomes) > 20000:
+        self._outcomes.clear()
+      self._outcomes[sig_key] = pattern
+    offs = np.cumsum([0] + [len(c.encode('utf-8')) for c in text]).tolist()
+    verdicts: dict = {}
+    out = []
+    for alts in pattern:
+      codes = []
+      for starts in alts:
+        if starts is None:
+          codes.append(0)
+          continue
+        v = verdicts.get(starts)
+        if v is None:
+          v = verdicts[starts] = self._consistent(tail, [offs[a] for a in starts])
+        codes.append(v)
+      out.append(tuple(codes))
+    return out
+
+  def _consistent(self, tail: Tail, starts: list[int]) -> int:
+    """Outcome bit for a chunking of tail + w whose piece starts inside the tail are `starts`
+    (bytes; the last one begins w's chunk): 0 if the tail's tokens are not the encoding of those
+    pieces, NEW if w's chunk starts at w, PAIR if it extends the tail's last token."""
+    bounds = np.cumsum([0] + [int(self.lengths[t]) for t in tail.tokens]).tolist()
+    end = len(tail.text)
+    pos = {b: k for k, b in enumerate(bounds)}
+    starts = sorted(set(starts) | {0})
+    if any(s not in pos for s in starts):
+      return 0
+    segs = starts + [end]
+    for a, b in zip(segs[:-1], segs[1:]):
+      if a == b:
+        continue
+      if self.bpe(tail.text[a:b]) != list(tail.tokens[pos[a]:pos[b]]):
+        return 0
+    return NEW if starts[-1] == end else PAIR
+
+  def _row_pending(self, tail: Tail, partial: bytes) -> np.ndarray:
+    """Row for a sequence ending inside a character: candidates must continue that character;
+    each is checked with `valid_slow` (few tokens start with continuation bytes)."""
+    valid = np.zeros(self.vocab_size, bool)
+    for t in self.text_ids.tolist():
+      b = self.token_bytes[t]
+      if not 0x80 <= b[0] <= 0xBF or not _cont_ok(partial, b[0]):
+        continue
+      valid[t] = self.valid_slow(tail, t)
+    return valid
+
+  # -- the definition, directly -------------------------------------------------------------
+  def valid_slow(self, tail: Tail, v: int) -> bool:
+    """Is (sequence ending in `tail`) + [v] canonical? Straight from the definition, with the
+    tokenizer's own pre-tokenizer and BPE: the pieces of tail + w must start at token
+    boundaries and re-encode to the tokens; if w ends inside a character, some completion r of
+    it must make the tokens a prefix of the encoding of tail + w + r."""
+    w = self.token_bytes[v] if 0 <= v < self.vocab_size else None
+    if w is None:
+      return False
+    s = tail.text + w
+    try:
+      n, partial = utf8_split(s)
+    except ValueError:
+      return False
+    toks = list(tail.tokens) + [v]
+    bounds = np.cumsum([0] + [int(self.lengths[t]) for t in toks]).tolist()
+    if bounds[-1] != len(s):
+      return False
+    pos = {b: k for k, b in enumerate(bounds)}
+    head = s[:n].decode('utf-8')
+    for _, c, rests in (_rests(partial) if partial else (('', '', (b'',)),)):
+      starts = [x for x in self.chunk_starts(head + c) if x < len(s)]
+      if any(x not in pos for x in starts):
+        continue
+      segs = sorted(set(starts) | {0}) + [len(s)]
+      if not all(self.bpe(s[a:b]) == toks[pos[a]:pos[b]] for a, b in zip(segs[:-2], segs[1:-1])
+                 if a < b):
+        continue
+      a = segs[-2]
+      want = toks[pos[a]:]
+      if any(self.bpe(s[a:] + r)[:len(want)] == want for r in rests):
+        return True
+    return False
+
+  # -- lookups ----------------------------------------------------------------------------------
+  def prefix_range(self, prefix: bytes, lo: int = 0, hi: int | None = None) -> tuple[int, int]:
+    """[a, b): the sorted tokens whose bytes start with `prefix` (searching within [lo, hi))."""
+    hi = len(self.sorted_bytes) if hi is None else hi
+    a = bisect.bisect_left(self.sorted_bytes, prefix, lo, hi)
+    b = bisect.bisect_right(self.sorted_bytes, prefix + b'\xff' * (self.max_len + 1), a, hi)
+    return a, b
+
+
+_ALPHABET_CHARS = {b: c for c, b in byte_alphabet().items()}

@@ -1,0 +1,688 @@
+"""One byte-level interface for every text model: next-byte distributions, scoring, sampling,
+cross-tokenizer ensembles.
+
+  view = byte_view(model, encoder)             # ByteLM: TokenLM over bytes or BPE, HAT, lexinvariant
+  st = view.start(b'def fibonac')              # state after the prompt (KV caches inside)
+  lp = view.next_byte_logprobs(st)             # float32 [257]: log p(byte | prompt), [256] = end
+  st = view.advance(st, ord('c'))              # one byte more; caches reused, nothing recomputed
+  view.score(text)                             # float64 [len + 1]: log p of every byte, then end
+  sample(view, b'def fibonac', 32)             # greedy / temperature sampling, byte by byte
+  Mixture(a, b, 0.7), ProductOfExperts(a, b)   # ensembles of any two views; fit_mixture_weight
+
+What probability each view defines
+----------------------------------
+*Byte-native token LMs* (TokenLM over `ByteEncoder` ids: pad 0, bos 1, eos 2, byte b -> b + 3):
+the model's next-id softmax restricted to the 256 byte ids and eos, renormalized. The mass on
+pad, bos and the padding ids past 259 is dropped (they are not text). A document starts after
+bos; end of text is eos.
+
+*BPE token LMs* (`ExactBPE`: the subword LM, SmolLM2, tokenizer-transferred models): the exact
+byte-level marginal of the model's *canonical process* Q. Q is the model's next-token
+distribution restricted, at every token step, to the tokens that keep the encoding canonical
+(a prefix of what the tokenizer produces for some text; see data/canonical.py), plus the end
+token where the text so far is complete, and renormalized there:
+    Q(t_k | t_<k) = P(t_k | t_<k) [t_<=k canonical] / Z(t_<k),
+    Z(t_<k) = sum over canonical next tokens v of P(v | t_<k) + P(end | t_<k).
+Every byte string has at most one canonical encoding, so Q is a proper distribution over texts
+with Q(text, end) = P(enc(text), end) / prod_k Z(enc(text)_<k): the token-level probability of
+the canonical encoding, raised by the mass the model puts on non-canonical tokens along it (the
+figure `benchmarks/byte_level.py` reports; 0 when the model never leaves canonical encodings).
+The probability that a text *starts* with the bytes x is the sum of Q over x's cover encodings
+(canonical sequences whose last token reaches or crosses the end of x while the rest ends
+before it, the Byte-Token Representation Lemma of Phan et al. 2025), so
+    p(b | x) = Q(starts with x b) / Q(starts with x),   p(end | x) = Q(x, end) / Q(starts with x)
+are exact: the 257 values sum to 1 and the chain rule holds (sum of the byte log-probs plus the
+end log-prob = log Q(text, end)). Nothing is approximate but the floating point (fp32 logits,
+fp64 sums). The papers prune the same invalid encodings but renormalize per byte instead of per
+token (the two agree when the model never leaves canonical encodings). Padding ids and special
+tokens other than the end token are pruned like non-canonical tokens. A document starts after
+the begin token (SmolLM2: its document separator) and ends with the end token.
+Only texts that are UTF-8 (or a prefix of it) have probability > 0: a BPE view refuses a prompt
+or text with invalid UTF-8 (ValueError naming the byte); a text that ends inside a character
+has end probability 0. A byte the vocabulary cannot produce raises too.
+
+Cost: the cover encodings live in a lattice of canonical token sequences over the text (about
+one node per byte). Scoring a known text evaluates all nodes that have a canonical cover in
+one forward over the canonical encoding plus one batched forward over the other nodes (their
+divergent last tokens on top of the shared KV cache, padded to a few fixed shapes). Streaming
+(start / advance) evaluates each new node once, rewriting the tail of one cached token path.
+
+*HAT* (`HATView`) and *lexinvariant LMs* over bytes (`byte_view(..., rng=)`: the random
+embedding is drawn once per view and kept for every text it scores) are byte-level already.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data import canonical
+
+END = 256          # index of end-of-text in a next-byte distribution
+NUM_OUTCOMES = 257
+BYTE_OFFSET = 3    # ByteEncoder: byte b -> id b + 3; pad 0, bos 1, eos 2
+
+
+def _bucket(n: int, minimum: int = 1) -> int:
+  """The next power of two >= n (shapes padded to few sizes: few compilations)."""
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+# -- the interface -------------------------------------------------------------------------------
+class ByteLM(abc.ABC):
+  """A text model seen one byte at a time.
+
+  States are opaque and owned by the caller: `advance` returns the state to use next (it may be
+  the same object, updated in place), so a state is used once."""
+  name: str = 'byte_lm'
+
+  @abc.abstractmethod
+  def start(self, prompt: bytes = b'') -> Any:
+    """The state after the begin-of-document context and `prompt` (bytes; may be empty)."""
+
+  @abc.abstractmethod
+  def next_byte_logprobs(self, state) -> np.ndarray:
+    """float32 [257]: log p(next byte | state) for bytes 0..255, and [256] = end of text.
+    exp sums to 1; impossible outcomes are -inf."""
+
+  @abc.abstractmethod
+  def advance(self, state, byte: int) -> Any:
+    """The state after one more byte (0..255)."""
+
+  def score(self, text: bytes, end: bool = True) -> np.ndarray:
+    """float64 [len(text) (+1)]: log p(text[i] | text[:i]) for every byte, then (end=True)
+    log p(end | text). Sum: the log-probability of the document `text`."""
+    text = bytes(text)
+    st = self.start(b'')
+    out = []
+    for b in text:
+      out.append(float(self.next_byte_logprobs(st)[b]))
+      st = self.advance(st, b)
+    if end:
+      out.append(float(self.next_byte_logprobs(st)[END]))
+    return np.array(out, np.float64)
+
+  def distributions(self, text: bytes) -> np.ndarray:
+    """float32 [len(text) + 1, 257]: the next-byte distribution before every byte and after
+    the last one."""
+    text = bytes(text)
+    st = self.start(b'')
+    out = [self.next_byte_logprobs(st)]
+    for b in text:
+      st = self.advance(st, b)
+      out.append(self.next_byte_logprobs(st))
+    return np.stack(out)
+
+
+def bits_per_byte(view: ByteLM, text: bytes, end: bool = False) -> float:
+  """Mean -log2 p per byte of `text` (the end-of-text term included when `end`)."""
+  lp = view.score(text, end=end)
+  return float(-lp.sum() / math.log(2) / max(1, len(text)))
+
+
+def _normalize(logp: np.ndarray) -> np.ndarray:
+  m = np.max(logp)
+  if not np.isfinite(m):
+    raise ValueError('every outcome has probability 0')
+  return logp - (m + np.log(np.sum(np.exp(logp - m))))
+
+
+# -- token-level models as the views call them -----------------------------------------------
+class TokenFn:
+  """A token-level LM (TokenLM, or LexinvariantLM with one fixed random embedding draw) as one
+  jitted cached forward: (ids, positions, segment_ids [B, T], cache, cache_index) ->
+  (fp32 log-softmax over the model's whole vocabulary [B, T, V], new cache)."""
+
+  def __init__(self, model, draw: dict | None = None):
+    graphdef, self.params = nnx.split(model)
+    self.vocab_size = int(model.vocab_size)
+    self._model = model
+
+    def fwd(params, ids, positions, segment_ids, cache, index):
+      m = nnx.merge(graphdef, params)
+      if draw is None:
+        logits, cache = m(ids, positions, segment_ids, cache=cache, cache_index=index)
+      else:
+        b = ids.shape[0]
+        d = {k: (jnp.broadcast_to(v, (b,) + v.shape[1:]) if k != 'gauss' or v.ndim == 3 else v)
+             for k, v in draw.items()}
+        logits, cache = m(ids, d, positions, segment_ids, cache=cache, cache_index=index)
+      return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), cache
+
+    def branch(params, trunk_cache, visible_BxS, ids, positions, index):
+      b = ids.shape[0]
+      cache = [dict(k=jnp.broadcast_to(c['k'], (b,) + c['k'].shape[1:]),
+                    v=jnp.broadcast_to(c['v'], (b,) + c['v'].shape[1:]),
+                    segment_ids=visible_BxS) for c in trunk_cache]
+      lp, _ = fwd(params, ids, positions, jnp.ones_like(ids), cache, index)
+      return lp
+
+    self._fwd = jax.jit(fwd, donate_argnums=(4,))
+    self._branch = jax.jit(branch)
+
+  def init_cache(self, batch: int, size: int):
+    return self._model.init_cache(batch, size)
+
+  def __call__(self, ids, positions, cache, index: int):
+    """One row or more: ids/positions int [B, T]; returns (np.float32 [B, T, V], cache)."""
+    ids = jnp.asarray(ids, jnp.int32)
+    lp, cache = self._fwd(self.params, ids, jnp.asarray(positions, jnp.int32),
+                          jnp.ones_like(ids), cache, jnp.int32(index))
+    return lp, cache
+
+  def branches(self, trunk_cache, visible, ids, positions, index: int):
+    """Rows that continue a shared one-row cache: row r sees the cache slots where
+    visible[r] == 1 and its own tokens (written at slots index..index+T-1, RoPE positions
+    `positions`). Returns fp32 log-probs [B, T, V] (the cache is not kept)."""
+    return self._branch(self.params, trunk_cache, jnp.asarray(visible, jnp.int32),
+                        jnp.asarray(ids, jnp.int32), jnp.asarray(positions, jnp.int32),
+                        jnp.int32(index))
+
+
+def _grow(cache, size: int):
+  """The cache with its slot axis padded to `size` (empty slots: segment 0)."""
+  def pad(a):
+    widths = [(0, 0)] * a.ndim
+    widths[1] = (0, size - a.shape[1])
+    return jnp.pad(a, widths)
+  return [{k: pad(v) for k, v in c.items()} for c in cache]
+
+
+# -- byte-native token LMs -----------------------------------------------------------------------
+@dataclasses.dataclass
+class _ByteState:
+  cache: Any
+  n: int                # slots used (bos + bytes fed)
+  logprobs: np.ndarray  # float32 [257] after the last fed id
+
+
+class ByteTokenLM(ByteLM):
+  """A token LM over ByteEncoder ids (the byte LM; a lexinvariant byte model via `TokenFn` with
+  a fixed draw). Next byte = softmax over ids 3..258 (bytes) and 2 (eos), renormalized."""
+
+  def __init__(self, fn: TokenFn, name: str = 'bytes', bos_id: int = 1, eos_id: int = 2,
+               chunk: int = 256):
+    if fn.vocab_size < 256 + BYTE_OFFSET:
+      raise ValueError(f'a byte LM needs at least {256 + BYTE_OFFSET} ids, got {fn.vocab_size}')
+    self.fn, self.name, self.bos_id, self.eos_id, self.chunk = fn, name, bos_id, eos_id, chunk
+    self._take = np.concatenate([np.arange(BYTE_OFFSET, 256 + BYTE_OFFSET), [eos_id]])
+
+  def _outcomes(self, lp_V) -> np.ndarray:
+    return _normalize(np.asarray(lp_V, np.float64)[self._take]).astype(np.float32)
+
+  def _feed(self, st: _ByteState, ids: list[int]) -> _ByteState:
+    """Feeds ids at slots n.. in chunks of padded length (a few shapes)."""
+    for i in range(0, len(ids), self.chunk):
+      part = ids[i:i + self.chunk]
+      t = _bucket(len(part))
+      need = st.n + t
+      size = st.cache[0]['k'].shape[1]
+      if need > size:
+        st.cache = _grow(st.cache, _bucket(need, 128))
+      pad = part + [0] * (t - len(part))
+      lp, st.cache = self.fn([pad], [list(range(st.n, st.n + t))], st.cache, st.n)
+      st.logprobs = self._outcomes(np.asarray(lp[0, len(part) - 1]))
+      st.n += len(part)
+    return st
+
+  def start(self, prompt: bytes = b'') -> _ByteState:
+    st = _ByteState(self.fn.init_cache(1, _bucket(len(prompt) + 2, 128)), 0, None)
+    return self._feed(st, [self.bos_id] + [b + BYTE_OFFSET for b in bytes(prompt)])
+
+  def next_byte_logprobs(self, state: _ByteState) -> np.ndarray:
+    return state.logprobs
+
+  def advance(self, state: _ByteState, byte: int) -> _ByteState:
+    return self._feed(state, [int(byte) + BYTE_OFFSET])
+
+  def distributions(self, text: bytes) -> np.ndarray:
+    ids = [self.bos_id] + [b + BYTE_OFFSET for b in bytes(text)]
+    t = _bucket(len(ids), 8)
+    cache = self.fn.init_cache(1, t)
+    lp, _ = self.fn([ids + [0] * (t - len(ids))], [list(range(t))], cache, 0)
+    lp = np.asarray(lp[0, :len(ids)], np.float64)[:, self._take]
+    return (lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)).astype(np.float32)
+
+  def score(self, text: bytes, end: bool = True) -> np.ndarray:
+    text = bytes(text)
+    d = self.distributions(text).astype(np.float64)
+    out = d[np.arange(len(text)), np.frombuffer(text, np.uint8)]
+    return np.concatenate([out, d[-1:, END]]) if end else out
+
+
+# -- exact byte-level view of a BPE token LM ----------------------------------------------------
+class _Node:
+  """A canonical token sequence whose bytes are a prefix of the text: the lattice node of its
+  last token. `depth`: KV-cache slot of that token (begin token at slot 0)."""
+  __slots__ = ('end', 'parent', 'last', 'depth', 'complete', 'children', 'lp', 'row', 'logq',
+               'logz')
+
+  def __init__(self, end, parent, last, depth, complete):
+    self.end, self.parent, self.last, self.depth, self.complete = end, parent, last, depth, complete
+    self.children, self.lp, self.row, self.logq, self.logz = [], None, None, None, None
+
+
+class _Lattice:
+  """All canonical token sequences whose bytes are a prefix of the text seen so far (from a root
+  at a stable chunk boundary: the begin token, or a prompt prefix in the KV cache)."""
+
+  def __init__(self, canon: canonical.Canonical, root_depth: int = 0, origin: int = 0):
+    self.c = canon
+    self.origin = origin            # absolute byte offset of x[0]
+    self.x = bytearray()
+    self.root = _Node(origin, None, -1, root_depth, True)
+    self.root.logq = 0.0
+    self.at: dict[int, list[_Node]] = {origin: [self.root]}
+    self.partial = b''
+
+  @property
+  def end(self) -> int:
+    return self.origin + len(self.x)
+
+  def text(self, a: int, b: int) -> bytes:
+    return bytes(self.x[a - self.origin:b - self.origin])
+
+  @staticmethod
+  def tokens_rev(u: _Node):
+    while u.parent is not None:
+      yield u.last
+      u = u.parent
+
+  def row(self, u: _Node) -> np.ndarray:
+    if u.row is None:
+      tail = self.c.make_tail(self.x, u.end - self.origin, self.tokens_rev(u))
+      u.row = self.c.row(tail)
+    return u.row
+
+  def extend(self, b: int):
+    """One more byte: the nodes whose last token ends at it. Raises ValueError (naming the
+    absolute byte offset) if the byte cannot continue UTF-8 text or no canonical sequence
+    covers the text any more."""
+    m = self.end + 1
+    where = f'byte {m - 1} (0x{b:02x})'
+    if self.partial:
+      if not canonical._cont_ok(self.partial, b):  # pylint: disable=protected-access
+        raise ValueError(f'{where} is not valid UTF-8 here: a BPE model gives it probability 0')
+      p = self.partial + bytes([b])
+      self.partial = b'' if len(p) == canonical._char_len(p[0]) else p  # pylint: disable=protected-access
+    else:
+      k = canonical._char_len(b)  # pylint: disable=protected-access
+      if k == 0:
+        raise ValueError(f'{where} is not valid UTF-8 here: a BPE model gives it probability 0')
+      self.partial = bytes([b]) if k > 1 else b''
+    self.x.append(b)
+    new = []
+    for j in range(max(self.origin, m - self.c.max_len), m):
+      v = self.c.by_bytes.get(self.text(j, m))
+      if v is None:
+        continue
+      for u in self.at.get(j, ()):
+        if self.row(u)[v]:
+          node = _Node(m, u, v, u.depth + 1, not self.partial)
+          u.children.append(node)
+          new.append(node)
+    self.at[m] = new
+    if not new and not any(self.covers(u, m).size for j in range(max(self.origin, m - self.c.max_len), m)
+                           for u in self.at.get(j, ())):
+      raise ValueError(f'{where}: no token sequence of the tokenizer produces this text (a byte '
+                       f'the vocabulary cannot encode?)')
+
+  def window(self, m: int):
+    for j in range(max(self.origin, m - self.c.max_len), m + 1):
+      yield from self.at.get(j, ())
+
+  def covers(self, u: _Node, m: int) -> np.ndarray:
+    """Sorted-order indices of the canonical tokens v after u that reach past byte m (u ends
+    before m): bytes(v) starts with text[u.end:m] and is longer."""
+    c = self.c
+    a, b = c.prefix_range(self.text(u.end, m))
+    if a == b:
+      return np.zeros(0, np.int64)
+    k = np.arange(a, b)
+    k = k[c.sorted_lengths[a:b] > m - u.end]
+    return k[self.row(u)[c.sorted_ids[k]]]
+
+
+class ExactBPE(ByteLM):
+  """Exact next-byte probabilities of a BPE token LM (module doc: the canonical process Q).
+
+  fn: the model as a `TokenFn`; tokenizer: its HF `tokenizers` byte-level BPE; bos_id: the
+  token a document starts after; eos_id: the token that ends it. Raises
+  `canonical.UnsupportedTokenizer` (a ValueError) for tokenizers it cannot canonicalize."""
+
+  def __init__(self, fn: TokenFn, tokenizer, bos_id: int, eos_id: int, name: str = 'bpe',
+               max_rows: int = 16):
+    self.fn, self.name, self.bos_id, self.eos_id = fn, name, int(bos_id), int(eos_id)
+    self.canon = canonical.Canonical(tokenizer, fn.vocab_size)
+    self.max_rows = max_rows
+
+  # -- model evaluation --------------------------------------------------------------------
+  def _logq(self, u: _Node, lat: _Lattice) -> float:
+    """log Q(path of u) relative to the lattice root (needs the log-probs of the ancestors
+    whose children have no log Q yet)."""
+    chain = []
+    while u.logq is None:
+      chain.append(u)
+      u = u.parent
+    for v in reversed(chain):
+      p = v.parent
+      v.logq = p.logq + float(p.lp[v.last]) - self._logz(p, lat)
+    return chain[0].logq if chain else u.logq
+
+  def _logz(self, u: _Node, lat: _Lattice) -> float:
+    if u.logz is None:
+      lp = u.lp[lat.row(u)].astype(np.float64)
+      terms = [lp] + ([np.array([u.lp[self.eos_id]], np.float64)] if u.complete else [])
+      t = np.concatenate(terms)
+      m = t.max()
+      u.logz = float(m + np.log(np.exp(t - m).sum()))
+    return u.logz
+
+  def _prefill(self, ids: list[int], size: int):
+    """Runs [bos] + ids into a fresh one-row cache of `size` slots; (log-probs [T, V], cache)."""
+    toks = [self.bos_id] + list(ids)
+    t = _bucket(len(toks), 8)
+    cache = self.fn.init_cache(1, max(size, t))
+    lp, cache = self.fn([toks + [0] * (t - len(toks))], [list(range(t))], cache, 0)
+    return np.asarray(lp[0, :len(toks)]), cache
+
+  def _branches(self, cache, cached: _Node, leaves: list[_Node]):
+    """Log-probs for `leaves` and their ancestors below their deepest common node with the
+    cached path: one batched forward per shape, rows padded to a few sizes."""
+    on_path = {}
+    u = cached
+    while u is not None:
+      on_path[id(u)] = u
+      u = u.parent
+    rows = []
+    for leaf in leaves:
+      suffix, u = [], leaf
+      while id(u) not in on_path:
+        suffix.append(u)
+        u = u.parent
+      rows.append((u, suffix[::-1]))
+    size = cache[0]['k'].shape[1]
+    start = cached.depth + 1
+    by_t: dict[int, list] = {}
+    for r in rows:
+      by_t.setdefault(_bucket(len(r[1])), []).append(r)
+    for t, group in sorted(by_t.items()):
+      if start + t > size:
+        raise RuntimeError('KV cache too small for the branches')  # callers size it
+      for i in range(0, len(group), self.max_rows):
+        part = group[i:i + self.max_rows]
+        b = _bucket(len(part))
+        ids = np.zeros((b, t), np.int32)
+        pos = np.zeros((b, t), np.int32)
+        vis = np.zeros((b, size), np.int32)
+        for r, (anchor, suffix) in enumerate(part):
+          ids[r, :len(suffix)] = [s.last for s in suffix]
+          pos[r] = anchor.depth + 1 + np.arange(t)
+          vis[r, :anchor.depth + 1] = 1
+        vis[len(part):, 0] = 1  # padding rows see the begin token (no empty softmax)
+        lp = np.asarray(self.fn.branches(cache, vis, ids, pos, start))
+        for r, (_, suffix) in enumerate(part):
+          for k, s in enumerate(suffix):
+            if s.lp is None:
+              s.lp = lp[r, k]
+
+  def _eval(self, st, nodes: list[_Node]):
+    """Makes sure `nodes` have log-probs, and so do the ancestors their log Q needs
+    (streaming: one rewritten cache row for a single new node, else batched branches)."""
+    missing: dict[int, _Node] = {}
+    for u in nodes:
+      if u.lp is None:
+        missing[id(u)] = u
+      a = u
+      while a.logq is None:
+        if a.parent.lp is None:
+          missing[id(a.parent)] = a.parent
+        a = a.parent
+    if not missing:
+      return
+    on_path = set()
+    a = st.cached
+    while a is not None:
+      on_path.add(id(a))
+      a = a.parent
+    if any(k in on_path for k in missing):  # freed log-probs on the cached path: recompute
+      for k in [k for k in missing if k in on_path]:
+        self._rewrite(st, missing.pop(k), again=True)
+      if not missing:
+        return
+    inner = set()
+    longest = 1
+    for u in missing.values():
+      d, a = 0, u
+      while id(a) not in on_path:
+        if a is not u:
+          inner.add(id(a))
+        d += 1
+        a = a.parent
+      longest = max(longest, d)
+    leaves = [u for k, u in missing.items() if k not in inner]
+    if len(leaves) == 1:
+      self._rewrite(st, leaves[0])
+      return
+    need = st.cached.depth + 1 + _bucket(longest)
+    if need > st.cache[0]['k'].shape[1]:
+      st.cache = _grow(st.cache, _bucket(need, 128))
+    self._branches(st.cache, st.cached, leaves)
+
+  def _rewrite(self, st, u: _Node, again: bool = False):
+    """Moves the cached path to u (writes its tokens after the common ancestor; `again`: u is
+    on the cached path already, recompute its log-probs)."""
+    on_path = set()
+    a = st.cached
+    while a is not None:
+      on_path.add(id(a))
+      a = a.parent
+    if again:
+      suffix, a = [u], u.parent
+    else:
+      suffix, a = [], u
+      while id(a) not in on_path:
+        suffix.append(a)
+        a = a.parent
+      suffix.reverse()
+    t = _bucket(len(suffix))
+    if u.depth + t + 1 > st.cache[0]['k'].shape[1]:
+      st.cache = _grow(st.cache, _bucket(u.depth + t + 1, 128))
+    ids = [s.last for s in suffix] + [0] * (t - len(suffix))
+    pos = list(range(a.depth + 1, a.depth + 1 + t))
+    lp, st.cache = self.fn([ids], [pos], st.cache, a.depth + 1)
+    lp = np.asarray(lp[0])
+    for k, s in enumerate(suffix):
+      if s.lp is None:
+        s.lp = lp[k]
+    if not again:
+      st.cached = u
+
+  # -- distributions --------------------------------------------------------------------------
+  def _needed(self, lat: _Lattice, m: int) -> list[_Node]:
+    """Nodes whose log-probs the distribution of the byte after text[:m] needs."""
+    return [u for u in lat.window(m) if u.end == m or lat.covers(u, m).size]
+
+  def _dist(self, lat: _Lattice, m: int) -> np.ndarray:
+    """float64 [257] log p(next | text[:m]) from the nodes' log-probs."""
+    c = self.c
+    parts = []
+    for u in lat.window(m):
+      if u.end < m:
+        k = lat.covers(u, m)
+        if not k.size:
+          continue
+        p = np.exp(u.lp[c.sorted_ids[k]].astype(np.float64))
+        vec = np.bincount(c.sorted_next[k, m - u.end], p, minlength=NUM_OUTCOMES)
+      else:
+        row = lat.row(u)
+        ids = c.text_ids[row[c.text_ids]]
+        p = np.exp(u.lp[ids].astype(np.float64))
+        vec = np.bincount(c.first_byte[ids], p, minlength=NUM_OUTCOMES)
+        if u.complete:
+          vec[END] += math.exp(float(u.lp[self.eos_id]))
+      parts.append((self._logq(u, lat) - self._logz(u, lat), vec))
+    if not parts:
+      raise ValueError('no continuation has probability > 0')
+    top = max(w for w, _ in parts)
+    acc = sum(math.exp(w - top) * vec for w, vec in parts)
+    with np.errstate(divide='ignore'):
+      return np.log(acc) - np.log(acc.sum())
+
+  @property
+  def c(self) -> canonical.Canonical:
+    return self.canon
+
+  # -- streaming --------------------------------------------------------------------------------
+  def start(self, prompt: bytes = b'') -> '_BPEState':
+    prompt = bytes(prompt)
+    try:
+      cb, _ = canonical.utf8_split(prompt)
+    except ValueError as e:
+      raise ValueError(f'prompt {prompt[:40]!r}...: {e}: a BPE model gives it probability 0'
+                       ) from e
+    base, anchor = [], 0
+    if cb > 4 * self.c.max_len:  # keep only the last chunks out of the KV cache
+      ids = self.c.encode(prompt[:cb])
+      tail = self.c.make_tail(prompt, cb, reversed(ids))
+      anchor = cb - len(tail.text)
+      base = ids[:len(ids) - len(tail.tokens)]
+    lp, cache = self._prefill(base, _bucket(len(base) + 2 * (len(prompt) - anchor) + 16, 128))
+    lat = _Lattice(self.c, root_depth=len(base), origin=anchor)
+    lat.root.lp = lp[-1]
+    for b in prompt[anchor:]:
+      lat.extend(b)
+    st = _BPEState(lat, cache, lat.root)
+    return st
+
+  def next_byte_logprobs(self, state: '_BPEState') -> np.ndarray:
+    lat, m = state.lat, state.lat.end
+    self._eval(state, self._needed(lat, m))
+    return self._dist(lat, m).astype(np.float32)
+
+  def advance(self, state: '_BPEState', byte: int) -> '_BPEState':
+    lat = state.lat
+    lat.extend(int(byte))
+    old = lat.at.get(lat.end - self.c.max_len - 1, ())
+    for u in old:  # out of the window: give the children their log Q, then free the arrays
+      if u.lp is not None and u.logq is not None:
+        for ch in u.children:
+          self._logq(ch, lat)
+        u.lp = None
+        u.row = None
+    return state
+
+  # -- whole texts (batched) ------------------------------------------------------------------
+  def _lattice(self, text: bytes) -> _Lattice:
+    try:
+      canonical.utf8_split(text)
+    except ValueError as e:
+      raise ValueError(f'text {text[:40]!r}...: {e}: a BPE model gives it probability 0') from e
+    lat = _Lattice(self.c)
+    for b in text:
+      lat.extend(b)
+    return lat
+
+  def _eval_all(self, lat: _Lattice, nodes: list[_Node]):
+    """Log-probs for `nodes`: one forward over a full-length path, one batched forward for the
+    others (their divergent tokens on top of its KV cache)."""
+    n = lat.end
+    ends = [e for e in sorted(lat.at) if lat.at[e]]
+    trunk_end = lat.at[ends[-1]]
+    trunk = next((u for u in trunk_end if u.complete), trunk_end[0])
+    path = []
+    u = trunk
+    while u.parent is not None:
+      path.append(u)
+      u = u.parent
+    path.reverse()
+    if trunk.end == n and trunk.complete and n:
+      ids = self.c.encode(lat.text(0, n))
+      if ids != [s.last for s in path]:
+        raise RuntimeError('internal: the lattice path differs from the tokenizer\'s encoding')
+    on_trunk = {id(lat.root)} | {id(s) for s in path}
+    rest = [u for u in nodes if id(u) not in on_trunk]
+    depth_off = 0
+    for u in rest:
+      d, a = 0, u
+      while id(a) not in on_trunk:
+        d += 1
+        a = a.parent
+      depth_off = max(depth_off, d)
+    size = _bucket(len(path) + 1 + _bucket(max(depth_off, 1)), 128)
+    lp, cache = self._prefill([s.last for s in path], size)
+    lat.root.lp = lp[0]
+    for k, s in enumerate(path):
+      s.lp = lp[k + 1]
+    if rest:
+      ids_rest = {id(u) for u in rest}
+      leaves = [u for u in rest if not any(id(ch) in ids_rest for ch in u.children)]
+      self._branches(cache, trunk, leaves)
+
+  def score(self, text: bytes, end: bool = True) -> np.ndarray:
+    text = bytes(text)
+    c, lat = self.c, self._lattice(text)
+    n = len(text)
+    needed = []
+    first_ranges = {}
+    for j in sorted(lat.at):
+      for u in lat.at[j]:
+        if j < n:
+          a, b = first_ranges.setdefault(j, c.prefix_range(text[j:j + 1]))
+          if a < b and lat.row(u)[c.sorted_ids[a:b]].any():
+            needed.append(u)
+        elif end and u.complete:
+          needed.append(u)
+    self._eval_all(lat, needed)
+    logp = np.full(n + 1, -np.inf)  # log Q(text starts with text[:k])
+    logp[0] = 0.0
+    terms: list[list[float]] = [[] for _ in range(n + 1)]
+    end_terms = []
+    for u in needed:
+      w = self._logq(u, lat) - self._logz(u, lat)
+      if u.end == n:
+        end_terms.append(w + float(u.lp[self.eos_id]))
+        continue
+      row = lat.row(u)
+      a, b = first_ranges[u.end]
+      for k in range(u.end + 1, min(n, u.end + c.max_len) + 1):
+        a, b = c.prefix_range(text[u.end:k], a, b)
+        if a == b:
+          break
+        ids = c.sorted_ids[a:b]
+        s = float(np.exp(u.lp[ids[row[ids]]].astype(np.float64)).sum())
+        if s > 0:
+          terms[k].append(w + math.log(s))
+    for k in range(1, n + 1):
+      if terms[k]:
+        t = np.array(terms[k])
+        logp[k] = t.max() + math.log(np.exp(t - t.max()).sum())
+    with np.errstate(invalid='ignore'):
+      out = np.diff(logp)
+    if end:
+      e = -np.inf
+      if end_terms:
+        t = np.array(end_terms)
+        e = t.max() + math.log(np.exp(t - t.max()).sum())
+      out = np.concatenate([out, [e - logp[n]]])
+    return out
+
+  def distributions(self, text: bytes) -> np.ndarray:
+    text = bytes(text)
+    lat = self._lattice(text)
+    nodes = [u for j in sorted(lat.at) for u in lat.at[j]]
+    self._eval_all(lat, nodes)
+    return np.stack([self._dist(lat, m) for m in range(len(text) + 1)]).astype(np.float32)
+
+
+@dataclasses.dataclass
+class _BPEState:
+  lat: _Lattice
+  cache: Any
+  cached: _Node   # the node whose token path the one-row cache holds
