@@ -169,19 +169,41 @@ def _signature(chars: str, fine: bool, before: str = '') -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _rests(partial: bytes) -> tuple[tuple[str, str, tuple[bytes, ...]], ...]:
-  """For a partial character: (class, a completing character of that class, every completion
-  of that class as the missing bytes), one entry per class a completion can have."""
+def _rests(partial: bytes) -> tuple[tuple[str, str, tuple[tuple[int, int], ...]], ...]:
+  """For a partial character: (class, a completing character of that class, the code point
+  runs (first, last) of every completion of that class), one entry per class a completion can
+  have. The completions of a UTF-8 prefix are one contiguous range of code points."""
   k = _char_len(partial[0])
-  found: dict[str, tuple[str, list[bytes]]] = {}
-  for rest in itertools.product(range(0x80, 0xC0), repeat=k - len(partial)):
-    r = bytes(rest)
-    try:
-      c = (partial + r).decode('utf-8')
-    except UnicodeDecodeError:
-      continue
-    found.setdefault(_char_class(c, False), (c, []))[1].append(r)
-  return tuple((cls, c, tuple(rs)) for cls, (c, rs) in sorted(found.items()))
+  lo_b, hi_b = bytearray(partial), bytearray(partial)
+  for m in range(len(partial), k):
+    ok = [b for b in range(0x80, 0xC0) if _cont_ok(bytes(lo_b[:m]), b)]
+    lo_b.append(ok[0])
+    hi_b.append([b for b in range(0x80, 0xC0) if _cont_ok(bytes(hi_b[:m]), b)][-1])
+  lo, hi = ord(bytes(lo_b).decode('utf-8')), ord(bytes(hi_b).decode('utf-8'))
+  runs: dict[str, list[list[int]]] = {}
+  rep: dict[str, str] = {}
+  prev = None
+  for cp in range(lo, hi + 1):
+    c = chr(cp)
+    if c in _WHITE_SPACE:
+      cls = '\u2000'
+    else:
+      cat = unicodedata.category(c)[0]
+      cls = '\u00e9' if cat == 'L' else '\u0663' if cat == 'N' else '\u2014'
+    if cls == prev:
+      runs[cls][-1][1] = cp
+    else:
+      runs.setdefault(cls, []).append([cp, cp])
+      rep.setdefault(cls, c)
+      prev = cls
+  return tuple((cls, rep[cls], tuple(map(tuple, runs[cls]))) for cls in sorted(runs))
+
+
+def _iter_rests(partial: bytes, runs):
+  """The missing bytes of every completion in `runs` (see `_rests`)."""
+  for a, b in runs:
+    for cp in range(a, b + 1):
+      yield chr(cp).encode('utf-8')[len(partial):]
 
 
 # -- BPE -------------------------------------------------------------------------------------------
@@ -514,7 +536,8 @@ class Canonical:
     if ok is None:
       _, partial = utf8_split(self.token_bytes[v])
       row = self.pair_row(v)
-      ok = tuple(any(row[self.bpe(r)[0]] for r in rs) for _, _, rs in _rests(partial))
+      ok = tuple(any(row[self.bpe(r)[0]] for r in _iter_rests(partial, runs))
+                 for _, _, runs in _rests(partial))
       self._k_ok[v] = ok
     return ok
 
@@ -634,7 +657,7 @@ class Canonical:
       return False
     pos = {b: k for k, b in enumerate(bounds)}
     head = s[:n].decode('utf-8')
-    for _, c, rests in (_rests(partial) if partial else (('', '', (b'',)),)):
+    for _, c, runs in (_rests(partial) if partial else (('', '', None),)):
       starts = [x for x in self.chunk_starts(head + c) if x < len(s)]
       if any(x not in pos for x in starts):
         continue
@@ -644,6 +667,7 @@ class Canonical:
         continue
       a = segs[-2]
       want = toks[pos[a]:]
+      rests = _iter_rests(partial, runs) if partial else (b'',)
       if any(self.bpe(s[a:] + r)[:len(want)] == want for r in rests):
         return True
     return False

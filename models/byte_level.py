@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -70,8 +71,19 @@ BYTE_OFFSET = 3    # ByteEncoder: byte b -> id b + 3; pad 0, bos 1, eos 2
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
-  """The next power of two >= n (shapes padded to few sizes: few compilations)."""
+  """The next power of two >= n (KV cache sizes)."""
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _ladder(n: int, minimum: int = 1, base: int = 8) -> int:
+  """Few padded sizes, so each shape compiles once: sequence lengths 1, 8, 64, then powers of
+  two (long prefills do not pay 8x padding); batch rows (base 4) 1, 4, 16, 64."""
+  m, n = 1, max(int(n), minimum)
+  while m < n:
+    m *= base
+  if base == 8 and m > 64:
+    m = _bucket(n)
+  return m
 
 
 # -- the interface -------------------------------------------------------------------------------
@@ -134,55 +146,62 @@ def _normalize(logp: np.ndarray) -> np.ndarray:
 
 
 # -- token-level models as the views call them -----------------------------------------------
+def _apply(graphdef, params, draw, ids, positions, segment_ids, cache, index):
+  m = nnx.merge(graphdef, params)
+  if draw is None:
+    logits, cache = m(ids, positions, segment_ids, cache=cache, cache_index=index)
+  else:  # one random embedding for every row
+    b = ids.shape[0]
+    d = {k: (v if k == 'gauss' and v.ndim == 2 else jnp.broadcast_to(v, (b,) + v.shape[1:]))
+         for k, v in draw.items()}
+    logits, cache = m(ids, d, positions, segment_ids, cache=cache, cache_index=index)
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=6)
+def _forward(graphdef, params, draw, ids, positions, segment_ids, cache, index):
+  return _apply(graphdef, params, draw, ids, positions, segment_ids, cache, index)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_branches(graphdef, params, draw, trunk_cache, visible_BxS, ids, positions, index):
+  b = ids.shape[0]
+  cache = [dict(k=jnp.broadcast_to(c['k'], (b,) + c['k'].shape[1:]),
+                v=jnp.broadcast_to(c['v'], (b,) + c['v'].shape[1:]),
+                segment_ids=visible_BxS) for c in trunk_cache]
+  return _apply(graphdef, params, draw, ids, positions, jnp.ones_like(ids), cache, index)[0]
+
+
 class TokenFn:
-  """A token-level LM (TokenLM, or LexinvariantLM with one fixed random embedding draw) as one
-  jitted cached forward: (ids, positions, segment_ids [B, T], cache, cache_index) ->
-  (fp32 log-softmax over the model's whole vocabulary [B, T, V], new cache)."""
+  """A token-level LM (TokenLM, or LexinvariantLM with one fixed random embedding `draw` for
+  batch 1) as the views call it: a jitted cached forward giving fp32 log-softmax over the
+  model's whole vocabulary. Views of models with one structure share the compiled code."""
 
   def __init__(self, model, draw: dict | None = None):
-    graphdef, self.params = nnx.split(model)
+    self.graphdef, self.params = nnx.split(model)
+    self.draw = draw
     self.vocab_size = int(model.vocab_size)
     self._model = model
-
-    def fwd(params, ids, positions, segment_ids, cache, index):
-      m = nnx.merge(graphdef, params)
-      if draw is None:
-        logits, cache = m(ids, positions, segment_ids, cache=cache, cache_index=index)
-      else:
-        b = ids.shape[0]
-        d = {k: (jnp.broadcast_to(v, (b,) + v.shape[1:]) if k != 'gauss' or v.ndim == 3 else v)
-             for k, v in draw.items()}
-        logits, cache = m(ids, d, positions, segment_ids, cache=cache, cache_index=index)
-      return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), cache
-
-    def branch(params, trunk_cache, visible_BxS, ids, positions, index):
-      b = ids.shape[0]
-      cache = [dict(k=jnp.broadcast_to(c['k'], (b,) + c['k'].shape[1:]),
-                    v=jnp.broadcast_to(c['v'], (b,) + c['v'].shape[1:]),
-                    segment_ids=visible_BxS) for c in trunk_cache]
-      lp, _ = fwd(params, ids, positions, jnp.ones_like(ids), cache, index)
-      return lp
-
-    self._fwd = jax.jit(fwd, donate_argnums=(4,))
-    self._branch = jax.jit(branch)
 
   def init_cache(self, batch: int, size: int):
     return self._model.init_cache(batch, size)
 
   def __call__(self, ids, positions, cache, index: int):
-    """One row or more: ids/positions int [B, T]; returns (np.float32 [B, T, V], cache)."""
+    """ids/positions int [B, T] written at slots index..; returns (host float32 [B, T, V] log
+    probs, the new cache; the old one is donated)."""
     ids = jnp.asarray(ids, jnp.int32)
-    lp, cache = self._fwd(self.params, ids, jnp.asarray(positions, jnp.int32),
-                          jnp.ones_like(ids), cache, jnp.int32(index))
-    return lp, cache
+    lp, cache = _forward(self.graphdef, self.params, self.draw, ids,
+                         jnp.asarray(positions, jnp.int32), jnp.ones_like(ids), cache,
+                         jnp.int32(index))
+    return np.asarray(lp), cache
 
   def branches(self, trunk_cache, visible, ids, positions, index: int):
     """Rows that continue a shared one-row cache: row r sees the cache slots where
     visible[r] == 1 and its own tokens (written at slots index..index+T-1, RoPE positions
-    `positions`). Returns fp32 log-probs [B, T, V] (the cache is not kept)."""
-    return self._branch(self.params, trunk_cache, jnp.asarray(visible, jnp.int32),
-                        jnp.asarray(ids, jnp.int32), jnp.asarray(positions, jnp.int32),
-                        jnp.int32(index))
+    `positions`). Returns host fp32 log-probs [B, T, V] (the cache is not kept)."""
+    return np.asarray(_forward_branches(
+        self.graphdef, self.params, self.draw, trunk_cache, jnp.asarray(visible, jnp.int32),
+        jnp.asarray(ids, jnp.int32), jnp.asarray(positions, jnp.int32), jnp.int32(index)))
 
 
 def _grow(cache, size: int):
@@ -220,7 +239,7 @@ class ByteTokenLM(ByteLM):
     """Feeds ids at slots n.. in chunks of padded length (a few shapes)."""
     for i in range(0, len(ids), self.chunk):
       part = ids[i:i + self.chunk]
-      t = _bucket(len(part))
+      t = _ladder(len(part))
       need = st.n + t
       size = st.cache[0]['k'].shape[1]
       if need > size:
@@ -243,7 +262,7 @@ class ByteTokenLM(ByteLM):
 
   def distributions(self, text: bytes) -> np.ndarray:
     ids = [self.bos_id] + [b + BYTE_OFFSET for b in bytes(text)]
-    t = _bucket(len(ids), 8)
+    t = _ladder(len(ids), 8)
     cache = self.fn.init_cache(1, t)
     lp, _ = self.fn([ids + [0] * (t - len(ids))], [list(range(t))], cache, 0)
     lp = np.asarray(lp[0, :len(ids)], np.float64)[:, self._take]
@@ -387,7 +406,7 @@ class ExactBPE(ByteLM):
   def _prefill(self, ids: list[int], size: int):
     """Runs [bos] + ids into a fresh one-row cache of `size` slots; (log-probs [T, V], cache)."""
     toks = [self.bos_id] + list(ids)
-    t = _bucket(len(toks), 8)
+    t = _ladder(len(toks), 8)
     cache = self.fn.init_cache(1, max(size, t))
     lp, cache = self.fn([toks + [0] * (t - len(toks))], [list(range(t))], cache, 0)
     return np.asarray(lp[0, :len(toks)]), cache
@@ -411,13 +430,13 @@ class ExactBPE(ByteLM):
     start = cached.depth + 1
     by_t: dict[int, list] = {}
     for r in rows:
-      by_t.setdefault(_bucket(len(r[1])), []).append(r)
+      by_t.setdefault(_ladder(len(r[1])), []).append(r)
     for t, group in sorted(by_t.items()):
       if start + t > size:
         raise RuntimeError('KV cache too small for the branches')  # callers size it
       for i in range(0, len(group), self.max_rows):
         part = group[i:i + self.max_rows]
-        b = _bucket(len(part))
+        b = _ladder(len(part), base=4)
         ids = np.zeros((b, t), np.int32)
         pos = np.zeros((b, t), np.int32)
         vis = np.zeros((b, size), np.int32)
@@ -470,7 +489,7 @@ class ExactBPE(ByteLM):
     if len(leaves) == 1:
       self._rewrite(st, leaves[0])
       return
-    need = st.cached.depth + 1 + _bucket(longest)
+    need = st.cached.depth + 1 + _ladder(longest)
     if need > st.cache[0]['k'].shape[1]:
       st.cache = _grow(st.cache, _bucket(need, 128))
     self._branches(st.cache, st.cached, leaves)
@@ -491,7 +510,7 @@ class ExactBPE(ByteLM):
         suffix.append(a)
         a = a.parent
       suffix.reverse()
-    t = _bucket(len(suffix))
+    t = _ladder(len(suffix))
     if u.depth + t + 1 > st.cache[0]['k'].shape[1]:
       st.cache = _grow(st.cache, _bucket(u.depth + t + 1, 128))
     ids = [s.last for s in suffix] + [0] * (t - len(suffix))
@@ -615,7 +634,7 @@ class ExactBPE(ByteLM):
         d += 1
         a = a.parent
       depth_off = max(depth_off, d)
-    size = _bucket(len(path) + 1 + _bucket(max(depth_off, 1)), 128)
+    size = _bucket(len(path) + 1 + _ladder(max(depth_off, 1)), 128)
     lp, cache = self._prefill([s.last for s in path], size)
     lat.root.lp = lp[0]
     for k, s in enumerate(path):
@@ -673,6 +692,21 @@ class ExactBPE(ByteLM):
       out = np.concatenate([out, [e - logp[n]]])
     return out
 
+  def generate_tokens(self, prompt: bytes, max_new_tokens: int, heal: bool = False) -> bytes:
+    """The greedy token-level completion of `prompt` (bytes after it, up to the end token):
+    plain (the prompt's encoding as the context), or with token healing (its last token
+    removed and the first new token constrained to start with that token's bytes)."""
+    stop = (self.eos_id,)
+    if heal:
+      ids, removed, allowed = heal_split(self.c, bytes(prompt))
+      out = token_generate(self.fn, [self.bos_id] + ids, max_new_tokens, stop, allowed)
+    else:
+      removed = b''
+      out = token_generate(self.fn, [self.bos_id] + self.c.encode(bytes(prompt)),
+                           max_new_tokens, stop)
+    text = b''.join(self.c.token_bytes[t] or b'' for t in out if t != self.eos_id)
+    return text[len(removed):]
+
   def distributions(self, text: bytes) -> np.ndarray:
     text = bytes(text)
     lat = self._lattice(text)
@@ -686,3 +720,334 @@ class _BPEState:
   lat: _Lattice
   cache: Any
   cached: _Node   # the node whose token path the one-row cache holds
+
+
+# -- token-level generation on the same model (baselines for byte-level sampling) -------------
+def heal_split(canon: canonical.Canonical, prompt: bytes) -> tuple[list[int], bytes, np.ndarray]:
+  """Token healing's view of a prompt: (the prompt's encoding without its last token, that
+  token's bytes, the ids whose bytes start with them: what the first new token may be)."""
+  ids = canon.encode(prompt)
+  if not ids:
+    return [], b'', canon.text_ids.copy()
+  removed = canon.token_bytes[ids[-1]]
+  a, b = canon.prefix_range(removed)
+  return ids[:-1], removed, np.sort(canon.sorted_ids[a:b])
+
+
+def token_generate(fn: TokenFn, ids: list[int], max_new: int, stop_ids=(),
+                   first_allowed: np.ndarray | None = None) -> list[int]:
+  """Greedy token-level decoding with a KV cache (host loop): `ids` is the full context (begin
+  token included); `first_allowed` restricts the first new token. Stops after a stop id."""
+  size = _bucket(len(ids) + max_new + 1, 128)
+  cache = fn.init_cache(1, size)
+  t = _ladder(len(ids))
+  lp, cache = fn([list(ids) + [0] * (t - len(ids))], [list(range(t))], cache, 0)
+  lp = np.asarray(lp[0, len(ids) - 1])
+  out = []
+  for i in range(max_new):
+    if i == 0 and first_allowed is not None:
+      masked = np.full_like(lp, -np.inf)
+      masked[first_allowed] = lp[first_allowed]
+      lp = masked
+    tok = int(np.argmax(lp))
+    out.append(tok)
+    if tok in stop_ids:
+      break
+    n = len(ids) + i
+    lp, cache = fn([[tok]], [[n]], cache, n)
+    lp = np.asarray(lp[0, 0])
+  return out
+
+
+# -- ensembles -------------------------------------------------------------------------------------
+class Mixture(ByteLM):
+  """Byte-level interpolation: p(b | x) = w p_a(b | x) + (1 - w) p_b(b | x) at every byte, for
+  any two views (any tokenizers or families)."""
+
+  def __init__(self, a: ByteLM, b: ByteLM, weight: float = 0.5):
+    if not 0.0 <= weight <= 1.0:
+      raise ValueError(f'mixture weight {weight} not in [0, 1]')
+    self.a, self.b, self.weight = a, b, float(weight)
+    self.name = f'mix({a.name}:{weight:.3g},{b.name})'
+
+  def _mix(self, la, lb):
+    with np.errstate(divide='ignore'):
+      wa, wb = np.log(self.weight), np.log1p(-self.weight)
+    return np.logaddexp(wa + np.asarray(la, np.float64), wb + np.asarray(lb, np.float64))
+
+  def start(self, prompt: bytes = b''):
+    return [self.a.start(prompt), self.b.start(prompt)]
+
+  def next_byte_logprobs(self, state) -> np.ndarray:
+    return self._mix(self.a.next_byte_logprobs(state[0]),
+                     self.b.next_byte_logprobs(state[1])).astype(np.float32)
+
+  def advance(self, state, byte: int):
+    return [self.a.advance(state[0], byte), self.b.advance(state[1], byte)]
+
+  def score(self, text: bytes, end: bool = True) -> np.ndarray:
+    return self._mix(self.a.score(text, end), self.b.score(text, end))
+
+  def distributions(self, text: bytes) -> np.ndarray:
+    return self._mix(self.a.distributions(text), self.b.distributions(text)).astype(np.float32)
+
+
+class ProductOfExperts(ByteLM):
+  """p(b | x) proportional to p_a(b | x)^alpha_a p_b(b | x)^alpha_b, renormalized over the 257
+  outcomes at every byte (alphas 1, 1: the plain product of the next-byte distributions)."""
+
+  def __init__(self, a: ByteLM, b: ByteLM, alphas: tuple[float, float] = (1.0, 1.0)):
+    self.a, self.b, self.alphas = a, b, (float(alphas[0]), float(alphas[1]))
+    self.name = f'poe({a.name},{b.name})'
+
+  def _combine(self, la, lb):
+    la, lb = np.asarray(la, np.float64), np.asarray(lb, np.float64)
+    with np.errstate(invalid='ignore'):
+      t = (np.where(self.alphas[0] == 0, 0.0, self.alphas[0] * la) +
+           np.where(self.alphas[1] == 0, 0.0, self.alphas[1] * lb))
+    m = np.max(t, axis=-1, keepdims=True)
+    if not np.all(np.isfinite(m)):
+      raise ValueError('the experts share no outcome of probability > 0')
+    return t - (m + np.log(np.sum(np.exp(t - m), axis=-1, keepdims=True)))
+
+  def start(self, prompt: bytes = b''):
+    return [self.a.start(prompt), self.b.start(prompt)]
+
+  def next_byte_logprobs(self, state) -> np.ndarray:
+    return self._combine(self.a.next_byte_logprobs(state[0]),
+                         self.b.next_byte_logprobs(state[1])).astype(np.float32)
+
+  def advance(self, state, byte: int):
+    return [self.a.advance(state[0], byte), self.b.advance(state[1], byte)]
+
+  def distributions(self, text: bytes) -> np.ndarray:
+    return self._combine(self.a.distributions(text), self.b.distributions(text)).astype(
+        np.float32)
+
+  def score(self, text: bytes, end: bool = True) -> np.ndarray:
+    text = bytes(text)
+    d = self._combine(self.a.distributions(text), self.b.distributions(text))
+    out = d[np.arange(len(text)), np.frombuffer(text, np.uint8)]
+    return np.concatenate([out, d[-1:, END]]) if end else out
+
+
+def fit_mixture_weight(a: ByteLM, b: ByteLM, text: bytes, end: bool = False,
+                       iters: int = 60) -> tuple[float, float]:
+  """The weight w of `Mixture(a, b, w)` that maximizes the likelihood of `text` (held-out
+  bytes), and the mixture's bits per byte there. The log-likelihood is concave in w, so a
+  golden-section search on [0, 1] finds the maximum."""
+  sa, sb = a.score(text, end), b.score(text, end)
+  n = max(1, len(sa))
+
+  def bits(w):
+    with np.errstate(divide='ignore'):
+      lp = np.logaddexp(np.log(w) + sa, np.log1p(-w) + sb) if 0 < w < 1 else (sa if w else sb)
+    return float(-lp.sum() / math.log(2) / n)
+
+  lo, hi = 0.0, 1.0
+  g = (math.sqrt(5) - 1) / 2
+  x1, x2 = hi - g * (hi - lo), lo + g * (hi - lo)
+  f1, f2 = bits(x1), bits(x2)
+  for _ in range(iters):
+    if f1 < f2:
+      hi, x2, f2 = x2, x1, f1
+      x1 = hi - g * (hi - lo)
+      f1 = bits(x1)
+    else:
+      lo, x1, f1 = x1, x2, f2
+      x2 = lo + g * (hi - lo)
+      f2 = bits(x2)
+  best = min([(f1, x1), (f2, x2), (bits(0.0), 0.0), (bits(1.0), 1.0)])
+  return best[1], best[0]
+
+
+# -- sampling ----------------------------------------------------------------------------------
+def pick(logprobs: np.ndarray, temperature: float = 0.0, top_p: float = 1.0,
+         rng: np.random.Generator | None = None) -> int:
+  """An outcome (0..255 byte, 256 end) from a next-byte distribution: argmax at temperature 0,
+  else nucleus sampling of the tempered distribution."""
+  lp = np.asarray(logprobs, np.float64)
+  if temperature <= 0:
+    return int(np.argmax(lp))
+  z = lp / temperature
+  p = np.exp(z - np.max(z))
+  p /= p.sum()
+  order = np.argsort(-p)
+  keep = order[:max(1, int(np.searchsorted(np.cumsum(p[order]), top_p) + 1))]
+  q = p[keep] / p[keep].sum()
+  return int((rng or np.random.default_rng()).choice(keep, p=q))
+
+
+def sample(view: ByteLM, prompt: bytes = b'', max_bytes: int = 64, temperature: float = 0.0,
+           top_p: float = 1.0, seed: int = 0, stop: bytes | None = None) -> bytes:
+  """Bytes after `prompt`, one at a time from `next_byte_logprobs`, until end of text,
+  `max_bytes`, or (when given) the bytes `stop` were produced (included)."""
+  rng = np.random.default_rng(seed)
+  st = view.start(bytes(prompt))
+  out = bytearray()
+  for i in range(max_bytes):
+    b = pick(view.next_byte_logprobs(st), temperature, top_p, rng)
+    if b == END:
+      break
+    out.append(b)
+    if (stop and out.endswith(stop)) or i == max_bytes - 1:
+      break
+    st = view.advance(st, b)
+  return bytes(out)
+
+
+# -- HAT ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _HATState:
+  ids: list
+  size: int
+  h_all: Any
+  enc_c: Any
+  bb_c: Any
+  dec_c: Any
+  contexts: list
+  starts_done: list
+  word_starts: list
+  logits: Any
+
+
+class HATView(ByteLM):
+  """A HAT model (models/hat.py) one byte at a time, with its three KV caches: the same
+  computation as `hat.generate` on the host path (words finished when the splitter says a new
+  one began, the decoder re-reading the bytes of a word whose start was decided late). Next
+  byte = softmax over the byte ids and eos, renormalized (pad, bos and padding ids dropped).
+  `score` runs these steps byte by byte, so it is the generation-time probability; the
+  training-time forward over a whole text differs only where a word start is decided late."""
+
+  def __init__(self, model, splitter, max_word_bytes: int = 16, name: str = 'hat',
+               bos_id: int = 1, eos_id: int = 2):
+    from models import hat  # pylint: disable=import-outside-toplevel
+    if not 0 < splitter.word_cap <= max_word_bytes:
+      raise ValueError(f'{splitter!r}: a word cap in [1, max_word_bytes={max_word_bytes}] is '
+                       f'needed (every word must fit the pooling width)')
+    self.model, self.splitter, self.lw, self.name = model, splitter, max_word_bytes, name
+    self.bos_id, self.eos_id = bos_id, eos_id
+    self._hat = hat
+    graphdef, self.params = nnx.split(model)
+    ones = lambda: jnp.ones((1, 1), jnp.int32)
+
+    @jax.jit
+    def enc_step(params, x, t, cache):
+      m = nnx.merge(graphdef, params)
+      return m.encode(jnp.reshape(x, (1, 1)), jnp.full((1, 1), t, jnp.int32), ones(), cache, t)
+
+    @jax.jit
+    def word_step(params, h_all, gather, j, cache):
+      m = nnx.merge(graphdef, params)
+      return m.backbone(m.pool(h_all, gather), jnp.full((1, 1), j, jnp.int32), ones(), cache, j)
+
+    @jax.jit
+    def dec_step(params, h, t, ctx, cache):
+      m = nnx.merge(graphdef, params)
+      logits, cache = m.decode(h, jnp.full((1, 1), t, jnp.int32), ones(), ctx,
+                               jnp.zeros((1, 1), jnp.int32), cache, t)
+      return logits[0, 0], cache
+
+    self._enc, self._word, self._dec = enc_step, word_step, dec_step
+    self._take = np.concatenate([np.arange(BYTE_OFFSET, 256 + BYTE_OFFSET), [eos_id]])
+
+  def _new(self, size: int) -> _HATState:
+    m = self.model
+    de = m.encoder.final_norm.scale.shape[0]
+    first = m.first_word[...].astype(m.dtype).reshape(1, 1, -1)
+    return _HATState([], size, jnp.zeros((1, size, de), m.dtype), m.encoder.init_cache(1, size),
+                     m.backbone.init_cache(1, size), m.decoder.init_cache(1, size), [first], [],
+                     [0], None)
+
+  def _push(self, st: _HATState, x: int) -> _HATState:
+    """One more id through the encoder, the word split, the backbone and the decoder."""
+    if len(st.ids) + 1 > st.size:  # grow: replay into bigger caches
+      ids = st.ids
+      st = self._new(_bucket(len(ids) + 1, 2 * st.size))
+      for y in ids:
+        st = self._push(st, y)
+    t = len(st.ids)
+    st.ids.append(int(x))
+    h, st.enc_c = self._enc(self.params, jnp.int32(x), jnp.int32(t), st.enc_c)
+    st.h_all = jax.lax.dynamic_update_slice_in_dim(st.h_all, h, jnp.int32(t), axis=1)
+    starts = list(self._hat.host_word_starts(self.splitter, self.lw, st.ids))
+    if starts[:len(st.starts_done)] != st.starts_done:
+      raise RuntimeError(f'word splitter is not causal: {st.starts_done[-5:]} changed')
+    rerun = t
+    while len(st.starts_done) < len(starts) - 1:  # feed every finished word to the backbone
+      j = len(st.starts_done)
+      a, b = starts[j], starts[j + 1]
+      gather = np.full((1, 1, self.lw), -1, np.int32)
+      gather[0, 0, :b - a] = np.arange(a, b)
+      out, st.bb_c = self._word(self.params, st.h_all, jnp.asarray(gather), jnp.int32(j),
+                                st.bb_c)
+      st.contexts.append(out)
+      st.starts_done.append(a)
+      rerun = min(rerun, b)
+    st.word_starts = starts
+    for q in range(rerun, t + 1):  # bytes of the current word read the current context
+      j = int(np.searchsorted(starts, q, side='right') - 1)
+      h_q = jax.lax.dynamic_slice_in_dim(st.h_all, jnp.int32(q), 1, axis=1)
+      st.logits, st.dec_c = self._dec(self.params, h_q, jnp.int32(q), st.contexts[j], st.dec_c)
+    return st
+
+  def start(self, prompt: bytes = b'') -> _HATState:
+    prompt = bytes(prompt)
+    st = self._new(_bucket(len(prompt) + 2, 64))
+    for x in [self.bos_id] + [b + BYTE_OFFSET for b in prompt]:
+      st = self._push(st, x)
+    return st
+
+  def next_byte_logprobs(self, state: _HATState) -> np.ndarray:
+    lp = np.asarray(state.logits).astype(np.float64)[self._take]
+    return _normalize(lp).astype(np.float32)
+
+  def advance(self, state: _HATState, byte: int) -> _HATState:
+    return self._push(state, int(byte) + BYTE_OFFSET)
+
+
+# -- one entry point -----------------------------------------------------------------------------
+def byte_view(model, encoder=None, *, tokenizer=None, bos_id: int | None = None,
+              eos_id: int | None = None, rng: jax.Array | None = None, splitter=None,
+              max_word_bytes: int = 16, name: str | None = None) -> ByteLM:
+  """The byte-level view of a family's model.
+
+  model: token_lm.TokenLM, lexinvariant.LexinvariantLM or hat.HAT. encoder: the family's
+  data encoder (ByteEncoder -> byte-native view; BPEEncoder -> exact BPE view with its
+  tokenizer and bos/eos ids). Without an encoder, `tokenizer` (a HF byte-level BPE) and
+  `bos_id`/`eos_id` give the exact BPE view (pretrained models: `pretrained_view`). A
+  lexinvariant model draws its random embedding once from `rng` (default key 0) and keeps it
+  for every text the view scores. HAT needs its word `splitter`."""
+  from data import encoders  # pylint: disable=import-outside-toplevel
+  from models import hat, lexinvariant  # pylint: disable=import-outside-toplevel
+  if isinstance(model, hat.HAT):
+    if splitter is None:
+      raise ValueError('a HAT view needs the model\'s word splitter (words.get_splitter)')
+    return HATView(model, splitter, max_word_bytes, name or 'hat')
+  draw = None
+  if isinstance(model, lexinvariant.LexinvariantLM):
+    draw = model.draw(jax.random.key(0) if rng is None else rng, 1)
+  fn = TokenFn(model, draw)
+  if isinstance(encoder, encoders.ByteEncoder):
+    return ByteTokenLM(fn, name or 'bytes', encoder.bos_id, encoder.eos_id)
+  if isinstance(encoder, encoders.BPEEncoder):
+    tokenizer = encoder.tokenizer
+    bos_id = encoder.bos_id if bos_id is None else bos_id
+    eos_id = encoder.eos_id if eos_id is None else eos_id
+  elif encoder is not None:
+    raise ValueError(f'no byte-level view for encoder {encoder!r}: exact byte probabilities '
+                     f'need the bytes encoder or a byte-level BPE tokenizer')
+  if tokenizer is None:
+    raise ValueError(f'{type(model).__name__} over token ids without a tokenizer: exact '
+                     f'byte probabilities need its byte-level BPE (encoder= or tokenizer=)')
+  if bos_id is None or eos_id is None:
+    raise ValueError('the exact BPE view needs bos_id and eos_id')
+  return ExactBPE(fn, tokenizer, bos_id, eos_id, name or 'bpe')
+
+
+def pretrained_view(p, name: str | None = None) -> ExactBPE:
+  """The exact byte-level view of a `models.pretrained.Pretrained` LM (SmolLM2, a transferred
+  copy): documents between its document separator token, as the pretrained family reads
+  them."""
+  doc = p.meta['doc_token_id']
+  return ExactBPE(TokenFn(p.model), p.tokenizer, doc, doc, name or p.meta.get('name') or 'bpe')

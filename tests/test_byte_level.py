@@ -1,0 +1,290 @@
+"""Byte-level views (models/byte_level.py, data/canonical.py): normalization, the chain rule
+against brute-force enumeration of token encodings, the byte-native / lexinvariant / HAT views
+against their models' own log-probs, ensembles, token healing, bad input.
+
+One tiny random TokenLM (vocab 384) is the byte LM and the LM under two tiny BPE tokenizers, so
+every view shares one set of compiled functions."""
+import functools
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+
+from data import canonical, encoders, words
+from models import byte_level as bl
+from models import hat, lexinvariant, token_lm
+
+TEXTS = ["the cat sat on the mat. it's the hat!", 'hello world  hello\n\nworld 123 4567',
+         'def fib(n):\n    return n if n < 2 else fib(n - 1)',
+         "caf\u00e9 na\u00efve \u4e2d\u6587 \U0001F44D they'll we're", 'the theme then there  the other']
+ASCII = [t for t in TEXTS if t.isascii()]
+KEEP = list(range(3, 259)) + [2]  # ByteEncoder ids of bytes 0..255, then eos
+
+
+@nnx.jit
+def _token_logprobs(model, ids):
+  """Reference: fp32 log-softmax of a full uncached forward [T, V]."""
+  return jax.nn.log_softmax(model(ids)[0][0], -1)
+
+
+def _byte_logprobs(lp):
+  """Byte-id log-probs [T, V] -> [T, 257] renormalized over bytes + eos."""
+  keep = np.asarray(lp, np.float64)[:, KEEP]
+  return keep - np.logaddexp.reduce(keep, axis=1, keepdims=True)
+
+
+def _tokenizer(texts, vocab, alphabet):
+  tok = Tokenizer(tok_models.BPE())
+  trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=['<pad>', '<bos>', '<eos>'],
+                                initial_alphabet=alphabet, show_progress=False)
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(texts * 20, trainer)
+  return tok
+
+
+@pytest.fixture(scope='module')
+def tok():
+  """Every byte is a token; merges over English, code, CJK, an emoji (partial-UTF-8 tokens)."""
+  return _tokenizer(TEXTS, 320, pre_tokenizers.ByteLevel.alphabet())
+
+
+@pytest.fixture(scope='module')
+def ascii_tok():
+  """Only the characters of ASCII texts: every token is ASCII; 'é' cannot be encoded."""
+  return _tokenizer(ASCII, 150, [])
+
+
+@pytest.fixture(scope='module')
+def model():
+  cfg = token_lm.default_model_config()
+  cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim = 32, 2, 2, 1, 16
+  cfg.mlp_dim, cfg.init_std = 64, 0.5  # far from uniform: pruned mass matters
+  return token_lm.TokenLM(cfg, 384, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope='module')
+def fn(model):
+  return bl.TokenFn(model)
+
+
+@pytest.fixture(scope='module')
+def view(fn, tok):
+  return bl.ExactBPE(fn, tok, bos_id=1, eos_id=2)
+
+
+@pytest.fixture(scope='module')
+def ascii_view(fn, ascii_tok):
+  return bl.ExactBPE(fn, ascii_tok, bos_id=1, eos_id=2)
+
+
+def test_validity_rows_match_reencoding(tok):
+  """Pair rule vs BPE on every pair; fast rows vs re-encoding the whole prefix + token."""
+  c = canonical.Canonical(tok, 384)
+  ids = c.text_ids.tolist()
+  for left in ids[::7]:
+    row = c.pair_row(left)
+    want = [c.bpe(c.token_bytes[left] + c.token_bytes[r]) == [left, r] for r in ids]
+    np.testing.assert_array_equal(row[ids], want)
+  text = "x'll it'll  a \n\tb \u4e2d\u6587\U0001F44D caf\u00e9 12".encode()
+  for cut in range(len(text) + 1):
+    try:
+      if canonical.utf8_split(text[:cut])[1]:
+        continue
+    except ValueError:
+      continue
+    prefix = c.encode(text[:cut])
+    row = c.row(c.make_tail(text, cut, reversed(prefix)))
+    strs, vs = [], []
+    for v in ids:
+      try:
+        strs.append((text[:cut] + c.token_bytes[v]).decode())
+        vs.append(v)
+      except UnicodeDecodeError:
+        pass
+    encs = c.tokenizer.encode_batch(strs, add_special_tokens=False)
+    assert [bool(row[v]) for v in vs] == [e.ids == prefix + [v] for v, e in zip(vs, encs)]
+
+
+def test_next_byte_distributions_normalize(view):
+  for text in (TEXTS[2][:20].encode(), TEXTS[3][:24].encode()):  # the second splits characters
+    d = view.distributions(text).astype(np.float64)
+    np.testing.assert_allclose(np.exp(d).sum(1), 1.0, atol=1e-6)
+    score = view.score(text)
+    picked = np.concatenate([d[np.arange(len(text)), np.frombuffer(text, np.uint8)],
+                             d[-1:, bl.END]])
+    np.testing.assert_allclose(score, picked, atol=1e-5)
+    st, stream = view.start(text[:5]), []
+    for b in text[5:]:
+      stream.append(view.next_byte_logprobs(st)[b])
+      st = view.advance(st, b)
+    np.testing.assert_allclose(stream, score[5:-1], atol=1e-4)
+  # a prompt ending inside a character: only its continuation bytes are possible
+  lp = view.next_byte_logprobs(view.start('\u4e2d'.encode()[:2]))
+  assert np.isfinite(lp[0xAD]) and np.all(np.isinf(lp[:0x80])) and np.isinf(lp[bl.END])
+
+
+def _brute_force(model, tok, text: bytes, bos: int, eos: int):
+  """log Q(document starts with text[:k]) for k = 0..len, and log Q(text, end), by enumerating
+  every token sequence whose bytes are a prefix of the text or cover it, keeping those the
+  tokenizer produces (every prefix re-encodes to itself: all tokens are ASCII here), with the
+  model's probabilities from full uncached forwards renormalized over those continuations."""
+  alphabet = canonical.byte_alphabet()
+  vocab = {i: bytes(alphabet[c] for c in s) for s, i in tok.get_vocab().items() if i > 2}
+  encode = lambda b: tok.encode(b.decode(), add_special_tokens=False).ids
+  valid = lambda seq: encode(b''.join(vocab[t] for t in seq)) == list(seq)
+  @functools.lru_cache(maxsize=None)
+  def logp(seq):
+    ids = np.zeros((1, 16), np.int32)
+    ids[0, :len(seq) + 1] = (bos,) + seq
+    return np.asarray(_token_logprobs(model, ids), np.float64)[len(seq)]
+
+  @functools.lru_cache(maxsize=None)
+  def logz(seq):
+    lp = logp(seq)
+    keep = [lp[v] for v in vocab if valid(seq + (v,))] + [lp[eos]]
+    return float(np.logaddexp.reduce(keep))
+
+  def logq(seq):
+    return sum(logp(seq[:k])[seq[k]] - logz(seq[:k]) for k in range(len(seq)))
+
+  n = len(text)
+  prefixes = [[] for _ in range(n + 1)]
+  end = []
+  stack = [()]
+  while stack:  # canonical sequences whose bytes are a prefix of the text
+    seq = stack.pop()
+    j = sum(len(vocab[t]) for t in seq)
+    if j == n:
+      end.append(logq(seq) + logp(seq)[eos] - logz(seq))
+    for v, b in vocab.items():
+      if not valid(seq + (v,)):
+        continue
+      if text[j:j + len(b)] == b and j + len(b) <= n:
+        stack.append(seq + (v,))
+      for k in range(j + 1, n + 1):  # seq + (v,) covers text[:k]
+        if b[:k - j] == text[j:k]:
+          prefixes[k].append(logq(seq) + logp(seq)[v] - logz(seq))
+  return [0.0] + [float(np.logaddexp.reduce(p)) for p in prefixes[1:]], float(
+      np.logaddexp.reduce(end))
+
+
+def test_chain_rule_equals_brute_force_enumeration(model, ascii_view, ascii_tok):
+  for text in (b'the cat', b"it's 12"):
+    prefix_logq, end_logq = _brute_force(model, ascii_tok, text, 1, 2)
+    score = ascii_view.score(text)
+    np.testing.assert_allclose(np.cumsum(score[:-1]), prefix_logq[1:], atol=2e-5)
+    np.testing.assert_allclose(score.sum(), end_logq, atol=2e-5)
+    # the canonical process puts more mass on the canonical encoding than the model does
+    ids = [1] + ascii_view.c.encode(text) + [2]
+    lp = np.asarray(_token_logprobs(model, np.array([ids + [0] * (16 - len(ids))])))
+    token_level = lp[np.arange(len(ids) - 1), ids[1:]].sum()
+    assert score.sum() > token_level
+
+
+def test_byte_lm_view_equals_token_logprobs(model, fn):
+  view = bl.ByteTokenLM(fn)
+  text = 'h\u00e9llo \x00\xff'.encode('latin-1')  # bytes are bytes: not UTF-8, still fine
+  ids = [1] + [b + 3 for b in text]
+  want = _byte_logprobs(_token_logprobs(model, np.array([ids + [0] * (16 - len(ids))])))
+  score = view.score(text)
+  np.testing.assert_allclose(score[:-1], want[np.arange(len(text)), list(text)], atol=1e-5)
+  np.testing.assert_allclose(score[-1], want[len(text), -1], atol=1e-5)
+  st = view.start(text[:3])
+  for b in text[3:]:
+    st = view.advance(st, b)
+  np.testing.assert_allclose(view.next_byte_logprobs(st), want[len(text)], atol=1e-5)
+
+
+def test_lexinvariant_view_keeps_one_draw():
+  cfg = token_lm.default_model_config()
+  cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim = 16, 1, 2, 1, 8
+  cfg.mlp_dim = 32
+  enc = encoders.ByteEncoder()
+  model = lexinvariant.LexinvariantLM(cfg, lexinvariant.default_lexinv_config(), enc.vocab_size,
+                                      n_real=enc.true_vocab_size, rngs=nnx.Rngs(0))
+  text = b'abcabcab'
+  key = jax.random.key(7)
+  view = bl.byte_view(model, enc, rng=key)
+  ids = np.array([[1] + [b + 3 for b in text]])
+  want = _byte_logprobs(nnx.jit(lambda m, i, d: m(i, d)[0][0])(model, ids, model.draw(key, 1)))
+  np.testing.assert_allclose(view.score(text)[:-1], want[np.arange(len(text)), list(text)],
+                             atol=1e-5)
+  assert not np.allclose(bl.byte_view(model, enc, rng=jax.random.key(8)).score(text),
+                         view.score(text))
+
+
+def test_hat_view_matches_forward_and_generation():
+  m = hat.default_model_config()
+  m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 32, 2, 2, 16, 64
+  m.byte_d_model, m.byte_heads, m.byte_mlp_dim, m.byte_window, m.init_std = 32, 2, 64, 8, 0.3
+  model = hat.HAT(m, 384, rngs=nnx.Rngs(3))
+  splitter = words.get_splitter('whitespace', 8)
+  view = bl.byte_view(model, splitter=splitter, max_word_bytes=8)
+  text = b'def f(x): return x'
+  ids = [1] + [b + 3 for b in text]
+  batch = hat.single_row_batch(ids, hat.host_word_starts(splitter, 8, ids), 8)
+  want = _byte_logprobs(nnx.jit(lambda m, b: m(b)[0])(model, batch))
+  score = view.score(text)
+  np.testing.assert_allclose(score[:-1], want[np.arange(len(text)), list(text)], atol=1e-4)
+  np.testing.assert_allclose(score[-1], want[-1, -1], atol=1e-4)
+  out = bl.sample(view, text[:9], max_bytes=3)  # greedy: the argmax of the forward's rows
+  assert out[:1] == bytes([int(np.argmax(want[9]))])
+
+
+def test_ensembles_normalize_and_fit(view, fn):
+  byte_view = bl.ByteTokenLM(fn)
+  text = b'the cat sat'
+  mix, poe = bl.Mixture(view, byte_view, 0.3), bl.ProductOfExperts(view, byte_view)
+  for e in (mix, poe):
+    d = e.distributions(text).astype(np.float64)
+    np.testing.assert_allclose(np.exp(d).sum(1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(e.score(text)[:-1], d[np.arange(len(text)), list(text)],
+                               atol=1e-5)
+  np.testing.assert_allclose(
+      mix.score(text), np.logaddexp(math.log(0.3) + view.score(text),
+                                    math.log(0.7) + byte_view.score(text)), atol=1e-9)
+  st = mix.start(text[:4])
+  np.testing.assert_allclose(mix.next_byte_logprobs(st), mix.distributions(text)[4], atol=1e-4)
+  w, bits = bl.fit_mixture_weight(view, byte_view, text)
+  assert 0.0 <= w <= 1.0
+  assert bits <= min(bl.bits_per_byte(view, text), bl.bits_per_byte(byte_view, text)) + 1e-9
+
+
+def test_token_healing_prompt(view):
+  prompt = b'hello wor'  # ends inside a word: [hello, ' ', wor]; 'wor' is backed up
+  ids, removed, allowed = bl.heal_split(view.c, prompt)
+  full = view.c.encode(prompt)
+  assert ids == full[:-1] and removed == view.c.token_bytes[full[-1]] and removed
+  assert all(view.c.token_bytes[a].startswith(removed) for a in allowed)
+  assert full[-1] in allowed and view.c.by_bytes[b'world'] in allowed
+  healed = view.generate_tokens(prompt, 3, heal=True)  # starts with the bytes after 'wor'
+  first = bl.token_generate(view.fn, [1] + ids, 1, first_allowed=allowed)[0]
+  assert healed.startswith(view.c.token_bytes[first][len(removed):])
+  assert isinstance(view.generate_tokens(prompt, 3), bytes)
+  ids, removed, allowed = bl.heal_split(view.c, b'')  # nothing to back up: any text token
+  assert ids == [] and removed == b'' and np.array_equal(allowed, view.c.text_ids)
+
+
+def test_bad_input(view, ascii_view, fn, model):
+  with pytest.raises(ValueError, match='byte 3 .* not valid UTF-8'):
+    view.start(b'abc\xff')
+  with pytest.raises(ValueError, match='not valid UTF-8'):
+    view.score(b'\xc3(')
+  assert np.all(np.isfinite(bl.ByteTokenLM(fn).score(b'abc\xff')))  # bytes are bytes
+  empty = view.score(b'')  # the empty document: only the end of text
+  assert empty.shape == (1,) and np.isfinite(empty[0])
+  np.testing.assert_allclose(view.next_byte_logprobs(view.start(b'')), view.distributions(b'')[0],
+                             atol=1e-5)
+  with pytest.raises(ValueError, match='vocabulary cannot encode'):
+    ascii_view.score('caf\u00e9'.encode())
+  unigram = Tokenizer(tok_models.Unigram([('<unk>', 0.0), ('a', -1.0)], 0))
+  with pytest.raises(ValueError, match='need a BPE tokenizer'):
+    bl.ExactBPE(fn, unigram, 1, 2)
+  with pytest.raises(ValueError, match='without a tokenizer'):
+    bl.byte_view(model)
+  lp = view.score('\u4e2d'.encode()[:2])  # ends inside a character: end of text impossible
+  assert np.isinf(lp[-1]) and np.all(np.isfinite(lp[:-1]))
