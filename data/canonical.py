@@ -168,6 +168,26 @@ def _signature(chars: str, fine: bool, before: str = '') -> str:
   return ''.join(out)
 
 
+def _compress(text: str, fine: bool, keep_digits: bool) -> tuple[str, str, list[int]]:
+  """Runs of one class longer than 3 shortened to their first and last two characters (a regex
+  pre-tokenizer cuts a run only at its start or before its last character). Returns (the
+  shortened text, its signature, the index in `text` of each kept character + len(text)).
+  `keep_digits`: digits are cut one by one (Digits pre-tokenizer), never shortened."""
+  sig = _signature(text, fine)
+  kept = []
+  i, n = 0, len(text)
+  while i < n:
+    j = i
+    while j + 1 < n and sig[j + 1] == sig[i]:
+      j += 1
+    if j - i + 1 > 3 and not (keep_digits and sig[i] in '0\u0663'):
+      kept += [i, j - 1, j]
+    else:
+      kept += list(range(i, j + 1))
+    i = j + 1
+  return ''.join(text[k] for k in kept), ''.join(sig[k] for k in kept), kept + [n]
+
+
 @functools.lru_cache(maxsize=None)
 def _rests(partial: bytes) -> tuple[tuple[str, str, tuple[tuple[int, int], ...]], ...]:
   """For a partial character: (class, a completing character of that class, the code point
@@ -296,6 +316,7 @@ class Canonical:
       raise UnsupportedTokenizer(f'tokenizer normalizer {state["normalizer"].get("type")} is not '
                                  f'supported (the encoding must be a function of the bytes)')
     self.fine = self._check_pretokenizer(state.get('pre_tokenizer'))
+    self.digits = 'Digits' in json.dumps(state.get('pre_tokenizer'))
     alphabet = byte_alphabet()
     self.tokenizer = copy.deepcopy(tokenizer)
     self.tokenizer.encode_special_tokens = True
@@ -337,6 +358,8 @@ class Canonical:
         continue
       self.ranks.setdefault((ia, ib), (r, iab))
     self._groups = None
+    self._k_ok: dict = {}
+    self._probe_cache: dict = {}
     self._pair_index = None
     self._pair_rows: dict[int, np.ndarray] = {}
     self._outcomes: dict = {}
@@ -435,7 +458,9 @@ class Canonical:
     reachable = np.zeros(v, bool)
     birth = np.full(v, -1, np.int64)
     rspines: dict[int, list] = {}
+    lspines: dict[int, list] = {}
     ls_y, ls_r, ls_d = [], [], []
+    rs_x, rs_l, rs_d = [], [], []
     for t in self.text_ids.tolist():
       units = [int(self.byte_token[x]) for x in self.token_bytes[t]]
       if min(units) < 0:
@@ -446,23 +471,40 @@ class Canonical:
       reachable[t] = True
       birth[t] = out[0][1]
       rspines[t] = _spine(out[0], 3)
-      for y, _, d in _spine(out[0], 2):
+      lspines[t] = _spine(out[0], 2)
+      for y, _, d in lspines[t]:
         ls_y.append(y)
         ls_r.append(t)
         ls_d.append(d)
+      for x, _, d in rspines[t]:
+        rs_x.append(x)
+        rs_l.append(t)
+        rs_d.append(d)
     ls_y, ls_r, ls_d = (np.array(a, np.int64) for a in (ls_y, ls_r, ls_d))
     order = np.argsort(ls_y, kind='stable')
     ls_y, ls_r, ls_d = ls_y[order], ls_r[order], ls_d[order]
     bounds = np.searchsorted(ls_y, np.arange(v + 1))
+    rs_x, rs_l, rs_d = (np.array(a, np.int64) for a in (rs_x, rs_l, rs_d))
+    order = np.argsort(rs_x, kind='stable')
+    rs_x, rs_l, rs_d = rs_x[order], rs_l[order], rs_d[order]
+    rbounds = np.searchsorted(rs_x, np.arange(v + 1))
     by_left: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    by_right: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     tmp: dict[int, list] = {}
+    tmp_r: dict[int, list] = {}
     for (a, b), (r, _) in self.ranks.items():
       tmp.setdefault(a, []).append((b, r))
+      tmp_r.setdefault(b, []).append((a, r))
     for a, lst in tmp.items():
       arr = np.array(lst, np.int64)
       by_left[a] = (arr[:, 0], arr[:, 1])
+    for b, lst in tmp_r.items():
+      arr = np.array(lst, np.int64)
+      by_right[b] = (arr[:, 0], arr[:, 1])
     self.reachable = reachable
     self._pair_index = (birth, rspines, ls_r, ls_d, bounds, by_left)
+    self._col_index = (lspines, rs_l, rs_d, rbounds, by_right)
+    self._cols: dict[int, np.ndarray] = {}
 
   def pair_row(self, left: int) -> np.ndarray:
     """bool [V]: the pairs (left, r) that BPE keeps as two tokens (both reachable, no crossing
@@ -494,17 +536,60 @@ class Canonical:
     self._pair_rows[left] = row
     return row
 
+  def pair_col(self, right: int) -> np.ndarray:
+    """bool [V]: the pairs (l, right) that BPE keeps as two tokens (see `pair_row`)."""
+    col = self._cols.get(right)
+    if col is not None:
+      return col
+    if self._pair_index is None:
+      self._build_pair_index()
+    birth = self._pair_index[0]
+    lspines, rs_l, rs_d, rbounds, by_right = self._col_index
+    col = self.reachable.copy()
+    if not self.reachable[right]:
+      col[:] = False
+    else:
+      for y, by, dy in lspines[right]:
+        xs_ranks = by_right.get(y)
+        if xs_ranks is None:
+          continue
+        xs, ranks = xs_ranks
+        sel = (ranks > by) & (ranks <= dy) & (birth[xs] < ranks)
+        for x, rho in zip(xs[sel].tolist(), ranks[sel].tolist()):
+          lo, hi = rbounds[x], rbounds[x + 1]
+          if lo == hi:
+            continue
+          owners = rs_l[lo:hi]
+          col[owners[rs_d[lo:hi] > rho]] = False
+    if len(self._cols) > 4096:
+      self._cols.clear()
+    self._cols[right] = col
+    return col
+
+  def _class_col(self, members: tuple[str, ...]) -> np.ndarray:
+    """bool [V]: tokens v that pair validly with the single-character token of some member."""
+    key = ('class',) + members
+    col = self._cols.get(key)
+    if col is None:
+      col = np.zeros(self.vocab_size, bool)
+      for ch in members:
+        toks = self.bpe(ch.encode('utf-8'))
+        if toks:  # a byte missing from the vocabulary cannot follow
+          col |= self.pair_col(toks[0])
+      self._cols[key] = col
+    return col
+
   # -- groups of tokens that pre-tokenize alike -------------------------------------------------
   def _build_groups(self):
     """For each apostrophe context of the tail (none / ends with ' / ends with ' + 1 char): an
     int [V] group id per token (-1: never valid after a complete tail, e.g. it starts inside a
     character) and per group its representative strings (one per class of the completion of a
-    trailing partial character). Also the tokens that end inside a character."""
+    trailing partial character, with the character count of the complete part)."""
     variants = []
     self._partial_tokens = []
     for vi, before in enumerate(('', "'", "'a")):
       gid = np.full(self.vocab_size, -1, np.int64)
-      reps: list[tuple[str, ...]] = []
+      reps: list[tuple[tuple[str, ...], int]] = []
       index: dict = {}
       for t in self.text_ids.tolist():
         b = self.token_bytes[t]
@@ -516,29 +601,93 @@ class Canonical:
           continue
         head = b[:n].decode('utf-8')
         comps = _rests(partial) if partial else (('', '', ()),)
-        key = (_signature(head, self.fine, before), tuple(c[0] for c in comps))
+        short, _, kept = _compress(head, self.fine, self.digits)
+        full_sig = _signature(head, self.fine, before)
+        key = (''.join(full_sig[k] for k in kept[:-1]), tuple(c[0] for c in comps))
         g = index.get(key)
         if g is None:
           g = index[key] = len(reps)
-          reps.append(tuple(head + c[1] for c in comps))
+          reps.append((tuple(short + c[1] for c in comps), len(short)))
         gid[t] = g
         if partial and vi == 0:
           self._partial_tokens.append(t)
       variants.append((gid, reps))
     self._groups = variants
-    self._k_ok: dict[int, tuple[bool, ...]] = {}
+    self._partial_idx = np.array(self._partial_tokens, np.int64)
 
-  def _completable(self, v: int) -> tuple[bool, ...]:
-    """For a token ending inside a character, per completion class (in `_rests` order): can
-    the character be completed so that the next token does not merge into v? (some rest r of
-    that class with (v, first token of BPE(r)) a valid pair)."""
-    ok = self._k_ok.get(v)
+  # Continuations that decide how the text so far is cut into pieces. A regex pre-tokenizer
+  # looks at most two characters ahead (contractions), and only at character classes, so one
+  # character per class -- each class standing for all of its ASCII members -- and the
+  # contraction letters after an apostrophe cover every continuation.
+  _LETTERS = ''.join(chr(c) for c in range(128) if chr(c).isalpha())
+  _CONTRACT = 'stremvld'
+
+  def _probes(self, before: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(probe string, the ASCII characters its first character stands for) for a text ending
+    in `before` (its last two characters)."""
+    key = "'" in before
+    cached = self._probe_cache.get(key)
+    if cached is None:
+      cached = self._probe_cache[key] = self._make_probes(before)
+    return cached
+
+  def _make_probes(self, before: str) -> list[tuple[str, tuple[str, ...]]]:
+    if self.fine:
+      out = [('', ())] + [(chr(c), (chr(c),)) for c in range(128)]
+    else:
+      ws = tuple(c for c in '\t\n\x0b\x0c\r')
+      other = tuple(chr(c) for c in range(128) if not chr(c).isalnum() and chr(c) not in
+                    _WHITE_SPACE and chr(c) != "'")
+      out = [('', ()), (' ', (' ',)), ('\t', ws), ('0', tuple('0123456789')), ('.', other),
+             ("'", ("'",))]
+      if "'" in before:  # contractions: letters after an apostrophe are not alike
+        out += [(c, (c,)) for c in self._CONTRACT] + [('re', ()), ('ve', ()), ('ll', ())]
+        out.append(('a', tuple(c for c in self._LETTERS if c not in self._CONTRACT)))
+      else:
+        out.append(('a', tuple(self._LETTERS)))
+    out += [(c, ()) for c in ('\u00e9', '\u0663', '\u3000', '\u2014')]  # non-ASCII classes
+    return out
+
+  def _alternatives(self, text: str, strs: tuple[str, ...], head: int):
+    """How tail `text` + token (`strs`: its representative per completion class; `head`: the
+    characters of its complete part) can continue: a set of (piece starts inside the tail, in
+    characters; straddle), one per probe that leaves no piece boundary inside the token.
+    straddle None: the token ends its piece; ('z', chars, members): the piece goes on with the
+    probe characters `chars` (the first standing for `members`); ('p', k, chars): the token
+    ends inside a character, completed by class k then `chars`."""
+    tc = len(text)
+    out = set()
+    for k, rep in enumerate(strs):
+      partial = len(rep) > head
+      wl = head + 1 if partial else len(rep)
+      for z, members in self._probes((text + rep)[-2:]):
+        full = text + rep + z
+        starts = [a for _, (a, _) in self.pre.pre_tokenize_str(full)]
+        if any(tc < a < tc + wl for a in starts):
+          continue
+        in_tail = tuple(a for a in starts if a <= tc)
+        end = tc + len(rep)
+        nxt = min([a for a in starts if a >= end] + [len(full)])
+        if partial:
+          out.add((in_tail, ('p', k, full[end:nxt])))
+        elif nxt == end:
+          out.add((in_tail, None))
+        else:
+          out.add((in_tail, ('z', full[end:nxt], members if nxt - end == 1 else ())))
+    return out
+
+  def _completable(self, v: int, k: int, chars: str) -> bool:
+    """For a token v ending inside a character: some completion of completion class k, then
+    `chars`, gives a first next token that does not merge into v."""
+    key = (v, k, chars)
+    ok = self._k_ok.get(key)
     if ok is None:
       _, partial = utf8_split(self.token_bytes[v])
       row = self.pair_row(v)
-      ok = tuple(any(row[self.bpe(r)[0]] for r in _iter_rests(partial, runs))
-                 for _, _, runs in _rests(partial))
-      self._k_ok[v] = ok
+      tail = chars.encode('utf-8')
+      ok = any(row[t[0]] for r in _iter_rests(partial, _rests(partial)[k][2])
+               for t in [self.bpe(r + tail)] if t)
+      self._k_ok[key] = ok
     return ok
 
   def row(self, tail: Tail) -> np.ndarray:
@@ -551,67 +700,86 @@ class Canonical:
     if self._pair_index is None:
       self._build_pair_index()
     text = tail.text.decode('utf-8')
-    before = text[-2:]
+    # Only the last piece -- and the one before it when it ends with an apostrophe or a space
+    # (contractions, whitespace lookahead) -- can be cut differently once more text follows;
+    # the rest of the tail keeps its pieces. Outcomes are cached by the shortened class string.
+    own = [a for _, (a, _) in self.pre.pre_tokenize_str(text)]
+    mini_at = own[-1] if own else 0
+    if len(own) >= 2 and (text[mini_at - 1] == "'" or text[mini_at - 1] in _WHITE_SPACE):
+      mini_at = own[-2]
+    mini, mini_sig, kept = _compress(text[mini_at:], self.fine, self.digits)
+    before = mini[-2:]
     variant = 1 if before[-1:] == "'" else 2 if before[:1] == "'" and len(before) == 2 else 0
     gid, reps = self._groups[variant]
-    alts = self._group_codes(tail, text, variant, reps)
-    first = np.array([a[0] for a in alts], np.int64)
-    code_v = np.where(gid >= 0, first[np.maximum(gid, 0)], 0)
+    key = (mini_sig, variant)
+    entries = self._outcomes.get(key)
+    if entries is None:
+      by_alt: dict = {}
+      for g, (strs, head) in enumerate(reps):
+        for alt in self._alternatives(mini, strs, head):
+          by_alt.setdefault(alt, []).append(g)
+      entries = []
+      for (starts, straddle), groups in by_alt.items():
+        in_groups = np.zeros(len(reps) + 1, bool)
+        in_groups[groups] = True
+        mask = in_groups[gid] & (gid >= 0)
+        if straddle is not None and straddle[0] == 'p':  # only tokens ending in a character
+          entries.append((starts, straddle, self._partial_idx[mask[self._partial_idx]]))
+        else:
+          entries.append((starts, straddle, np.packbits(mask)))
+      if len(self._outcomes) > 4096:
+        self._outcomes.clear()
+      self._outcomes[key] = entries
+    offs = np.cumsum([0] + [len(c.encode('utf-8')) for c in text]).tolist()
+    fixed = [offs[a] for a in own if a < mini_at]
+    verdicts: dict = {}
     pair = self.pair_row(tail.tokens[-1]) if tail.tokens else None
-    valid = (code_v & NEW).astype(bool) & self.reachable
-    if pair is not None:
-      valid |= (code_v & PAIR).astype(bool) & pair
-    for v in self._partial_tokens:  # ends inside a character: some completion class must work
-      g = gid[v]
-      ok = False
-      if g >= 0:
-        for code, fine in zip(alts[g], self._completable(v)):
-          if fine and ((code & NEW and self.reachable[v]) or
-                       (code & PAIR and pair is not None and pair[v])):
-            ok = True
-            break
-      valid[v] = ok
+    valid = np.zeros(self.vocab_size, bool)
+    late = []
+    for starts, straddle, packed in entries:
+      code = verdicts.get(starts)
+      if code is None:
+        code = verdicts[starts] = self._consistent(
+            tail, fixed + [offs[mini_at + kept[a]] for a in starts])
+      if not code or (code == PAIR and pair is None):
+        continue
+      if straddle is not None and straddle[0] == 'p':
+        cand = packed[(self.reachable if code == NEW else pair)[packed]]
+        late.append((cand, straddle))
+        continue
+      m = np.unpackbits(packed, count=self.vocab_size).astype(bool)
+      m &= self.reachable if code == NEW else pair
+      if straddle is None:
+        pass
+      elif straddle[0] == 'z':
+        _, chars, members = straddle
+        if members:
+          m &= self._class_col(members)
+        else:
+          toks = self.bpe(chars.encode('utf-8'))
+          m &= self.pair_col(toks[0]) if toks else False
+      valid |= m
+    for cand, (_, k, chars) in late:  # tokens ending inside a character
+      for v in cand.tolist():
+        if not valid[v] and self._completable(v, k, chars):
+          valid[v] = True
     return valid
 
-  def _group_codes(self, tail: Tail, text: str, variant: int, reps) -> list[tuple[int, ...]]:
-    """Per group, per representative: the outcome bits (0 | NEW | PAIR) after this tail."""
-    sig_key = (_signature(text, self.fine), variant)
-    pattern = self._outcomes.get(sig_key)
-    if pattern is None:
-      # per group and representative: the piece starts (characters) inside the tail, or None
-      # if a piece starts strictly inside the token
-      tc = len(text)
-      pattern = []
-      for strs in reps:
-        alts = []
-        for s in strs:
-          starts = [a for _, (a, _) in self.pre.pre_tokenize_str(text + s)]
-          alts.append(None if any(tc < a < tc + len(s) for a in starts)
-                      else tuple(a for a in starts if a <= tc))
-        pattern.append(tuple(alts))
-      if len(self._outcomes) > 20000:
-        self._outcomes.clear()
-      self._outcomes[sig_key] = pattern
-    offs = np.cumsum([0] + [len(c.encode('utf-8')) for c in text]).tolist()
-    verdicts: dict = {}
-    out = []
-    for alts in pattern:
-      codes = []
-      for starts in alts:
-        if starts is None:
-          codes.append(0)
-          continue
-        v = verdicts.get(starts)
-        if v is None:
-          v = verdicts[starts] = self._consistent(tail, [offs[a] for a in starts])
-        codes.append(v)
-      out.append(tuple(codes))
-    return out
+  def is_exact(self, tail: Tail) -> bool:
+    """Is the sequence ending in `tail` the encoding of its own text (so the text may end)?"""
+    try:
+      _, partial = utf8_split(tail.text)
+    except ValueError:
+      return False
+    if partial:
+      return False
+    starts = self.chunk_starts(tail.text.decode('utf-8')) + [len(tail.text)]
+    return self._consistent(tail, starts) == NEW
 
   def _consistent(self, tail: Tail, starts: list[int]) -> int:
     """Outcome bit for a chunking of tail + w whose piece starts inside the tail are `starts`
-    (bytes; the last one begins w's chunk): 0 if the tail's tokens are not the encoding of those
-    pieces, NEW if w's chunk starts at w, PAIR if it extends the tail's last token."""
+    (bytes; the last one begins w's piece): 0 if the tail's tokens are not the encoding of those
+    pieces, NEW if w's piece starts at w, PAIR if it extends the tail's last token."""
     bounds = np.cumsum([0] + [int(self.lengths[t]) for t in tail.tokens]).tolist()
     end = len(tail.text)
     pos = {b: k for k, b in enumerate(bounds)}
@@ -628,21 +796,28 @@ class Canonical:
 
   def _row_pending(self, tail: Tail, partial: bytes) -> np.ndarray:
     """Row for a sequence ending inside a character: candidates must continue that character;
-    each is checked with `valid_slow` (few tokens start with continuation bytes)."""
+    each is checked like `valid_slow`, with the pair rule for the BPE part (few tokens start
+    with continuation bytes)."""
     valid = np.zeros(self.vocab_size, bool)
     for t in self.text_ids.tolist():
       b = self.token_bytes[t]
       if not 0x80 <= b[0] <= 0xBF or not _cont_ok(partial, b[0]):
         continue
-      valid[t] = self.valid_slow(tail, t)
+      valid[t] = self._valid(tail, t, structural=True)
     return valid
 
   # -- the definition, directly -------------------------------------------------------------
   def valid_slow(self, tail: Tail, v: int) -> bool:
-    """Is (sequence ending in `tail`) + [v] canonical? Straight from the definition, with the
-    tokenizer's own pre-tokenizer and BPE: the pieces of tail + w must start at token
-    boundaries and re-encode to the tokens; if w ends inside a character, some completion r of
-    it must make the tokens a prefix of the encoding of tail + w + r."""
+    return self._valid(tail, v, structural=False)
+
+  def _valid(self, tail: Tail, v: int, structural: bool) -> bool:
+    """Is (sequence ending in `tail`) + [v] canonical, i.e. a prefix of the tokenizer's
+    encoding of this text followed by some continuation? Checked piece by piece with the
+    tokenizer's own pre-tokenizer and BPE, for every probe continuation (each ASCII character,
+    contraction letters, a character of each non-ASCII class, the end of text) and, if the text
+    ends inside a character, every completion of it: the pieces must start at token boundaries,
+    the pieces inside the text must re-encode to its tokens, and the piece that goes on past
+    its end must encode to its tokens followed by more."""
     w = self.token_bytes[v] if 0 <= v < self.vocab_size else None
     if w is None:
       return False
@@ -658,18 +833,43 @@ class Canonical:
     pos = {b: k for k, b in enumerate(bounds)}
     head = s[:n].decode('utf-8')
     for _, c, runs in (_rests(partial) if partial else (('', '', None),)):
-      starts = [x for x in self.chunk_starts(head + c) if x < len(s)]
-      if any(x not in pos for x in starts):
-        continue
-      segs = sorted(set(starts) | {0}) + [len(s)]
-      if not all(self.bpe(s[a:b]) == toks[pos[a]:pos[b]] for a, b in zip(segs[:-2], segs[1:-1])
-                 if a < b):
-        continue
-      a = segs[-2]
-      want = toks[pos[a]:]
-      rests = _iter_rests(partial, runs) if partial else (b'',)
-      if any(self.bpe(s[a:] + r)[:len(want)] == want for r in rests):
-        return True
+      for z, members in self._probes((head + c)[-2:]):
+        # the cut into pieces depends only on character classes: once per class
+        full = head + c + z
+        offs = np.cumsum([0] + [len(ch.encode('utf-8')) for ch in full]).tolist()
+        starts = [offs[a] for _, (a, _) in self.pre.pre_tokenize_str(full)]
+        inside = [a for a in starts if a < len(s)]
+        if any(a not in pos for a in inside):
+          continue
+        segs = sorted(set(inside) | {0})
+        if not all(self.bpe(s[a:b]) == toks[pos[a]:pos[b]] for a, b in zip(segs[:-1], segs[1:])):
+          continue
+        q = segs[-1]
+        want = toks[pos[q]:]
+        full_b = full.encode('utf-8')
+        done = n + len(c.encode('utf-8'))  # bytes of text + completed character
+        nxt = min([a for a in starts if a >= done] + [len(full_b)])
+        after = full_b[done:nxt]  # probe characters in the piece that goes on past the text
+        firsts = ([m.encode('utf-8') + after[1:] for m in members]
+                  if members and len(after) == 1 else [after])
+        if structural:  # the same, by the pair rule: BPE(piece) == tokens, then a valid pair
+          if self.bpe(s[q:]) != want:
+            continue
+          if not partial and not after:
+            return True
+          key = ('cont', v, partial, runs, tuple(firsts))
+          ok = self._k_ok.get(key)
+          if ok is None:
+            row = self.pair_row(v)
+            rests = _iter_rests(partial, runs) if partial else (b'',)
+            ok = self._k_ok[key] = any(row[t[0]] for r in rests for f in firsts
+                                       for t in [self.bpe(r + f)] if t)
+          if ok:
+            return True
+          continue
+        rests = _iter_rests(partial, runs) if partial else (b'',)
+        if any(self.bpe(s[q:] + r + f)[:len(want)] == want for r in rests for f in firsts):
+          return True
     return False
 
   # -- lookups ----------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def _ladder(n: int, minimum: int = 1, base: int = 8) -> int:
   m, n = 1, max(int(n), minimum)
   while m < n:
     m *= base
-  if base == 8 and m > 64:
+  if m > 64:
     m = _bucket(n)
   return m
 
@@ -280,11 +280,12 @@ class _Node:
   """A canonical token sequence whose bytes are a prefix of the text: the lattice node of its
   last token. `depth`: KV-cache slot of that token (begin token at slot 0)."""
   __slots__ = ('end', 'parent', 'last', 'depth', 'complete', 'children', 'lp', 'row', 'logq',
-               'logz')
+               'logz', 'exact')
 
   def __init__(self, end, parent, last, depth, complete):
     self.end, self.parent, self.last, self.depth, self.complete = end, parent, last, depth, complete
     self.children, self.lp, self.row, self.logq, self.logz = [], None, None, None, None
+    self.exact = None  # is the path the tokenizer's encoding of its text (may the text end)?
 
 
 class _Lattice:
@@ -315,9 +316,15 @@ class _Lattice:
 
   def row(self, u: _Node) -> np.ndarray:
     if u.row is None:
-      tail = self.c.make_tail(self.x, u.end - self.origin, self.tokens_rev(u))
-      u.row = self.c.row(tail)
+      u.row = self.c.row(self.c.make_tail(self.x, u.end - self.origin, self.tokens_rev(u)))
     return u.row
+
+  def eos_ok(self, u: _Node) -> bool:
+    """May the text end after u (u's path is the encoding of its text)?"""
+    if u.exact is None:
+      u.exact = u.complete and (u.parent is None or self.c.is_exact(
+          self.c.make_tail(self.x, u.end - self.origin, self.tokens_rev(u))))
+    return u.exact
 
   def extend(self, b: int):
     """One more byte: the nodes whose last token ends at it. Raises ValueError (naming the
@@ -376,10 +383,12 @@ class ExactBPE(ByteLM):
   `canonical.UnsupportedTokenizer` (a ValueError) for tokenizers it cannot canonicalize."""
 
   def __init__(self, fn: TokenFn, tokenizer, bos_id: int, eos_id: int, name: str = 'bpe',
-               max_rows: int = 16):
+               max_rows: int = 64, row_base: int = 2, t_base: int = 2):
+    """max_rows: rows per batched branch forward; rows and branch lengths are padded to powers
+    of row_base / t_base (2: little padding, more shapes to compile; 4 or 8: fewer shapes)."""
     self.fn, self.name, self.bos_id, self.eos_id = fn, name, int(bos_id), int(eos_id)
     self.canon = canonical.Canonical(tokenizer, fn.vocab_size)
-    self.max_rows = max_rows
+    self.max_rows, self.row_base, self.t_base = max_rows, row_base, t_base
 
   # -- model evaluation --------------------------------------------------------------------
   def _logq(self, u: _Node, lat: _Lattice) -> float:
@@ -397,7 +406,7 @@ class ExactBPE(ByteLM):
   def _logz(self, u: _Node, lat: _Lattice) -> float:
     if u.logz is None:
       lp = u.lp[lat.row(u)].astype(np.float64)
-      terms = [lp] + ([np.array([u.lp[self.eos_id]], np.float64)] if u.complete else [])
+      terms = [lp] + ([np.array([u.lp[self.eos_id]], np.float64)] if lat.eos_ok(u) else [])
       t = np.concatenate(terms)
       m = t.max()
       u.logz = float(m + np.log(np.exp(t - m).sum()))
@@ -430,13 +439,13 @@ class ExactBPE(ByteLM):
     start = cached.depth + 1
     by_t: dict[int, list] = {}
     for r in rows:
-      by_t.setdefault(_ladder(len(r[1])), []).append(r)
+      by_t.setdefault(_ladder(len(r[1]), base=self.t_base), []).append(r)
     for t, group in sorted(by_t.items()):
       if start + t > size:
         raise RuntimeError('KV cache too small for the branches')  # callers size it
       for i in range(0, len(group), self.max_rows):
         part = group[i:i + self.max_rows]
-        b = _ladder(len(part), base=4)
+        b = _ladder(len(part), base=self.row_base)
         ids = np.zeros((b, t), np.int32)
         pos = np.zeros((b, t), np.int32)
         vis = np.zeros((b, size), np.int32)
@@ -489,7 +498,7 @@ class ExactBPE(ByteLM):
     if len(leaves) == 1:
       self._rewrite(st, leaves[0])
       return
-    need = st.cached.depth + 1 + _ladder(longest)
+    need = st.cached.depth + 1 + _ladder(longest, base=self.t_base)
     if need > st.cache[0]['k'].shape[1]:
       st.cache = _grow(st.cache, _bucket(need, 128))
     self._branches(st.cache, st.cached, leaves)
@@ -544,7 +553,7 @@ class ExactBPE(ByteLM):
         ids = c.text_ids[row[c.text_ids]]
         p = np.exp(u.lp[ids].astype(np.float64))
         vec = np.bincount(c.first_byte[ids], p, minlength=NUM_OUTCOMES)
-        if u.complete:
+        if lat.eos_ok(u):
           vec[END] += math.exp(float(u.lp[self.eos_id]))
       parts.append((self._logq(u, lat) - self._logz(u, lat), vec))
     if not parts:
@@ -614,14 +623,14 @@ class ExactBPE(ByteLM):
     n = lat.end
     ends = [e for e in sorted(lat.at) if lat.at[e]]
     trunk_end = lat.at[ends[-1]]
-    trunk = next((u for u in trunk_end if u.complete), trunk_end[0])
+    trunk = next((u for u in trunk_end if lat.eos_ok(u)), trunk_end[0])
     path = []
     u = trunk
     while u.parent is not None:
       path.append(u)
       u = u.parent
     path.reverse()
-    if trunk.end == n and trunk.complete and n:
+    if trunk.end == n and lat.eos_ok(trunk) and n:
       ids = self.c.encode(lat.text(0, n))
       if ids != [s.last for s in path]:
         raise RuntimeError('internal: the lattice path differs from the tokenizer\'s encoding')
@@ -634,7 +643,7 @@ class ExactBPE(ByteLM):
         d += 1
         a = a.parent
       depth_off = max(depth_off, d)
-    size = _bucket(len(path) + 1 + _ladder(max(depth_off, 1)), 128)
+    size = _bucket(len(path) + 1 + _ladder(max(depth_off, 1), base=self.t_base), 128)
     lp, cache = self._prefill([s.last for s in path], size)
     lat.root.lp = lp[0]
     for k, s in enumerate(path):
@@ -656,7 +665,7 @@ class ExactBPE(ByteLM):
           a, b = first_ranges.setdefault(j, c.prefix_range(text[j:j + 1]))
           if a < b and lat.row(u)[c.sorted_ids[a:b]].any():
             needed.append(u)
-        elif end and u.complete:
+        elif end and lat.eos_ok(u):
           needed.append(u)
     self._eval_all(lat, needed)
     logp = np.full(n + 1, -np.inf)  # log Q(text starts with text[:k])

@@ -71,42 +71,46 @@ def fn(model):
   return bl.TokenFn(model)
 
 
+FEW_SHAPES = dict(max_rows=16, row_base=4, t_base=8)  # few compilations in tests
+
+
 @pytest.fixture(scope='module')
 def view(fn, tok):
-  return bl.ExactBPE(fn, tok, bos_id=1, eos_id=2)
+  return bl.ExactBPE(fn, tok, bos_id=1, eos_id=2, **FEW_SHAPES)
 
 
 @pytest.fixture(scope='module')
 def ascii_view(fn, ascii_tok):
-  return bl.ExactBPE(fn, ascii_tok, bos_id=1, eos_id=2)
+  return bl.ExactBPE(fn, ascii_tok, bos_id=1, eos_id=2, **FEW_SHAPES)
 
 
-def test_validity_rows_match_reencoding(tok):
-  """Pair rule vs BPE on every pair; fast rows vs re-encoding the whole prefix + token."""
+def test_validity_rows_match_definition(tok):
+  """Pair rule vs BPE on every pair (rows and columns); fast rows vs the definition
+  (`valid_slow`); every next token of the tokenizer's own encoding of a text is valid (also
+  where the continuation re-cuts the text: '\\n\\n' + 'A' is ['\\n', '\\n', 'A'])."""
   c = canonical.Canonical(tok, 384)
   ids = c.text_ids.tolist()
-  for left in ids[::7]:
-    row = c.pair_row(left)
-    want = [c.bpe(c.token_bytes[left] + c.token_bytes[r]) == [left, r] for r in ids]
-    np.testing.assert_array_equal(row[ids], want)
-  text = "x'll it'll  a \n\tb \u4e2d\u6587\U0001F44D caf\u00e9 12".encode()
-  for cut in range(len(text) + 1):
-    try:
-      if canonical.utf8_split(text[:cut])[1]:
-        continue
-    except ValueError:
-      continue
-    prefix = c.encode(text[:cut])
-    row = c.row(c.make_tail(text, cut, reversed(prefix)))
-    strs, vs = [], []
-    for v in ids:
-      try:
-        strs.append((text[:cut] + c.token_bytes[v]).decode())
-        vs.append(v)
-      except UnicodeDecodeError:
-        pass
-    encs = c.tokenizer.encode_batch(strs, add_special_tokens=False)
-    assert [bool(row[v]) for v in vs] == [e.ids == prefix + [v] for v, e in zip(vs, encs)]
+  for t in ids[::7]:
+    want = [c.bpe(c.token_bytes[t] + c.token_bytes[r]) == [t, r] for r in ids]
+    np.testing.assert_array_equal(c.pair_row(t)[ids], want)
+    want = [c.bpe(c.token_bytes[r] + c.token_bytes[t]) == [r, t] for r in ids]
+    np.testing.assert_array_equal(c.pair_col(t)[ids], want)
+  text = "x'll it's\n\nA  b \t\tc \u4e2d\u6587\U0001F44D caf\u00e9 12".encode()
+  enc = c.encode(text)
+  bounds = np.cumsum([0] + [len(c.token_bytes[t]) for t in enc]).tolist()
+  for k, cut in enumerate(bounds[:-1]):
+    tail = c.make_tail(text, cut, reversed(enc[:k]))
+    row = c.row(tail)
+    assert row[enc[k]], (text[:cut], c.token_bytes[enc[k]])
+    if k % 3 == 0:
+      assert [bool(row[v]) for v in ids[::3]] == [c.valid_slow(tail, v) for v in ids[::3]]
+  assert c.is_exact(c.make_tail(text, len(text), reversed(enc)))
+  head = c.make_tail(b'caf', 3, reversed(c.encode(b'caf')))  # then a lone lead byte 0xc3:
+  lead = int(c.byte_token[0xC3])
+  assert c.row(head)[lead] and c.valid_slow(head, lead)
+  tail = canonical.Tail(b'caf\xc3', head.tokens + (lead,))  # ends inside a character
+  row = c.row(tail)
+  assert row.any() and [bool(row[v]) for v in ids] == [c.valid_slow(tail, v) for v in ids]
 
 
 def test_next_byte_distributions_normalize(view):
@@ -283,7 +287,7 @@ def test_bad_input(view, ascii_view, fn, model):
     ascii_view.score('caf\u00e9'.encode())
   unigram = Tokenizer(tok_models.Unigram([('<unk>', 0.0), ('a', -1.0)], 0))
   with pytest.raises(ValueError, match='need a BPE tokenizer'):
-    bl.ExactBPE(fn, unigram, 1, 2)
+    bl.ExactBPE(fn, unigram, 1, 2, **FEW_SHAPES)
   with pytest.raises(ValueError, match='without a tokenizer'):
     bl.byte_view(model)
   lp = view.score('\u4e2d'.encode()[:2])  # ends inside a character: end of text impossible
