@@ -576,7 +576,7 @@ class ExactBPE(ByteLM):
       raise ValueError(f'prompt {prompt[:40]!r}...: {e}: a BPE model gives it probability 0'
                        ) from e
     base, anchor = [], 0
-    if cb > 4 * self.c.max_len:  # keep only the last chunks out of the KV cache
+    if cb > 64:  # all but the last pieces go into the KV cache in one forward
       ids = self.c.encode(prompt[:cb])
       tail = self.c.make_tail(prompt, cb, reversed(ids))
       anchor = cb - len(tail.text)
@@ -711,8 +711,12 @@ class ExactBPE(ByteLM):
       out = token_generate(self.fn, [self.bos_id] + ids, max_new_tokens, stop, allowed)
     else:
       removed = b''
-      out = token_generate(self.fn, [self.bos_id] + self.c.encode(bytes(prompt)),
-                           max_new_tokens, stop)
+      try:
+        ids = self.c.encode(bytes(prompt))
+      except ValueError as e:
+        raise ValueError(f'prompt {bytes(prompt)[-20:]!r}: a token-level prompt must be UTF-8 '
+                         f'text ({e}); token healing or byte-level sampling take it') from e
+      out = token_generate(self.fn, [self.bos_id] + ids, max_new_tokens, stop)
     text = b''.join(self.c.token_bytes[t] or b'' for t in out if t != self.eos_id)
     return text[len(removed):]
 
@@ -733,13 +737,21 @@ class _BPEState:
 
 # -- token-level generation on the same model (baselines for byte-level sampling) -------------
 def heal_split(canon: canonical.Canonical, prompt: bytes) -> tuple[list[int], bytes, np.ndarray]:
-  """Token healing's view of a prompt: (the prompt's encoding without its last token, that
-  token's bytes, the ids whose bytes start with them: what the first new token may be)."""
-  ids = canon.encode(prompt)
-  if not ids:
+  """Token healing's view of a prompt: (the prompt's encoding without its last token, the
+  bytes backed up, the ids whose bytes start with them: what the first new token may be). A
+  prompt that ends inside a character backs up those bytes too (the last token with them if
+  some token starts with both, else only them)."""
+  prompt = bytes(prompt)
+  n, partial = canonical.utf8_split(prompt)
+  ids = canon.encode(prompt[:n])
+  if not ids and not partial:
     return [], b'', canon.text_ids.copy()
-  removed = canon.token_bytes[ids[-1]]
+  removed = (canon.token_bytes[ids[-1]] if ids else b'') + partial
   a, b = canon.prefix_range(removed)
+  if ids and a == b:  # no token continues the last token into the partial character
+    removed = partial
+    a, b = canon.prefix_range(removed)
+    return ids, removed, np.sort(canon.sorted_ids[a:b])
   return ids[:-1], removed, np.sort(canon.sorted_ids[a:b])
 
 
