@@ -4,41 +4,50 @@ This is the tokenizer half of exact byte-level probabilities from a tokenized LM
 (models/byte_level.py is the model half). Everything here is model-free and runs on the host.
 
 Definitions (bytes are the text; the tokenizer is a HF `tokenizers` byte-level BPE):
-  * enc(s): the tokenizer's encoding of a UTF-8 byte string s (no special tokens added; special
+  * enc(s): the tokenizer's encoding of a UTF-8 string s (no special tokens added; special
     token strings inside s are text).
-  * A token sequence t is *canonical* ("valid", the papers' word) iff at every token boundary k
-    that falls on a character boundary, t[:k] == enc(bytes(t[:k])), and at a boundary inside a
-    multi-byte character, t[:k] is the canonical prefix of the encoding of bytes(t[:k]) completed
-    by *some* character (chunk structure for some completion's character class, BPE of the bytes
-    so far). Canonical sequences are exactly the prefixes of tokenizer outputs that a byte-level
-    process can reach; every other sequence is pruned.
-  * `Canonical.row(tail)` is the boolean mask over the vocabulary of tokens v such that t + [v] is
-    canonical, for the canonical t described by `tail`. This is the expensive part and is done
-    structurally (below); `valid_slow` is the direct definition, used by tests.
+  * A token sequence t is *canonical* ("valid", the papers' word) iff it is a prefix of
+    enc(bytes(t) + z) for some continuation z (ending on a token boundary). Not "t ==
+    enc(bytes(t))": the pre-tokenizer's regex looks ahead, so enc('\\n\\nA') is
+    ['\\n', '\\n', 'A'] while enc('\\n\\n') is ['\\n\\n']; both prefixes must be reachable.
+    The continuations tried are probes: the end of the text, one character of every class the
+    regex tells apart (each ASCII class standing for all its members), the contraction letters
+    and 're' / 've' / 'll' after an apostrophe, a character of each non-ASCII class; if bytes(t)
+    ends inside a character, every completion of that character first. The text may end after
+    t iff t == enc(bytes(t)) (`is_exact`).
+  * `Canonical.row(tail)`: the boolean mask over the vocabulary of tokens v such that t + [v] is
+    canonical, for the canonical t whose end `tail` describes. `valid_slow(tail, v)` checks the
+    definition directly with the tokenizer's pre-tokenizer and BPE (tests compare the two).
 
-How a row is computed (for tokenizers whose pieces come from a regex pre-tokenizer, then BPE):
-  1. Pre-tokenization. Only the last three chunks of t's text (the "tail", from a chunk start that
-     later text cannot move) matter. Appending a token's bytes w can extend or re-split the last
-     chunks; whether it does depends only on the *character classes* of tail + w as the regex sees
-     them (letters, digits, whitespace, the literal space and apostrophe, letters right after an
-     apostrophe, other). Tokens are grouped by the class string of their bytes; one
-     representative per group is pre-tokenized after the tail. A group is invalid if a chunk
-     boundary falls strictly inside w; the chunks before w's chunk must re-encode to the tail's
-     tokens; w's chunk then either starts at w (a new chunk: valid iff v is *reachable*, i.e.
-     enc(w) == [v]) or extends the tail's last token l (valid iff the pair (l, v) is valid).
-  2. BPE pairs. Within one chunk, a BPE encoding is the tokenizer's iff every adjacent pair is
+How a row is computed (regex pre-tokenizer, then BPE on each piece):
+  1. Pieces. Only the last pieces of t's text can be cut differently once more text follows
+     (the regex looks at most two characters ahead); `Tail` holds the text from three pieces
+     back. How tail + w + probe is cut depends only on the *character classes* (letters,
+     digits, whitespace, the literal space and apostrophe, letters right after an apostrophe,
+     other), and a run of one class is cut only at its start or before its last character: so
+     tokens are grouped by the class string of their bytes (runs longer than 3 shortened), one
+     representative per group is pre-tokenized after the tail's last piece(s) for every probe,
+     and the outcome is cached by the tail's shortened class string. A probe is out if a piece
+     starts strictly inside w; else the pieces inside the tail must re-encode to its tokens,
+     w's piece either starts at w (then v must be *reachable*: enc(w) == [v]) or extends the
+     tail's last token l (then (l, v) must be a valid pair), and if the piece goes on into the
+     probe, (v, first token of the probe's bytes) must be a valid pair too.
+  2. BPE pairs. Within one piece, a BPE encoding is the tokenizer's iff every adjacent pair is
      (BPE is "pairwise": Berglund & van der Merwe 2023; Hayase et al. 2025 use the same). A pair
      (l, r) is invalid iff some merge (x, y) with x on l's right spine and y on r's left spine
      fires while both are alive: birth(x) < rank < death(x) and birth(y) < rank <= death(y)
      (the `<=`: HF applies equal ranks leftmost first, so a crossing merge beats the same merge
      inside r). Spines and births come from running the tokenizer's BPE on each token's bytes
-     (`_bpe_trace`, HF's algorithm: lowest rank first, leftmost on ties).
-Tokens that end inside a character try every character class a completion can have (a
-representative character per class) and are valid if one works.
+     (`_bpe_trace`, HF's algorithm: lowest rank first, leftmost on ties). `pair_row(l)` /
+     `pair_col(r)` give all partners of one token at once from inverted spine indices.
+Class membership follows Python's `unicodedata` (Unicode 15); the tokenizers library's regex
+tables could differ for characters assigned in later Unicode versions.
 
 Supported: HF `tokenizers` BPE models over the byte-level alphabet, no normalizer, pre-tokenizer
 ByteLevel(add_prefix_space=False) (its GPT-2 regex, or none) optionally after Digits / Split
-(Sequence), ignore_merges off. Anything else raises `UnsupportedTokenizer` (a ValueError).
+(Sequence; an unknown Split regex makes every ASCII character its own class), ignore_merges
+off. Anything else (UnigramLM, WordPiece, SentencePiece-style, a normalizer) raises
+`UnsupportedTokenizer` (a ValueError).
 """
 from __future__ import annotations
 

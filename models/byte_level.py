@@ -18,14 +18,16 @@ bos; end of text is eos.
 
 *BPE token LMs* (`ExactBPE`: the subword LM, SmolLM2, tokenizer-transferred models): the exact
 byte-level marginal of the model's *canonical process* Q. Q is the model's next-token
-distribution restricted, at every token step, to the tokens that keep the encoding canonical
-(a prefix of what the tokenizer produces for some text; see data/canonical.py), plus the end
-token where the text so far is complete, and renormalized there:
+distribution restricted, at every token step, to the tokens that keep the sequence canonical
+(a prefix of the tokenizer's encoding of the text so far plus some continuation; see
+data/canonical.py), plus the end token where the sequence is exactly the tokenizer's encoding
+of its text, and renormalized there:
     Q(t_k | t_<k) = P(t_k | t_<k) [t_<=k canonical] / Z(t_<k),
-    Z(t_<k) = sum over canonical next tokens v of P(v | t_<k) + P(end | t_<k).
-Every byte string has at most one canonical encoding, so Q is a proper distribution over texts
-with Q(text, end) = P(enc(text), end) / prod_k Z(enc(text)_<k): the token-level probability of
-the canonical encoding, raised by the mass the model puts on non-canonical tokens along it (the
+    Z(t_<k) = sum over canonical next tokens v of P(v | t_<k) + [t_<k = enc(its text)] P(end | t_<k).
+Q is a proper distribution over texts (no canonical sequence is a dead end), and the only
+sequence after which a text may end is its encoding, so
+Q(text, end) = P(enc(text), end) / prod_k Z(enc(text)_<k): the token-level probability of the
+tokenizer's encoding, raised by the mass the model puts on non-canonical tokens along it (the
 figure `benchmarks/byte_level.py` reports; 0 when the model never leaves canonical encodings).
 The probability that a text *starts* with the bytes x is the sum of Q over x's cover encodings
 (canonical sequences whose last token reaches or crosses the end of x while the rest ends
@@ -42,10 +44,12 @@ or text with invalid UTF-8 (ValueError naming the byte); a text that ends inside
 has end probability 0. A byte the vocabulary cannot produce raises too.
 
 Cost: the cover encodings live in a lattice of canonical token sequences over the text (about
-one node per byte). Scoring a known text evaluates all nodes that have a canonical cover in
-one forward over the canonical encoding plus one batched forward over the other nodes (their
-divergent last tokens on top of the shared KV cache, padded to a few fixed shapes). Streaming
-(start / advance) evaluates each new node once, rewriting the tail of one cached token path.
+one node per byte). Scoring a known text evaluates every node that has a canonical cover: one
+forward over the tokenizer's encoding, plus one batched forward over the other nodes (their
+divergent last tokens on top of the shared KV cache, rows and lengths padded to a few shapes).
+So scoring costs about one model position per byte instead of one per token, plus a validity
+row per node on the host (~1 ms for SmolLM2). Streaming (start / advance) evaluates each new
+node once, rewriting the tail of one cached token path.
 
 *HAT* (`HATView`) and *lexinvariant LMs* over bytes (`byte_view(..., rng=)`: the random
 embedding is drawn once per view and kept for every text it scores) are byte-level already.

@@ -126,6 +126,10 @@ def test_next_byte_distributions_normalize(view):
       stream.append(view.next_byte_logprobs(st)[b])
       st = view.advance(st, b)
     np.testing.assert_allclose(stream, score[5:-1], atol=1e-4)
+  # a long prompt goes into the KV cache up to its last pieces: the same distribution
+  long = (TEXTS[0] + ' ' + TEXTS[2]).encode()[:70]
+  np.testing.assert_allclose(view.next_byte_logprobs(view.start(long)),
+                             view.distributions(long)[-1], atol=1e-4)
   # a prompt ending inside a character: only its continuation bytes are possible
   lp = view.next_byte_logprobs(view.start('\u4e2d'.encode()[:2]))
   assert np.isfinite(lp[0xAD]) and np.all(np.isinf(lp[:0x80])) and np.isinf(lp[bl.END])
