@@ -1,9 +1,13 @@
 """Byte-level views of SmolLM2-135M on CPU: speed, bits per byte, boundary prompts, FIM-like.
 
   python benchmarks/byte_level.py                  # all parts, a few minutes on 2 CPU cores
-  python benchmarks/byte_level.py --fim_n=40 --text_bytes=500 --parts=score,fim
+  python benchmarks/byte_level.py --fim_n=40 --text_bytes=500 --parts=canon,score,fim
 
 Parts:
+  canon     SmolLM2's tokenizer against the definition: every next token of its own encoding
+            of docs paragraphs, stdlib code and a mixed string (contractions, whitespace runs,
+            CJK, emoji) must be a valid continuation (the lattice relies on it), and fast
+            validity rows must equal `valid_slow` on sampled (prefix, token) pairs.
   score     a paragraph of Python's docs (pydoc_data.topics['assignment'], first --text_bytes
             bytes): token-level log-prob of its encoding (one forward over [doc] + ids + [doc])
             vs the exact byte-level score (models.byte_level.ExactBPE.score); wall time of each
@@ -48,6 +52,39 @@ def timed(fn, repeats):
     out = fn()
     times.append(time.perf_counter() - t0)
   return out, statistics.median(times)
+
+
+def part_canon(view, args):
+  import json.decoder  # pylint: disable=import-outside-toplevel
+  import pydoc_data.topics  # pylint: disable=import-outside-toplevel
+  import string  # pylint: disable=import-outside-toplevel
+  import textwrap  # pylint: disable=import-outside-toplevel
+  c = view.c
+  texts = [pydoc_data.topics.topics[k][:1500] for k in ('assignment', 'for', 'with', 'lambda',
+                                                        'formatstrings')]
+  texts += [inspect.getsource(m)[:3000] for m in (textwrap, string, json.decoder)]
+  texts.append("x'll it's we're \n\n\nA  b\t\tc \u4e2d\u6587\U0001F44D caf\u00e9 12.5e-3\r\n  ")
+  rng = random.Random(args.seed)
+  t0 = time.perf_counter()
+  steps = bad = pairs = mismatch = 0
+  for i, text in enumerate(texts):
+    b = text.encode()
+    ids = c.encode(b)
+    pos = 0
+    sample = set(rng.sample(range(len(ids)), 4)) if i in (0, 1, 5, len(texts) - 1) else set()
+    for k, t in enumerate(ids):
+      tail = c.make_tail(b, pos, reversed(ids[:k]))
+      row = c.row(tail)
+      steps += 1
+      bad += not row[t]
+      if k in sample:
+        for v in rng.sample(c.text_ids.tolist(), 150) + [t]:
+          pairs += 1
+          mismatch += bool(row[v]) != c.valid_slow(tail, v)
+      pos += len(c.token_bytes[t])
+  print(f'\n== canon: {steps} next-token steps of the tokenizer\'s own encodings ({len(texts)} '
+        f'texts): {bad} not valid; fast rows vs valid_slow: {mismatch} mismatches of {pairs} '
+        f'(prefix, token) pairs; {time.perf_counter() - t0:.1f} s')
 
 
 def part_score(view, args):
@@ -180,7 +217,7 @@ def part_fim(view, args):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument('--parts', default='score,examples,fim')
+  ap.add_argument('--parts', default='canon,score,examples,fim')
   ap.add_argument('--text_bytes', type=int, default=500)
   ap.add_argument('--repeats', type=int, default=2)
   ap.add_argument('--fim_n', type=int, default=40)
@@ -201,6 +238,8 @@ def main():
   print(f'SmolLM2 load {t1 - t0:.1f} s; tokenizer structure (BPE spines of {len(view.c.text_ids)}'
         f' tokens, pre-tokenizer groups) {time.perf_counter() - t1:.1f} s')
   parts = args.parts.split(',')
+  if 'canon' in parts:
+    part_canon(view, args)
   if 'score' in parts:
     part_score(view, args)
   if 'examples' in parts:
