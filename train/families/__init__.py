@@ -142,6 +142,14 @@ class Family(abc.ABC):
     del setup, params, workdir, step
     return {}
 
+  def byte_view(self, model: nnx.Module):
+    """The model as a `models.byte_level.ByteLM`: exact next-byte probabilities (256 bytes and
+    end of text), byte-level scoring and sampling, whatever its own units (bytes, BPE tokens,
+    words). Default: a ValueError (a family without text, e.g. sentence embeddings)."""
+    del model
+    raise ValueError(f'family {self.name!r} has no byte-level view (it does not model text '
+                     'bytes)')
+
   def export_hf(self, model: nnx.Module, out_dir: str) -> None:
     """Writes `model` as an HF-format directory (`--mode=export`). Default: not supported."""
     del model

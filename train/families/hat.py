@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from data import encoders, hat_data, pipeline, words
-from models import hat
+from models import byte_level, hat
 from train import families
 
 
@@ -47,6 +47,10 @@ class HATFamily(families.Family):
     out = np.asarray(out)
     stop = np.flatnonzero(out == self.encoder.eos_id)
     return [cfg_sample.prompt + self.encoder.decode(out[:stop[0]] if stop.size else out)]
+
+  def byte_view(self, model):
+    return byte_level.byte_view(model, splitter=self.splitter,
+                                max_word_bytes=self.cfg.data.max_word_bytes, name=self.name)
 
   def flops_per_token(self) -> float:
     d = self.cfg.data

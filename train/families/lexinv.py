@@ -4,10 +4,11 @@
 same size on the same data (`lexinv.baseline_workdir`, a trained `lm`-family run)."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from data import corpus, pipeline
-from models import lexinvariant
+from models import byte_level, lexinvariant
 from train import families, runs
 from train.evals import lexinv as lexinv_evals
 from train.families import lm
@@ -61,6 +62,11 @@ class LexinvariantFamily(lm.TokenLMFamily):
                f'{self.encoder.true_vocab_size} ids are live)'
     return (f'lexinvariant p={c.p} table={c.table} vocab={vocab} '
             f'fixed_specials={bool(c.get("fixed_specials", False))} | ' + super().describe())
+
+  def byte_view(self, model):
+    """One random embedding drawn from `lexinv.eval_seed`, kept for every text scored."""
+    return byte_level.byte_view(model, self.encoder, name=self.name,
+                                rng=jax.random.key(self.lexinv_cfg.eval_seed))
 
   def export_hf(self, model, out_dir: str) -> None:
     families.Family.export_hf(self, model, out_dir)  # no HF architecture for it

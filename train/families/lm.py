@@ -10,7 +10,7 @@ import numpy as np
 import tokenizers
 
 from data import encoders, pipeline
-from models import pretrained, token_lm
+from models import byte_level, pretrained, token_lm
 from train import families
 
 
@@ -62,6 +62,10 @@ class TokenLMFamily(families.Family):
 
   def flops_per_token(self) -> float:
     return token_lm.flops_per_token(self.model_cfg, self.encoder.vocab_size, self.cfg.data.seq_len)
+
+  def byte_view(self, model):
+    """Bytes: the model's own distribution; BPE: exact, over canonical encodings."""
+    return byte_level.byte_view(model, self.encoder, name=self.name)
 
   def export_hf(self, model, out_dir: str) -> None:
     enc = self.encoder
