@@ -49,7 +49,7 @@ def parse(argv):
   g.add_argument('--max_idle_seconds', type=float, default=0.0,
                  help='exit with an error after this long without a new checkpoint (0: never)')
   g = p.add_argument_group('launch and sweep jobs')
-  g.add_argument('--launcher', choices=('slurm', 'tpu'), default='slurm')
+  g.add_argument('--launcher', choices=('slurm', 'tpu', 'local'), default='slurm')
   g.add_argument('--sweep_jobs', choices=('', 'print', 'slurm'), default='')
   g.add_argument('--submit', action='store_true', help='run the written script / command')
   g.add_argument('--nodes', type=int, default=1)
@@ -60,6 +60,16 @@ def parse(argv):
   g.add_argument('--zone', default='')
   g.add_argument('--project', default='')
   g.add_argument('--repo', default='', help='repository path on the hosts (default: this one)')
+  g.add_argument('--dry', action='store_true', help='print every command, run nothing')
+  g.add_argument('--max_restarts', type=int, default=20,
+                 help='tpu/local --submit: restarts of a preempted or failed job')
+  g.add_argument('--restart_backoff', type=float, default=60.0, help='seconds between attempts')
+  g.add_argument('--spot', action='store_true',
+                 help='tpu: a spot queued resource, created when missing, recreated when lost')
+  g.add_argument('--accelerator_type', default='', help='tpu --spot: e.g. v5litepod-256')
+  g.add_argument('--runtime_version', default='', help='tpu --spot: e.g. v2-alpha-tpuv5-lite')
+  g.add_argument('--allow_dirty', action='store_true',
+                 help='tpu: ship uncommitted changes to tracked files (as a stash commit)')
   args = p.parse_args(rest)
   return args, overrides
 
@@ -107,7 +117,8 @@ def _quiet_background_errors() -> None:
       record.exc_info, record.exc_text = None, None
       return True
 
-  logging.getLogger('absl').addFilter(_NoTraceback())
+  for name in ('absl', 'gcsfs', 'google'):  # a bucket's transport errors: the message says it
+    logging.getLogger(name).addFilter(_NoTraceback())
   default = sys.unraisablehook
 
   def unraisable(u):
@@ -172,12 +183,12 @@ def _run(args, cfg, module, overrides) -> int:
 
 
 def _write_jobs(args, cfg, module, overrides) -> int:
-  """--mode=launch, --mode=sweep --sweep_jobs=..., --mode=sweep_summary: text and files only."""
+  """--mode=launch, --mode=sweep --sweep_jobs=..., --mode=sweep_summary: no devices needed."""
   import shlex
   import subprocess
-  from train import launching, sweep
-  workdir = os.path.abspath(args.workdir)
-  os.makedirs(os.path.join(workdir, 'launch'), exist_ok=True)
+  from train import launching, storage, sweep
+  workdir = storage.canonical(args.workdir)  # a gs:// URL is passed on untouched
+  out_dir = launching.launch_dir(workdir)
   name = os.path.basename(workdir.rstrip('/')) or 'notoklm'
   repo = args.repo or os.path.dirname(os.path.abspath(__file__))
   if args.mode in ('sweep', 'sweep_summary') and not hasattr(module, 'get_sweep'):
@@ -189,10 +200,13 @@ def _write_jobs(args, cfg, module, overrides) -> int:
     print(f'{len(rows) - len(missing)} of {len(rows)} points done'
           + (f'; not done: {", ".join(missing)}' if missing else ''))
     return 0
+  log_dir = os.path.join(out_dir, 'logs') if not storage.is_remote(workdir) else os.path.join(
+      repo, 'slurm_logs')
   if args.mode == 'sweep':
     cmds = sweep.job_commands(args.config, module.get_sweep(cfg), workdir, overrides, repo,
                               cfg=cfg)
-    path = os.path.join(workdir, 'launch', 'sweep_commands.txt')
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, 'sweep_commands.txt')
     with open(path, 'w') as f:
       f.write('\n'.join(cmds) + '\n')
     if args.sweep_jobs == 'print':
@@ -202,31 +216,59 @@ def _write_jobs(args, cfg, module, overrides) -> int:
       return 0
     text = launching.slurm_script([], f'{name}-sweep', args.nodes, args.gpus_per_node, args.time,
                                   args.partition, repo, array=len(cmds), commands_file=path,
-                                  log_dir=os.path.join(workdir, 'launch', 'logs'))
-    script = os.path.join(workdir, 'launch', 'sweep.sbatch')
+                                  log_dir=log_dir)
+    script = os.path.join(out_dir, 'sweep.sbatch')
   else:
     run_args = launching.launch_args(args.config, workdir, overrides)
-    if args.launcher == 'tpu':
-      if not args.tpu or not args.zone:
-        print('error: --launcher=tpu needs --tpu=NAME and --zone=ZONE', file=sys.stderr)
-        return 2
-      text = '#!/bin/bash\n' + launching.tpu_command(run_args, args.tpu, args.zone,
-                                                      args.project, repo) + '\n'
-      script = os.path.join(workdir, 'launch', 'tpu.sh')
-    else:
-      text = launching.slurm_script(run_args, name, args.nodes, args.gpus_per_node, args.time,
-                                    args.partition, repo,
-                                    log_dir=os.path.join(workdir, 'launch', 'logs'))
-      script = os.path.join(workdir, 'launch', 'train.sbatch')
+    steps = None if cfg.train.flops_budget > 0 else int(cfg.train.steps)
+    if args.launcher in ('tpu', 'local'):
+      return _controlled_job(args, run_args, workdir, steps, out_dir, repo)
+    text = launching.slurm_script(run_args, name, args.nodes, args.gpus_per_node, args.time,
+                                  args.partition, repo, log_dir=log_dir)
+    script = os.path.join(out_dir, 'train.sbatch')
+  os.makedirs(out_dir, exist_ok=True)
   with open(script, 'w') as f:
     f.write(text)
   print(text, end='')
   print(f'# written to {script}')
   if args.submit:
-    cmd = ['sbatch', script] if script.endswith('.sbatch') else ['bash', script]
+    cmd = ['sbatch', script]
     print('# running: ' + ' '.join(shlex.quote(c) for c in cmd), flush=True)
     return subprocess.call(cmd)
   return 0
+
+
+def _controlled_job(args, run_args, workdir, steps, out_dir, repo) -> int:
+  """--launcher=tpu / local: the job's commands (--dry prints them), tpu.sh for one attempt by
+  hand, and with --submit the restart loop run from here until the run has finished."""
+  import shlex
+  from train import launching, storage
+  if args.launcher == 'tpu':
+    if not args.tpu or not args.zone:
+      print('error: --launcher=tpu needs --tpu=NAME and --zone=ZONE', file=sys.stderr)
+      return 2
+    if not storage.is_remote(workdir):
+      print(f'# warning: the workdir is on each worker\'s own disk ({workdir}): on a multi-host '
+            'slice the hosts do not share it and it is lost with the slice; use a gs:// workdir')
+    archive, commit = launching.code_archive(out_dir, repo, args.allow_dirty)
+    run_args = [launching.repo_relative(a, repo) for a in run_args]  # workers cd into the copy
+    job = launching.TpuJob(run_args, args.tpu, args.zone, args.project, archive, commit,
+                           spot=args.spot, accelerator_type=args.accelerator_type,
+                           runtime_version=args.runtime_version, poll_s=args.poll_seconds)
+    script = os.path.join(out_dir, 'tpu.sh')
+    with open(script, 'w') as f:
+      f.write(job.script())
+    print(f'# code: commit {commit} in {archive}; one attempt by hand: bash {script}')
+  else:
+    job = launching.LocalJob(run_args, repo=repo)
+  if args.dry or not args.submit:
+    for cmd in job.commands():
+      print(' '.join(shlex.quote(c) for c in cmd))
+    if not args.dry:
+      print('# add --submit to run it (restarted until it finishes, at most '
+            f'{args.max_restarts} times)')
+    return 0
+  return launching.restart_loop(job, workdir, steps, args.max_restarts, args.restart_backoff)
 
 
 if __name__ == '__main__':

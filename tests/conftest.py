@@ -11,10 +11,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+from gcs_emulator import SAFE_ENV  # pylint: disable=wrong-import-position
+
+for _k, _v in SAFE_ENV.items():  # no Google client in any test probes a metadata server
+  os.environ.setdefault(_k, _v)
 
 from train import launching  # pylint: disable=wrong-import-position
 
 launching.enable_compile_cache()  # in-process tests; launch.py subprocesses enable it themselves
+
+
+@pytest.fixture(scope='module')
+def gcs(monkeypatch_module):
+  """A Cloud Storage emulator on 127.0.0.1 for this module (bucket 'test-bucket'); this process
+  and its launch.py subprocesses reach it through the environment."""
+  import gcs_emulator  # pylint: disable=import-outside-toplevel
+  gcs_emulator.quiet_logs()
+  proc, url = gcs_emulator.start()
+  for k, v in gcs_emulator.environment(url).items():
+    monkeypatch_module.setenv(k, v)
+  import fsspec  # pylint: disable=import-outside-toplevel
+  fsspec.filesystem('gs').clear_instance_cache()
+  yield 'gs://test-bucket'
+  gcs_emulator.stop(proc)
+
+
+@pytest.fixture(scope='module')
+def monkeypatch_module():
+  with pytest.MonkeyPatch.context() as mp:
+    yield mp
 
 
 @pytest.fixture(scope='session')

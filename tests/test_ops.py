@@ -90,18 +90,24 @@ def test_launch_scripts(tmp_path, capsys):
   assert srun[3:] == ['launch.py', CONFIG, f'--workdir={wd}', '--config.optim.lr=0.001']
   subprocess.run(['bash', '-n', os.path.join(wd, 'launch', 'train.sbatch')], check=True)
 
+  # TPU: the commands a pod run is (ship, set up, start on every worker), printed with --dry;
+  # the full submit / restart path runs against a stub gcloud in test_pod.py
   assert launch.main([CONFIG, f'--workdir={wd}', '--mode=launch', '--launcher=tpu',
-                      '--tpu=pod-v5e-64', '--zone=us-west4-a', '--project=lab',
-                      '--repo=/home/me/notoklm']) == 0
-  text = open(os.path.join(wd, 'launch', 'tpu.sh')).read()
-  cmd = shlex.split(text.splitlines()[1])
-  assert cmd[:9] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'pod-v5e-64',
-                     '--zone=us-west4-a', '--project=lab', '--worker=all']
-  remote = cmd[9]
-  assert remote.startswith(f'--command=cd /home/me/notoklm && {launching.default_python()} '
-                           'launch.py ')
-  assert shlex.split(remote.split('launch.py ')[1]) == [CONFIG, f'--workdir={wd}']
+                      '--tpu=pod-v5e-64', '--zone=us-west4-a', '--project=lab', '--allow_dirty',
+                      '--dry', '--config.optim.lr=0.001']) == 0
+  out = capsys.readouterr().out
+  cmds = [shlex.split(l) for l in out.splitlines() if l.startswith('gcloud')]
+  assert [c[4] for c in cmds] == ['scp', 'ssh', 'ssh'], out
+  for c in cmds:
+    assert c[:4] == ['gcloud', 'compute', 'tpus', 'tpu-vm'] and '--worker=all' in c
+    assert '--zone=us-west4-a' in c and '--project=lab' in c
+  start = [a for a in cmds[2] if a.startswith('--command=')][0]
+  assert f'launch.py {CONFIG} --workdir={wd} --config.optim.lr=0.001' in start, start
+  assert 'NOTOKLM_DISTRIBUTED=1' in start, start
+  assert 'warning: the workdir is on each worker' in out, out
+  subprocess.run(['bash', '-n', os.path.join(wd, 'launch', 'tpu.sh')], check=True)
   assert launch.main([CONFIG, f'--workdir={wd}', '--mode=launch', '--launcher=tpu']) == 2
+  assert 'needs --tpu=NAME and --zone=ZONE' in capsys.readouterr().err
 
 
 def test_sweep_as_jobs_and_gathered_summary(data_dir, tmp_path, capsys):

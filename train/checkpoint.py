@@ -19,6 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from train import storage
+
 log = logging.getLogger(__name__)
 _STATE_BYTES = 4096  # fixed-size buffer for one host's JSON iterator state
 
@@ -93,7 +95,7 @@ def complete_steps(directory: str) -> list[int]:
   """Steps whose checkpoint directory was finalized (read from the disk: an unfinished write is
   a '<step>.orbax-checkpoint-tmp' directory until its final rename)."""
   try:
-    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+    return sorted(int(d) for d in storage.listdir(directory) if d.isdigit())
   except OSError:
     return []
 
@@ -105,7 +107,7 @@ class Checkpointer:
     """`read_only`: a reader (eval, sample, the evaluator): creates nothing, writes nothing."""
     if keep < 1:
       raise ValueError(f'ckpt.keep={keep}: at least the newest checkpoint must be kept (>= 1)')
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.canonical(directory)  # a gs:// URL stays one (orbax writes there)
     opts = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
         read_only=read_only)
@@ -189,13 +191,12 @@ class Checkpointer:
   def _move_aside(self, steps: list[int]) -> None:
     """Moves unreadable step directories to ../checkpoints_unreadable/<step>-<time> (process 0;
     every process waits for it), then re-reads the directory."""
-    dest = os.path.join(os.path.dirname(self.directory), 'checkpoints_unreadable')
+    dest = storage.join(os.path.dirname(self.directory), 'checkpoints_unreadable')
     stamp = datetime.datetime.now().strftime('%Y%m%dT%H%M%S')
     if jax.process_index() == 0:
-      os.makedirs(dest, exist_ok=True)
       for s in steps:
-        target = os.path.join(dest, f'{s}-{stamp}')
-        os.replace(os.path.join(self.directory, str(s)), target)
+        target = storage.join(dest, f'{s}-{stamp}')
+        storage.move(storage.join(self.directory, str(s)), target)
         log.warning('moved the unreadable checkpoint of step %d to %s', s, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('notoklm_checkpoint_move_aside')

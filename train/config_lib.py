@@ -16,6 +16,8 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from train import storage
+
 
 class ConfigError(ValueError):
   """A config file, preset or override that cannot be applied."""
@@ -241,18 +243,14 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
 
 
 def save(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'config.json')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(to_json(cfg))
-  os.replace(tmp, path)
+  """Writes `workdir/config.json` atomically (a local path or a bucket URL)."""
+  path = storage.join(workdir, 'config.json')
+  storage.write_text(path, to_json(cfg))
   return path
 
 
 def from_json(path: str) -> ml_collections.ConfigDict:
-  with open(path) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  cfg = ml_collections.ConfigDict(json.loads(storage.read_text(path)))
   cfg.lock()
   return cfg
 
@@ -261,8 +259,8 @@ def load_saved(workdir: str) -> ml_collections.ConfigDict:
   """The config a run saved in `workdir/config.json`, laid over the current defaults of its
   config file and preset: a run saved before a key was added still restores (saved values
   win; saved keys that no longer exist are dropped)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = storage.join(workdir, 'config.json')
+  if not storage.exists(path):
     raise FileNotFoundError(f'no config.json in {workdir}')
   saved = from_json(path)
   try:

@@ -14,49 +14,41 @@ deleted by the trainer's keep-N policy before it could be read is counted as mis
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
 
 from train import checkpoint as ckpt_lib
 from train import metrics as metrics_lib
-from train import trainer
+from train import storage, trainer
 from train.metrics import log0
 
 RECORD = 'evaluator.jsonl'
 
 
 def evaluated_steps(workdir: str) -> list[int]:
-  path = os.path.join(workdir, RECORD)
-  if not os.path.exists(path):
+  path = storage.join(workdir, RECORD)
+  if not storage.exists(path):
     return []
   steps = []
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        try:
-          steps.append(int(json.loads(line)['step']))
-        except (ValueError, KeyError):
-          continue  # a line torn by a crash mid-write: that step is evaluated again
+  for line in storage.read_text(path).splitlines():
+    line = line.strip()
+    if line:
+      try:
+        steps.append(int(json.loads(line)['step']))
+      except (ValueError, KeyError):
+        continue  # a line torn by a crash mid-write: that step is evaluated again
   return steps
 
 
-def _append(path: str, record: dict) -> None:
-  with open(path, 'a') as f:
-    f.write(json.dumps(record) + '\n')
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float = 0.0) -> dict:
+  workdir = storage.check_workdir(workdir)  # it may start before the training does
   setup = trainer.Setup(cfg, workdir=workdir)
   fam = setup.family
   final = int(setup.cfg.train.steps)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  record = os.path.join(workdir, RECORD)
+  ckpt_dir = storage.join(workdir, 'checkpoints')
   done = set(evaluated_steps(workdir))
+  record = storage.JsonlLog(storage.join(workdir, RECORD)) if jax.process_index() == 0 else None
   primary = jax.process_index() == 0
   writer = metrics_lib.Writer(workdir)
   eval_batches = fam.eval_batches(jax.process_index(), jax.process_count(),
@@ -73,7 +65,7 @@ def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float =
       try:
         state, _, restored = trainer.restore_or_init(setup, ck, step=s)
       except (FileNotFoundError, ckpt_lib.CheckpointError):
-        if os.path.isdir(os.path.join(ckpt_dir, str(s))):
+        if storage.exists(storage.join(ckpt_dir, str(s))):
           raise  # there and unreadable, or another config: not ours to hide
         missed.append(s)  # removed by the trainer's keep-N policy meanwhile
         done.add(s)
@@ -85,7 +77,7 @@ def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float =
       del state
       ev = {'step': restored, **{k: v for k, v in ev.items() if not isinstance(v, dict)}}
       if primary:
-        _append(record, ev)
+        record.append(ev, sync=True)  # flushed (fsynced / uploaded): the record of what was done
         writer.scalars(restored, {k: v for k, v in ev.items() if k != 'step'}, prefix='eval')
         writer.flush()
       done.add(restored)
@@ -97,9 +89,13 @@ def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float =
       break
     if max_idle_seconds and time.monotonic() - idle_since > max_idle_seconds:
       writer.close()
+      if record is not None:
+        record.close()
       raise TimeoutError(f'[evaluator] no new checkpoint in {ckpt_dir} for {max_idle_seconds:.0f}s '
                          f'(evaluated {sorted(done)}; final step {final} not reached)')
     time.sleep(poll_seconds)
   writer.close()
+  if record is not None:
+    record.close()
   log0(f'[evaluator] done: evaluated {evaluated}, missed {missed}')
   return {'evaluated': evaluated, 'missed': missed}

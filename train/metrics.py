@@ -3,12 +3,12 @@ step, and a console progress line with rates and ETA. Only process 0 writes."""
 from __future__ import annotations
 
 import datetime
-import json
 import math
-import os
 import time
 
 import jax
+
+from train import storage
 
 LN2 = math.log(2.0)
 
@@ -31,7 +31,9 @@ def derived(sums: dict) -> dict:
 
 
 class Writer:
-  """Scalars to TensorBoard (`WORKDIR/tb`) and JSONL files (one record per line, `step` first).
+  """Scalars to TensorBoard (`WORKDIR/tb`) and JSONL files (one record per line, `step` first),
+  in a local workdir or a bucket (train/storage.py; TensorBoard event files in a bucket are
+  uploaded whole at every flush).
 
   `resume_step` (the trainer's: the step a run starts or resumes from): records of later steps,
   left by a run that was killed after its last checkpoint, are dropped from the JSONL files and
@@ -44,18 +46,26 @@ class Writer:
     self.workdir = workdir
     self.resume_step = resume_step
     self._tb = None
-    self._jsonl = {}
+    self._jsonl: dict[str, storage.JsonlLog] = {}
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      storage.makedirs(workdir)
       if resume_step is not None:
         for name in self.JSONL:
-          _truncate_jsonl(os.path.join(workdir, name), resume_step)
+          self._log(name)
+
+  def _log(self, name: str) -> storage.JsonlLog:
+    if name not in self._jsonl:
+      self._jsonl[name] = storage.JsonlLog(storage.join(self.workdir, name),
+                                           keep_steps=self.resume_step)
+    return self._jsonl[name]
 
   def _tb_writer(self):
     if self._tb is None:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      _register_bucket_event_writer()
       purge = None if self.resume_step is None else self.resume_step + 1
-      self._tb = SummaryWriter(os.path.join(self.workdir, 'tb'), flush_secs=10, purge_step=purge)
+      self._tb = SummaryWriter(storage.join(self.workdir, 'tb'), flush_secs=10,
+                               purge_step=purge)
     return self._tb
 
   def scalars(self, step: int, values: dict, prefix: str = 'train', jsonl: str | None = None):
@@ -66,10 +76,7 @@ class Writer:
       if isinstance(v, (int, float)) and math.isfinite(v):
         tb.add_scalar(f'{prefix}/{k}', v, step)
     if jsonl:
-      f = self._jsonl.get(jsonl)
-      if f is None:
-        f = self._jsonl[jsonl] = open(os.path.join(self.workdir, jsonl), 'a', buffering=1)
-      f.write(json.dumps({'step': step, **values}) + '\n')
+      self._log(jsonl).append({'step': step, **values})
 
   def text(self, step: int, tag: str, text: str):
     if self.enabled:
@@ -92,26 +99,37 @@ class Writer:
     self._jsonl = {}
 
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
-  """Keeps the records of steps <= last_step (and drops a line torn by a crash)."""
-  if not os.path.exists(path):
-    return
-  keep, dropped = [], 0
-  with open(path) as f:
-    for line in f:
-      try:
-        rec = json.loads(line)
-        if int(rec['step']) <= last_step:
-          keep.append(line if line.endswith('\n') else line + '\n')
-          continue
-      except (ValueError, KeyError, TypeError):
-        pass
-      dropped += 1
-  if dropped:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
+class _BucketEventFile:
+  """tensorboardX record writer for a bucket URL: the event file is kept in memory and the
+  object uploaded whole at every flush (objects cannot be appended to)."""
+
+  def __init__(self, path: str):
+    self.path, self._buf, self._dirty = path, bytearray(), False
+
+  def write(self, data: bytes):
+    self._buf += data
+    self._dirty = True
+
+  def flush(self):
+    if self._dirty:
+      storage.write_bytes(self.path, bytes(self._buf))
+      self._dirty = False
+
+  def close(self):
+    self.flush()
+
+
+class _BucketEventFiles:
+  def open(self, path):
+    return _BucketEventFile(path)
+
+  def directory_check(self, path):
+    del path  # bucket prefixes need no creation
+
+
+def _register_bucket_event_writer():
+  from tensorboardX import record_writer  # pylint: disable=import-outside-toplevel
+  record_writer.register_writer_factory('gs', _BucketEventFiles())
 
 
 class Progress:

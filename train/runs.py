@@ -4,10 +4,9 @@ sentence decoder, a sentence autoencoder's encoder, a ZeTT hypernetwork for tran
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
-from train import config_lib, trainer
+from train import config_lib, storage, trainer
 
 
 @dataclasses.dataclass
@@ -33,7 +32,7 @@ class Run:
   @property
   def identity(self) -> str:
     """'<absolute workdir>@<step>': names exactly which weights were read."""
-    return f'{os.path.abspath(self.workdir)}@{self.step}'
+    return f'{storage.canonical(self.workdir)}@{self.step}'
 
 
 def load_run(workdir: str, step: int | None = None, family: str | tuple[str, ...] = (),
@@ -41,7 +40,7 @@ def load_run(workdir: str, step: int | None = None, family: str | tuple[str, ...
   """The run in `workdir`, restored at its latest (or `step`) checkpoint onto this process's
   devices. `family`: the family name(s) the caller accepts, else a ValueError naming `what`
   (the config key that pointed here) and the run's actual family."""
-  if not os.path.isdir(workdir):
+  if not storage.isdir(workdir):
     raise FileNotFoundError(f'{what or "run"}: no run directory {workdir}')
   cfg = config_lib.load_saved(workdir)
   wanted = (family,) if isinstance(family, str) else tuple(family)

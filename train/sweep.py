@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
-import os
 import re
 import shlex
 
-from train import config_lib, launching, trainer
+from train import config_lib, launching, storage, trainer
 from train.evals import report
 from train.metrics import log0
 
@@ -51,12 +49,12 @@ def run(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None
   stopped by SIGTERM / SIGINT (checkpointed) ends the sweep there: its row says 'stopped by
   SIGTERM at step N' and later points are 'not started'; rerunning the command resumes."""
   cli_overrides = cli_overrides or {}
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.check_workdir(workdir)
   subs = [_point_config(cfg, p, cli_overrides) for p in points]  # bad keys fail before training
   rows, stopped = [], None
   for point, sub in zip(points, subs):
     name = run_name(point)
-    wd = os.path.join(workdir, name)
+    wd = storage.join(workdir, name)
     if stopped:
       rows.append(_row(name, point, sub, {}, {}, 'not started'))
       continue
@@ -97,7 +95,7 @@ def _row(name, point, sub, out: dict, ev: dict, status: str) -> dict:
 
 def _write_all(rows: list[dict], workdir: str) -> None:
   log0(report.write_rows(rows, workdir, 'summary').rstrip('\n'))
-  names = [r['run'] for r in rows if os.path.isdir(os.path.join(workdir, r['run']))]
+  names = [r['run'] for r in rows if storage.isdir(storage.join(workdir, r['run']))]
   report.plot_curves(names, workdir)
   report.plot_eval_vs_flops(names, workdir)
 
@@ -114,7 +112,7 @@ def job_commands(config_spec: str, points: list[dict], workdir: str, cli_overrid
   for point in points:
     spec = point.get('config', base_spec)
     over = {**cli_overrides, **{k: v for k, v in point.items() if k not in ('config', 'name')}}
-    wd = os.path.join(os.path.abspath(workdir), run_name(point))
+    wd = storage.join(storage.canonical(workdir), run_name(point))
     cmd = launching.shell_command(repo or launching.REPO, python,
                                   launching.launch_args(spec, wd, over))
     sub = _point_config(cfg, point, cli_overrides) if cfg is not None else None
@@ -132,23 +130,21 @@ def gather(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = N
   rows = []
   for point in points:
     name = run_name(point)
-    wd = os.path.join(workdir, name)
+    wd = storage.join(workdir, name)
     sub = _point_config(cfg, point, cli_overrides or {})
     out, ev = {}, {}
-    summary = os.path.join(wd, 'train_summary.json')
-    if os.path.exists(summary):
-      with open(summary) as f:
-        out = json.load(f)
+    summary = storage.join(wd, 'train_summary.json')
+    if storage.exists(summary):
+      out = storage.read_json(summary)
       ev = out.get('eval', {})
-      evals = sorted((int(m.group(1)), f) for f in os.listdir(wd)
+      evals = sorted((int(m.group(1)), f) for f in storage.listdir(wd)
                      if (m := re.fullmatch(r'eval_step(\d+)\.json', f)))
       if evals and evals[-1][0] == out.get('step'):
-        with open(os.path.join(wd, evals[-1][1])) as f:
-          ev = json.load(f)
+        ev = storage.read_json(storage.join(wd, evals[-1][1]))
       status = 'done'
     else:
-      status = 'incomplete' if os.path.isdir(wd) else 'missing'
+      status = 'incomplete' if storage.isdir(wd) else 'missing'
     rows.append(_row(name, point, sub, out, ev, status))
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   _write_all(rows, workdir)
   return rows

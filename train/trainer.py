@@ -299,15 +299,15 @@ def train(cfg, workdir: str) -> dict:
   process per workdir (a lock); nothing is written before the config, the checkpoint and the
   data are known to fit together."""
   config_lib.validate(cfg)
-  storage.prepare_workdir(workdir)
+  workdir = storage.check_workdir(workdir)  # scheme, bucket and credentials before anything
   lock = _lock(workdir)
   try:
-    return _train(cfg, workdir)
+    return _train(cfg, workdir, lock)
   finally:
     lock.release()
 
 
-def _train(cfg, workdir: str) -> dict:
+def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
   setup = Setup(cfg, workdir=workdir)  # resolves train.steps from train.flops_budget
   fam = setup.family
   fam.check_sample(cfg.sample)  # what the end of the run needs, before any training
@@ -353,7 +353,9 @@ def _train(cfg, workdir: str) -> dict:
   def save(s, force=False):
     nonlocal last_saved
     if last_saved != s:
+      lock.check()  # a bucket lease taken over by another run: stop before writing
       checkpointer.save(s, state, it.get_state(), cfg_dict, force=force)
+      writer.flush()  # the logs are durable up to every checkpoint (a bucket: one upload)
       last_saved = s
 
   def flush(p):
@@ -456,15 +458,18 @@ def restore(cfg, workdir: str, step: int | None = None, family: families.Family 
   mesh, whatever the device count of the run that wrote it. Reads only: a workdir without
   checkpoints is an error, except for a family with its own weights (`has_own_weights`), which
   then uses them."""
-  if storage.path(workdir).exists() and not storage.path(workdir).is_dir():
+  workdir = storage.canonical(workdir)
+  if storage.is_remote(workdir):
+    storage.check_workdir(workdir)  # the scheme, the bucket and the credentials
+  elif os.path.exists(workdir) and not os.path.isdir(workdir):
     raise storage.WorkdirError(f'workdir {workdir} is a file, not a directory')
   setup = Setup(cfg, family, workdir)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  if not ckpt_lib.complete_steps(ckpt_dir) and not os.path.isdir(ckpt_dir):
+  ckpt_dir = storage.join(workdir, 'checkpoints')
+  if not ckpt_lib.complete_steps(ckpt_dir):
     if step is None and setup.family.has_own_weights():
       log0(f'no checkpoint in {ckpt_dir}: using the pretrained weights')
       return setup, setup.init_state(), 0
-    what = ('does not exist' if not os.path.exists(workdir)
+    what = ('does not exist' if not storage.exists(workdir)
             else 'has no checkpoints (was it trained?)')
     raise FileNotFoundError(f'workdir {workdir} {what}')
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir, cfg.ckpt.keep, async_save=False,
@@ -487,7 +492,7 @@ def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
   validation loss / bits per byte, the robustness suite (`eval.robustness`) and the family's
   own `eval_suite`; writes `eval_step{N}.json`."""
   setup, state, s = restore(cfg, workdir, step)
-  storage.prepare_workdir(workdir)  # the results go there (a pretrained model's may be new)
+  workdir = storage.check_workdir(workdir)  # results go there (a pretrained model's may be new)
   fam = setup.family
   ev = setup.evaluate(state['params'], fam.eval_batches(jax.process_index(),
                                                         jax.process_count(),
@@ -521,7 +526,8 @@ def export_hf(cfg, workdir: str, step: int | None = None, out_dir: str = '') -> 
   tokenizer.json; transformers loads it, and so does `--config=configs/pretrained.py
   --config.model.source=DIR` for evaluation)."""
   setup, state, s = restore(cfg, workdir, step)
-  out_dir = out_dir or os.path.join(workdir, 'export', f'hf_step{s}')
-  setup.family.export_hf(setup.model(state['params']), out_dir)
+  out_dir = out_dir or storage.join(storage.canonical(workdir), 'export', f'hf_step{s}')
+  with storage.local_dir(out_dir) as local:  # a bucket: written locally, then uploaded
+    setup.family.export_hf(setup.model(state['params']), local)
   log0(f'exported step {s} to {out_dir}')
   return out_dir

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from data import pipeline, sentences, target_tokenizers
 from models import hypernet, pretrained
-from train import runs, trainer
+from train import runs, storage, trainer
 from train.evals import report
 from train.families.pretrained import load_source
 from train.metrics import log0
@@ -128,7 +128,7 @@ def run(cfg, workdir: str) -> dict:
     return run_encoder(cfg, workdir, base)
   target, target_name = target_tokenizers.build(cfg.target_tokenizer, cfg.data,
                                                 cfg.transfer.text_filter)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.check_workdir(workdir)
   methods = [m.strip() for m in str(cfg.transfer.methods).split(',') if m.strip()]
   rows = []
   base_ev = trainer.evaluate(copy.deepcopy(cfg), os.path.join(workdir, 'base'))
@@ -142,13 +142,13 @@ def run(cfg, workdir: str) -> dict:
     predictor = load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source)
   for method in methods:
     model, counts = transferred_model(base, target, method, predictor)
-    out_dir = os.path.join(workdir, method)
     meta = target.get_vocab(with_added_tokens=True)
     doc = next((meta[t] for t in ('<|endoftext|>', '<eos>', '</s>') if t in meta), -1)
-    pretrained.save_hf(model, base.cfg_model, target, out_dir, eos_id=doc)
-    sub = copy.deepcopy(cfg)
-    sub.model.source = out_dir
-    ev = trainer.evaluate(sub, out_dir)
+    with storage.local_dir(storage.join(workdir, method)) as out_dir:  # a bucket: staged
+      pretrained.save_hf(model, base.cfg_model, target, out_dir, eos_id=doc)
+      sub = copy.deepcopy(cfg)
+      sub.model.source = out_dir
+      ev = trainer.evaluate(sub, out_dir)
     rows.append({'model': method, 'tokenizer': target_name,
                  'vocab': int(model.embed.embedding.shape[0]), **counts, **_scores(ev)})
     log0(f'[transfer] {method}: {counts} -> bits per byte {ev.get("bpb", float("nan")):.4f}')
@@ -269,17 +269,17 @@ def run_encoder(cfg, workdir: str, base) -> dict:
   base_len = np.mean([len(e.ids) for e in base.tokenizer.encode_batch(sents)])
   rows = [{'model': 'base', 'tokenizer': base_dir, 'vocab': base.tokenizer.get_vocab_size(),
            'cosine_mean': 1.0, 'cosine_min': 1.0, 'tokens_per_sentence': float(base_len)}]
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.check_workdir(workdir)
   e = np.asarray(base.model.words.embedding[...])
   for method in [m.strip() for m in str(cfg.transfer.methods).split(',') if m.strip()]:
     if method == 'hypernet':
       raise ValueError('no hypernetwork is trained for encoders (methods lexical, fvt)')
     mat, counts = encoder_matrix(e, base.tokenizer, target, method)
-    out_dir = os.path.join(workdir, method)
-    save_encoder(base_dir, mat, target, out_dir)
-    got = pretrained.SentenceEncoder(f'hf:{out_dir}')(sents)
+    with storage.local_dir(storage.join(workdir, method)) as out_dir:  # a bucket: staged
+      save_encoder(base_dir, mat, target, out_dir)
+      got = pretrained.SentenceEncoder(f'hf:{out_dir}')(sents)
+      moved = pretrained.load(out_dir).tokenizer
     cos = (ref * got).sum(-1)  # both L2-normalized
-    moved = pretrained.load(out_dir).tokenizer
     rows.append({'model': method, 'tokenizer': target_name, 'vocab': int(mat.shape[0]),
                  **counts, 'cosine_mean': float(cos.mean()), 'cosine_min': float(cos.min()),
                  'tokens_per_sentence': float(np.mean([len(x.ids) for x in

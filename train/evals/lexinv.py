@@ -37,7 +37,7 @@ import optax
 
 from data import pipeline, synthetic
 from models import token_lm
-from train import partitioning
+from train import partitioning, storage
 from train.evals import report
 from train.metrics import log0
 
@@ -400,9 +400,8 @@ def run_suite(setup, params, encoder, workdir: str, step: int, baseline=None) ->
   if jax.process_index() == 0:
     report.plot_ppl_by_position(base.replace('lexinv_eval', 'lexinv_ppl_by_position') + '.png',
                                 per_pos, count, res['models'], f'validation, step {step}')
-    with open(base + '.json', 'w') as f:
-      json.dump({**res, 'per_position_loss': per_pos, 'per_position_count': count.tolist()}, f,
-                indent=1)
+    storage.write_text(base + '.json', json.dumps(
+        {**res, 'per_position_loss': per_pos, 'per_position_count': count.tolist()}, indent=1))
   md = _markdown(res)
   report.write_text(base + '.md', md)
   log0(md)

@@ -4,12 +4,14 @@ lexinvariant perplexity curves). Files are written by process 0 only."""
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from typing import Any, Callable
 
 import jax
 import numpy as np
+
+from train import storage
 
 
 def markdown(header: list[str], rows: list[list[Any]]) -> str:
@@ -31,8 +33,7 @@ def fmt_fixed(v) -> str:
 
 def write_text(path: str, text: str) -> None:
   if jax.process_index() == 0:
-    with open(path, 'w') as f:
-      f.write(text)
+    storage.write_text(path, text)
 
 
 def write_rows(rows: list[dict], directory: str, stem: str, formats=('md', 'csv'),
@@ -42,22 +43,28 @@ def write_rows(rows: list[dict], directory: str, stem: str, formats=('md', 'csv'
   cols = list(dict.fromkeys(k for r in rows for k in r))
   table = markdown(cols, [[fmt(r.get(c)) for c in cols] for r in rows])
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
     if 'csv' in formats:
-      with open(os.path.join(directory, f'{stem}.csv'), 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+      out = io.StringIO(newline='')
+      w = csv.DictWriter(out, fieldnames=cols)
+      w.writeheader()
+      w.writerows(rows)
+      storage.write_text(storage.join(directory, f'{stem}.csv'), out.getvalue())
     if 'json' in formats:
-      with open(os.path.join(directory, f'{stem}.json'), 'w') as f:
-        json.dump(rows, f, indent=2)
+      storage.write_json(storage.join(directory, f'{stem}.json'), rows)
     if 'md' in formats:
-      with open(os.path.join(directory, f'{stem}.md'), 'w') as f:
-        f.write(table)
+      storage.write_text(storage.join(directory, f'{stem}.md'), table)
   return table
 
 
 # -- plots ---------------------------------------------------------------------------------------
+def save_png(fig, path: str, dpi: int = 120) -> None:
+  """A matplotlib figure as a PNG at `path` (a local file or a bucket object; process 0)."""
+  if jax.process_index() == 0:
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=dpi)
+    storage.write_bytes(path, buf.getvalue())
+
+
 def _pyplot():
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
@@ -68,12 +75,11 @@ def _pyplot():
 def read_curve(path: str, key: str) -> tuple[list[int], list[float]]:
   """(steps, values) of `key` in a metrics JSONL file; a resumed run's later record wins."""
   by_step = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        rec = json.loads(line)
-        if key in rec:
-          by_step[rec['step']] = rec[key]
+  if storage.exists(path):
+    for line in storage.read_text(path).splitlines():
+      rec = json.loads(line)
+      if key in rec:
+        by_step[rec['step']] = rec[key]
   steps = sorted(by_step)
   return steps, [by_step[s] for s in steps]
 
@@ -83,7 +89,7 @@ def plot_curves(names: list[str], workdir: str, key: str = 'loss') -> str:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for name in names:
-    steps, vals = read_curve(os.path.join(workdir, name, 'metrics.jsonl'), key)
+    steps, vals = read_curve(storage.join(workdir, name, 'metrics.jsonl'), key)
     if steps:
       ax.plot(steps, vals, label=name)
   ax.set_xlabel('step')
@@ -91,9 +97,9 @@ def plot_curves(names: list[str], workdir: str, key: str = 'loss') -> str:
   ax.set_yscale('log')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  path = os.path.join(workdir, f'curves_{key}.png')
+  path = storage.join(workdir, f'curves_{key}.png')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  save_png(fig, path, dpi=120)
   plt.close(fig)
   return path
 
@@ -103,12 +109,11 @@ def plot_eval_vs_flops(names: list[str], workdir: str) -> str:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for name in names:
-    summary = os.path.join(workdir, name, 'train_summary.json')
-    if not os.path.exists(summary):
+    summary = storage.join(workdir, name, 'train_summary.json')
+    if not storage.exists(summary):
       continue
-    with open(summary) as f:
-      per_step = json.load(f)['flops_per_step']
-    steps, vals = read_curve(os.path.join(workdir, name, 'eval_metrics.jsonl'), 'bpb')
+    per_step = storage.read_json(summary)['flops_per_step']
+    steps, vals = read_curve(storage.join(workdir, name, 'eval_metrics.jsonl'), 'bpb')
     if steps:
       ax.plot([s * per_step for s in steps], vals, marker='o', label=name)
   ax.set_xscale('log')
@@ -116,9 +121,9 @@ def plot_eval_vs_flops(names: list[str], workdir: str) -> str:
   ax.set_ylabel('validation bits per byte')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  path = os.path.join(workdir, 'bpb_vs_flops.png')
+  path = storage.join(workdir, 'bpb_vs_flops.png')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  save_png(fig, path, dpi=120)
   plt.close(fig)
   return path
 
@@ -150,5 +155,5 @@ def plot_ppl_by_position(path: str, per_pos: dict, count: np.ndarray, names: lis
     ax.set_ylabel(f'ppl {names[0]} / ppl {names[1]}')
     ax.set_title('perplexity ratio')
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  save_png(fig, path, dpi=110)
   plt.close(fig)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import abc
 import hashlib
 import importlib
-import json
 import os
 import pkgutil
 from typing import Any, Iterator, Protocol
@@ -27,6 +26,8 @@ from typing import Any, Iterator, Protocol
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from train import storage
 
 
 class BatchIterator(Protocol):
@@ -176,12 +177,11 @@ class Family(abc.ABC):
       raise ValueError(f'{self.workdir}: the run recorded no artifact {name!r} (its '
                        f'{ARTIFACTS}/manifest.json lists {sorted(self._manifest["files"])}); '
                        'was it trained with another data.encoder?')
-    p = os.path.join(self.workdir, ARTIFACTS, name)
-    if not os.path.exists(p):
+    p = storage.join(self.workdir, ARTIFACTS, name)
+    if not storage.exists(p):
       raise ValueError(f'{p} is missing: the run needs it to be evaluated or resumed (its '
                        'manifest records it); restore the file or retrain')
-    with open(p, 'rb') as f:
-      data = f.read()
+    data = storage.read_bytes(p)
     if hashlib.sha256(data).hexdigest() != entry['sha256']:
       raise ValueError(f'{p} differs from what the run recorded (sha256 '
                        f'{entry["sha256"][:12]}...): it was changed after training; restore '
@@ -201,11 +201,10 @@ class Family(abc.ABC):
 def _read_manifest(workdir) -> dict | None:
   if not workdir:
     return None
-  p = os.path.join(workdir, ARTIFACTS, 'manifest.json')
-  if not os.path.exists(p):
+  p = storage.join(workdir, ARTIFACTS, 'manifest.json')
+  if not storage.exists(p):
     return None
-  with open(p) as f:
-    return json.load(f)
+  return storage.read_json(p)
 
 
 def write_artifacts(family: Family, workdir: str) -> list[str]:
@@ -214,19 +213,12 @@ def write_artifacts(family: Family, workdir: str) -> list[str]:
   files = family.artifacts()
   if not files or jax.process_index() != 0:
     return sorted(files)
-  d = os.path.join(workdir, ARTIFACTS)
-  os.makedirs(d, exist_ok=True)
+  d = storage.join(workdir, ARTIFACTS)
   manifest = {'family': family.name, 'files': {}}
   for name, data in files.items():
-    tmp = os.path.join(d, f'.{name}.tmp')
-    with open(tmp, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, os.path.join(d, name))
+    storage.write_bytes(storage.join(d, name), data)
     manifest['files'][name] = {'sha256': hashlib.sha256(data).hexdigest(), 'bytes': len(data)}
-  tmp = os.path.join(d, '.manifest.json.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(manifest, f, indent=2)
-  os.replace(tmp, os.path.join(d, 'manifest.json'))  # written last: marks the set complete
+  storage.write_json(storage.join(d, 'manifest.json'), manifest)  # last: marks the set whole
   family._manifest = manifest  # pylint: disable=protected-access
   return sorted(files)
 

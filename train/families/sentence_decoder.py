@@ -16,13 +16,12 @@ back.
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 
 from data import encoders, pipeline, sentences
 from models import pretrained, sentence_decoder
-from train import families, runs
+from train import families, runs, storage
 from train.evals import lcm as lcm_evals
 
 
@@ -67,7 +66,7 @@ def load_decoder(workdir: str, autoencoder: bool = False) -> sentence_decoder.De
   """The latest checkpoint of a sentence-decoder run, ready to decode (and, for an
   autoencoder, to encode; `autoencoder=True` refuses a plain decoder). Loaded once per
   process."""
-  dec = _load_decoder(os.path.abspath(workdir))
+  dec = _load_decoder(storage.canonical(workdir))
   if autoencoder and not dec.autoencoder:
     raise ValueError(f'{workdir} is a sentence decoder for {dec.spec!r} embeddings, not an '
                      'autoencoder (model.autoencoder=True)')
@@ -189,7 +188,7 @@ def check_decoder(dec: sentence_decoder.Decoder, spec: str, key: str) -> None:
   """Refuses a decoder (from the config key `key`) trained for another space than `spec`."""
   if spec.startswith('autoencoder:'):
     same = dec.autoencoder and dec.identity.startswith(
-        os.path.abspath(spec[len('autoencoder:'):]) + '@')
+        storage.canonical(spec[len('autoencoder:'):]) + '@')
   else:
     same = dec.spec == spec
   if not same:
