@@ -45,8 +45,10 @@ has end probability 0. A byte the vocabulary cannot produce raises too.
 
 Cost: the cover encodings live in a lattice of canonical token sequences over the text (about
 one node per byte). Scoring a known text evaluates every node that has a canonical cover: one
-forward over the tokenizer's encoding, plus one batched forward over the other nodes (their
-divergent last tokens on top of the shared KV cache, rows and lengths padded to a few shapes).
+forward over the tokenizer's encoding, plus packed forwards over the other nodes: one token
+per node, the subtrees that leave the encoding packed into rows of up to 256 tokens with a tree
+mask, each reading the encoding's KV cache in place up to where its subtree leaves it
+(`models.layers.attend_shared_prefix`; no copy of the cache per row, no node twice).
 So scoring costs about one model position per byte instead of one per token, plus a validity
 row per node on the host (~1 ms for SmolLM2). Streaming (start / advance) evaluates each new
 node once, rewriting the tail of one cached token path.
@@ -68,6 +70,7 @@ import numpy as np
 from flax import nnx
 
 from data import canonical
+from models import layers
 
 END = 256          # index of end-of-text in a next-byte distribution
 NUM_OUTCOMES = 257
@@ -168,12 +171,11 @@ def _forward(graphdef, params, draw, ids, positions, segment_ids, cache, index):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward_branches(graphdef, params, draw, trunk_cache, visible_BxS, ids, positions, index):
-  b = ids.shape[0]
-  cache = [dict(k=jnp.broadcast_to(c['k'], (b,) + c['k'].shape[1:]),
-                v=jnp.broadcast_to(c['v'], (b,) + c['v'].shape[1:]),
-                segment_ids=visible_BxS) for c in trunk_cache]
-  return _apply(graphdef, params, draw, ids, positions, jnp.ones_like(ids), cache, index)[0]
+def _forward_tree(graphdef, params, draw, trunk_cache, prefix_visible_BxTxS, own_visible_BxTxT,
+                  ids, positions):
+  cache = [layers.shared_prefix_cache(c, prefix_visible_BxTxS, own_visible_BxTxT)
+           for c in trunk_cache]
+  return _apply(graphdef, params, draw, ids, positions, jnp.ones_like(ids), cache, 0)[0]
 
 
 class TokenFn:
@@ -199,13 +201,15 @@ class TokenFn:
                          jnp.int32(index))
     return np.asarray(lp), cache
 
-  def branches(self, trunk_cache, visible, ids, positions, index: int):
-    """Rows that continue a shared one-row cache: row r sees the cache slots where
-    visible[r] == 1 and its own tokens (written at slots index..index+T-1, RoPE positions
-    `positions`). Returns host fp32 log-probs [B, T, V] (the cache is not kept)."""
-    return np.asarray(_forward_branches(
-        self.graphdef, self.params, self.draw, trunk_cache, jnp.asarray(visible, jnp.int32),
-        jnp.asarray(ids, jnp.int32), jnp.asarray(positions, jnp.int32), jnp.int32(index)))
+  def tree(self, trunk_cache, prefix_visible, own_visible, ids, positions):
+    """Tokens that continue a one-row cache in a tree: token t of row b sees the cache slots
+    where prefix_visible[b, t] is nonzero and the row's tokens u where own_visible[b, t, u] is
+    (its ancestors and itself); RoPE positions `positions`. The cache is read in place
+    (layers.attend_shared_prefix) and not changed. Returns host fp32 log-probs [B, T, V]."""
+    return np.asarray(_forward_tree(
+        self.graphdef, self.params, self.draw, trunk_cache, jnp.asarray(prefix_visible, bool),
+        jnp.asarray(own_visible, bool), jnp.asarray(ids, jnp.int32),
+        jnp.asarray(positions, jnp.int32)))
 
 
 def _grow(cache, size: int):
@@ -387,12 +391,13 @@ class ExactBPE(ByteLM):
   `canonical.UnsupportedTokenizer` (a ValueError) for tokenizers it cannot canonicalize."""
 
   def __init__(self, fn: TokenFn, tokenizer, bos_id: int, eos_id: int, name: str = 'bpe',
-               max_rows: int = 64, row_base: int = 2, t_base: int = 2):
-    """max_rows: rows per batched branch forward; rows and branch lengths are padded to powers
-    of row_base / t_base (2: little padding, more shapes to compile; 4 or 8: fewer shapes)."""
+               max_tokens: int = 256, min_tokens: int = 8):
+    """max_tokens: tokens per packed branch forward (whole subtrees of the lattice off the
+    cached path; a row is padded to a power of two between min_tokens and max_tokens, so few
+    shapes compile)."""
     self.fn, self.name, self.bos_id, self.eos_id = fn, name, int(bos_id), int(eos_id)
     self.canon = canonical.Canonical(tokenizer, fn.vocab_size)
-    self.max_rows, self.row_base, self.t_base = max_rows, row_base, t_base
+    self.max_tokens, self.min_tokens = max_tokens, min_tokens
 
   # -- model evaluation --------------------------------------------------------------------
   def _logq(self, u: _Node, lat: _Lattice) -> float:
@@ -425,44 +430,59 @@ class ExactBPE(ByteLM):
     return np.asarray(lp[0, :len(toks)]), cache
 
   def _branches(self, cache, cached: _Node, leaves: list[_Node]):
-    """Log-probs for `leaves` and their ancestors below their deepest common node with the
-    cached path: one batched forward per shape, rows padded to a few sizes."""
-    on_path = {}
+    """Log-probs for `leaves` and their ancestors off the cached path, each node evaluated
+    once: the subtrees hanging off the path are packed into rows of at most `max_tokens`
+    tokens (whole subtrees; a larger one gets a row of its own), one token per node at RoPE
+    position = its depth, reading the path's KV cache in place up to the path node its
+    subtree leaves from, and attending to its ancestors in the row (a tree mask)."""
+    on_path = set()
     u = cached
     while u is not None:
-      on_path[id(u)] = u
+      on_path.add(id(u))
       u = u.parent
-    rows = []
+    tree_of: dict[int, int] = {}       # node -> its subtree (the root's id)
+    trees: dict[int, list[_Node]] = {}  # parents before children
     for leaf in leaves:
-      suffix, u = [], leaf
-      while id(u) not in on_path:
-        suffix.append(u)
+      chain, u = [], leaf
+      while id(u) not in on_path and id(u) not in tree_of:
+        chain.append(u)
         u = u.parent
-      rows.append((u, suffix[::-1]))
+      if not chain:
+        continue
+      root = id(chain[-1]) if id(u) in on_path else tree_of[id(u)]
+      for v in reversed(chain):
+        tree_of[id(v)] = root
+        trees.setdefault(root, []).append(v)
+    rows, row = [], []
+    for tree in trees.values():
+      if row and len(row) + len(tree) > self.max_tokens:
+        rows.append(row)
+        row = []
+      row = row + tree
+    if row:
+      rows.append(row)
     size = cache[0]['k'].shape[1]
-    start = cached.depth + 1
-    by_t: dict[int, list] = {}
-    for r in rows:
-      by_t.setdefault(_ladder(len(r[1]), base=self.t_base), []).append(r)
-    for t, group in sorted(by_t.items()):
-      if start + t > size:
-        raise RuntimeError('KV cache too small for the branches')  # callers size it
-      for i in range(0, len(group), self.max_rows):
-        part = group[i:i + self.max_rows]
-        b = _ladder(len(part), base=self.row_base)
-        ids = np.zeros((b, t), np.int32)
-        pos = np.zeros((b, t), np.int32)
-        vis = np.zeros((b, size), np.int32)
-        for r, (anchor, suffix) in enumerate(part):
-          ids[r, :len(suffix)] = [s.last for s in suffix]
-          pos[r] = anchor.depth + 1 + np.arange(t)
-          vis[r, :anchor.depth + 1] = 1
-        vis[len(part):, 0] = 1  # padding rows see the begin token (no empty softmax)
-        lp = np.asarray(self.fn.branches(cache, vis, ids, pos, start))
-        for r, (_, suffix) in enumerate(part):
-          for k, s in enumerate(suffix):
-            if s.lp is None:
-              s.lp = lp[r, k]
+    for row in rows:
+      t = max(self.min_tokens, _bucket(len(row)))
+      ids = np.zeros((1, t), np.int32)
+      pos = np.zeros((1, t), np.int32)
+      pre = np.zeros((1, t, size), bool)
+      own = np.eye(t, dtype=bool)[None]
+      pre[0, len(row):, 0] = True  # padding tokens see the begin token and themselves
+      where = {}
+      for i, v in enumerate(row):
+        ids[0, i], pos[0, i] = v.last, v.depth
+        p = where.get(id(v.parent))
+        if p is None:  # the parent is on the cached path: the cache up to it
+          pre[0, i, :v.parent.depth + 1] = True
+        else:
+          pre[0, i] = pre[0, p]
+          own[0, i] |= own[0, p]
+        where[id(v)] = i
+      lp = self.fn.tree(cache, pre, own, ids, pos)
+      for i, v in enumerate(row):
+        if v.lp is None:
+          v.lp = lp[0, i]
 
   def _eval(self, st, nodes: list[_Node]):
     """Makes sure `nodes` have log-probs, and so do the ancestors their log Q needs
@@ -489,22 +509,15 @@ class ExactBPE(ByteLM):
       if not missing:
         return
     inner = set()
-    longest = 1
     for u in missing.values():
-      d, a = 0, u
+      a = u.parent
       while id(a) not in on_path:
-        if a is not u:
-          inner.add(id(a))
-        d += 1
+        inner.add(id(a))
         a = a.parent
-      longest = max(longest, d)
     leaves = [u for k, u in missing.items() if k not in inner]
     if len(leaves) == 1:
       self._rewrite(st, leaves[0])
       return
-    need = st.cached.depth + 1 + _ladder(longest, base=self.t_base)
-    if need > st.cache[0]['k'].shape[1]:
-      st.cache = _grow(st.cache, _bucket(need, 128))
     self._branches(st.cache, st.cached, leaves)
 
   def _rewrite(self, st, u: _Node, again: bool = False):
@@ -640,15 +653,7 @@ class ExactBPE(ByteLM):
         raise RuntimeError('internal: the lattice path differs from the tokenizer\'s encoding')
     on_trunk = {id(lat.root)} | {id(s) for s in path}
     rest = [u for u in nodes if id(u) not in on_trunk]
-    depth_off = 0
-    for u in rest:
-      d, a = 0, u
-      while id(a) not in on_trunk:
-        d += 1
-        a = a.parent
-      depth_off = max(depth_off, d)
-    size = _bucket(len(path) + 1 + _ladder(max(depth_off, 1), base=self.t_base), 128)
-    lp, cache = self._prefill([s.last for s in path], size)
+    lp, cache = self._prefill([s.last for s in path], _bucket(len(path) + 1, 128))
     lat.root.lp = lp[0]
     for k, s in enumerate(path):
       s.lp = lp[k + 1]

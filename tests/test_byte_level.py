@@ -71,7 +71,7 @@ def fn(model):
   return bl.TokenFn(model)
 
 
-FEW_SHAPES = dict(max_rows=16, row_base=4, t_base=8)  # few compilations in tests
+FEW_SHAPES = dict(max_tokens=64, min_tokens=64)  # one branch shape: few compilations
 
 
 @pytest.fixture(scope='module')
