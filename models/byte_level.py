@@ -710,24 +710,32 @@ class ExactBPE(ByteLM):
       out = np.concatenate([out, [e - logp[n]]])
     return out
 
-  def generate_tokens(self, prompt: bytes, max_new_tokens: int, heal: bool = False) -> bytes:
-    """The greedy token-level completion of `prompt` (bytes after it, up to the end token):
-    plain (the prompt's encoding as the context), or with token healing (its last token
-    removed and the first new token constrained to start with that token's bytes)."""
+  def generate_tokens(self, prompt: bytes, max_new_tokens: int, heal: bool = False,
+                      temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                      max_bytes: int | None = None) -> bytes:
+    """The token-level completion of `prompt` (bytes after it, up to the end token; greedy at
+    temperature 0): plain (the prompt's encoding as the context), or with token healing (its
+    last token removed and the first new token constrained to start with that token's bytes).
+    `max_bytes`: stop once that many bytes follow the prompt, and cut there."""
     stop = (self.eos_id,)
+    rng = np.random.default_rng(seed)
     if heal:
       ids, removed, allowed = heal_split(self.c, bytes(prompt))
-      out = token_generate(self.fn, [self.bos_id] + ids, max_new_tokens, stop, allowed)
     else:
-      removed = b''
+      removed, allowed = b'', None
       try:
         ids = self.c.encode(bytes(prompt))
       except ValueError as e:
         raise ValueError(f'prompt {bytes(prompt)[-20:]!r}: a token-level prompt must be UTF-8 '
                          f'text ({e}); token healing or byte-level sampling take it') from e
-      out = token_generate(self.fn, [self.bos_id] + ids, max_new_tokens, stop)
-    text = b''.join(self.c.token_bytes[t] or b'' for t in out if t != self.eos_id)
-    return text[len(removed):]
+    tb = self.c.token_bytes
+    done = None
+    if max_bytes is not None:
+      done = lambda out: sum(len(tb[t] or b'') for t in out) - len(removed) >= max_bytes
+    out = token_generate(self.fn, [self.bos_id] + ids, max_new_tokens, stop, allowed,
+                         temperature, top_p, rng, done)
+    text = b''.join(tb[t] or b'' for t in out if t != self.eos_id)[len(removed):]
+    return text if max_bytes is None else text[:max_bytes]
 
   def distributions(self, text: bytes) -> np.ndarray:
     text = bytes(text)
@@ -765,9 +773,12 @@ def heal_split(canon: canonical.Canonical, prompt: bytes) -> tuple[list[int], by
 
 
 def token_generate(fn: TokenFn, ids: list[int], max_new: int, stop_ids=(),
-                   first_allowed: np.ndarray | None = None) -> list[int]:
-  """Greedy token-level decoding with a KV cache (host loop): `ids` is the full context (begin
-  token included); `first_allowed` restricts the first new token. Stops after a stop id."""
+                   first_allowed: np.ndarray | None = None, temperature: float = 0.0,
+                   top_p: float = 1.0, rng: np.random.Generator | None = None,
+                   done: Callable[[list[int]], bool] | None = None) -> list[int]:
+  """Token-level decoding with a KV cache (host loop; greedy at temperature 0, else nucleus
+  sampling as `pick`): `ids` is the full context (begin token included); `first_allowed`
+  restricts the first new token. Stops after a stop id, or when `done(tokens so far)`."""
   size = _bucket(len(ids) + max_new + 1, 128)
   cache = fn.init_cache(1, size)
   t = _ladder(len(ids))
@@ -779,9 +790,9 @@ def token_generate(fn: TokenFn, ids: list[int], max_new: int, stop_ids=(),
       masked = np.full_like(lp, -np.inf)
       masked[first_allowed] = lp[first_allowed]
       lp = masked
-    tok = int(np.argmax(lp))
+    tok = pick(lp, temperature, top_p, rng)
     out.append(tok)
-    if tok in stop_ids:
+    if tok in stop_ids or (done is not None and done(out)):
       break
     n = len(ids) + i
     lp, cache = fn([[tok]], [[n]], cache, n)
@@ -801,9 +812,8 @@ class Mixture(ByteLM):
     self.name = f'mix({a.name}:{weight:.3g},{b.name})'
 
   def _mix(self, la, lb):
-    with np.errstate(divide='ignore'):
-      wa, wb = np.log(self.weight), np.log1p(-self.weight)
-    return np.logaddexp(wa + np.asarray(la, np.float64), wb + np.asarray(lb, np.float64))
+    return mix_logprobs(np.stack([np.asarray(la, np.float64), np.asarray(lb, np.float64)]),
+                        [self.weight, 1.0 - self.weight])
 
   def start(self, prompt: bytes = b''):
     return [self.a.start(prompt), self.b.start(prompt)]
@@ -831,14 +841,8 @@ class ProductOfExperts(ByteLM):
     self.name = f'poe({a.name},{b.name})'
 
   def _combine(self, la, lb):
-    la, lb = np.asarray(la, np.float64), np.asarray(lb, np.float64)
-    with np.errstate(invalid='ignore'):
-      t = (np.where(self.alphas[0] == 0, 0.0, self.alphas[0] * la) +
-           np.where(self.alphas[1] == 0, 0.0, self.alphas[1] * lb))
-    m = np.max(t, axis=-1, keepdims=True)
-    if not np.all(np.isfinite(m)):
-      raise ValueError('the experts share no outcome of probability > 0')
-    return t - (m + np.log(np.sum(np.exp(t - m), axis=-1, keepdims=True)))
+    return product_logprobs(np.stack([np.asarray(la, np.float64), np.asarray(lb, np.float64)]),
+                            self.alphas)
 
   def start(self, prompt: bytes = b''):
     return [self.a.start(prompt), self.b.start(prompt)]
@@ -891,6 +895,75 @@ def fit_mixture_weight(a: ByteLM, b: ByteLM, text: bytes, end: bool = False,
   return best[1], best[0]
 
 
+# -- ensembles of any number of members, from their log-probabilities -------------------------
+def mix_logprobs(logps: np.ndarray, weights) -> np.ndarray:
+  """log sum_k w_k p_k: the mixture of M members' log-probabilities `logps` [M, ...] (of the
+  same outcomes, or whole next-byte distributions) with weights [M] (summing to 1)."""
+  logps = np.asarray(logps, np.float64)
+  with np.errstate(divide='ignore'):
+    lw = np.log(np.asarray(weights, np.float64))
+  return np.logaddexp.reduce(lw.reshape((-1,) + (1,) * (logps.ndim - 1)) + logps, axis=0)
+
+
+def product_logprobs(dists: np.ndarray, alphas) -> np.ndarray:
+  """The product of experts of M members' next-byte distributions `dists` [M, ..., 257]:
+  p(b) proportional to prod_k p_k(b)^alpha_k, renormalized over the last axis (alpha_k = 0
+  leaves member k out; an outcome one included member rules out stays impossible)."""
+  dists = np.asarray(dists, np.float64)
+  t = np.zeros(dists.shape[1:])
+  for a, d in zip(alphas, dists):
+    if a:
+      t = t + float(a) * d
+  m = np.max(t, axis=-1, keepdims=True)
+  if not np.all(np.isfinite(m)):
+    raise ValueError('the experts share no outcome of probability > 0')
+  return t - (m + np.log(np.sum(np.exp(t - m), axis=-1, keepdims=True)))
+
+
+def fit_mixture_weights(logps: np.ndarray, iters: int = 500, tol: float = 1e-12) -> np.ndarray:
+  """Mixture weights [M] maximizing the likelihood of held-out outcomes, from each member's
+  log-probabilities of them `logps` [M, N] (EM: the log-likelihood is concave in the weights,
+  so EM converges to the maximum)."""
+  logps = np.asarray(logps, np.float64)
+  m = logps.shape[0]
+  w = np.full(m, 1.0 / m)
+  prev = -np.inf
+  for _ in range(iters):
+    with np.errstate(divide='ignore'):
+      r = np.log(w)[:, None] + logps
+    z = np.logaddexp.reduce(r, axis=0)
+    ll = float(z.mean())
+    w = np.exp(r - z).mean(axis=1)
+    w /= w.sum()
+    if ll - prev < tol:
+      break
+    prev = ll
+  return w
+
+
+def fit_product_alphas(dists: np.ndarray, targets: np.ndarray, bounds=(0.05, 4.0)
+                       ) -> np.ndarray:
+  """Exponents [M] of `product_logprobs` maximizing the likelihood of held-out outcomes
+  `targets` [N] (0..256) under the members' distributions `dists` [M, N, 257]: the negative
+  log-likelihood is convex in the exponents (L-BFGS-B within `bounds`; the lower bound keeps
+  every member in, so its impossible outcomes stay impossible as in the fitted product)."""
+  from scipy import optimize  # pylint: disable=import-outside-toplevel
+  d = np.maximum(np.asarray(dists, np.float64), -1e4)  # exp(alpha * -1e4) = 0 at alpha >= 0.05
+  n = d.shape[1]
+  picked = d[:, np.arange(n), np.asarray(targets)]  # [M, N]
+
+  def nll(alphas):
+    t = np.einsum('m,mnv->nv', alphas, d)
+    z = np.logaddexp.reduce(t, axis=1)
+    p = np.exp(t - z[:, None])
+    grad = -picked.mean(1) + np.einsum('nv,mnv->m', p, d) / n
+    return float((z - alphas @ picked).mean()), grad
+
+  m = d.shape[0]
+  res = optimize.minimize(nll, np.ones(m), jac=True, method='L-BFGS-B', bounds=[bounds] * m)
+  return np.asarray(res.x)
+
+
 # -- sampling ----------------------------------------------------------------------------------
 def pick(logprobs: np.ndarray, temperature: float = 0.0, top_p: float = 1.0,
          rng: np.random.Generator | None = None) -> int:
@@ -924,6 +997,27 @@ def sample(view: ByteLM, prompt: bytes = b'', max_bytes: int = 64, temperature: 
       break
     st = view.advance(st, b)
   return bytes(out)
+
+
+def sample_compare(view: ByteLM, prompt: bytes, max_bytes: int, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int = 0) -> dict[str, bytes | str]:
+  """Completions of `prompt` (at most `max_bytes` bytes after it): {'byte-level': bytes} from
+  `sample`, and for a BPE view also 'plain token-level' and 'token healing' (token-level
+  decoding with the same temperature / top_p / seed, cut at `max_bytes`; a str saying why
+  where one cannot run, e.g. a plain token-level prompt that ends inside a character).
+  Raises ValueError for a prompt the view gives probability 0 (invalid UTF-8 for BPE)."""
+  prompt = bytes(prompt)
+  out: dict[str, bytes | str] = {}
+  byte_level = sample(view, prompt, max_bytes, temperature, top_p, seed)
+  if isinstance(view, ExactBPE):
+    for name, heal in (('plain token-level', False), ('token healing', True)):
+      try:
+        out[name] = view.generate_tokens(prompt, max_bytes, heal, temperature, top_p, seed,
+                                         max_bytes=max_bytes)
+      except ValueError as e:
+        out[name] = f'n/a: {e}'
+  out['byte-level'] = byte_level
+  return out
 
 
 # -- HAT ---------------------------------------------------------------------------------------
