@@ -7,7 +7,10 @@ cross-tokenizer ensembles.
   st = view.advance(st, ord('c'))              # one byte more; caches reused, nothing recomputed
   view.score(text)                             # float64 [len + 1]: log p of every byte, then end
   sample(view, b'def fibonac', 32)             # greedy / temperature sampling, byte by byte
+  sample_compare(view, b'def fibonac', 32)     # + plain token-level and token healing (BPE)
   Mixture(a, b, 0.7), ProductOfExperts(a, b)   # ensembles of any two views; fit_mixture_weight
+  mix_logprobs, product_logprobs               # any number of members, from their log-probs;
+  fit_mixture_weights, fit_product_alphas      # weights / exponents fitted on held-out bytes
 
 What probability each view defines
 ----------------------------------

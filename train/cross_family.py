@@ -268,8 +268,8 @@ def report(cfg, workdir: str) -> list[dict]:
   notes.append('- val_bpb and the robustness columns: as the run recorded them '
                '(eval_step*.json, the whole split through the trainer); val_bpb_byte_view, '
                'text_bpb and gen_bytes_per_s (greedy, '
-               f'{cfg.report.gen_bytes} bytes after {cfg.report.gen_prompt!r}): measured now '
-               'through the byte view')
+               f'{cfg.report.gen_bytes} bytes after {cfg.report.gen_prompt!r}, the median of 3 '
+               'runs after a warm-up): measured now through the byte view')
   md = table + '\n' + '\n'.join(notes) + '\n'
   tables.write_text(os.path.join(workdir, 'report.md'), md)
   tables.plot_cross_family(rows, os.path.join(workdir, 'report.png'))
