@@ -83,6 +83,14 @@ def test_family_without_byte_view():
     trainer.sample_bytes(fam, None, fam.cfg.sample)
 
 
+def test_sentence_encoder_has_no_byte_view():
+  """MiniLM (a BERT sentence encoder, WordPiece) gives no next-token probabilities: any mode
+  that builds its family (sample, eval, ensemble and report members) says so in one error."""
+  cfg = _cfg('configs/pretrained.py:minilm')
+  with pytest.raises(ValueError, match='a sentence encoder .* only --mode=transfer takes it'):
+    families.get(cfg)
+
+
 def test_ensemble_math():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(3, 50, 257)) * 2

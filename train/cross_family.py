@@ -238,8 +238,9 @@ def report(cfg, workdir: str) -> list[dict]:
     try:
       m = Member(spec, 'report.runs')
     except ValueError as e:  # a family without a byte view: what it recorded only
-      row.update(family=storage.read_json(os.path.join(spec, 'config.json')).get('family'),
-                 view=f'none ({e})')
+      family = ('pretrained' if _pretrained_source(spec) is not None else
+                storage.read_json(os.path.join(spec, 'config.json')).get('family'))
+      row.update(family=family, view=f'none ({e})')
       rows.append({**row, **rec})
       continue
     row.update(family=m.info['family'], view=m.info['view'])
