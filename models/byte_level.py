@@ -597,15 +597,21 @@ class ExactBPE(ByteLM):
                        ) from e
     base, anchor = [], 0
     if cb > 64:  # all but the last pieces go into the KV cache in one forward
-      ids = self.c.encode(prompt[:cb])
+      try:
+        ids = self.c.encode(prompt[:cb])
+      except ValueError as e:
+        raise ValueError(f'prompt {prompt[:40]!r}...: {e}') from e
       tail = self.c.make_tail(prompt, cb, reversed(ids))
       anchor = cb - len(tail.text)
       base = ids[:len(ids) - len(tail.tokens)]
     lp, cache = self._prefill(base, _bucket(len(base) + 2 * (len(prompt) - anchor) + 16, 128))
     lat = _Lattice(self.c, root_depth=len(base), origin=anchor)
     lat.root.lp = lp[-1]
-    for b in prompt[anchor:]:
-      lat.extend(b)
+    try:
+      for b in prompt[anchor:]:
+        lat.extend(b)
+    except ValueError as e:
+      raise ValueError(f'prompt {prompt[:40]!r}...: {e}') from e
     st = _BPEState(lat, cache, lat.root)
     return st
 
@@ -729,8 +735,8 @@ class ExactBPE(ByteLM):
       try:
         ids = self.c.encode(bytes(prompt))
       except ValueError as e:
-        raise ValueError(f'prompt {bytes(prompt)[-20:]!r}: a token-level prompt must be UTF-8 '
-                         f'text ({e}); token healing or byte-level sampling take it') from e
+        raise ValueError(f'prompt {bytes(prompt)[-20:]!r}: a token-level prompt must be text '
+                         f'the tokenizer encodes ({e})') from e
     tb = self.c.token_bytes
     done = None
     if max_bytes is not None:
