@@ -170,3 +170,7 @@ def test_bad_input_one_error_line(data_dir, tmp_path):
                  check=False)
   assert p.returncode == 1 and 'error: ensemble.members: no run directory' in p.stderr
   assert 'Traceback' not in p.stderr
+  cfg = _cfg('configs/cross_family.py', {'ensemble.members': 'a,b', 'ensemble.kinds': 'geo'})
+  with pytest.raises(config_lib.ConfigError, match=r"ensemble.kinds: unknown \['geo'\]"):
+    cross_family.ensemble(cfg, str(tmp_path / 'k'))  # launch.py: exit 2
+  assert not os.path.exists(tmp_path / 'k')
