@@ -11,7 +11,9 @@ slurm, write one independent job per point instead), sweep_summary (gather the p
 runs), evaluator (follow the workdir and evaluate every new checkpoint once), launch (write the
 per-host command for a TPU pod, --launcher=tpu, or an sbatch script, --launcher=slurm, for this
 same config and workdir; --submit runs it), transfer (a pretrained model with a new tokenizer,
-see train/transfer.py), export (a token LM's checkpoint as an HF-format directory).
+see train/transfer.py), export (a token LM's checkpoint as an HF-format directory), ensemble
+and report (over finished runs of any families, through their byte-level views: cross-tokenizer
+ensembles, one table across families; --config=configs/cross_family.py, train/cross_family.py).
 Multi-host: on a SLURM step or a TPU pod slice jax.distributed starts from the environment;
 elsewhere pass --coordinator=HOST:PORT --num_processes=N --process_id=I (or set
 NOTOKLM_COORDINATOR / NOTOKLM_NUM_PROCESSES / NOTOKLM_PROCESS_ID). See train/launching.py.
@@ -24,7 +26,7 @@ import os
 import sys
 
 MODES = ('train', 'eval', 'sample', 'sweep', 'sweep_summary', 'evaluator', 'launch', 'transfer',
-         'export')
+         'export', 'ensemble', 'report')
 
 
 def parse(argv):
@@ -157,7 +159,7 @@ def _main(args, cfg, module, overrides) -> int:
 
 
 def _run(args, cfg, module, overrides) -> int:
-  from train import evaluator, sweep, trainer, transfer
+  from train import cross_family, evaluator, sweep, trainer, transfer
   if args.mode == 'train':
     out = trainer.train(cfg, args.workdir)
     return {None: 0, 'SIGTERM': 143, 'SIGINT': 130}.get(out.get('signal'), 0)
@@ -175,6 +177,10 @@ def _run(args, cfg, module, overrides) -> int:
     trainer.export_hf(cfg, args.workdir, step=args.step)
   elif args.mode == 'transfer':
     transfer.run(cfg, args.workdir)
+  elif args.mode == 'ensemble':
+    cross_family.ensemble(cfg, args.workdir)
+  elif args.mode == 'report':
+    cross_family.report(cfg, args.workdir)
   elif args.mode == 'evaluator':
     evaluator.run(cfg, args.workdir, args.poll_seconds, args.max_idle_seconds)
   else:

@@ -77,4 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   s.temperature = 0.8
   s.top_p = 0.95
   s.seed = 0
+  s.byte_level = False       # --mode=sample through the family's byte view (exact next-byte
+                             # probabilities; max_new_tokens counts bytes); a BPE model also
+                             # shows plain token-level decoding and token healing beside it
   return c

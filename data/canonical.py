@@ -402,11 +402,19 @@ class Canonical:
 
   # -- encodings ----------------------------------------------------------------------------
   def encode(self, text: bytes) -> list[int]:
-    """enc(text) for UTF-8 bytes (ValueError naming the first invalid byte)."""
+    """enc(text) for UTF-8 bytes (ValueError naming the first invalid byte, or the first byte
+    the vocabulary cannot encode: a tokenizer without every byte drops it silently)."""
+    text = bytes(text)
     n, partial = utf8_split(text)
     if partial:
       raise ValueError(f'text ends inside a UTF-8 character (byte {n})')
-    return self.tokenizer.encode(bytes(text).decode('utf-8'), add_special_tokens=False).ids
+    ids = self.tokenizer.encode(text.decode('utf-8'), add_special_tokens=False).ids
+    got = b''.join(self.token_bytes[i] or b'' for i in ids)
+    if got != text:
+      k = next((i for i, (a, b) in enumerate(zip(got, text)) if a != b), min(len(got), len(text)))
+      raise ValueError(f'byte {k} (0x{text[k]:02x}): the vocabulary cannot encode this text (its '
+                       'tokenizer has no token for it)')
+    return ids
 
   def chunk_starts(self, text: str) -> list[int]:
     """Byte offsets where the pre-tokenizer's pieces of `text` start."""

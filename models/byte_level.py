@@ -7,7 +7,10 @@ cross-tokenizer ensembles.
   st = view.advance(st, ord('c'))              # one byte more; caches reused, nothing recomputed
   view.score(text)                             # float64 [len + 1]: log p of every byte, then end
   sample(view, b'def fibonac', 32)             # greedy / temperature sampling, byte by byte
+  sample_compare(view, b'def fibonac', 32)     # + plain token-level and token healing (BPE)
   Mixture(a, b, 0.7), ProductOfExperts(a, b)   # ensembles of any two views; fit_mixture_weight
+  mix_logprobs, product_logprobs               # any number of members, from their log-probs;
+  fit_mixture_weights, fit_product_alphas      # weights / exponents fitted on held-out bytes
 
 What probability each view defines
 ----------------------------------
@@ -45,8 +48,10 @@ has end probability 0. A byte the vocabulary cannot produce raises too.
 
 Cost: the cover encodings live in a lattice of canonical token sequences over the text (about
 one node per byte). Scoring a known text evaluates every node that has a canonical cover: one
-forward over the tokenizer's encoding, plus one batched forward over the other nodes (their
-divergent last tokens on top of the shared KV cache, rows and lengths padded to a few shapes).
+forward over the tokenizer's encoding, plus packed forwards over the other nodes: one token
+per node, the subtrees that leave the encoding packed into rows of up to 256 tokens with a tree
+mask, each reading the encoding's KV cache in place up to where its subtree leaves it
+(`models.layers.attend_shared_prefix`; no copy of the cache per row, no node twice).
 So scoring costs about one model position per byte instead of one per token, plus a validity
 row per node on the host (~1 ms for SmolLM2). Streaming (start / advance) evaluates each new
 node once, rewriting the tail of one cached token path.
@@ -68,6 +73,7 @@ import numpy as np
 from flax import nnx
 
 from data import canonical
+from models import layers
 
 END = 256          # index of end-of-text in a next-byte distribution
 NUM_OUTCOMES = 257
@@ -168,12 +174,11 @@ def _forward(graphdef, params, draw, ids, positions, segment_ids, cache, index):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward_branches(graphdef, params, draw, trunk_cache, visible_BxS, ids, positions, index):
-  b = ids.shape[0]
-  cache = [dict(k=jnp.broadcast_to(c['k'], (b,) + c['k'].shape[1:]),
-                v=jnp.broadcast_to(c['v'], (b,) + c['v'].shape[1:]),
-                segment_ids=visible_BxS) for c in trunk_cache]
-  return _apply(graphdef, params, draw, ids, positions, jnp.ones_like(ids), cache, index)[0]
+def _forward_tree(graphdef, params, draw, trunk_cache, prefix_visible_BxTxS, own_visible_BxTxT,
+                  ids, positions):
+  cache = [layers.shared_prefix_cache(c, prefix_visible_BxTxS, own_visible_BxTxT)
+           for c in trunk_cache]
+  return _apply(graphdef, params, draw, ids, positions, jnp.ones_like(ids), cache, 0)[0]
 
 
 class TokenFn:
@@ -199,13 +204,15 @@ class TokenFn:
                          jnp.int32(index))
     return np.asarray(lp), cache
 
-  def branches(self, trunk_cache, visible, ids, positions, index: int):
-    """Rows that continue a shared one-row cache: row r sees the cache slots where
-    visible[r] == 1 and its own tokens (written at slots index..index+T-1, RoPE positions
-    `positions`). Returns host fp32 log-probs [B, T, V] (the cache is not kept)."""
-    return np.asarray(_forward_branches(
-        self.graphdef, self.params, self.draw, trunk_cache, jnp.asarray(visible, jnp.int32),
-        jnp.asarray(ids, jnp.int32), jnp.asarray(positions, jnp.int32), jnp.int32(index)))
+  def tree(self, trunk_cache, prefix_visible, own_visible, ids, positions):
+    """Tokens that continue a one-row cache in a tree: token t of row b sees the cache slots
+    where prefix_visible[b, t] is nonzero and the row's tokens u where own_visible[b, t, u] is
+    (its ancestors and itself); RoPE positions `positions`. The cache is read in place
+    (layers.attend_shared_prefix) and not changed. Returns host fp32 log-probs [B, T, V]."""
+    return np.asarray(_forward_tree(
+        self.graphdef, self.params, self.draw, trunk_cache, jnp.asarray(prefix_visible, bool),
+        jnp.asarray(own_visible, bool), jnp.asarray(ids, jnp.int32),
+        jnp.asarray(positions, jnp.int32)))
 
 
 def _grow(cache, size: int):
@@ -387,12 +394,13 @@ class ExactBPE(ByteLM):
   `canonical.UnsupportedTokenizer` (a ValueError) for tokenizers it cannot canonicalize."""
 
   def __init__(self, fn: TokenFn, tokenizer, bos_id: int, eos_id: int, name: str = 'bpe',
-               max_rows: int = 64, row_base: int = 2, t_base: int = 2):
-    """max_rows: rows per batched branch forward; rows and branch lengths are padded to powers
-    of row_base / t_base (2: little padding, more shapes to compile; 4 or 8: fewer shapes)."""
+               max_tokens: int = 256, min_tokens: int = 8):
+    """max_tokens: tokens per packed branch forward (whole subtrees of the lattice off the
+    cached path; a row is padded to a power of two between min_tokens and max_tokens, so few
+    shapes compile)."""
     self.fn, self.name, self.bos_id, self.eos_id = fn, name, int(bos_id), int(eos_id)
     self.canon = canonical.Canonical(tokenizer, fn.vocab_size)
-    self.max_rows, self.row_base, self.t_base = max_rows, row_base, t_base
+    self.max_tokens, self.min_tokens = max_tokens, min_tokens
 
   # -- model evaluation --------------------------------------------------------------------
   def _logq(self, u: _Node, lat: _Lattice) -> float:
@@ -425,44 +433,59 @@ class ExactBPE(ByteLM):
     return np.asarray(lp[0, :len(toks)]), cache
 
   def _branches(self, cache, cached: _Node, leaves: list[_Node]):
-    """Log-probs for `leaves` and their ancestors below their deepest common node with the
-    cached path: one batched forward per shape, rows padded to a few sizes."""
-    on_path = {}
+    """Log-probs for `leaves` and their ancestors off the cached path, each node evaluated
+    once: the subtrees hanging off the path are packed into rows of at most `max_tokens`
+    tokens (whole subtrees; a larger one gets a row of its own), one token per node at RoPE
+    position = its depth, reading the path's KV cache in place up to the path node its
+    subtree leaves from, and attending to its ancestors in the row (a tree mask)."""
+    on_path = set()
     u = cached
     while u is not None:
-      on_path[id(u)] = u
+      on_path.add(id(u))
       u = u.parent
-    rows = []
+    tree_of: dict[int, int] = {}       # node -> its subtree (the root's id)
+    trees: dict[int, list[_Node]] = {}  # parents before children
     for leaf in leaves:
-      suffix, u = [], leaf
-      while id(u) not in on_path:
-        suffix.append(u)
+      chain, u = [], leaf
+      while id(u) not in on_path and id(u) not in tree_of:
+        chain.append(u)
         u = u.parent
-      rows.append((u, suffix[::-1]))
+      if not chain:
+        continue
+      root = id(chain[-1]) if id(u) in on_path else tree_of[id(u)]
+      for v in reversed(chain):
+        tree_of[id(v)] = root
+        trees.setdefault(root, []).append(v)
+    rows, row = [], []
+    for tree in trees.values():
+      if row and len(row) + len(tree) > self.max_tokens:
+        rows.append(row)
+        row = []
+      row = row + tree
+    if row:
+      rows.append(row)
     size = cache[0]['k'].shape[1]
-    start = cached.depth + 1
-    by_t: dict[int, list] = {}
-    for r in rows:
-      by_t.setdefault(_ladder(len(r[1]), base=self.t_base), []).append(r)
-    for t, group in sorted(by_t.items()):
-      if start + t > size:
-        raise RuntimeError('KV cache too small for the branches')  # callers size it
-      for i in range(0, len(group), self.max_rows):
-        part = group[i:i + self.max_rows]
-        b = _ladder(len(part), base=self.row_base)
-        ids = np.zeros((b, t), np.int32)
-        pos = np.zeros((b, t), np.int32)
-        vis = np.zeros((b, size), np.int32)
-        for r, (anchor, suffix) in enumerate(part):
-          ids[r, :len(suffix)] = [s.last for s in suffix]
-          pos[r] = anchor.depth + 1 + np.arange(t)
-          vis[r, :anchor.depth + 1] = 1
-        vis[len(part):, 0] = 1  # padding rows see the begin token (no empty softmax)
-        lp = np.asarray(self.fn.branches(cache, vis, ids, pos, start))
-        for r, (_, suffix) in enumerate(part):
-          for k, s in enumerate(suffix):
-            if s.lp is None:
-              s.lp = lp[r, k]
+    for row in rows:
+      t = max(self.min_tokens, _bucket(len(row)))
+      ids = np.zeros((1, t), np.int32)
+      pos = np.zeros((1, t), np.int32)
+      pre = np.zeros((1, t, size), bool)
+      own = np.eye(t, dtype=bool)[None]
+      pre[0, len(row):, 0] = True  # padding tokens see the begin token and themselves
+      where = {}
+      for i, v in enumerate(row):
+        ids[0, i], pos[0, i] = v.last, v.depth
+        p = where.get(id(v.parent))
+        if p is None:  # the parent is on the cached path: the cache up to it
+          pre[0, i, :v.parent.depth + 1] = True
+        else:
+          pre[0, i] = pre[0, p]
+          own[0, i] |= own[0, p]
+        where[id(v)] = i
+      lp = self.fn.tree(cache, pre, own, ids, pos)
+      for i, v in enumerate(row):
+        if v.lp is None:
+          v.lp = lp[0, i]
 
   def _eval(self, st, nodes: list[_Node]):
     """Makes sure `nodes` have log-probs, and so do the ancestors their log Q needs
@@ -489,22 +512,15 @@ class ExactBPE(ByteLM):
       if not missing:
         return
     inner = set()
-    longest = 1
     for u in missing.values():
-      d, a = 0, u
+      a = u.parent
       while id(a) not in on_path:
-        if a is not u:
-          inner.add(id(a))
-        d += 1
+        inner.add(id(a))
         a = a.parent
-      longest = max(longest, d)
     leaves = [u for k, u in missing.items() if k not in inner]
     if len(leaves) == 1:
       self._rewrite(st, leaves[0])
       return
-    need = st.cached.depth + 1 + _ladder(longest, base=self.t_base)
-    if need > st.cache[0]['k'].shape[1]:
-      st.cache = _grow(st.cache, _bucket(need, 128))
     self._branches(st.cache, st.cached, leaves)
 
   def _rewrite(self, st, u: _Node, again: bool = False):
@@ -581,15 +597,21 @@ class ExactBPE(ByteLM):
                        ) from e
     base, anchor = [], 0
     if cb > 64:  # all but the last pieces go into the KV cache in one forward
-      ids = self.c.encode(prompt[:cb])
+      try:
+        ids = self.c.encode(prompt[:cb])
+      except ValueError as e:
+        raise ValueError(f'prompt {prompt[:40]!r}...: {e}') from e
       tail = self.c.make_tail(prompt, cb, reversed(ids))
       anchor = cb - len(tail.text)
       base = ids[:len(ids) - len(tail.tokens)]
     lp, cache = self._prefill(base, _bucket(len(base) + 2 * (len(prompt) - anchor) + 16, 128))
     lat = _Lattice(self.c, root_depth=len(base), origin=anchor)
     lat.root.lp = lp[-1]
-    for b in prompt[anchor:]:
-      lat.extend(b)
+    try:
+      for b in prompt[anchor:]:
+        lat.extend(b)
+    except ValueError as e:
+      raise ValueError(f'prompt {prompt[:40]!r}...: {e}') from e
     st = _BPEState(lat, cache, lat.root)
     return st
 
@@ -640,15 +662,7 @@ class ExactBPE(ByteLM):
         raise RuntimeError('internal: the lattice path differs from the tokenizer\'s encoding')
     on_trunk = {id(lat.root)} | {id(s) for s in path}
     rest = [u for u in nodes if id(u) not in on_trunk]
-    depth_off = 0
-    for u in rest:
-      d, a = 0, u
-      while id(a) not in on_trunk:
-        d += 1
-        a = a.parent
-      depth_off = max(depth_off, d)
-    size = _bucket(len(path) + 1 + _ladder(max(depth_off, 1), base=self.t_base), 128)
-    lp, cache = self._prefill([s.last for s in path], size)
+    lp, cache = self._prefill([s.last for s in path], _bucket(len(path) + 1, 128))
     lat.root.lp = lp[0]
     for k, s in enumerate(path):
       s.lp = lp[k + 1]
@@ -705,24 +719,32 @@ class ExactBPE(ByteLM):
       out = np.concatenate([out, [e - logp[n]]])
     return out
 
-  def generate_tokens(self, prompt: bytes, max_new_tokens: int, heal: bool = False) -> bytes:
-    """The greedy token-level completion of `prompt` (bytes after it, up to the end token):
-    plain (the prompt's encoding as the context), or with token healing (its last token
-    removed and the first new token constrained to start with that token's bytes)."""
+  def generate_tokens(self, prompt: bytes, max_new_tokens: int, heal: bool = False,
+                      temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                      max_bytes: int | None = None) -> bytes:
+    """The token-level completion of `prompt` (bytes after it, up to the end token; greedy at
+    temperature 0): plain (the prompt's encoding as the context), or with token healing (its
+    last token removed and the first new token constrained to start with that token's bytes).
+    `max_bytes`: stop once that many bytes follow the prompt, and cut there."""
     stop = (self.eos_id,)
+    rng = np.random.default_rng(seed)
     if heal:
       ids, removed, allowed = heal_split(self.c, bytes(prompt))
-      out = token_generate(self.fn, [self.bos_id] + ids, max_new_tokens, stop, allowed)
     else:
-      removed = b''
+      removed, allowed = b'', None
       try:
         ids = self.c.encode(bytes(prompt))
       except ValueError as e:
-        raise ValueError(f'prompt {bytes(prompt)[-20:]!r}: a token-level prompt must be UTF-8 '
-                         f'text ({e}); token healing or byte-level sampling take it') from e
-      out = token_generate(self.fn, [self.bos_id] + ids, max_new_tokens, stop)
-    text = b''.join(self.c.token_bytes[t] or b'' for t in out if t != self.eos_id)
-    return text[len(removed):]
+        raise ValueError(f'prompt {bytes(prompt)[-20:]!r}: a token-level prompt must be text '
+                         f'the tokenizer encodes ({e})') from e
+    tb = self.c.token_bytes
+    done = None
+    if max_bytes is not None:
+      done = lambda out: sum(len(tb[t] or b'') for t in out) - len(removed) >= max_bytes
+    out = token_generate(self.fn, [self.bos_id] + ids, max_new_tokens, stop, allowed,
+                         temperature, top_p, rng, done)
+    text = b''.join(tb[t] or b'' for t in out if t != self.eos_id)[len(removed):]
+    return text if max_bytes is None else text[:max_bytes]
 
   def distributions(self, text: bytes) -> np.ndarray:
     text = bytes(text)
@@ -760,9 +782,12 @@ def heal_split(canon: canonical.Canonical, prompt: bytes) -> tuple[list[int], by
 
 
 def token_generate(fn: TokenFn, ids: list[int], max_new: int, stop_ids=(),
-                   first_allowed: np.ndarray | None = None) -> list[int]:
-  """Greedy token-level decoding with a KV cache (host loop): `ids` is the full context (begin
-  token included); `first_allowed` restricts the first new token. Stops after a stop id."""
+                   first_allowed: np.ndarray | None = None, temperature: float = 0.0,
+                   top_p: float = 1.0, rng: np.random.Generator | None = None,
+                   done: Callable[[list[int]], bool] | None = None) -> list[int]:
+  """Token-level decoding with a KV cache (host loop; greedy at temperature 0, else nucleus
+  sampling as `pick`): `ids` is the full context (begin token included); `first_allowed`
+  restricts the first new token. Stops after a stop id, or when `done(tokens so far)`."""
   size = _bucket(len(ids) + max_new + 1, 128)
   cache = fn.init_cache(1, size)
   t = _ladder(len(ids))
@@ -774,9 +799,9 @@ def token_generate(fn: TokenFn, ids: list[int], max_new: int, stop_ids=(),
       masked = np.full_like(lp, -np.inf)
       masked[first_allowed] = lp[first_allowed]
       lp = masked
-    tok = int(np.argmax(lp))
+    tok = pick(lp, temperature, top_p, rng)
     out.append(tok)
-    if tok in stop_ids:
+    if tok in stop_ids or (done is not None and done(out)):
       break
     n = len(ids) + i
     lp, cache = fn([[tok]], [[n]], cache, n)
@@ -796,9 +821,8 @@ class Mixture(ByteLM):
     self.name = f'mix({a.name}:{weight:.3g},{b.name})'
 
   def _mix(self, la, lb):
-    with np.errstate(divide='ignore'):
-      wa, wb = np.log(self.weight), np.log1p(-self.weight)
-    return np.logaddexp(wa + np.asarray(la, np.float64), wb + np.asarray(lb, np.float64))
+    return mix_logprobs(np.stack([np.asarray(la, np.float64), np.asarray(lb, np.float64)]),
+                        [self.weight, 1.0 - self.weight])
 
   def start(self, prompt: bytes = b''):
     return [self.a.start(prompt), self.b.start(prompt)]
@@ -826,14 +850,8 @@ class ProductOfExperts(ByteLM):
     self.name = f'poe({a.name},{b.name})'
 
   def _combine(self, la, lb):
-    la, lb = np.asarray(la, np.float64), np.asarray(lb, np.float64)
-    with np.errstate(invalid='ignore'):
-      t = (np.where(self.alphas[0] == 0, 0.0, self.alphas[0] * la) +
-           np.where(self.alphas[1] == 0, 0.0, self.alphas[1] * lb))
-    m = np.max(t, axis=-1, keepdims=True)
-    if not np.all(np.isfinite(m)):
-      raise ValueError('the experts share no outcome of probability > 0')
-    return t - (m + np.log(np.sum(np.exp(t - m), axis=-1, keepdims=True)))
+    return product_logprobs(np.stack([np.asarray(la, np.float64), np.asarray(lb, np.float64)]),
+                            self.alphas)
 
   def start(self, prompt: bytes = b''):
     return [self.a.start(prompt), self.b.start(prompt)]
@@ -886,6 +904,75 @@ def fit_mixture_weight(a: ByteLM, b: ByteLM, text: bytes, end: bool = False,
   return best[1], best[0]
 
 
+# -- ensembles of any number of members, from their log-probabilities -------------------------
+def mix_logprobs(logps: np.ndarray, weights) -> np.ndarray:
+  """log sum_k w_k p_k: the mixture of M members' log-probabilities `logps` [M, ...] (of the
+  same outcomes, or whole next-byte distributions) with weights [M] (summing to 1)."""
+  logps = np.asarray(logps, np.float64)
+  with np.errstate(divide='ignore'):
+    lw = np.log(np.asarray(weights, np.float64))
+  return np.logaddexp.reduce(lw.reshape((-1,) + (1,) * (logps.ndim - 1)) + logps, axis=0)
+
+
+def product_logprobs(dists: np.ndarray, alphas) -> np.ndarray:
+  """The product of experts of M members' next-byte distributions `dists` [M, ..., 257]:
+  p(b) proportional to prod_k p_k(b)^alpha_k, renormalized over the last axis (alpha_k = 0
+  leaves member k out; an outcome one included member rules out stays impossible)."""
+  dists = np.asarray(dists, np.float64)
+  t = np.zeros(dists.shape[1:])
+  for a, d in zip(alphas, dists):
+    if a:
+      t = t + float(a) * d
+  m = np.max(t, axis=-1, keepdims=True)
+  if not np.all(np.isfinite(m)):
+    raise ValueError('the experts share no outcome of probability > 0')
+  return t - (m + np.log(np.sum(np.exp(t - m), axis=-1, keepdims=True)))
+
+
+def fit_mixture_weights(logps: np.ndarray, iters: int = 500, tol: float = 1e-12) -> np.ndarray:
+  """Mixture weights [M] maximizing the likelihood of held-out outcomes, from each member's
+  log-probabilities of them `logps` [M, N] (EM: the log-likelihood is concave in the weights,
+  so EM converges to the maximum)."""
+  logps = np.asarray(logps, np.float64)
+  m = logps.shape[0]
+  w = np.full(m, 1.0 / m)
+  prev = -np.inf
+  for _ in range(iters):
+    with np.errstate(divide='ignore'):
+      r = np.log(w)[:, None] + logps
+    z = np.logaddexp.reduce(r, axis=0)
+    ll = float(z.mean())
+    w = np.exp(r - z).mean(axis=1)
+    w /= w.sum()
+    if ll - prev < tol:
+      break
+    prev = ll
+  return w
+
+
+def fit_product_alphas(dists: np.ndarray, targets: np.ndarray, bounds=(0.05, 4.0)
+                       ) -> np.ndarray:
+  """Exponents [M] of `product_logprobs` maximizing the likelihood of held-out outcomes
+  `targets` [N] (0..256) under the members' distributions `dists` [M, N, 257]: the negative
+  log-likelihood is convex in the exponents (L-BFGS-B within `bounds`; the lower bound keeps
+  every member in, so its impossible outcomes stay impossible as in the fitted product)."""
+  from scipy import optimize  # pylint: disable=import-outside-toplevel
+  d = np.maximum(np.asarray(dists, np.float64), -1e4)  # exp(alpha * -1e4) = 0 at alpha >= 0.05
+  n = d.shape[1]
+  picked = d[:, np.arange(n), np.asarray(targets)]  # [M, N]
+
+  def nll(alphas):
+    t = np.einsum('m,mnv->nv', alphas, d)
+    z = np.logaddexp.reduce(t, axis=1)
+    p = np.exp(t - z[:, None])
+    grad = -picked.mean(1) + np.einsum('nv,mnv->m', p, d) / n
+    return float((z - alphas @ picked).mean()), grad
+
+  m = d.shape[0]
+  res = optimize.minimize(nll, np.ones(m), jac=True, method='L-BFGS-B', bounds=[bounds] * m)
+  return np.asarray(res.x)
+
+
 # -- sampling ----------------------------------------------------------------------------------
 def pick(logprobs: np.ndarray, temperature: float = 0.0, top_p: float = 1.0,
          rng: np.random.Generator | None = None) -> int:
@@ -919,6 +1006,27 @@ def sample(view: ByteLM, prompt: bytes = b'', max_bytes: int = 64, temperature: 
       break
     st = view.advance(st, b)
   return bytes(out)
+
+
+def sample_compare(view: ByteLM, prompt: bytes, max_bytes: int, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int = 0) -> dict[str, bytes | str]:
+  """Completions of `prompt` (at most `max_bytes` bytes after it): {'byte-level': bytes} from
+  `sample`, and for a BPE view also 'plain token-level' and 'token healing' (token-level
+  decoding with the same temperature / top_p / seed, cut at `max_bytes`; a str saying why
+  where one cannot run, e.g. a plain token-level prompt that ends inside a character).
+  Raises ValueError for a prompt the view gives probability 0 (invalid UTF-8 for BPE)."""
+  prompt = bytes(prompt)
+  out: dict[str, bytes | str] = {}
+  byte_level = sample(view, prompt, max_bytes, temperature, top_p, seed)
+  if isinstance(view, ExactBPE):
+    for name, heal in (('plain token-level', False), ('token healing', True)):
+      try:
+        out[name] = view.generate_tokens(prompt, max_bytes, heal, temperature, top_p, seed,
+                                         max_bytes=max_bytes)
+      except ValueError as e:
+        out[name] = f'n/a: {e}'
+  out['byte-level'] = byte_level
+  return out
 
 
 # -- HAT ---------------------------------------------------------------------------------------

@@ -208,6 +208,10 @@ class Attention(nnx.Module):
           q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask=mask_Bx1xTxT, is_causal=True,
           local_window_size=local, implementation=self.attention_impl)
       new_cache = None
+    elif 'prefix_k' in cache:  # rows continuing one shared cache, read in place
+      out_BxTxHxK = attend_shared_prefix(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, positions_BxT, cache,
+                                         self.window)
+      new_cache = cache
     else:
       b, t = x_BxTxD.shape[:2]
       s = cache['k'].shape[1]
@@ -306,3 +310,55 @@ class Block(nnx.Module):
       x_BxTxD = x_BxTxD + jnp.take_along_axis(add_BxWxD, index_BxT[..., None], axis=1)
     x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
     return x_BxTxD, new_cache
+
+
+
+# -- branches over one shared KV cache -----------------------------------------------------------
+def shared_prefix_cache(cache: Cache, prefix_visible_BxTxS: Array,
+                        own_visible_BxTxT: Array | None = None) -> Cache:
+  """A layer's cache for `attend_shared_prefix`: one cache row (k, v [1, S, G, K]) read in place
+  by every query of a [B, T] call. Query t of row b sees the cached slots where
+  prefix_visible[b, t] is nonzero, and the call's own tokens u where own_visible[b, t, u] is
+  nonzero (default: u <= t). Nothing is written into the shared arrays (a token tree over one
+  prefix: each token sees the prefix up to where its branch leaves it, and its ancestors)."""
+  out = dict(prefix_k=cache['k'], prefix_v=cache['v'], prefix_visible=prefix_visible_BxTxS)
+  if own_visible_BxTxT is not None:
+    out['own_visible'] = own_visible_BxTxT
+  return out
+
+
+def attend_shared_prefix(q_BxTxHxK: Array, k_BxTxGxK: Array, v_BxTxGxK: Array,
+                         positions_BxT: Array, cache: Cache, window: int = 0) -> Array:
+  """Attention of a [B, T] call to one shared cache row (`shared_prefix_cache`) and to its own
+  tokens, without copying the cache per row: the scores against the S cached keys and against
+  the T own keys share one fp32 softmax. With `window`, key slot / position j is visible to a
+  query at position p only if p - j < window (cached slots are positions). Every query must see
+  at least one key (its own token, normally)."""
+  b, t, h, kd = q_BxTxHxK.shape
+  g = k_BxTxGxK.shape[2]
+  r = h // g
+  dt = q_BxTxHxK.dtype
+  pk_SxGxK = cache['prefix_k'][0].astype(dt)
+  pv_SxGxK = cache['prefix_v'][0].astype(dt)
+  s = pk_SxGxK.shape[0]
+  q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, r, kd)
+  pre_BxGxRxTxS = jnp.einsum('btgrk,sgk->bgrts', q_BxTxGxRxK, pk_SxGxK,
+                             preferred_element_type=jnp.float32) * kd ** -0.5
+  own_BxGxRxTxT = jnp.einsum('btgrk,bugk->bgrtu', q_BxTxGxRxK, k_BxTxGxK.astype(dt),
+                             preferred_element_type=jnp.float32) * kd ** -0.5
+  seen_BxTxS = jnp.broadcast_to(cache['prefix_visible'] != 0, (b, t, s))
+  if 'own_visible' in cache:
+    own_seen_BxTxT = jnp.broadcast_to(cache['own_visible'] != 0, (b, t, t))
+  else:
+    own_seen_BxTxT = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+  if window > 0:
+    p_BxT = positions_BxT.astype(jnp.int32)
+    seen_BxTxS &= (p_BxT[:, :, None] - jnp.arange(s)[None, None, :]) < window
+    own_seen_BxTxT &= (p_BxT[:, :, None] - p_BxT[:, None, :]) < window
+  scores = jnp.concatenate([jnp.where(seen_BxTxS[:, None, None], pre_BxGxRxTxS, -jnp.inf),
+                            jnp.where(own_seen_BxTxT[:, None, None], own_BxGxRxTxT, -jnp.inf)],
+                           axis=-1)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  out_BxTxGxRxK = (jnp.einsum('bgrts,sgk->btgrk', probs[..., :s], pv_SxGxK)
+                   + jnp.einsum('bgrtu,bugk->btgrk', probs[..., s:], v_BxTxGxK.astype(dt)))
+  return out_BxTxGxRxK.reshape(b, t, h, kd)

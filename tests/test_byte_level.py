@@ -71,7 +71,7 @@ def fn(model):
   return bl.TokenFn(model)
 
 
-FEW_SHAPES = dict(max_rows=16, row_base=4, t_base=8)  # few compilations in tests
+FEW_SHAPES = dict(max_tokens=64, min_tokens=64)  # one branch shape: few compilations
 
 
 @pytest.fixture(scope='module')
@@ -289,6 +289,12 @@ def test_bad_input(view, ascii_view, fn, model):
                              atol=1e-5)
   with pytest.raises(ValueError, match='vocabulary cannot encode'):
     ascii_view.score('caf\u00e9'.encode())
+  # HF tokenizers drop what the vocabulary lacks: the encoding must give back the text, also
+  # for a long prompt (its start goes into the KV cache through the encoding)
+  with pytest.raises(ValueError, match=r'byte 3 \(0xc3\): the vocabulary cannot encode'):
+    ascii_view.c.encode('caf\u00e9 au lait'.encode())
+  with pytest.raises(ValueError, match=r'prompt .*byte 3 \(0xc3\): the vocabulary cannot'):
+    ascii_view.start(('caf\u00e9 ' + 'the cat sat ' * 8).encode())
   unigram = Tokenizer(tok_models.Unigram([('<unk>', 0.0), ('a', -1.0)], 0))
   with pytest.raises(ValueError, match='need a BPE tokenizer'):
     bl.ExactBPE(fn, unigram, 1, 2, **FEW_SHAPES)

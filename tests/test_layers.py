@@ -126,6 +126,36 @@ def test_kv_cache_matches_full_forward(window):
   chex.assert_trees_all_close(jnp.concatenate(outs, axis=1), y_full, atol=1e-5)
 
 
+
+@pytest.mark.parametrize('num_kv_heads,window', [(2, 0), (1, 3)])
+def test_shared_prefix_tree_matches_full_forward(num_kv_heads, window):
+  """A token tree over one cached row (layers.attend_shared_prefix, as the byte-level views'
+  branches use it): each token equals the uncached forward of its own path."""
+  attn = layers.Attention(D, H, num_kv_heads, K, window=window, init_std=0.3, rngs=nnx.Rngs(0))
+  p = 7
+  x = jax.random.normal(jax.random.key(2), (1, p + 3, D))
+  _, cache = attn(x[:, :p], jnp.arange(p)[None], None, attn.init_cache(1, p + 1), 0)
+  # branch a leaves the prefix after slot 4 (two tokens), branch b after slot 6 (one token)
+  paths = {'a': (4, [p, p + 1]), 'b': (6, [p + 2])}
+  ids, pos, pre, own = [], [], np.zeros((1, 3, p + 1), bool), np.eye(3, dtype=bool)[None]
+  want = []
+  for anchor, extra in paths.values():
+    seq = jnp.concatenate([x[:, :anchor + 1], x[:, extra]], axis=1)
+    full = _reference_attention(attn, seq, jnp.arange(seq.shape[1])[None],
+                                jnp.ones((1, seq.shape[1]), jnp.int32), window)
+    for i, e in enumerate(extra):
+      row = len(ids)
+      ids.append(e)
+      pos.append(anchor + 1 + i)
+      pre[0, row, :anchor + 1] = True
+      own[0, row, row - i:row + 1] = True
+      want.append(full[:, anchor + 1 + i])
+  shared = layers.shared_prefix_cache(cache, jnp.asarray(pre), jnp.asarray(own))
+  y, out_cache = attn(x[:, ids], jnp.asarray(pos)[None], None, shared)
+  assert out_cache is shared  # nothing written
+  chex.assert_trees_all_close(y[0], jnp.concatenate(want), atol=1e-5)
+
+
 def test_remat_matches_plain():
   x = jax.random.normal(jax.random.key(1), (1, 6, D))
   pos = jnp.arange(6)[None]

@@ -511,13 +511,60 @@ def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
 
 
 def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
+  """`--mode=sample`: the family's own sampling, or with `sample.byte_level` byte-level
+  sampling through its byte view (`sample_bytes`)."""
+  byte_level = bool(cfg.sample.get('byte_level', False))
+  if byte_level:
+    prompt_bytes(cfg.sample.prompt)  # bad prompts fail before anything is restored
   setup, state, s = restore(cfg, workdir, step)
+  if byte_level:
+    return sample_bytes(setup.family, setup.model(state['params']), cfg.sample, s)
   setup.family.check_sample(cfg.sample)
   out = setup.family.sample(setup.model(state['params']), cfg.sample)
   for i, text in enumerate(out):
     log0(f'--- sample {i} (step {s}, prompt {cfg.sample.prompt!r}, temperature '
          f'{cfg.sample.temperature}, top_p {cfg.sample.top_p})\n{text}')
   return out
+
+
+def prompt_bytes(prompt: str) -> bytes:
+  """`sample.prompt` as bytes for byte-level sampling: UTF-8, and bytes that are not UTF-8 on
+  the command line (bash: --config.sample.prompt=$'caf\\xc3') come back as those bytes
+  (Python keeps them as surrogate escapes). An empty prompt is a ValueError."""
+  try:
+    out = str(prompt).encode('utf-8', 'surrogateescape')
+  except UnicodeEncodeError as e:
+    raise ValueError(f'sample.prompt={prompt!r}: not text or bytes ({e.reason})') from None
+  if not out:
+    raise ValueError('sample.prompt is empty: byte-level sampling (sample.byte_level=True) '
+                     "continues a prompt; give one, e.g. --config.sample.prompt='def fibonac'")
+  return out
+
+
+def sample_bytes(family: families.Family, model, cfg_sample, step: int = 0) -> list[str]:
+  """Byte-level sampling of `cfg_sample.prompt` through `family.byte_view(model)`, at most
+  `sample.max_new_tokens` BYTES; for a BPE model also plain token-level decoding and token
+  healing, side by side (models.byte_level.sample_compare). Logs and returns prompt +
+  completion for each (bytes that are not UTF-8 shown as \\x escapes)."""
+  from models import byte_level  # pylint: disable=import-outside-toplevel
+  prompt = prompt_bytes(cfg_sample.prompt)
+  view = family.byte_view(model)
+  n = int(cfg_sample.max_new_tokens)
+  outs = byte_level.sample_compare(view, prompt, n, cfg_sample.temperature, cfg_sample.top_p,
+                                   cfg_sample.seed)
+  how = ('greedy' if cfg_sample.temperature == 0 else
+         f'temperature {cfg_sample.temperature}, top_p {cfg_sample.top_p}, seed {cfg_sample.seed}')
+  log0(f'--- byte-level sampling (step {step}, family {family.name}, {type(view).__name__} '
+       f'view; prompt {prompt!r}, {len(prompt)} bytes; {how}; at most {n} bytes)')
+  width = max(len(k) for k in outs)
+  texts = []
+  for name, out in outs.items():
+    if isinstance(out, bytes):  # prompt + completion: a character may span the boundary
+      texts.append((prompt + out).decode('utf-8', 'backslashreplace'))
+      log0(f'{name:<{width}}  {texts[-1]!r}')
+    else:
+      log0(f'{name:<{width}}  ({out})')
+  return texts
 
 
 def export_hf(cfg, workdir: str, step: int | None = None, out_dir: str = '') -> str:

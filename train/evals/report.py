@@ -31,9 +31,26 @@ def fmt_fixed(v) -> str:
   return f'{v:.4f}' if isinstance(v, float) else ('' if v is None else str(v))
 
 
+def fmt_count(v) -> str:
+  """Counts readable: 611520 -> '0.61M', 7.99e12 -> '7.99e+12'; other values as
+  `fmt_general` (four significant digits)."""
+  if isinstance(v, (int, float)) and not isinstance(v, bool):
+    if abs(v) >= 1e9:
+      return f'{v:.3g}'
+    if abs(v) >= 1e5:
+      return f'{v / 1e6:.2f}M'
+  return fmt_general(v)
+
+
 def write_text(path: str, text: str) -> None:
   if jax.process_index() == 0:
     storage.write_text(path, text)
+
+
+def write_json(path: str, obj) -> None:
+  if jax.process_index() == 0:
+    with open(path, 'w') as f:
+      json.dump(obj, f, indent=2, default=float)
 
 
 def write_rows(rows: list[dict], directory: str, stem: str, formats=('md', 'csv'),
@@ -157,3 +174,52 @@ def plot_ppl_by_position(path: str, per_pos: dict, count: np.ndarray, names: lis
   fig.tight_layout()
   save_png(fig, path, dpi=110)
   plt.close(fig)
+
+
+def plot_cross_family(rows: list[dict], path: str) -> str | None:
+  """The cross-family report (train/cross_family.py) in four panels: bits per byte of each run
+  (validation as recorded, through the byte view, text file), validation bits per byte against
+  training FLOPs, the robustness suite, and byte-level generation speed."""
+  if jax.process_index() != 0 or not rows:
+    return None
+  plt = _pyplot()
+  names = [r['run'] for r in rows]
+  x = np.arange(len(rows))
+  fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+
+  def bars(ax, keys, labels, title, ylabel):
+    keys = [(k, l) for k, l in zip(keys, labels) if any(r.get(k) is not None for r in rows)]
+    w = 0.8 / max(1, len(keys))
+    for i, (k, label) in enumerate(keys):
+      vals = [r.get(k) if r.get(k) is not None else np.nan for r in rows]
+      ax.bar(x + (i - (len(keys) - 1) / 2) * w, vals, w, label=label)
+    ax.set_xticks(x, names, rotation=20, fontsize=8)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis='y')
+    if keys:
+      ax.legend(fontsize=7)
+
+  bars(axes[0, 0], ['val_bpb', 'val_bpb_byte_view', 'text_bpb'],
+       ['validation (recorded)', 'validation pieces (byte view)', 'text file (byte view)'],
+       'bits per byte (lower is better)', 'bits per byte')
+  ax = axes[0, 1]
+  for r in rows:
+    if r.get('bytes_seen') and r.get('val_bpb') is not None:
+      ax.scatter(r['bytes_seen'], r['val_bpb'])
+      ax.annotate(f"{r['run']} ({fmt_count(r.get('train_flops'))} FLOPs)",
+                  (r['bytes_seen'], r['val_bpb']), fontsize=8)
+  ax.set_xscale('log')
+  ax.set_xlabel('training bytes seen (tokens seen x bytes per token)')
+  ax.set_ylabel('validation bits per byte (recorded)')
+  ax.set_title('bits per byte vs training data')
+  ax.grid(alpha=0.3)
+  bars(axes[1, 0], ['val_bpb', 'caps_bpb', 'permute_bpb', 'delete_bpb', 'replace_bpb'],
+       ['clean', 'ALL CAPS', 'permute', 'delete', 'replace'], 'robustness suite (recorded)',
+       'bits per byte')
+  bars(axes[1, 1], ['gen_bytes_per_s'], ['greedy, through the byte view'],
+       'byte-level generation speed', 'bytes / s')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -27,6 +27,12 @@ class PretrainedFamily(lm.TokenLMFamily):
 
   def __init__(self, cfg, workdir=None):
     self.loaded = load_source(cfg.model.source)
+    if self.loaded.meta.get('kind') == 'encoder':
+      raise ValueError(f'model.source={cfg.model.source}: a sentence encoder '
+                       f'({type(self.loaded.model).__name__}), not a language model: it gives no '
+                       'next-token probabilities, so there are no exact byte probabilities '
+                       '(byte-level sampling, ensembles, reports) and nothing to train, '
+                       'evaluate or sample; only --mode=transfer takes it')
     super().__init__(cfg, workdir)
 
   def model_config(self):
