@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import csv
 import gc
-import json
+import io
 import os
 import re
 
@@ -38,15 +38,14 @@ def _pretrained_source(spec: str) -> str | None:
   """The `model.source` a member spec names, or None for a run workdir."""
   if spec.startswith(PRETRAINED):
     return spec[len(PRETRAINED):]
-  if spec.endswith('.gguf') and os.path.isfile(spec):
+  if spec.endswith('.gguf') and storage.isfile(spec):
     return spec
-  cfg_path = os.path.join(spec, 'config.json')
-  if os.path.isdir(spec) and os.path.exists(os.path.join(spec, 'tokenizer.json')) and \
-      os.path.exists(cfg_path):
+  cfg_path = storage.join(spec, 'config.json')
+  if storage.isdir(spec) and storage.exists(storage.join(spec, 'tokenizer.json')) and \
+      storage.exists(cfg_path):
     try:
-      with open(cfg_path) as f:
-        if 'family' not in json.load(f):  # an HF model directory, not a run
-          return spec
+      if 'family' not in storage.read_json(cfg_path):  # an HF model directory, not a run
+        return spec
     except (OSError, ValueError):
       pass
   return None
@@ -65,7 +64,7 @@ class Member:
     self.spec, self.name = spec, _name(spec)
     src = _pretrained_source(spec)
     if src is not None:
-      cfg, _ = config_lib.load(os.path.join(launching.REPO, 'configs', 'pretrained.py'))
+      cfg, _ = config_lib.load(storage.join(launching.REPO, 'configs', 'pretrained.py'))
       config_lib.override(cfg, {'model.source': src})
       setup = trainer.Setup(cfg)
       self.family = setup.family
@@ -146,9 +145,9 @@ def ensemble(cfg, workdir: str) -> dict:
     raise config_lib.ConfigError(f'ensemble.kinds: unknown {bad}; expected some of '
                                  f'{list(byte_views.KINDS)}')
   for spec in specs:  # before anything is read or loaded
-    if _pretrained_source(spec) is None and not os.path.isdir(spec):
+    if _pretrained_source(spec) is None and not storage.isdir(spec):
       raise FileNotFoundError(f'ensemble.members: no run directory {spec}')
-  storage.prepare_workdir(workdir)
+  workdir = storage.check_workdir(workdir)
   fit, val, text, info = _texts(cfg)
   names, scored = [], {'fit': [], 'validation': [], 'text': []}
   for spec in specs:
@@ -176,22 +175,21 @@ def ensemble(cfg, workdir: str) -> dict:
 # -- --mode=report --------------------------------------------------------------------------------
 def _expand(spec: str) -> list[str]:
   """A sweep workdir stands for its points (in summary.csv's order when there is one)."""
-  if _pretrained_source(spec) is not None or os.path.exists(os.path.join(spec, 'config.json')):
+  if _pretrained_source(spec) is not None or storage.exists(storage.join(spec, 'config.json')):
     return [spec]
-  if not os.path.isdir(spec):
+  if not storage.isdir(spec):
     raise FileNotFoundError(f'report.runs: no run directory {spec}')
   order = []
-  summary = os.path.join(spec, 'summary.csv')
-  if os.path.exists(summary):
-    with open(summary) as f:
-      order = [r['run'] for r in csv.DictReader(f)]
-  subs = sorted(d for d in os.listdir(spec)
-                if os.path.exists(os.path.join(spec, d, 'config.json')))
+  summary = storage.join(spec, 'summary.csv')
+  if storage.exists(summary):
+    order = [r['run'] for r in csv.DictReader(io.StringIO(storage.read_text(summary)))]
+  subs = sorted(d for d in storage.listdir(spec)
+                if storage.exists(storage.join(spec, d, 'config.json')))
   subs = [d for d in order if d in subs] + [d for d in subs if d not in order]
   if not subs:
     raise FileNotFoundError(f'report.runs: {spec} is neither a run (no config.json) nor a '
                             'sweep with finished points')
-  return [os.path.join(spec, d) for d in subs]
+  return [storage.join(spec, d) for d in subs]
 
 
 def _recorded(spec: str) -> dict:
@@ -200,15 +198,15 @@ def _recorded(spec: str) -> dict:
   out = {}
   if _pretrained_source(spec) is not None:
     return out
-  path = os.path.join(spec, 'train_summary.json')
-  summary = storage.read_json(path) if os.path.exists(path) else {}
-  cfg = storage.read_json(os.path.join(spec, 'config.json'))
-  evals = sorted((int(m.group(1)), f) for f in os.listdir(spec)
+  path = storage.join(spec, 'train_summary.json')
+  summary = storage.read_json(path) if storage.exists(path) else {}
+  cfg = storage.read_json(storage.join(spec, 'config.json'))
+  evals = sorted((int(m.group(1)), f) for f in storage.listdir(spec)
                  if (m := re.fullmatch(r'eval_step(\d+)\.json', f)))
   ev = summary.get('eval') or {}  # the end-of-training evaluation, unless --mode=eval ran
   if evals:
     final = [e for e in evals if e[0] == summary.get('step')]
-    ev = storage.read_json(os.path.join(spec, (final or evals)[-1][1]))
+    ev = storage.read_json(storage.join(spec, (final or evals)[-1][1]))
   out['steps'] = summary.get('step')
   out['params'] = summary.get('params')
   out['train_flops'] = summary.get('train_flops')
@@ -229,7 +227,7 @@ def report(cfg, workdir: str) -> list[dict]:
   """The cross-family table and plots (see module doc); returns the rows."""
   _check(cfg, 'report')
   specs = [s for spec in _specs(cfg.report.runs, 'report.runs') for s in _expand(spec)]
-  storage.prepare_workdir(workdir)
+  workdir = storage.check_workdir(workdir)
   _, val, text, info = _texts(cfg) if cfg.report.byte_eval else ([], [], [], {})
   rows = []
   for spec in specs:
@@ -239,7 +237,7 @@ def report(cfg, workdir: str) -> list[dict]:
       m = Member(spec, 'report.runs')
     except ValueError as e:  # a family without a byte view: what it recorded only
       family = ('pretrained' if _pretrained_source(spec) is not None else
-                storage.read_json(os.path.join(spec, 'config.json')).get('family'))
+                storage.read_json(storage.join(spec, 'config.json')).get('family'))
       row.update(family=family, view=f'none ({e})')
       rows.append({**row, **rec})
       continue
@@ -272,7 +270,7 @@ def report(cfg, workdir: str) -> list[dict]:
                f'{cfg.report.gen_bytes} bytes after {cfg.report.gen_prompt!r}, the median of 3 '
                'runs after a warm-up): measured now through the byte view')
   md = table + '\n' + '\n'.join(notes) + '\n'
-  tables.write_text(os.path.join(workdir, 'report.md'), md)
-  tables.plot_cross_family(rows, os.path.join(workdir, 'report.png'))
+  tables.write_text(storage.join(workdir, 'report.md'), md)
+  tables.plot_cross_family(rows, storage.join(workdir, 'report.png'))
   log0(md.rstrip('\n'))
   return rows

@@ -49,8 +49,7 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj) -> None:
   if jax.process_index() == 0:
-    with open(path, 'w') as f:
-      json.dump(obj, f, indent=2, default=float)
+    storage.write_text(path, json.dumps(obj, indent=2, default=float))
 
 
 def write_rows(rows: list[dict], directory: str, stem: str, formats=('md', 'csv'),
@@ -220,6 +219,6 @@ def plot_cross_family(rows: list[dict], path: str) -> str | None:
   bars(axes[1, 1], ['gen_bytes_per_s'], ['greedy, through the byte view'],
        'byte-level generation speed', 'bytes / s')
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  save_png(fig, path, dpi=110)
   plt.close(fig)
   return path
