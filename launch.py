@@ -193,6 +193,11 @@ def _write_jobs(args, cfg, module, overrides) -> int:
   import shlex
   import subprocess
   from train import launching, storage, sweep
+  for name in ('nodes', 'gpus_per_node', 'max_restarts', 'restart_backoff'):
+    low = 1 if name == 'nodes' else 0
+    if getattr(args, name) < low:
+      print(f'error: --{name}={getattr(args, name)}: must be >= {low}', file=sys.stderr)
+      return 2
   workdir = storage.canonical(args.workdir)  # a gs:// URL is passed on untouched
   out_dir = launching.launch_dir(workdir)
   name = os.path.basename(workdir.rstrip('/')) or 'notoklm'

@@ -288,6 +288,9 @@ def local_text_config(paths, txt_split='paragraph', text_key='text',
   absolute = []
   for p in paths:
     a = os.path.abspath(os.path.expanduser(p))
+    if os.path.isdir(a):
+      raise ValueError(f'data source {p!r} is a directory: list its files '
+                       "(data.source='text:a.txt,b.jsonl')")
     if not os.path.isfile(a):
       raise FileNotFoundError(f'data source file not found: {p!r} ({a})')
     if not a.endswith(('.txt', '.jsonl')):

@@ -172,6 +172,9 @@ def test_user_mistakes_end_in_one_message(data_dir, tmp_path):
       ([f'--workdir={tmp_path / "w4"}', '--config.model.num_kv_heads=3'], 2,
        'model.num_heads=4 is not a multiple of model.num_kv_heads=3'),
       ([f'--workdir={tmp_path / "nope"}', '--mode=sample'], 1, 'nope does not exist'),
+      ([f'--workdir={tmp_path / "w5"}', f'--config.data.source=text:{tmp_path}'], 1,
+       'is a directory: list its files'),
+      ([f'--workdir={tmp_path / "w6"}', '--mode=launch', '--nodes=0'], 2, '--nodes=0: must be'),
   ]
   for args, code, words in cases:
     p = run_launch(data_dir, *short, *args, check=False)
