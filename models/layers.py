@@ -31,10 +31,11 @@ its kernel per platform in ONE place, `resolve_attention_impl` (config key
                   and no GQA). Not run here (no GPU): the arguments are tested by rebuilding the
                   mask they describe (`runs_mask`) and comparing XLA attention with it to the
                   reference; benchmarks/device_suite.py checks the kernel on a GPU.
-  CPU  'xla'      XLA's attention (`jax.nn.dot_product_attention`, dense masked scores) for
-                  full causal layers, and
-       'blocked'  for sliding-window layers (window < T): each query block attends to its own
-                  and the previous key block(s): O(T * W) scores instead of O(T^2).
+  CPU  'blocked'  plain XLA ops over query blocks: for sliding-window layers (window < T) each
+                  query block attends to its own and the previous key block(s), O(T * W)
+                  scores instead of O(T^2); for full causal layers block n attends to keys
+                  [0, (n+1) C), skipping the tiles above the diagonal. Sequences of one block
+                  use 'xla' (`jax.nn.dot_product_attention`, dense masked scores).
 
 Decoding with a cache builds one [B, 1, T, S] boolean mask from slot indices (XLA; one query
 per step).
@@ -176,6 +177,7 @@ class MLP(nnx.Module):
 # -- attention kernels by platform ---------------------------------------------------------------
 ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'cudnn', 'splash')
 _LANES = 128  # splash blocks are multiples of the TPU lane width
+_BLOCK = 128  # default query block of the 'blocked' kernel (measured: benchmarks/attention.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,8 +188,8 @@ class AttentionConfig:
     'cudnn' or 'splash'. '' and None mean 'auto'.
   block_q, block_kv: splash query / key tile lengths (multiples of 128; shrunk to the padded
     sequence when it is shorter). T is padded up to a multiple of both.
-  window_block: query block of the blocked sliding-window path (0: the window rounded up to a
-    multiple of 8, so each query block reads its own and the previous key block).
+  window_block: query block of the 'blocked' kernel (0: 128, or the window rounded up to a
+    multiple of 8 when that is smaller; a multiple of 8).
   max_segments: cuDNN packed-documents bound: rows with at most this many documents use the
     packed (ragged) kernel, others the dense-mask kernel (exact either way).
   """
@@ -239,6 +241,7 @@ def _as_attention_config(x) -> AttentionConfig:
     return x
   return AttentionConfig(impl=x or 'auto')
 
+
 def resolve_attention_impl(config, *, window: int, seq_len: int, dtype: Any, head_dim: int,
                            platform: str | None = None) -> str:
   """The kernel an uncached attention call uses: 'xla', 'blocked', 'cudnn' or 'splash'.
@@ -246,12 +249,13 @@ def resolve_attention_impl(config, *, window: int, seq_len: int, dtype: Any, hea
   The one place where `model.attention_impl` is resolved. 'auto' follows `platform` (default:
   `jax.default_backend()`, the backend this process runs on; to lower for another platform, as
   in a TPU export from a CPU host, name the kernel): TPU -> splash; GPU -> cudnn when the
-  compute dtype is bf16/fp16 and head_dim a multiple of 8 up to 128, else as CPU; CPU -> blocked
-  for sliding-window layers with window < T, xla otherwise (measured: benchmarks/attention.py).
-  'blocked' on a layer without a window shorter than T runs 'xla' (nothing to skip).
+  compute dtype is bf16/fp16 and head_dim a multiple of 8 up to 128, else as CPU; CPU ->
+  blocked when there is something to skip (a window shorter than T, or T longer than one query
+  block), else xla (measured: benchmarks/attention.py). An explicit 'blocked' with nothing to
+  skip runs 'xla'.
   """
   cfg = _as_attention_config(config)
-  local = 0 < window < seq_len
+  blockable = seq_len > (cfg.window_block or _BLOCK) or 0 < window < seq_len
   low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   impl = cfg.impl
   if impl == 'auto':
@@ -261,8 +265,8 @@ def resolve_attention_impl(config, *, window: int, seq_len: int, dtype: Any, hea
     elif platform in ('gpu', 'cuda') and low_precision and head_dim % 8 == 0 and head_dim <= 128:
       impl = 'cudnn'
     else:
-      impl = 'blocked' if local else 'xla'
-  if impl == 'blocked' and not local:
+      impl = 'blocked' if blockable else 'xla'
+  if impl == 'blocked' and not blockable:
     impl = 'xla'
   if impl == 'cudnn' and not low_precision:
     raise ValueError(f"model.attention_impl='cudnn' needs bf16/fp16 compute "
@@ -287,7 +291,7 @@ def attend(q_BxTxHxK: Array, k_BxTxGxK: Array, v_BxTxGxK: Array,
   if impl == 'cudnn':
     return _cudnn_attention(*args, window=window, max_segments=cfg.max_segments)
   if impl == 'blocked':
-    return _blocked_local_attention(*args, window=window, block=cfg.window_block)
+    return _blocked_attention(*args, window=window, block=cfg.window_block)
   return _xla_attention(*args, window=window)
 
 
@@ -307,8 +311,44 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
+def _blocked_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, *, window: int,
+                       block: int = 0):
+  """The 'blocked' kernel: sliding-window tiles (`_blocked_local_attention`) for 0 < window < T,
+  else causal query blocks (`_blocked_causal_attention`)."""
+  t = q_BxTxHxK.shape[1]
+  if 0 < window < t:
+    c = block or min(_BLOCK, _round_up(window, 8))
+    return _blocked_local_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, window=window,
+                                    block=c)
+  return _blocked_causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, block=block or _BLOCK)
+
+
+def _blocked_causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, *, block: int):
+  """Causal attention by query blocks of C positions: block n attends to keys [0, (n+1) C)
+  only, so the tiles above the diagonal (about half the scores) are never formed, and the
+  causal mask is only needed on the diagonal tile. T / C blocks, unrolled (their key lengths
+  differ); plain XLA ops, differentiated by autodiff."""
+  b, t, h, kd = q_BxTxHxK.shape
+  g = k_BxTxGxK.shape[2]
+  r = h // g
+  outs = []
+  for lo in range(0, t, block):
+    hi = min(lo + block, t)
+    q_BxCxGxRxK = q_BxTxHxK[:, lo:hi].reshape(b, hi - lo, g, r, kd)
+    scores = jnp.einsum('bcgrk,bsgk->bgrcs', q_BxCxGxRxK, k_BxTxGxK[:, :hi],
+                        preferred_element_type=jnp.float32) * kd ** -0.5
+    allowed = jnp.asarray(np.arange(hi)[None, :] <= np.arange(lo, hi)[:, None])[None]
+    if seg_BxT is not None:
+      allowed = allowed & (seg_BxT[:, lo:hi, None] == seg_BxT[:, None, :hi])
+    scores = jnp.where(allowed[:, None, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxTxGxK.dtype)
+    outs.append(jnp.einsum('bgrcs,bsgk->bcgrk', probs, v_BxTxGxK[:, :hi]).reshape(
+        b, hi - lo, h, kd))
+  return jnp.concatenate(outs, axis=1)
+
+
 def _blocked_local_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, *, window: int,
-                             block: int = 0):
+                             block: int):
   """Sliding-window attention in O(T * W): T is cut into query blocks of C positions; block n
   attends to the keys of blocks n - P .. n (P = ceil((W - 1) / C)), a [C, (P + 1) C] score tile
   per block instead of a row of T keys. The masks (causal, window, segments, the zero keys
@@ -317,7 +357,7 @@ def _blocked_local_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, *, window
   b, t, h, kd = q_BxTxHxK.shape
   g = k_BxTxGxK.shape[2]
   r = h // g
-  c = min(block or _round_up(window, 8), _round_up(t, 8))
+  c = min(block, _round_up(t, 8))
   p = -(-(window - 1) // c)            # previous key blocks each query block needs
   n = -(-t // c)
   tp = n * c

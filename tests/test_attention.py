@@ -62,10 +62,11 @@ def test_splash_interpret_matches_reference():
     _check_values_and_grads(fn, q, k, v, seg, window, atol=2e-5)
 
 
-@pytest.mark.parametrize('t,window,block', [(40, 9, 0), (37, 12, 8), (24, 30, 0)])
-def test_blocked_sliding_window_matches_reference(t, window, block):
-  """Blocked O(T*W) path: block = window (one previous block), block < window (two previous
-  blocks, T not a multiple of the block) and window >= T (the XLA path)."""
+@pytest.mark.parametrize('t,window,block', [(40, 9, 0), (37, 12, 8), (37, 0, 16)])
+def test_blocked_matches_reference(t, window, block):
+  """Blocked kernel: sliding-window tiles with block = window (one previous block) and
+  block < window (two previous blocks, T not a multiple of the block); causal query blocks
+  (T not a multiple of the block)."""
   q, k, v, seg = _inputs(t)
   cfg = layers.AttentionConfig(impl='blocked', window_block=block)
   fn = functools.partial(layers.attend, window=window, config=cfg)
@@ -110,9 +111,10 @@ def test_attention_impl_resolution_and_errors():
   assert r(window=0, dtype=jnp.bfloat16, platform='tpu') == 'splash'
   assert r(window=64, dtype=jnp.bfloat16, platform='gpu') == 'cudnn'
   assert r(window=64, dtype=jnp.float32, platform='gpu') == 'blocked'   # cuDNN needs bf16
-  assert r(window=0, dtype=jnp.float32, platform='cpu') == 'xla'
   assert r(window=64, dtype=jnp.float32, platform='cpu') == 'blocked'
-  assert r(window=512, dtype=jnp.float32, platform='cpu') == 'xla'      # window >= T
+  assert r(window=0, dtype=jnp.float32, platform='cpu') == 'blocked'    # causal blocks
+  assert layers.resolve_attention_impl('auto', seq_len=64, head_dim=64, window=0,
+                                       dtype=jnp.float32, platform='cpu') == 'xla'  # one block
   assert layers.AttentionConfig(impl='').impl == 'auto'
   with pytest.raises(ValueError, match='model.attention_impl'):
     layers.AttentionConfig(impl='flash')
