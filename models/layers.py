@@ -188,8 +188,9 @@ class AttentionConfig:
     'cudnn' or 'splash'. '' and None mean 'auto'.
   block_q, block_kv: splash query / key tile lengths (multiples of 128; shrunk to the padded
     sequence when it is shorter). T is padded up to a multiple of both.
-  window_block: query block of the 'blocked' kernel (0: 128, or the window rounded up to a
-    multiple of 8 when that is smaller; a multiple of 8).
+  window_block: query block of the 'blocked' kernel (a multiple of 8; 0: 128, or half the
+    window rounded up to a multiple of 8 when that is smaller: each query block then reads its
+    own and the two previous key blocks, 1.5 W keys).
   max_segments: cuDNN packed-documents bound: rows with at most this many documents use the
     packed (ragged) kernel, others the dense-mask kernel (exact either way).
   """
@@ -317,7 +318,7 @@ def _blocked_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, *, window: int,
   else causal query blocks (`_blocked_causal_attention`)."""
   t = q_BxTxHxK.shape[1]
   if 0 < window < t:
-    c = block or min(_BLOCK, _round_up(window, 8))
+    c = block or min(_BLOCK, _round_up(max(window // 2, 8), 8))
     return _blocked_local_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, window=window,
                                     block=c)
   return _blocked_causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, block=block or _BLOCK)
