@@ -3,6 +3,7 @@ kernels, collectives and per-device memory.
 
   python benchmarks/pod_lowering.py [--configs=configs/subword_lm.py:1b,configs/hat.py:1b]
       [--data=64] [--fsdp=4] [--batch_size=256] [--compile=true] [--check=true]
+      [--cpu_attention=blocked] [--compile_configs=SPEC,...]
 
 Runs with `data x fsdp` fake CPU devices (`--xla_force_host_platform_device_count`, set here
 before JAX starts). For each config, with the TPU settings (mesh data x fsdp, bf16 compute,
@@ -12,8 +13,9 @@ before JAX starts). For each config, with the TPU settings (mesh data x fsdp, bf
      axes, and its per-device bytes its total / (product of the mesh axes it is split over);
   2. the trainer's jitted step exported for TPU (`jax.export`, platforms=['tpu']): the module
      must hold the splash kernel (`tpu_custom_call`) inside a shard_map over the batch axes;
-  3. (--compile) the same step compiled for this CPU on the same mesh, with the CPU attention
-     kernel ('blocked': its [C, W + C] score tiles are an upper bound of splash's O(T) buffers):
+  3. (--compile; only for --compile_configs when given) the same step compiled for this CPU on
+     the same mesh, with a CPU attention kernel (--cpu_attention; 'blocked': its score tiles
+     are an upper bound of splash's O(T) buffers; 'xla' compiles faster but holds T x T scores):
      XLA's SPMD partitioner inserts the collectives (parameter all-gathers over fsdp, gradient
      reduce-scatters / all-reduces), counted in the compiled HLO, and its memory analysis gives
      one device's arguments, outputs and temporaries (activations, gradients, gathered
@@ -31,7 +33,8 @@ import time
 
 def parse(argv):
   opts = {'configs': 'configs/subword_lm.py:1b,configs/hat.py:1b', 'data': 64, 'fsdp': 4,
-          'batch_size': 256, 'compile': 'true', 'check': 'true'}
+          'batch_size': 256, 'compile': 'true', 'check': 'true', 'cpu_attention': 'blocked',
+          'compile_configs': ''}
   for a in argv:
     k, _, v = a.lstrip('-').partition('=')
     if k not in opts:
@@ -142,8 +145,8 @@ def run(spec: str, opts: dict) -> dict:
   assert kernels['tpu_custom_call'] > 0, 'no splash kernel (tpu_custom_call) in the TPU module'
   assert kernels['shard_map'] > 0, 'the splash kernel is not inside a shard_map'
   assert kernels['devices'] == opts['data'] * fsdp
-  if opts['compile']:
-    cfg = aot.load_config(spec, {**base, 'model.attention_impl': 'blocked'})
+  if opts['compile'] and (not opts['compile_configs'] or spec in opts['compile_configs']):
+    cfg = aot.load_config(spec, {**base, 'model.attention_impl': opts['cpu_attention']})
     mem, collectives, row['compile_s'] = cpu_compile(aot.make_setup(cfg), opts['batch_size'])
     row.update(collectives)
     row['temp_dev'] = mem.temp_size_in_bytes
