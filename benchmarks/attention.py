@@ -41,8 +41,9 @@ def parse(argv):
   return opts
 
 
-def time_impl(case, impl, dtype, repeats, window_block=0):
-  """(median ms of a jitted forward + backward, temp bytes of the compiled program)."""
+def time_impl(case, impl, dtype, repeats, window_block=0, config=None):
+  """(median ms of a jitted forward + backward, temp bytes of the compiled program); `config`
+  (an AttentionConfig) overrides impl / window_block."""
   import jax
   import jax.numpy as jnp
   from models import layers
@@ -53,7 +54,7 @@ def time_impl(case, impl, dtype, repeats, window_block=0):
   v = jax.random.normal(ks[2], (b, t, g, k), dtype)
   dout = jax.random.normal(ks[3], (b, t, h, k), dtype)
   seg = jnp.asarray((jnp.arange(t) >= t // 3).astype(jnp.int32) + 1)[None].repeat(b, 0)
-  cfg = layers.AttentionConfig(impl=impl, window_block=window_block)
+  cfg = config or layers.AttentionConfig(impl=impl, window_block=window_block)
 
   def loss(q, kk, v):
     out = layers.attend(q, kk, v, seg, window=window, config=cfg)
