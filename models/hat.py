@@ -106,13 +106,14 @@ class HAT(nnx.Module):
     return self.encoder(self.embed(tokens_BxT), positions_BxT, segment_ids_BxT, cache,
                         cache_index)
 
-  def pool(self, h_BxTxD: Array, gather_BxWxL: Array) -> Array:
+  def pool(self, h_BxTxD: Array, gather_BxWxL: Array, project_first: bool | None = None
+           ) -> Array:
     """Word vectors [B, W, D] from the encoder states of each word's bytes (-1 = no byte).
 
     Keys and values are linear in the byte states, so they are projected where that is
     cheaper: over the T bytes of the row, then gathered (training: W * Lw gathered slots are
     several times T), or over the gathered slots (generation: one word's Lw bytes of a long
-    row). Both orders give the same numbers."""
+    row). Both orders give the same numbers; `project_first` forces one (None: by shape)."""
     valid_BxWxL = gather_BxWxL >= 0
     idx_BxWxL = jnp.maximum(gather_BxWxL, 0)
     b, w, l = idx_BxWxL.shape
@@ -124,7 +125,9 @@ class HAT(nnx.Module):
     h, k = self.pool_heads, self.pool_head_dim
     gather = lambda x_BxTxF: jnp.take_along_axis(
         x_BxTxF, idx_BxWxL.reshape(b, w * l)[..., None], axis=1).reshape(b, w, l, h, k)
-    if w * l >= h_BxTxD.shape[1]:  # project the row, gather the projections
+    if project_first is None:
+      project_first = w * l >= h_BxTxD.shape[1]
+    if project_first:              # project the row, gather the projections
       k_BxWxLxHxK, v_BxWxLxHxK = gather(self.pool_k(h_BxTxD)), gather(self.pool_v(h_BxTxD))
     else:                          # gather the bytes, project the gathered slots
       x_BxWLxD = jnp.take_along_axis(h_BxTxD, idx_BxWxL.reshape(b, w * l)[..., None], axis=1)

@@ -24,7 +24,8 @@ its kernel per platform in ONE place, `resolve_attention_impl` (config key
                   no [B, 1, T, T] mask is formed and tiles across documents are never
                   computed. It is exact: a `lax.cond` falls back to cuDNN with the dense
                   segment mask when a row has more than `model.attention_max_segments` runs or
-                  an id occurs in two runs. Needs bf16/fp16 compute and head_dim % 8 == 0
+                  an id occurs in two runs (and is the only branch before Hopper, whose cuDNN
+                  has no packed layout). Needs bf16/fp16 compute and head_dim % 8 == 0
                   (otherwise as on CPU). Chosen over `jax.nn.dot_product_attention`'s
                   `query_seq_lengths` (one padded sequence per row: cannot separate packed
                   documents) and over the Pallas GPU kernel (segment ids but no sliding window
@@ -192,7 +193,8 @@ class AttentionConfig:
     window rounded up to a multiple of 8 when that is smaller: each query block then reads its
     own and the two previous key blocks, 1.5 W keys).
   max_segments: cuDNN packed-documents bound: rows with at most this many documents use the
-    packed (ragged) kernel, others the dense-mask kernel (exact either way).
+    packed (ragged) kernel, others the dense-mask kernel (exact either way); 0: always the
+    dense mask (an escape hatch for cuDNN builds that reject packing with a sliding window).
   """
   impl: str = 'auto'
   block_q: int = 512
@@ -213,8 +215,8 @@ class AttentionConfig:
     if self.window_block < 0 or self.window_block % 8:
       raise ValueError(f'model.attention_window_block={self.window_block}: expected 0 (auto) '
                        'or a positive multiple of 8')
-    if self.max_segments < 1:
-      raise ValueError(f'model.attention_max_segments={self.max_segments}: expected >= 1')
+    if self.max_segments < 0:
+      raise ValueError(f'model.attention_max_segments={self.max_segments}: expected >= 0')
 
   @classmethod
   def from_model_config(cls, m) -> 'AttentionConfig':
@@ -434,6 +436,14 @@ def _cudnn_attention(q, k, v, seg, *, window: int, max_segments: int):
   if seg is None:
     return cudnn.dot_product_attention(q, k, v, scale=scale, mask_type=cudnn.MaskType.CAUSAL,
                                        sliding_window_length=sliding)
+
+  def dense(q, k, v, seg):
+    local = (window - 1, 0) if window > 0 else None
+    return jax.nn.dot_product_attention(q, k, v, mask=_segment_mask(seg), is_causal=True,
+                                        local_window_size=local, implementation='cudnn')
+
+  if max_segments == 0 or not _cudnn_packed_supported(cudnn):
+    return dense(q, k, v, seg)
   seqlen, offsets, ok = segment_runs(seg, max_segments)
 
   def packed(q, k, v, seg):
@@ -442,12 +452,15 @@ def _cudnn_attention(q, k, v, seg, *, window: int, max_segments: int):
         q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
         scale=scale, mask_type=cudnn.MaskType.PADDING_CAUSAL, sliding_window_length=sliding)
 
-  def dense(q, k, v, seg):
-    local = (window - 1, 0) if window > 0 else None
-    return jax.nn.dot_product_attention(q, k, v, mask=_segment_mask(seg), is_causal=True,
-                                        local_window_size=local, implementation='cudnn')
-
   return jax.lax.cond(ok, packed, dense, q, k, v, seg)
+
+
+def _cudnn_packed_supported(cudnn) -> bool:
+  """cuDNN's packed layout needs a Hopper-or-later GPU (JAX checks it when tracing)."""
+  try:
+    return bool(cudnn.check_compute_capability('9.0'))
+  except Exception:  # pylint: disable=broad-except
+    return False
 
 
 @functools.lru_cache(maxsize=64)

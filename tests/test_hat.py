@@ -221,3 +221,4 @@ def test_pooling_projection_order():
   gather = jnp.asarray(batch['word_gather'])
   pool = jax.jit(lambda h: m.pool(h, gather))
   chex.assert_trees_all_close(pool(h), pool(long_h), atol=1e-5)
+  chex.assert_trees_all_close(pool(h), m.pool(h, gather, project_first=False), atol=1e-5)
