@@ -8,10 +8,11 @@ a cache; decoding threads a per-layer KV cache through `cache`/`cache_index`.
 Two parameter layouts, one model (`scan_layers`):
   * unrolled (default): `layers` is a list of Blocks, the forward a Python loop (one copy of
     the block per layer in the compiled program); the KV cache is a list of per-layer dicts;
-  * scanned (`scan_layers=True`): `layers` is ONE Block whose parameters carry a leading
-    [num_layers] axis (logical axis 'layers'), the forward a `lax.scan` over it (one copy of the
-    block in the program: compile time independent of depth); remat applies per layer inside
-    the scan; the KV cache is one dict of [num_layers, ...] arrays, scanned with the layers.
+  * scanned (`scan_layers=True`): `layers` is ONE `StackedBlock` whose parameters carry a
+    leading [num_layers] axis (logical axis 'layers'), the forward a `lax.scan` over it (one
+    copy of the block in the program: compile time independent of depth); remat applies per
+    layer inside the scan; the KV cache is one dict of [num_layers, ...] arrays, scanned with
+    the layers. Iterating `layers` yields per-layer Blocks (read-only copies) in both layouts.
 Both are built from the same per-layer initialisation, so a seed gives the same numbers in
 either layout, and `convert_layer_layout` maps a parameter tree (checkpoint) of one layout to
 the other (stacking / unstacking the per-layer leaves).
@@ -53,9 +54,24 @@ def _is_var(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
+class StackedBlock(Block):
+  """A Block whose variables carry a leading [num_layers] axis (the scanned layout, built by
+  `stack_blocks`). Iterating it yields each layer as a Block of its own (copies of the slices:
+  for reading, e.g. per-layer diagnostics or weight export; writes do not reach the stack)."""
+
+  def __len__(self) -> int:
+    return int(jax.tree.leaves(nnx.state(self))[0].shape[0])
+
+  def __iter__(self):
+    graphdef, state = nnx.split(self)
+    for i in range(len(self)):
+      yield nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
+
+
 def stack_blocks(blocks: list[Block]) -> Block:
   """One Block whose every variable is the stack of the blocks' variables along a new leading
-  axis, with 'layers' prepended to its logical axes."""
+  axis, with 'layers' prepended to its logical axes (the blocks' class is kept: StackedBlocks
+  give an iterable stack)."""
   graphdef, _ = nnx.split(blocks[0])
   states = [nnx.split(b)[1] for b in blocks]
 
@@ -91,8 +107,9 @@ class Transformer(nnx.Module):
     self.remat = _remat_mode(remat)
     self.scan_layers = bool(scan_layers)
     out_init_std = init_std / (2 * num_layers) ** 0.5
+    block = StackedBlock if self.scan_layers else Block
     blocks = [
-        Block(d_model, num_heads, num_kv_heads, head_dim, mlp_dim, rope_base=rope_base,
+        block(d_model, num_heads, num_kv_heads, head_dim, mlp_dim, rope_base=rope_base,
               window=window, dtype=dtype, attention_impl=attention_impl, init_std=init_std,
               out_init_std=out_init_std, context_dim=context_dim, norm_eps=norm_eps, rngs=rngs)
         for _ in range(num_layers)]

@@ -177,6 +177,9 @@ def test_scan_layers_same_model_and_convertible():
   chex.assert_trees_all_equal(convert_layer_layout(p_scanned, scanned=False), p_unrolled)
   spec = nnx.get_partition_spec(nnx.state(scanned))['layers']['mlp']['down']['kernel']
   assert tuple(spec) == ('layers', 'mlp', 'embed')
+  for view, layer in zip(scanned.layers, unrolled.layers, strict=True):  # per-layer reads
+    chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(view)),
+                                nnx.to_pure_dict(nnx.state(layer)))
 
   def value_and_grad(model):
     graphdef, params = nnx.split(model)
