@@ -24,7 +24,8 @@ def backbone(preset: str) -> dict:
   return {'d_model': d, 'num_layers': layers, 'num_heads': heads,
           'num_kv_heads': KV_HEADS.get(preset, heads), 'head_dim': d // heads, 'mlp_dim': mlp,
           'remat': 'full' if preset in ('350m', '1b') else 'none',
-          'scan_layers': preset == '1b'}   # lax.scan over the layers (compile time flat in depth)
+          # lax.scan over the layers: compile time flat in depth, ~2x faster (compile_time.py)
+          'scan_layers': preset in ('350m', '1b')}
 
 
 def training(preset: str) -> dict:
