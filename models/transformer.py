@@ -174,9 +174,9 @@ class Transformer(nnx.Module):
 
 
 def convert_layer_layout(tree, scanned: bool):
-  """Maps a parameter tree (a pure dict, e.g. `state['params']` of a checkpoint, or any tree
-  with the same nesting, such as Adam's moments) between the two layouts of every Transformer
-  in it: `scanned=True` stacks `layers: {0: {...}, 1: {...}, ...}` into `layers: {...}` with a
+  """Maps a tree holding parameters (a checkpoint's `state['params']` pure dict, or its
+  `opt_state`, whose Adam moments nest the same way inside tuples) between the two layouts of
+  every Transformer in it: `scanned=True` stacks `layers: {0: {...}, 1: {...}, ...}` into `layers: {...}` with a
   leading [num_layers] axis; `scanned=False` splits it back. Other entries are returned as they
   are. Round trip: convert_layer_layout(convert_layer_layout(t, True), False) == t."""
 
@@ -184,6 +184,10 @@ def convert_layer_layout(tree, scanned: bool):
     return isinstance(d, dict) and d and all(isinstance(k, int) for k in d)
 
   def walk(node):
+    if isinstance(node, tuple) and hasattr(node, '_fields'):   # e.g. optax's ScaleByAdamState
+      return type(node)(*(walk(x) for x in node))
+    if isinstance(node, (tuple, list)):
+      return type(node)(walk(x) for x in node)
     if not isinstance(node, dict):
       return node
     out = {}

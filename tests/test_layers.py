@@ -3,6 +3,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -175,6 +176,10 @@ def test_scan_layers_same_model_and_convertible():
   assert p_scanned['layers']['attn']['q'].shape == (2, D, H, K)
   chex.assert_trees_all_equal(convert_layer_layout(p_unrolled, scanned=True), p_scanned)
   chex.assert_trees_all_equal(convert_layer_layout(p_scanned, scanned=False), p_unrolled)
+  adam = optax.adam(1e-3)  # optimizer state: the moments convert with the parameters
+  moments = lambda p: adam.update(p, adam.init(p))[1]   # after one update with grads = params
+  chex.assert_trees_all_equal(convert_layer_layout(moments(p_unrolled), scanned=True),
+                              moments(p_scanned))
   spec = nnx.get_partition_spec(nnx.state(scanned))['layers']['mlp']['down']['kernel']
   assert tuple(spec) == ('layers', 'mlp', 'embed')
   for view, layer in zip(scanned.layers, unrolled.layers, strict=True):  # per-layer reads
