@@ -5,7 +5,8 @@ chip), or with --dry at tiny shapes on any CPU (a test: tests/test_device_suite.
       [--budget_s=480] [--peak_tflops=0]
 
 Items (in this order; one that fails is recorded with its error and the suite goes on; once
---budget_s seconds have passed the remaining items are skipped and marked so):
+--budget_s seconds have passed the remaining items are skipped and marked so, as are items left
+out by --only):
   attention       the attention kernel `model.attention_impl='auto'` picks here against XLA's:
                   forward + backward ms at B16 x T4096 x 8 heads x 64, causal, causal + 512
                   window, packed documents; the same outputs (max abs difference vs XLA in the
@@ -32,7 +33,10 @@ use their vocabulary size without a tokenizer where only shapes matter (benchmar
 Writes OUT/device_suite.json (every figure) and OUT/device_suite.md (the tables).
 
 --dry: every item at tiny shapes (tiny presets, 2 rows, a few steps, small vocabularies where
-the item's point survives) on whatever backend JAX has, in under 3 minutes on a 2-core CPU.
+the item's point survives) on whatever backend JAX has: about 2 minutes on a 2-core CPU (with
+XLA_FLAGS=--xla_backend_optimization_level=0, which the test uses: compilation dominates). Run
+it before spending device time. tests/test_device_suite.py runs the command end to end on a
+subset of the items (--only) to stay within a test's budget.
 """
 from __future__ import annotations
 
@@ -457,6 +461,8 @@ def main(argv):
   md = ['# Device suite', '', header, '']
   for name in ITEMS:
     if only and name not in only:
+      suite.results[name] = {'skipped': 'not selected (--only)'}
+      md += [f'## {name}', '', 'not run (not in --only)', '']
       continue
     if suite.elapsed() > opts['budget_s']:
       suite.results[name] = {'skipped': f'time budget of {opts["budget_s"]:.0f} s spent'}

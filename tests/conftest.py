@@ -53,5 +53,5 @@ def run_launch(data_dir, *args, devices=1, timeout=600, check=True, **extra_env)
 
 
 def pytest_configure(config):
-  config.addinivalue_line('markers', 'device_suite: the device suite dry run '
+  config.addinivalue_line('markers', 'device_suite: the device suite dry run, a subset '
                           '(alone: pytest -m device_suite tests)')

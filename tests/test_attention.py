@@ -39,42 +39,51 @@ def _inputs(t, b=2):
   return q, k, v, seg
 
 
-def _check_values_and_grads(fn, q, k, v, seg, window, atol):
-  """fn(q, k, v, seg) equals the reference, and so do the gradients of a nonlinear loss (one
-  jitted program for both sides)."""
-  def both(q, k, v, seg):
-    def value_and_grads(f):
-      loss = lambda q, k, v: jnp.sum(jnp.sin(3.0 * f(q, k, v, seg)))
-      return f(q, k, v, seg), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-    return value_and_grads(fn), value_and_grads(
-        lambda q, k, v, seg: _reference(q, k, v, seg, window))
-  got, want = jax.jit(both)(q, k, v, seg)
-  chex.assert_trees_all_close(got, want, atol=atol)
+def _values_and_grads(fn, q, k, v, seg, window):
+  """(fn's output, the gradients of a nonlinear loss of it) and the same for the reference."""
+  def value_and_grads(f):
+    loss = lambda q, k, v: jnp.sum(jnp.sin(3.0 * f(q, k, v, seg)))
+    return f(q, k, v, seg), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  return value_and_grads(fn), value_and_grads(
+      lambda q, k, v, seg: _reference(q, k, v, seg, window))
 
 
 def test_splash_interpret_matches_reference():
   """Causal + segments + sliding window + GQA through the splash kernel (Pallas interpret mode
-  on this CPU), T = 136 padded to two 128-blocks; values and gradients. Then causal only."""
+  on this CPU), T = 136 padded to two 128-blocks: values and gradients. Causal only (the
+  kernel's other mask): values. One jitted program (compile time dominates on CPU)."""
   q, k, v, seg = _inputs(136)
   cfg = layers.AttentionConfig(impl='splash', block_q=128, block_kv=128)
-  for window in (37, 0):
-    fn = functools.partial(layers.attend, window=window, config=cfg)
-    _check_values_and_grads(fn, q, k, v, seg, window, atol=2e-5)
+  local = functools.partial(layers.attend, window=37, config=cfg)
+  causal = functools.partial(layers.attend, window=0, config=cfg)
+
+  @jax.jit
+  def run(q, k, v, seg):
+    return (_values_and_grads(local, q, k, v, seg, 37),
+            (causal(q, k, v, seg), _reference(q, k, v, seg, 0)))
+
+  (got, want), (got_causal, want_causal) = run(q, k, v, seg)
+  chex.assert_trees_all_close(got, want, atol=2e-5)
+  chex.assert_trees_all_close(got_causal, want_causal, atol=2e-5)
 
 
 @pytest.mark.parametrize('t,window,block', [(40, 9, 0), (37, 12, 8), (37, 0, 16)])
 def test_blocked_matches_reference(t, window, block):
   """Blocked kernel: sliding-window tiles with block = window (one previous block) and
   block < window (two previous blocks, T not a multiple of the block); causal query blocks
-  (T not a multiple of the block)."""
+  (T not a multiple of the block). Values and gradients with segment ids; values without."""
   q, k, v, seg = _inputs(t)
   cfg = layers.AttentionConfig(impl='blocked', window_block=block)
   fn = functools.partial(layers.attend, window=window, config=cfg)
-  _check_values_and_grads(fn, q, k, v, seg, window, atol=1e-5)
-  # no segment ids: plain causal + window
-  got, want = jax.jit(lambda q, k, v, ones: (fn(q, k, v, None), _reference(q, k, v, ones, window)))(
-      q, k, v, jnp.ones_like(seg))
+
+  @jax.jit
+  def run(q, k, v, seg):
+    return (_values_and_grads(fn, q, k, v, seg, window),
+            (fn(q, k, v, None), _reference(q, k, v, jnp.ones_like(seg), window)))
+
+  (got, want), (got_plain, want_plain) = run(q, k, v, seg)
   chex.assert_trees_all_close(got, want, atol=1e-5)
+  chex.assert_trees_all_close(got_plain, want_plain, atol=1e-5)
 
 
 def test_cudnn_packed_arguments_describe_the_segment_mask():

@@ -177,7 +177,7 @@ def test_scan_layers_same_model_and_convertible():
   chex.assert_trees_all_equal(convert_layer_layout(p_unrolled, scanned=True), p_scanned)
   chex.assert_trees_all_equal(convert_layer_layout(p_scanned, scanned=False), p_unrolled)
   adam = optax.adam(1e-3)  # optimizer state: the moments convert with the parameters
-  moments = lambda p: adam.update(p, adam.init(p))[1]   # after one update with grads = params
+  moments = jax.jit(lambda p: adam.update(p, adam.init(p))[1])  # one update, grads = params
   chex.assert_trees_all_equal(convert_layer_layout(moments(p_unrolled), scanned=True),
                               moments(p_scanned))
   spec = nnx.get_partition_spec(nnx.state(scanned))['layers']['mlp']['down']['kernel']
