@@ -79,11 +79,11 @@ def real_text(setup, n_bytes):
   return out[:n_bytes].decode('utf-8', 'ignore').encode()
 
 
-def gen_rate(name, setup, state, opts):
-  """(bytes/s, bytes, words or None, text). HAT emits validation text through its generation
-  loop (teacher forcing: the same per-byte work, sampling included, and real word lengths, which
-  a random or tiny model's free text would not have); the byte LM's cost does not depend on
-  the text it emits. Both: one warm-up call (compiles), then one timed call."""
+def gen_rate(name, setup, state, opts, text: bytes | None = None):
+  """(bytes/s, bytes, words or None, text). HAT emits validation text (or `text`) through its
+  generation loop (teacher forcing: the same per-byte work, sampling included, and real word
+  lengths, which a random or tiny model's free text would not have); the byte LM's cost does
+  not depend on the text it emits. Both: one warm-up call (compiles), then one timed call."""
   import jax
   import numpy as np
   from models import hat, token_lm
@@ -93,7 +93,7 @@ def gen_rate(name, setup, state, opts):
   prompt = [enc.bos_id] + list(enc.encode(opts['prompt']))
   n = opts['new_bytes']
   if name == 'hat':
-    forced = [int(b) + enc.OFFSET for b in real_text(setup, n)]
+    forced = [int(b) + enc.OFFSET for b in (text[:n] if text else real_text(setup, n))]
     n = len(forced)
     run = lambda: hat.generate(model, prompt, fam.splitter, n, forced=forced,
                                max_word_bytes=setup.cfg.data.max_word_bytes)

@@ -83,6 +83,36 @@ def time_steps(setup, batch, steps: int, warmup: int):
   return compile_s, (time.perf_counter() - t0) / steps, m
 
 
+def time_interleaved(runs: dict, steps: int, rounds: int, warmup: int = 1,
+                     final_states: dict | None = None) -> dict:
+  """Seconds per step of several jitted steps measured in alternation: `runs` maps a name to
+  (step, state, batch) (the state is donated); every round times `steps` consecutive steps of
+  each run in turn; returns {name: (min, median) over rounds}. On a machine shared with other
+  work, the min over interleaved rounds compares the runs under the same conditions.
+  `final_states` (a dict) receives each run's last state, to time it again later."""
+  import jax
+  import numpy as np
+  states = {}
+  for name, (step, state, batch) in runs.items():
+    for _ in range(warmup + 1):
+      state, m = step(state, batch)
+    jax.block_until_ready(m)
+    states[name] = state
+  times = {name: [] for name in runs}
+  for _ in range(rounds):
+    for name, (step, _, batch) in runs.items():
+      state = states[name]
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        state, m = step(state, batch)
+      jax.block_until_ready(m)
+      times[name].append((time.perf_counter() - t0) / steps)
+      states[name] = state
+  if final_states is not None:
+    final_states.update(states)
+  return {name: (min(ts), float(np.median(ts))) for name, ts in times.items()}
+
+
 def bench(spec: str, overrides: dict, opts: dict) -> dict:
   import jax
   import jax.numpy as jnp

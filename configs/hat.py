@@ -38,6 +38,7 @@ def get_config(preset: str = 'tiny'):
   if preset == '1b':  # the paper's largest-scale shape: a wider, deeper backbone
     m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = (
         2048, 16, 16, 16, 128, 5632)
+    m.scan_layers = True
     c.train.batch_size, c.train.steps, c.optim.lr = 64, 50_000, 3e-4
   c.sample.prompt = 'def '
   c.sample.max_new_tokens = 120

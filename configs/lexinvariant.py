@@ -45,7 +45,7 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.ckpt.every = 2000
     c.train.eval_every = 5000
     c.train.eval_batches = 200
-    m.ce_chunk = 256
+    m.ce_chunk = -1   # auto (models/token_lm.resolve_ce_chunk)
   if size == '150m_bpe32k':
     c.data.encoder = 'bpe'
     c.data.vocab_size = 32768

@@ -156,8 +156,23 @@ def _normalize(logp: np.ndarray) -> np.ndarray:
 
 
 # -- token-level models as the views call them -----------------------------------------------
+def _scanned_layers(model) -> int:
+  """The number of layers of a token LM whose stack is scanned (`model.scan_layers`: its KV
+  cache is one dict of [layers, ...] arrays), else 0. The views keep per-layer caches (a list
+  of dicts, batch on axis 0 and slots on axis 1) either way."""
+  t = getattr(model, 'transformer', None)
+  return int(t.num_layers) if getattr(t, 'scan_layers', False) else 0
+
+
+def _per_layer(cache, n: int) -> list:
+  return [jax.tree.map(lambda x, i=i: x[i], cache) for i in range(n)]
+
+
 def _apply(graphdef, params, draw, ids, positions, segment_ids, cache, index):
   m = nnx.merge(graphdef, params)
+  n_scanned = _scanned_layers(m)
+  if n_scanned:  # the views' per-layer caches, stacked for the scanned stack and back
+    cache = jax.tree.map(lambda *xs: jnp.stack(xs), *cache)
   if draw is None:
     logits, cache = m(ids, positions, segment_ids, cache=cache, cache_index=index)
   else:  # one random embedding for every row
@@ -165,6 +180,8 @@ def _apply(graphdef, params, draw, ids, positions, segment_ids, cache, index):
     d = {k: (v if k == 'gauss' and v.ndim == 2 else jnp.broadcast_to(v, (b,) + v.shape[1:]))
          for k, v in draw.items()}
     logits, cache = m(ids, d, positions, segment_ids, cache=cache, cache_index=index)
+  if n_scanned:
+    cache = _per_layer(cache, n_scanned)
   return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), cache
 
 
@@ -192,8 +209,11 @@ class TokenFn:
     self.vocab_size = int(model.vocab_size)
     self._model = model
 
-  def init_cache(self, batch: int, size: int):
-    return self._model.init_cache(batch, size)
+  def init_cache(self, batch: int, size: int) -> list:
+    """Empty per-layer KV caches (also for a scanned stack: see `_scanned_layers`)."""
+    cache = self._model.init_cache(batch, size)
+    n = _scanned_layers(self._model)
+    return _per_layer(cache, n) if n else cache
 
   def __call__(self, ids, positions, cache, index: int):
     """ids/positions int [B, T] written at slots index..; returns (host float32 [B, T, V] log

@@ -30,7 +30,7 @@ import ml_collections
 from flax import nnx
 
 from data import encoders, words
-from models import token_lm
+from models import layers, token_lm
 from models.layers import Dense, Embed, _normal
 from models.transformer import Transformer
 
@@ -60,7 +60,8 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.pooling = 'query'      # 'query' | 'last'
   c.rope_base = 10_000.0
   c.remat = 'none'
-  c.attention_impl = ''
+  c.scan_layers = False    # lax.scan over each stack's layers (compile time flat in depth)
+  layers.attention_config_keys(c)  # attention_impl: 'auto' | xla | blocked | cudnn | splash
   c.init_std = 0.02
   return c
 
@@ -75,10 +76,10 @@ class HAT(nnx.Module):
     if de % m.byte_heads:
       raise ValueError(f'model.byte_d_model={de} is not divisible by model.byte_heads')
     kb = de // m.byte_heads
-    impl = m.attention_impl or None
+    impl = layers.AttentionConfig.from_model_config(m)
     self.dtype, self.pooling, self.vocab_size = dtype, m.pooling, vocab_size
     common = dict(rope_base=m.rope_base, dtype=dtype, remat=m.remat, attention_impl=impl,
-                  init_std=m.init_std, rngs=rngs)
+                  init_std=m.init_std, scan_layers=m.get('scan_layers', False), rngs=rngs)
     self.embed = Embed(vocab_size, de, dtype=dtype, init_std=m.init_std, rngs=rngs)
     self.encoder = Transformer(m.enc_layers, de, m.byte_heads, m.byte_heads, kb, m.byte_mlp_dim,
                                window=m.byte_window, **common)
@@ -105,8 +106,14 @@ class HAT(nnx.Module):
     return self.encoder(self.embed(tokens_BxT), positions_BxT, segment_ids_BxT, cache,
                         cache_index)
 
-  def pool(self, h_BxTxD: Array, gather_BxWxL: Array) -> Array:
-    """Word vectors [B, W, D] from the encoder states of each word's bytes (-1 = no byte)."""
+  def pool(self, h_BxTxD: Array, gather_BxWxL: Array, project_first: bool | None = None
+           ) -> Array:
+    """Word vectors [B, W, D] from the encoder states of each word's bytes (-1 = no byte).
+
+    Keys and values are linear in the byte states, so they are projected where that is
+    cheaper: over the T bytes of the row, then gathered (training: W * Lw gathered slots are
+    several times T), or over the gathered slots (generation: one word's Lw bytes of a long
+    row). Both orders give the same numbers; `project_first` forces one (None: by shape)."""
     valid_BxWxL = gather_BxWxL >= 0
     idx_BxWxL = jnp.maximum(gather_BxWxL, 0)
     b, w, l = idx_BxWxL.shape
@@ -115,10 +122,17 @@ class HAT(nnx.Module):
       pos_BxW = jnp.take_along_axis(idx_BxWxL, last_BxW[..., None], axis=-1)[..., 0]
       x_BxWxD = jnp.take_along_axis(h_BxTxD, pos_BxW[..., None], axis=1)
       return self.pool_out(x_BxWxD)
-    x_BxWLxD = jnp.take_along_axis(h_BxTxD, idx_BxWxL.reshape(b, w * l)[..., None], axis=1)
     h, k = self.pool_heads, self.pool_head_dim
-    k_BxWxLxHxK = self.pool_k(x_BxWLxD).reshape(b, w, l, h, k)
-    v_BxWxLxHxK = self.pool_v(x_BxWLxD).reshape(b, w, l, h, k)
+    gather = lambda x_BxTxF: jnp.take_along_axis(
+        x_BxTxF, idx_BxWxL.reshape(b, w * l)[..., None], axis=1).reshape(b, w, l, h, k)
+    if project_first is None:
+      project_first = w * l >= h_BxTxD.shape[1]
+    if project_first:              # project the row, gather the projections
+      k_BxWxLxHxK, v_BxWxLxHxK = gather(self.pool_k(h_BxTxD)), gather(self.pool_v(h_BxTxD))
+    else:                          # gather the bytes, project the gathered slots
+      x_BxWLxD = jnp.take_along_axis(h_BxTxD, idx_BxWxL.reshape(b, w * l)[..., None], axis=1)
+      k_BxWxLxHxK = self.pool_k(x_BxWLxD).reshape(b, w, l, h, k)
+      v_BxWxLxHxK = self.pool_v(x_BxWLxD).reshape(b, w, l, h, k)
     q_HxK = self.pool_query[...].astype(self.dtype)
     s_BxWxHxL = jnp.einsum('hk,bwlhk->bwhl', q_HxK, k_BxWxLxHxK,
                            preferred_element_type=jnp.float32) * k ** -0.5
@@ -175,8 +189,9 @@ def flops_per_byte(m: ml_collections.ConfigDict, vocab_size: int, seq_len: int,
 
     byte stacks (encoder + decoder, L_b = enc_layers + dec_layers, width De, MLP Fb):
       6 * L_b * (4*De^2 + 3*De*Fb) + 12 * L_b * De * S(window)  + 6 * De * V   (byte head)
-    pooling per byte ('query'): 6 * 2*De^2 (keys and values of every gathered byte: W*Lw/T
-      gathered bytes per byte position) ; per word: 6 * De*D (pool_out)
+    pooling per byte ('query'): 6 * 2*De^2 * min(1, W*Lw/T) (keys and values, projected over
+      the row's T bytes or over the W*Lw gathered slots, whichever is fewer; see `HAT.pool`);
+      per word: 6 * De*D (pool_out)
     backbone per word: 6 * L * (D*H*K + 2*D*G*K + H*K*D + 3*D*F) + 12 * L * H*K * W/2
     decoder cross-attention per word (projected at the word level): 6 * L_dec * (D*De + De*De)
   and the word terms are scaled by W/T word positions per byte position.
@@ -192,7 +207,7 @@ def flops_per_byte(m: ml_collections.ConfigDict, vocab_size: int, seq_len: int,
   byte = 6 * lb * (4 * de * de + 3 * de * fb) + 12 * lb * de * s_eff(m.byte_window, t)
   byte += 6 * de * vocab_size
   if m.pooling == 'query':
-    byte += 6 * 2 * de * de * (w * max_word_bytes / t)
+    byte += 6 * 2 * de * de * min(1.0, w * max_word_bytes / t)
   hk, gk = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
   word = 6 * m.num_layers * (d * hk + 2 * d * gk + hk * d + 3 * d * m.mlp_dim)
   word += 12 * m.num_layers * hk * s_eff(0, w)

@@ -9,17 +9,48 @@ Conventions shared by every module here:
     heads, G key/value heads, K head dim, F MLP width, V vocabulary.
 
 Attention masks are built from static shapes only (no host round-trips), so one code path
-runs on CPU, GPU and TPU. Training (no cache) passes `is_causal=True` and the sliding window as
-`local_window_size` to `jax.nn.dot_product_attention`, so a fused backend (cuDNN) can skip
-masked blocks; the segment mask is the only dense mask and is omitted when no segment ids are
-given. Decoding with a cache builds one [B, 1, T, S] boolean mask from slot indices.
+runs on CPU, GPU and TPU. The uncached (training) attention runs through `attend`, which picks
+its kernel per platform in ONE place, `resolve_attention_impl` (config key
+`model.attention_impl`, default 'auto'):
+
+  TPU  'splash'   the Pallas splash-attention kernel: causal or causal + sliding-window block
+                  masks (fully masked tiles are skipped), packed-document segment ids, GQA;
+                  T padded to the tile sizes (`model.attention_block_q/_kv`); wrapped in
+                  `shard_map` over the mesh axes that split the batch (XLA cannot partition a
+                  Mosaic kernel by itself).
+  GPU  'cudnn'    cuDNN fused attention. Packed documents use cuDNN's packed (ragged) layout:
+                  per row, the lengths and start offsets of its runs of equal segment ids
+                  (`segment_runs`), with the causal (+ window) mask applied inside each run, so
+                  no [B, 1, T, T] mask is formed and tiles across documents are never
+                  computed. It is exact: a `lax.cond` falls back to cuDNN with the dense
+                  segment mask when a row has more than `model.attention_max_segments` runs or
+                  an id occurs in two runs (and is the only branch before Hopper, whose cuDNN
+                  has no packed layout). Needs bf16/fp16 compute and head_dim % 8 == 0
+                  (otherwise as on CPU). Chosen over `jax.nn.dot_product_attention`'s
+                  `query_seq_lengths` (one padded sequence per row: cannot separate packed
+                  documents) and over the Pallas GPU kernel (segment ids but no sliding window
+                  and no GQA). Not run here (no GPU): the arguments are tested by rebuilding the
+                  mask they describe (`runs_mask`) and comparing XLA attention with it to the
+                  reference; benchmarks/device_suite.py checks the kernel on a GPU.
+  CPU  'blocked'  plain XLA ops over query blocks: for sliding-window layers (window < T) each
+                  query block attends to its own and the previous key block(s), O(T * W)
+                  scores instead of O(T^2); for full causal layers block n attends to keys
+                  [0, (n+1) C), skipping the tiles above the diagonal. Sequences of one block
+                  use 'xla' (`jax.nn.dot_product_attention`, dense masked scores).
+
+Decoding with a cache builds one [B, 1, T, S] boolean mask from slot indices (XLA; one query
+per step).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
@@ -144,6 +175,361 @@ class MLP(nnx.Module):
     return self.down(h_BxTxF)
 
 
+# -- attention kernels by platform ---------------------------------------------------------------
+ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'cudnn', 'splash')
+_LANES = 128  # splash blocks are multiples of the TPU lane width
+_BLOCK = 128  # default query block of the 'blocked' kernel (measured: benchmarks/attention.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """How the uncached attention runs (config keys `model.attention_*`).
+
+  impl: 'auto' (default; resolved per platform by `resolve_attention_impl`), 'xla', 'blocked',
+    'cudnn' or 'splash'. '' and None mean 'auto'.
+  block_q, block_kv: splash query / key tile lengths (multiples of 128; shrunk to the padded
+    sequence when it is shorter). T is padded up to a multiple of both.
+  window_block: query block of the 'blocked' kernel (a multiple of 8; 0: 128, or half the
+    window rounded up to a multiple of 8 when that is smaller: each query block then reads its
+    own and the two previous key blocks, 1.5 W keys).
+  max_segments: cuDNN packed-documents bound: rows with at most this many documents use the
+    packed (ragged) kernel, others the dense-mask kernel (exact either way); 0: always the
+    dense mask (an escape hatch for cuDNN builds that reject packing with a sliding window).
+  """
+  impl: str = 'auto'
+  block_q: int = 512
+  block_kv: int = 512
+  window_block: int = 0
+  max_segments: int = 16
+
+  def __post_init__(self):
+    impl = self.impl or 'auto'
+    object.__setattr__(self, 'impl', impl)
+    if impl not in ATTENTION_IMPLS:
+      raise ValueError(f'model.attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}')
+    for key in ('block_q', 'block_kv'):
+      val = getattr(self, key)
+      if val <= 0 or val % _LANES:
+        raise ValueError(f'model.attention_{key}={val}: splash blocks must be positive '
+                         f'multiples of {_LANES}')
+    if self.window_block < 0 or self.window_block % 8:
+      raise ValueError(f'model.attention_window_block={self.window_block}: expected 0 (auto) '
+                       'or a positive multiple of 8')
+    if self.max_segments < 0:
+      raise ValueError(f'model.attention_max_segments={self.max_segments}: expected >= 0')
+
+  @classmethod
+  def from_model_config(cls, m) -> 'AttentionConfig':
+    """From a family's `model.*` config (missing keys take the defaults above)."""
+    get = lambda k, d: m.get(k, d) if hasattr(m, 'get') else getattr(m, k, d)
+    return cls(impl=get('attention_impl', 'auto') or 'auto',
+               block_q=int(get('attention_block_q', 512)),
+               block_kv=int(get('attention_block_kv', 512)),
+               window_block=int(get('attention_window_block', 0)),
+               max_segments=int(get('attention_max_segments', 16)))
+
+
+def attention_config_keys(c) -> None:
+  """Adds the `model.attention_*` keys with their defaults to a family's model config."""
+  d = AttentionConfig()
+  c.attention_impl = d.impl
+  c.attention_block_q = d.block_q
+  c.attention_block_kv = d.block_kv
+  c.attention_window_block = d.window_block
+  c.attention_max_segments = d.max_segments
+
+
+def _as_attention_config(x) -> AttentionConfig:
+  if isinstance(x, AttentionConfig):
+    return x
+  return AttentionConfig(impl=x or 'auto')
+
+
+def resolve_attention_impl(config, *, window: int, seq_len: int, dtype: Any, head_dim: int,
+                           platform: str | None = None) -> str:
+  """The kernel an uncached attention call uses: 'xla', 'blocked', 'cudnn' or 'splash'.
+
+  The one place where `model.attention_impl` is resolved. 'auto' follows `platform` (default:
+  `jax.default_backend()`, the backend this process runs on; to lower for another platform, as
+  in a TPU export from a CPU host, name the kernel): TPU -> splash; GPU -> cudnn when the
+  compute dtype is bf16/fp16 and head_dim a multiple of 8 up to 128, else as CPU; CPU ->
+  blocked when there is something to skip (a window shorter than T, or T longer than one query
+  block), else xla (measured: benchmarks/attention.py). An explicit 'blocked' with nothing to
+  skip runs 'xla'.
+  """
+  cfg = _as_attention_config(config)
+  blockable = seq_len > (cfg.window_block or _BLOCK) or 0 < window < seq_len
+  low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  impl = cfg.impl
+  if impl == 'auto':
+    platform = platform or jax.default_backend()
+    if platform == 'tpu':
+      impl = 'splash'
+    elif platform in ('gpu', 'cuda') and low_precision and head_dim % 8 == 0 and head_dim <= 128:
+      impl = 'cudnn'
+    else:
+      impl = 'blocked' if blockable else 'xla'
+  if impl == 'blocked' and not blockable:
+    impl = 'xla'
+  if impl == 'cudnn' and not low_precision:
+    raise ValueError(f"model.attention_impl='cudnn' needs bf16/fp16 compute "
+                     f"(train.compute_dtype), got {jnp.dtype(dtype).name}")
+  return impl
+
+
+def attend(q_BxTxHxK: Array, k_BxTxGxK: Array, v_BxTxGxK: Array,
+           segment_ids_BxT: Array | None, *, window: int = 0, config: Any = 'auto') -> Array:
+  """Causal self-attention [B, T, H, K] with optional segment ids and sliding window.
+
+  Query i attends to key j iff j <= i, (segment_ids[i] == segment_ids[j] when given) and
+  (i - j < window when window > 0); softmax(q.k / sqrt(K)) in fp32. GQA: H a multiple of G.
+  The kernel comes from `resolve_attention_impl`; every kernel computes exactly this."""
+  cfg = _as_attention_config(config)
+  t, kd = q_BxTxHxK.shape[1], q_BxTxHxK.shape[3]
+  impl = resolve_attention_impl(cfg, window=window, seq_len=t, dtype=q_BxTxHxK.dtype,
+                                head_dim=kd)
+  args = (q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT)
+  if impl == 'splash':
+    return _splash_attention(*args, window=window, block_q=cfg.block_q, block_kv=cfg.block_kv)
+  if impl == 'cudnn':
+    return _cudnn_attention(*args, window=window, max_segments=cfg.max_segments)
+  if impl == 'blocked':
+    return _blocked_attention(*args, window=window, block=cfg.window_block)
+  return _xla_attention(*args, window=window)
+
+
+def _segment_mask(segment_ids_BxT: Array | None) -> Array | None:
+  if segment_ids_BxT is None:
+    return None
+  return segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
+
+
+def _xla_attention(q, k, v, seg, *, window):
+  local = (window - 1, 0) if window > 0 else None
+  return jax.nn.dot_product_attention(q, k, v, mask=_segment_mask(seg), is_causal=True,
+                                      local_window_size=local, implementation='xla')
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _blocked_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, *, window: int,
+                       block: int = 0):
+  """The 'blocked' kernel: sliding-window tiles (`_blocked_local_attention`) for 0 < window < T,
+  else causal query blocks (`_blocked_causal_attention`)."""
+  t = q_BxTxHxK.shape[1]
+  if 0 < window < t:
+    c = block or min(_BLOCK, _round_up(max(window // 2, 8), 8))
+    return _blocked_local_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, window=window,
+                                    block=c)
+  return _blocked_causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, block=block or _BLOCK)
+
+
+def _blocked_causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, *, block: int):
+  """Causal attention by query blocks of C positions: block n attends to keys [0, (n+1) C)
+  only, so the tiles above the diagonal (about half the scores) are never formed, and the
+  causal mask is only needed on the diagonal tile. T / C blocks, unrolled (their key lengths
+  differ); plain XLA ops, differentiated by autodiff."""
+  b, t, h, kd = q_BxTxHxK.shape
+  g = k_BxTxGxK.shape[2]
+  r = h // g
+  outs = []
+  for lo in range(0, t, block):
+    hi = min(lo + block, t)
+    q_BxCxGxRxK = q_BxTxHxK[:, lo:hi].reshape(b, hi - lo, g, r, kd)
+    scores = jnp.einsum('bcgrk,bsgk->bgrcs', q_BxCxGxRxK, k_BxTxGxK[:, :hi],
+                        preferred_element_type=jnp.float32) * kd ** -0.5
+    allowed = jnp.asarray(np.arange(hi)[None, :] <= np.arange(lo, hi)[:, None])[None]
+    if seg_BxT is not None:
+      allowed = allowed & (seg_BxT[:, lo:hi, None] == seg_BxT[:, None, :hi])
+    scores = jnp.where(allowed[:, None, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxTxGxK.dtype)
+    outs.append(jnp.einsum('bgrcs,bsgk->bcgrk', probs, v_BxTxGxK[:, :hi]).reshape(
+        b, hi - lo, h, kd))
+  return jnp.concatenate(outs, axis=1)
+
+
+def _blocked_local_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, *, window: int,
+                             block: int):
+  """Sliding-window attention in O(T * W): T is cut into query blocks of C positions; block n
+  attends to the keys of blocks n - P .. n (P = ceil((W - 1) / C)), a [C, (P + 1) C] score tile
+  per block instead of a row of T keys. The masks (causal, window, segments, the zero keys
+  before position 0) apply inside the tile; every query keeps its own key, so no row is empty.
+  Plain XLA ops (einsum, softmax), differentiated by autodiff."""
+  b, t, h, kd = q_BxTxHxK.shape
+  g = k_BxTxGxK.shape[2]
+  r = h // g
+  c = min(block, _round_up(t, 8))
+  p = -(-(window - 1) // c)            # previous key blocks each query block needs
+  n = -(-t // c)
+  tp = n * c
+
+  def pad_t(x, front=0):
+    return jnp.pad(x, [(0, 0), (front, tp - t)] + [(0, 0)] * (x.ndim - 2))
+
+  def windows(x):  # [B, T, ...] -> [B, N, (P+1) C, ...]: key blocks n-P .. n for each block n
+    xp = pad_t(x, front=p * c).reshape(b, n + p, c, *x.shape[2:])
+    return jnp.concatenate([xp[:, i:i + n] for i in range(p + 1)], axis=2)
+
+  q_BxNxCxGxRxK = pad_t(q_BxTxHxK).reshape(b, n, c, g, r, kd)
+  k_BxNxSxGxK, v_BxNxSxGxK = windows(k_BxTxGxK), windows(v_BxTxGxK)
+  s = (p + 1) * c
+  q_pos_NxC = (np.arange(n) * c)[:, None] + np.arange(c)[None]
+  k_pos_NxS = ((np.arange(n) - p) * c)[:, None] + np.arange(s)[None]
+  diff_NxCxS = q_pos_NxC[:, :, None] - k_pos_NxS[:, None, :]
+  allowed = (diff_NxCxS >= 0) & (diff_NxCxS < window) & (k_pos_NxS[:, None, :] >= 0)
+  allowed_BxNxCxS = jnp.asarray(allowed)[None]
+  if seg_BxT is not None:
+    seg1_BxT = seg_BxT.astype(jnp.int32) + 1   # padded positions: id 0 after the shift
+    seg_q_BxNxC = pad_t(seg1_BxT).reshape(b, n, c)
+    seg_k_BxNxS = windows(seg1_BxT)
+    allowed_BxNxCxS = allowed_BxNxCxS & (seg_q_BxNxC[..., None] == seg_k_BxNxS[:, :, None, :])
+  scores = jnp.einsum('bncgrk,bnsgk->bngrcs', q_BxNxCxGxRxK, k_BxNxSxGxK,
+                      preferred_element_type=jnp.float32) * kd ** -0.5
+  scores = jnp.where(allowed_BxNxCxS[:, :, None, None], scores, -1e30)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxTxGxK.dtype)
+  out = jnp.einsum('bngrcs,bnsgk->bncgrk', probs, v_BxNxSxGxK)
+  return out.reshape(b, tp, h, kd)[:, :t]
+
+
+def segment_runs(segment_ids_BxT: Array, max_segments: int) -> tuple[Array, Array, Array]:
+  """cuDNN's packed-layout arguments for rows of packed documents.
+
+  Returns (seqlen [B, M] int32: the length of each run of equal consecutive segment ids, -1
+  after the last run; offsets [B, M + 1] int32: each run's start, -1 padded; ok: bool scalar,
+  True when every row has at most M = `max_segments` runs and no id occurs in two runs, i.e.
+  when attention restricted to runs equals attention restricted to equal ids). Every position
+  lies in a run (padding included), so every query has keys."""
+  b, t = segment_ids_BxT.shape
+  seg = segment_ids_BxT.astype(jnp.int32)
+  start_BxT = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  n_runs_B = start_BxT.sum(-1)
+  first = lambda row: jnp.nonzero(row, size=max_segments + 1, fill_value=t)[0]
+  starts_BxM1 = jax.vmap(first)(start_BxT).astype(jnp.int32)  # t past the last run
+  valid_BxM = starts_BxM1[:, :-1] < t
+  seqlen_BxM = jnp.where(valid_BxM, starts_BxM1[:, 1:] - starts_BxM1[:, :-1], -1)
+  offsets_BxM1 = jnp.where(starts_BxM1 < t, starts_BxM1, -1).at[:, -1].set(-1)
+  sorted_BxT = jnp.sort(seg, axis=-1)
+  distinct_B = 1 + (sorted_BxT[:, 1:] != sorted_BxT[:, :-1]).sum(-1)
+  ok = jnp.all((n_runs_B <= max_segments) & (distinct_B == n_runs_B))
+  return seqlen_BxM, offsets_BxM1.astype(jnp.int32), ok
+
+
+def runs_mask(seqlen_BxM: Array, offsets_BxM1: Array, t: int) -> Array:
+  """[B, 1, T, T] bool: i and j lie in the same run described by `segment_runs`' arguments
+  (what cuDNN's packed layout computes; used to test those arguments on any platform)."""
+  pos_T = jnp.arange(t)
+  start_BxM = offsets_BxM1[:, :-1]
+  inside_BxMxT = ((pos_T[None, None] >= start_BxM[..., None])
+                  & (pos_T[None, None] < (start_BxM + seqlen_BxM)[..., None])
+                  & (seqlen_BxM[..., None] > 0))
+  run_BxT = jnp.where(inside_BxMxT.any(1), jnp.argmax(inside_BxMxT, axis=1), -1)
+  return (run_BxT[:, :, None] == run_BxT[:, None, :])[:, None]
+
+
+def _cudnn_attention(q, k, v, seg, *, window: int, max_segments: int):
+  """cuDNN fused attention (see the module doc): causal (+ sliding window) with packed runs."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # jax.nn's own cuDNN entry
+  scale = q.shape[-1] ** -0.5
+  sliding = window if window > 0 else None
+  if seg is None:
+    return cudnn.dot_product_attention(q, k, v, scale=scale, mask_type=cudnn.MaskType.CAUSAL,
+                                       sliding_window_length=sliding)
+
+  def dense(q, k, v, seg):
+    local = (window - 1, 0) if window > 0 else None
+    return jax.nn.dot_product_attention(q, k, v, mask=_segment_mask(seg), is_causal=True,
+                                        local_window_size=local, implementation='cudnn')
+
+  if max_segments == 0 or not _cudnn_packed_supported(cudnn):
+    return dense(q, k, v, seg)
+  seqlen, offsets, ok = segment_runs(seg, max_segments)
+
+  def packed(q, k, v, seg):
+    del seg
+    return cudnn.dot_product_attention(
+        q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
+        scale=scale, mask_type=cudnn.MaskType.PADDING_CAUSAL, sliding_window_length=sliding)
+
+  return jax.lax.cond(ok, packed, dense, q, k, v, seg)
+
+
+def _cudnn_packed_supported(cudnn) -> bool:
+  """cuDNN's packed layout needs a Hopper-or-later GPU (JAX checks it when tracing)."""
+  try:
+    return bool(cudnn.check_compute_capability('9.0'))
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(t: int, heads: int, window: int, block_q: int, block_kv: int,
+                   interpret: bool):
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  shape = (t, t)
+  mask = (sa.LocalMask(shape, window_size=(window - 1, 0), offset=0) if window > 0
+          else sa.CausalMask(shape))
+  sizes = sa.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+                        block_q_dkv=block_q, block_kv_dkv=block_kv,
+                        block_kv_dkv_compute=block_kv, block_q_dq=block_q, block_kv_dq=block_kv)
+  with jax.ensure_compile_time_eval():  # concrete mask tables, safe to cache across traces
+    return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), block_sizes=sizes,
+                              head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def batch_mesh_axes(x: Array, batch: int) -> tuple[Any, tuple[str, ...]]:
+  """(mesh, axes): the mesh `x` lives on and its axes (in order) over which the batch is split,
+  as many as divide `batch`; (None, ()) on one device."""
+  mesh = getattr(jax.typeof(x).sharding, 'mesh', None)
+  if mesh is None or not mesh.axis_names or math.prod(mesh.axis_sizes) == 1:
+    return None, ()
+  axes, size = [], 1
+  for name, n in zip(mesh.axis_names, mesh.axis_sizes):
+    if n > 1 and batch % (size * n) == 0:
+      axes.append(name)
+      size *= n
+  return mesh, tuple(axes)
+
+
+def _splash_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, *, window: int, block_q: int,
+                      block_kv: int):
+  """Splash attention: the TPU Mosaic kernel, or Pallas interpret mode on other platforms,
+  chosen at lowering time by `lax.platform_dependent`, so one traced program exports for TPU
+  from a CPU host and runs (slowly) on CPU in tests."""
+  b, t, h, kd = q_BxTxHxK.shape
+  tp = _round_up(t, _LANES)
+  bq, bkv = min(block_q, tp), min(block_kv, tp)
+  tp = _round_up(tp, math.lcm(bq, bkv))
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+  q = pad(q_BxTxHxK * jnp.asarray(kd ** -0.5, q_BxTxHxK.dtype))
+  args = (q, pad(k_BxTxGxK), pad(v_BxTxGxK))
+  if seg_BxT is not None:  # without segments, the padded keys come after every real query
+    args += (jnp.pad(seg_BxT.astype(jnp.int32), ((0, 0), (0, tp - t)), constant_values=-1),)
+
+  def run(interpret, q, k, v, seg=None):
+    kernel = _splash_kernel(tp, h, window, bq, bkv, interpret)
+    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, heads, T, K]
+    if seg is None:
+      out = jax.vmap(kernel)(qt, kt, vt)
+    else:
+      from jax.experimental.pallas.ops.tpu import splash_attention as sa
+      out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(s, s)))(
+          qt, kt, vt, seg)
+    return jnp.swapaxes(out, 1, 2)
+
+  def local(*a):  # this device's rows
+    return jax.lax.platform_dependent(*a, tpu=functools.partial(run, False),
+                                      default=functools.partial(run, True))
+
+  mesh, axes = batch_mesh_axes(q, b)
+  if axes:
+    spec = jax.sharding.PartitionSpec(axes)
+    local = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
+                          check_vma=False)
+  return local(*args)[:, :t]
+
+
 class Attention(nnx.Module):
   """Causal multi-head attention with GQA, RoPE, segment masks, sliding window and KV cache.
 
@@ -153,12 +539,13 @@ class Attention(nnx.Module):
   Masking: query i attends to key j iff j <= i, segment_ids[i] == segment_ids[j] (when
   segment ids are given; padding is segment 0 and only sees padding, so no row is empty), and,
   with `window > 0`, i - j < window. Indices are positions in the row (cache slots when
-  decoding); the `positions` input only feeds RoPE.
+  decoding); the `positions` input only feeds RoPE. `attention_impl`: a kernel name or an
+  `AttentionConfig` (see `attend`).
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                rope_base: float = 1e4, window: int = 0, dtype: Any = jnp.float32,
-               attention_impl: str | None = None, init_std: float = 0.02,
+               attention_impl: str | AttentionConfig | None = None, init_std: float = 0.02,
                out_init_std: float | None = None, rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f'num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}')
@@ -171,7 +558,7 @@ class Attention(nnx.Module):
     self.rope_base = float(rope_base)
     self.window = int(window)
     self.dtype = dtype
-    self.attention_impl = attention_impl or None
+    self.attention = _as_attention_config(attention_impl)
     self.q = nnx.Param(_normal(rngs, (d_model, num_heads, head_dim), init_std),
                        out_sharding=('embed', 'heads', 'head_dim'))
     self.k = nnx.Param(_normal(rngs, (d_model, num_kv_heads, head_dim), init_std),
@@ -200,13 +587,8 @@ class Attention(nnx.Module):
     v_BxTxGxK = jnp.einsum('btd,dgk->btgk', x_BxTxD, self.v[...].astype(dt))
 
     if cache is None:
-      mask_Bx1xTxT = None
-      if segment_ids_BxT is not None:
-        mask_Bx1xTxT = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
-      local = (self.window - 1, 0) if self.window > 0 else None
-      out_BxTxHxK = jax.nn.dot_product_attention(
-          q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask=mask_Bx1xTxT, is_causal=True,
-          local_window_size=local, implementation=self.attention_impl)
+      out_BxTxHxK = attend(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT,
+                           window=self.window, config=self.attention)
       new_cache = None
     elif 'prefix_k' in cache:  # rows continuing one shared cache, read in place
       out_BxTxHxK = attend_shared_prefix(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, positions_BxT, cache,
@@ -276,7 +658,7 @@ class Block(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                mlp_dim: int, *, rope_base: float = 1e4, window: int = 0,
-               dtype: Any = jnp.float32, attention_impl: str | None = None,
+               dtype: Any = jnp.float32, attention_impl: str | AttentionConfig | None = None,
                init_std: float = 0.02, out_init_std: float | None = None,
                context_dim: int = 0, norm_eps: float = 1e-6, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(d_model, eps=norm_eps, dtype=dtype)

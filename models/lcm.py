@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from models import layers
 from models.layers import MLP, Dense, RMSNorm
 from models.transformer import Transformer
 
@@ -52,6 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.mlp_dim = 384
   c.rope_base = 1e4
   c.remat = 'none'
+  c.scan_layers = False      # lax.scan over the stacked layers of the causal stack
+  layers.attention_config_keys(c)  # attention_impl: 'auto' | xla | blocked | cudnn | splash
   c.denoiser_layers = 2      # two_tower only
   c.timesteps = 100          # diffusion training steps
   c.schedule = 'cosine'      # 'cosine' | 'sigmoid'
@@ -164,7 +167,9 @@ class LCM(nnx.Module):
     self.start = nnx.Param(jnp.zeros((emb_dim,), jnp.float32))  # the bos input, learned
     self.prenet = Dense(emb_dim, d, use_bias=True, dtype=dtype, rngs=rngs)
     self.body = Transformer(c.num_layers, d, c.num_heads, c.num_heads, c.head_dim, c.mlp_dim,
-                            rope_base=c.rope_base, dtype=dtype, remat=c.remat, rngs=rngs)
+                            rope_base=c.rope_base, dtype=dtype, remat=c.remat,
+                            attention_impl=layers.AttentionConfig.from_model_config(c),
+                            scan_layers=c.get('scan_layers', False), rngs=rngs)
     if c.variant == 'base':
       self.postnet = Dense(d, emb_dim, use_bias=True, dtype=dtype, init_std=0.02, rngs=rngs)
       self.denoiser = None

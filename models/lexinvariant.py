@@ -84,7 +84,7 @@ import numpy as np
 from flax import nnx
 
 from models import token_lm
-from models.layers import Cache, Embed
+from models.layers import AttentionConfig, Cache, Embed
 from models.transformer import Transformer
 
 Array = jax.Array
@@ -140,7 +140,8 @@ class LexinvariantLM(nnx.Module):
         cfg_model.num_layers, d, cfg_model.num_heads, cfg_model.num_kv_heads,
         cfg_model.head_dim, cfg_model.mlp_dim, rope_base=cfg_model.rope_base,
         window=cfg_model.window, dtype=dtype, remat=cfg_model.remat,
-        attention_impl=cfg_model.attention_impl, init_std=cfg_model.init_std, rngs=rngs)
+        attention_impl=AttentionConfig.from_model_config(cfg_model),
+        init_std=cfg_model.init_std, scan_layers=cfg_model.get('scan_layers', False), rngs=rngs)
     self.embed_scale = nnx.Param(jnp.full((d,), float(cfg_lexinv.embed_scale_init), jnp.float32),
                                  out_sharding=('norm',))
     # Random, not zero: the module doc's "Bias initialisation".
@@ -327,17 +328,17 @@ class LexinvariantLM(nnx.Module):
     row permutation, so it runs against the unpermuted table, chunked along the sequence
     (`ce_chunk`) like `token_lm.token_nll`. The target logit is a [B, T, D] gather."""
     nlls = []
+    chunk = token_lm.resolve_ce_chunk(self.ce_chunk, h_BxTxD, self.vocab_size)
     if self.gaussian and self.p > 0.0:
       fixed_V, logc_F = self._classes() if self.fixed is not None else (None, None)
       lex_BxN = self._lexical_mask(draw, fixed_V) if self.fixed is not None else None
-      lse = _chunked(lambda h: self._gauss_lse(h, draw, lex_BxN, logc_F), h_BxTxD,
-                     self.ce_chunk)
+      lse = _chunked(lambda h: self._gauss_lse(h, draw, lex_BxN, logc_F), h_BxTxD, chunk)
       e_BxTxD = self._rows(draw, targets_BxT)
       tgt = jnp.einsum('btd,btd->bt', h_BxTxD.astype(jnp.float32), e_BxTxD.astype(jnp.float32))
       nlls.append(lse - tgt * self.readout_scale[...])
     if self.uses_learned:
       lse = _chunked(lambda h: jax.nn.logsumexp(self._learned_scores(h), axis=-1),
-                     h_BxTxD, self.ce_chunk)
+                     h_BxTxD, chunk)
       pid_BxT = jnp.take_along_axis(draw['perm'], targets_BxT, axis=1)
       w_BxTxD = jnp.take(self.embed.embedding[...], pid_BxT, axis=0)
       h = h_BxTxD.astype(self.dtype)

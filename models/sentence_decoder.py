@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from data import encoders, pipeline, sentences
+from models import layers
 from models.layers import Dense, Embed
 from models.transformer import Transformer
 
@@ -46,6 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.embed_dim = 384          # autoencoder only: its sentence embedding width
   c.encoder_layers = 2       # autoencoder only
   c.remat = 'none'
+  c.scan_layers = False      # lax.scan over the stacked layers
+  layers.attention_config_keys(c)  # attention_impl: 'auto' | xla | blocked | cudnn | splash
   return c
 
 
@@ -59,12 +62,14 @@ class SentenceDecoder(nnx.Module):
     self.scale = nnx.Param(jnp.asarray(scale, jnp.float32).reshape(emb_dim))
     self.prefix = Dense(emb_dim, c.prefix_len * d, use_bias=True, dtype=dtype, rngs=rngs)
     self.embed = Embed(vocab_size, d, dtype=dtype, rngs=rngs)
+    attn = dict(attention_impl=layers.AttentionConfig.from_model_config(c),
+                scan_layers=c.get('scan_layers', False))
     self.body = Transformer(c.num_layers, d, c.num_heads, c.num_heads, c.head_dim, c.mlp_dim,
-                            dtype=dtype, remat=c.remat, rngs=rngs)
+                            dtype=dtype, remat=c.remat, **attn, rngs=rngs)
     if c.autoencoder:
       self.enc_embed = Embed(vocab_size, d, dtype=dtype, rngs=rngs)
       self.encoder = Transformer(c.encoder_layers, d, c.num_heads, c.num_heads, c.head_dim,
-                                 c.mlp_dim, dtype=dtype, remat=c.remat, rngs=rngs)
+                                 c.mlp_dim, dtype=dtype, remat=c.remat, **attn, rngs=rngs)
       self.enc_out = Dense(d, emb_dim, use_bias=True, dtype=dtype, rngs=rngs)
     else:
       self.enc_embed = self.encoder = self.enc_out = None

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from models import layers
 from models.layers import Cache, Dense, Embed
 from models.transformer import Transformer
 
@@ -34,9 +35,11 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.norm_eps = 1e-6
   c.window = 0             # >0: sliding-window attention over the last `window` tokens
   c.tie_embeddings = True
-  c.ce_chunk = 0           # tokens per readout chunk in the loss; 0: no chunking
+  c.ce_chunk = -1          # tokens per readout chunk in the loss; 0: none; -1: auto (by
+                           # platform and logits memory: `resolve_ce_chunk`)
   c.remat = 'none'         # 'none' | 'full' | 'dots' (or a bool)
-  c.attention_impl = ''    # '' (auto) | 'xla' | 'cudnn'
+  c.scan_layers = False    # lax.scan over the stacked layers (compile time flat in depth)
+  layers.attention_config_keys(c)  # attention_impl: 'auto' | xla | blocked | cudnn | splash
   c.init_std = 0.02
   return c
 
@@ -63,8 +66,9 @@ class TokenLM(nnx.Module):
         cfg_model.num_layers, cfg_model.d_model, cfg_model.num_heads, cfg_model.num_kv_heads,
         cfg_model.head_dim, cfg_model.mlp_dim, rope_base=cfg_model.rope_base,
         window=cfg_model.window, dtype=dtype, remat=cfg_model.remat,
-        attention_impl=cfg_model.attention_impl or None, init_std=cfg_model.init_std,
-        norm_eps=cfg_model.get('norm_eps', 1e-6), rngs=rngs)
+        attention_impl=layers.AttentionConfig.from_model_config(cfg_model),
+        init_std=cfg_model.init_std, norm_eps=cfg_model.get('norm_eps', 1e-6),
+        scan_layers=cfg_model.get('scan_layers', False), rngs=rngs)
     self.readout = (None if self.tie_embeddings else
                     Dense(cfg_model.d_model, vocab_size, axes=('embed', 'vocab'), dtype=dtype,
                           init_std=cfg_model.init_std, rngs=rngs))
@@ -100,13 +104,43 @@ class TokenLM(nnx.Module):
     return self.logits(h_BxTxD), cache
 
 
+# fp32 logits per device above which the auto readout (`ce_chunk=-1`) is chunked. On CPU the
+# chunked readout's recomputation costs ~14 % of a step at a 32k vocabulary and memory is
+# plentiful, so only memory forces it; accelerators' memory (HBM) is scarcer than their FLOPs.
+CE_AUTO_BYTES = {'cpu': 2 << 30, 'default': 512 << 20}
+
+
+def resolve_ce_chunk(ce_chunk: int, h_BxTxD: Array, vocab_size: int,
+                     platform: str | None = None) -> int:
+  """Tokens per readout chunk for `model.ce_chunk` (0: none). -1 (auto): no chunking while one
+  device's fp32 logits [B / batch shards, T, V] fit `CE_AUTO_BYTES[platform]` (platform:
+  `jax.default_backend()`), else the largest power-of-two chunk (>= 128 tokens) whose logits
+  take at most a quarter of that."""
+  if ce_chunk >= 0:
+    return int(ce_chunk)
+  if ce_chunk != -1:
+    raise ValueError(f'model.ce_chunk={ce_chunk}: expected -1 (auto), 0 (none) or > 0')
+  b, t, _ = h_BxTxD.shape
+  mesh, axes = layers.batch_mesh_axes(h_BxTxD, b)
+  rows = b // int(np.prod([mesh.shape[a] for a in axes])) if axes else b
+  platform = platform or jax.default_backend()
+  budget = CE_AUTO_BYTES.get(platform, CE_AUTO_BYTES['default'])
+  if 4 * rows * t * vocab_size <= budget:
+    return 0
+  chunk = 128
+  while chunk * 2 < t and 4 * rows * chunk * 2 * vocab_size <= budget // 4:
+    chunk *= 2
+  return chunk
+
+
 def token_nll(model: TokenLM, h_BxTxD: Array, targets_BxT: Array) -> Array:
   """Per-token negative log-likelihood [B, T] in fp32.
 
-  With `model.ce_chunk > 0` (and < T) the readout, logsumexp and target logit are computed
-  chunk by chunk along the sequence in a `lax.scan` whose body is `jax.checkpoint`-ed, so only
-  one [B, ce_chunk, V] block of logits is live in the forward and the backward pass. T is
-  padded up to a multiple of ce_chunk (the padded positions are dropped).
+  With a readout chunk C (`model.ce_chunk` resolved by `resolve_ce_chunk`, 0 < C < T) the
+  readout, logsumexp and target logit are computed chunk by chunk along the sequence in a
+  `lax.scan` whose body is `jax.checkpoint`-ed, so only one [B, C, V] block of logits is live in
+  the forward and the backward pass. T is padded up to a multiple of C (the padded positions
+  are dropped).
   """
   w = model.readout_weight().astype(model.dtype)
   tied, dtype = model.tie_embeddings, model.dtype
@@ -118,7 +152,7 @@ def token_nll(model: TokenLM, h_BxTxD: Array, targets_BxT: Array) -> Array:
     return lse_BxC - tgt_BxC
 
   b, t, d = h_BxTxD.shape
-  c = model.ce_chunk
+  c = resolve_ce_chunk(model.ce_chunk, h_BxTxD, model.vocab_size)
   if c <= 0 or c >= t:
     return nll(h_BxTxD, targets_BxT)
   pad = (-t) % c

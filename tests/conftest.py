@@ -75,3 +75,8 @@ def run_launch(data_dir, *args, devices=1, timeout=600, check=True, **extra_env)
     raise AssertionError(f'launch {args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n'
                          f'{p.stderr[-5000:]}')
   return p
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'device_suite: the device suite dry run, a subset '
+                          '(alone: pytest -m device_suite tests)')

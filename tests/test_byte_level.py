@@ -207,6 +207,21 @@ def test_byte_lm_view_equals_token_logprobs(model, fn):
   np.testing.assert_allclose(view.next_byte_logprobs(st), want[len(text)], atol=1e-5)
 
 
+def test_views_of_a_scanned_stack(model, fn, view, tok):
+  """A scanned stack (`model.scan_layers`, on for the 350m and 1b presets; same seed, same
+  weights) gives the unrolled model's byte probabilities through the byte-native and the exact
+  BPE views (the views keep per-layer caches, stacked for the scanned forward)."""
+  cfg = token_lm.default_model_config()
+  cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim = 32, 2, 2, 1, 16
+  cfg.mlp_dim, cfg.init_std, cfg.scan_layers = 64, 0.5, True
+  sfn = bl.TokenFn(token_lm.TokenLM(cfg, 384, rngs=nnx.Rngs(0)))
+  text = b'the cat'
+  np.testing.assert_allclose(bl.ByteTokenLM(sfn).score(text), bl.ByteTokenLM(fn).score(text),
+                             atol=1e-5)
+  np.testing.assert_allclose(bl.ExactBPE(sfn, tok, bos_id=1, eos_id=2, **FEW_SHAPES).score(text),
+                             view.score(text), atol=1e-5)
+
+
 def test_lexinvariant_view_keeps_one_draw():
   cfg = token_lm.default_model_config()
   cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim = 16, 1, 2, 1, 8

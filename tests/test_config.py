@@ -18,11 +18,16 @@ def cfg(monkeypatch):
 def test_presets_load(monkeypatch):
   monkeypatch.chdir(config_lib.os.path.dirname(config_lib.os.path.dirname(__file__)))
   for path in (BYTE, 'configs/subword_lm.py'):
-    for preset in ('tiny', 'small', '350m'):
+    for preset in ('tiny', 'small', '350m', '1b'):
       c, module = config_lib.load(f'{path}:{preset}')
       assert c.family == 'lm' and c.preset == preset
       assert c.model.d_model % c.model.num_heads == 0
+      assert c.model.num_heads % c.model.num_kv_heads == 0
+      assert c.model.scan_layers == (preset in ('350m', '1b'))
+      assert c.model.ce_chunk == -1   # auto: chunked only where the logits would not fit
+      assert c.model.attention_impl == 'auto'
       assert module.get_sweep(c)
+  assert config_lib.load(f'{BYTE}:1b')[0].model.num_kv_heads == 4   # GQA
 
 
 def test_override_types(cfg):
@@ -102,3 +107,24 @@ def test_load_saved_survives_added_keys(cfg, tmp_path):
   back = config_lib.load_saved(str(tmp_path))
   assert back.optim.lr == 0.123 and back.train.flops_budget == 0.0
   assert 'removed_key' not in back.train
+
+
+def test_load_saved_run_from_before_layer_scan(monkeypatch, tmp_path):
+  """A 350m run saved before `model.scan_layers` and the attention keys existed restores with
+  the layout its checkpoints have (unrolled, although the preset now scans) and 'auto'
+  attention (its saved '' meant the same)."""
+  monkeypatch.chdir(config_lib.os.path.dirname(config_lib.os.path.dirname(__file__)))
+  cfg = config_lib.load(f'{BYTE}:350m')[0]
+  assert cfg.model.scan_layers
+  path = config_lib.save(cfg, str(tmp_path))
+  saved = json.load(open(path))
+  for k in ('scan_layers', 'attention_block_q', 'attention_block_kv', 'attention_window_block',
+            'attention_max_segments'):
+    del saved['model'][k]
+  saved['model'].update(attention_impl='', ce_chunk=256)
+  json.dump(saved, open(path, 'w'))
+  back = config_lib.load_saved(str(tmp_path))
+  assert back.model.scan_layers is False and back.model.ce_chunk == 256
+  assert back.model.attention_block_q == 512
+  from models import layers
+  assert layers.AttentionConfig.from_model_config(back.model).impl == 'auto'

@@ -160,3 +160,13 @@ def test_full_disk_while_checkpointing(data_dir, tmp_path):
   p = run_launch(data_dir, *args, '--config.train.steps=20')
   assert 'resumed from step 10' in p.stdout
   assert curve(wd)[20] == failed[20]  # the same computation, now saved
+
+
+def test_layer_layout_mismatch_names_scan_layers():
+  """A checkpoint of the other layer layout (`model.scan_layers`) is named as such."""
+  from train import checkpoint
+  unrolled = {f'params/transformer/layers/{i}/attn/q': (8, 2, 4) for i in range(2)}
+  scanned = {'params/transformer/layers/attn/q': (2, 8, 2, 4)}
+  assert 'scan_layers=False' in checkpoint._layout_hint(unrolled, scanned)
+  assert 'scan_layers=True' in checkpoint._layout_hint(scanned, unrolled)
+  assert checkpoint._layout_hint(unrolled, unrolled) == ''

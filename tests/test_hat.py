@@ -209,3 +209,16 @@ def test_compare_sweep_matches_training_flops(monkeypatch):
     steps = sub.train.steps
     assert 3e12 - per_step < steps * per_step <= 3e12
     assert sub.train.eval_every == max(1, steps // 6)
+
+
+def test_pooling_projection_order():
+  """Query pooling projects keys/values over the row then gathers (W*Lw >= T, training) or
+  gathers then projects (a long row, generation): the same word vectors either way."""
+  m = hat.HAT(tiny_cfg('query'), ENC.vocab_size, rngs=nnx.Rngs(0))
+  batch, _ = make_batch(['hello world, this is HAT', 'x'], t=48, w=16, lw=8)  # W*Lw = 128 >= 48
+  h = jax.random.normal(jax.random.key(0), (2, 48, 32))
+  long_h = jnp.concatenate([h, jnp.zeros((2, 200, 32))], axis=1)              # T = 248 > 128
+  gather = jnp.asarray(batch['word_gather'])
+  pool = jax.jit(lambda h: m.pool(h, gather))
+  chex.assert_trees_all_close(pool(h), pool(long_h), atol=1e-5)
+  chex.assert_trees_all_close(pool(h), m.pool(h, gather, project_first=False), atol=1e-5)

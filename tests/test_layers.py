@@ -3,12 +3,13 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import models  # noqa: F401  (switches eager sharding off)
 from models import layers
-from models.transformer import Transformer
+from models.transformer import Transformer, convert_layer_layout
 
 D, H, K = 16, 4, 8
 
@@ -75,9 +76,9 @@ def test_rope_relative_property():
   chex.assert_trees_all_close(layers.rope(q, jnp.zeros((1, 1))), q, atol=1e-6)
 
 
-def _stack(window=0, remat=False):
+def _stack(window=0, remat=False, scan=False):
   return Transformer(2, D, H, 2, K, 32, window=window, remat=remat, init_std=0.3,
-                     rngs=nnx.Rngs(0))
+                     scan_layers=scan, rngs=nnx.Rngs(0))
 
 
 def test_segment_isolation_and_causality():
@@ -108,9 +109,9 @@ def test_segment_isolation_and_causality():
   assert float(jnp.max(jnp.abs(yc2[:, 7:] - yc[:, 7:]))) > 1e-3
 
 
-@pytest.mark.parametrize('window', [0, 3])
-def test_kv_cache_matches_full_forward(window):
-  model = _stack(window)
+@pytest.mark.parametrize('window,scan', [(0, False), (3, False), (3, True)])
+def test_kv_cache_matches_full_forward(window, scan):
+  model = _stack(window, scan=scan)
   b, t, p = 2, 9, 4
   x = jax.random.normal(jax.random.key(1), (b, t, D))
   pos = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -192,3 +193,36 @@ def test_layer_partition_specs_and_dtypes():
   y = norm(jnp.array([[[1e3, -1e3, 1e3, -1e3]]], jnp.float32))
   assert y.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(y, np.float32), [[[1, -1, 1, -1]]], rtol=1e-2)
+
+
+def test_scan_layers_same_model_and_convertible():
+  """A scanned stack is the unrolled one with stacked parameters: same init, same outputs and
+  gradients (remat per layer inside the scan), and the parameter trees convert both ways."""
+  x = jax.random.normal(jax.random.key(1), (2, 6, D))
+  pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+  unrolled, scanned = _stack(window=3, remat='dots'), _stack(window=3, remat='dots', scan=True)
+  p_unrolled = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
+  p_scanned = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
+  assert p_scanned['layers']['attn']['q'].shape == (2, D, H, K)
+  chex.assert_trees_all_equal(convert_layer_layout(p_unrolled, scanned=True), p_scanned)
+  chex.assert_trees_all_equal(convert_layer_layout(p_scanned, scanned=False), p_unrolled)
+  adam = optax.adam(1e-3)  # optimizer state: the moments convert with the parameters
+  moments = jax.jit(lambda p: adam.update(p, adam.init(p))[1])  # one update, grads = params
+  chex.assert_trees_all_equal(convert_layer_layout(moments(p_unrolled), scanned=True),
+                              moments(p_scanned))
+  spec = nnx.get_partition_spec(nnx.state(scanned))['layers']['mlp']['down']['kernel']
+  assert tuple(spec) == ('layers', 'mlp', 'embed')
+  for view, layer in zip(scanned.layers, unrolled.layers, strict=True):  # per-layer reads
+    chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(view)),
+                                nnx.to_pure_dict(nnx.state(layer)))
+
+  def value_and_grad(model):
+    graphdef, params = nnx.split(model)
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, pos)[0] ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  l0, g0 = value_and_grad(unrolled)
+  l1, g1 = value_and_grad(scanned)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  chex.assert_trees_all_close(nnx.to_pure_dict(g1),
+                              convert_layer_layout(nnx.to_pure_dict(g0), scanned=True), atol=1e-5)

@@ -13,6 +13,7 @@ import datetime
 import json
 import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -75,7 +76,23 @@ def check_matches(step_dir: str, abstract_state) -> None:
     more = f'\n  ... and {len(problems) - 8} more' if len(problems) > 8 else ''
     raise CheckpointError(
         f'checkpoint {step_dir} does not match the model of this config (was it written with '
-        f'different model settings?):\n  ' + '\n  '.join(problems[:8]) + more)
+        f'different model settings?):\n  ' + '\n  '.join(problems[:8]) + more
+        + _layout_hint(stored, want))
+
+
+def _layout_hint(stored: dict, want: dict) -> str:
+  """A hint when the mismatch is the transformer's layer layout (`model.scan_layers`)."""
+  per_layer = lambda keys: any(re.search(r'/layers/\d+/', k) for k in keys)
+  stacked = lambda keys: any(re.search(r'/layers/(?!\d)', k) for k in keys)
+  if per_layer(stored) and stacked(want) and not per_layer(want):
+    have, flag = 'per-layer (unrolled)', False
+  elif stacked(stored) and not per_layer(stored) and per_layer(want):
+    have, flag = 'stacked (scanned)', True
+  else:
+    return ''
+  return (f'\nthe checkpoint holds {have} layer parameters: set '
+          f'--config.model.scan_layers={flag}, or convert the parameters with '
+          f'models.transformer.convert_layer_layout')
 
 
 def _gather_data_states(state: dict) -> list[dict]:

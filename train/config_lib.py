@@ -258,7 +258,8 @@ def from_json(path: str) -> ml_collections.ConfigDict:
 def load_saved(workdir: str) -> ml_collections.ConfigDict:
   """The config a run saved in `workdir/config.json`, laid over the current defaults of its
   config file and preset: a run saved before a key was added still restores (saved values
-  win; saved keys that no longer exist are dropped)."""
+  win; saved keys that no longer exist are dropped; a missing key in LEGACY_DEFAULTS takes the
+  value such runs were built with)."""
   path = storage.join(workdir, 'config.json')
   if not storage.exists(path):
     raise FileNotFoundError(f'no config.json in {workdir}')
@@ -268,8 +269,17 @@ def load_saved(workdir: str) -> ml_collections.ConfigDict:
   except (ConfigError, OSError):
     return saved
   known = set(flat_keys(cfg))
-  override(cfg, {k: v for k, v in _flat_items(saved) if k in known})
+  saved_items = dict(_flat_items(saved))
+  override(cfg, {k: v for k, v in saved_items.items() if k in known})
+  override(cfg, {k: v for k, v in LEGACY_DEFAULTS.items() if k in known and k not in saved_items})
   return cfg
+
+
+# Keys added after runs were saved whose current preset default would build a different model
+# than those runs had: a saved config without the key gets this value (the runs' behaviour).
+LEGACY_DEFAULTS = {
+    'model.scan_layers': False,   # runs before layer scan have per-layer (unrolled) parameters
+}
 
 
 def _flat_items(cfg, prefix: str = ''):
