@@ -43,13 +43,15 @@ class Transformer(nnx.Module):
 
   Output projections (attention o, MLP down) are initialised with
   init_std / sqrt(2 * num_layers) (GPT-2 style); everything else with init_std.
+  `causal=False`: bidirectional self-attention within segments (see `Attention`).
   """
 
   def __init__(self, num_layers: int, d_model: int, num_heads: int, num_kv_heads: int,
                head_dim: int, mlp_dim: int, *, rope_base: float = 1e4, window: int = 0,
                dtype: Any = jnp.float32, remat: bool | str | None = False,
                attention_impl: str | None = None, init_std: float = 0.02,
-               context_dim: int = 0, norm_eps: float = 1e-6, rngs: nnx.Rngs):
+               context_dim: int = 0, norm_eps: float = 1e-6, causal: bool = True,
+               rngs: nnx.Rngs):
     self.num_layers = num_layers
     self.dtype = dtype
     self.remat = _remat_mode(remat)
@@ -57,7 +59,8 @@ class Transformer(nnx.Module):
     self.layers = nnx.List([
         Block(d_model, num_heads, num_kv_heads, head_dim, mlp_dim, rope_base=rope_base,
               window=window, dtype=dtype, attention_impl=attention_impl, init_std=init_std,
-              out_init_std=out_init_std, context_dim=context_dim, norm_eps=norm_eps, rngs=rngs)
+              out_init_std=out_init_std, context_dim=context_dim, norm_eps=norm_eps,
+              causal=causal, rngs=rngs)
         for _ in range(num_layers)])
     self.final_norm = RMSNorm(d_model, eps=norm_eps, dtype=dtype)
 
