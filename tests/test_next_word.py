@@ -50,3 +50,28 @@ def test_utf8_prefix_never_cuts_a_character():
   data = 'ab\u00e9\u20ac'.encode()  # a b é(2) €(3)
   assert [next_word.utf8_prefix(data, n) for n in range(8)] == [
       b'', b'a', b'ab', b'ab', data[:4], data[:4], data[:4], data]
+
+
+def test_compare_sweep_summary_has_next_word_accuracy(tmp_path, monkeypatch):
+  """Every model of the compare sweep is evaluated with next-word accuracy (after training:
+  robustness on, eval.next_word on, the same windows for all), and the sweep's summary table
+  has its column (here gathered from finished runs' files, no training)."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from train import config_lib, sweep  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  cfg, module = config_lib.load('configs/compare.py:tiny')
+  points = module.get_sweep(cfg)
+  for p in points:
+    sub = sweep._point_config(cfg, p, {})  # pylint: disable=protected-access
+    assert sweep._evaluates(sub) and sub.eval.next_word  # pylint: disable=protected-access
+    assert sub.eval.next_word_texts == 256
+  for i, p in enumerate(points):
+    wd = tmp_path / sweep.run_name(p)
+    wd.mkdir()
+    (wd / 'train_summary.json').write_text(json.dumps({'step': 10, 'flops_per_step': 1.0}))
+    (wd / 'eval_step10.json').write_text(json.dumps(
+        {'step': 10, 'bpb': 3.0, 'next_word': {'accuracy': 0.1 * i}}))
+  rows = sweep.gather(cfg, points, str(tmp_path))
+  assert [r['next_word_acc'] for r in rows] == [0.0, 0.1, 0.2]
+  assert 'next_word_acc' in (tmp_path / 'summary.md').read_text().splitlines()[0]
