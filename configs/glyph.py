@@ -12,7 +12,7 @@ the robustness suite) into summary.md.
 from configs import byte_lm
 
 PRESETS = ('tiny', 'small')
-STEPS = {'tiny': 1000, 'small': 20_000}
+STEPS = {'tiny': 400, 'small': 20_000}
 
 
 def get_config(preset: str = 'tiny'):
@@ -26,7 +26,7 @@ def get_sweep(cfg):
   points = []
   for lm in ('byte_lm', 'subword_lm'):
     spec = f'configs/{lm}.py:{cfg.preset}'
-    base = {'config': spec, 'train.steps': steps, 'eval.next_word_texts': 256}
+    base = {'config': spec, 'train.steps': steps, 'eval.next_word_texts': 128}
     points += [
         {'name': f'{lm}_learned', **base},
         {'name': f'{lm}_learned_untied', **base, 'model.tie_embeddings': False},
