@@ -394,11 +394,39 @@ def generate(model: HAT, prompt_ids: list[int], splitter: words.Splitter, max_ne
   return np.asarray(out)[:int(n)].tolist()
 
 
+def incomplete_tail(ids) -> int:
+  """Where a trailing incomplete UTF-8 character of ByteEncoder ids begins (its lead byte's
+  index; len(ids) when the ids end on a character boundary, a special or an invalid byte)."""
+  n = len(ids)
+  for k in range(1, min(4, n) + 1):
+    b = int(ids[n - k]) - BYTE_OFFSET
+    if not 0 <= b < 256:
+      return n
+    if 0x80 <= b < 0xC0:  # a continuation byte: look further back for the lead byte
+      continue
+    return n - k if words._NEED_LIST[b] > k else n  # pylint: disable=protected-access
+  return n
+
+
 def host_word_starts(splitter: words.Splitter, max_word_bytes: int, ids) -> list[int]:
   """Word start offsets of one sequence of ByteEncoder ids (specials are words of their own);
-  with `hat_data.BoundaryWords`, at the boundary tokens."""
+  with `hat_data.BoundaryWords`, at the boundary tokens.
+
+  A splitter that only the host can run (`device_split=False`: unicode, a per-character state
+  machine) is causal on character boundaries only: split alone, the bytes of an unfinished
+  character are invalid UTF-8, words of their own. So while the ids end inside a character,
+  its bytes join the last word (or start one after a special) until it is complete, and byte
+  by byte (generation, the byte-level view) the completed words never change. (The byte-
+  pattern splitters decide byte by byte already, caps included, as on the device.)"""
   if isinstance(splitter, hat_data.BoundaryWords):
     return splitter.host_starts(ids)
+  if not splitter.device_split:
+    cut = incomplete_tail(ids)
+    if cut < len(ids):
+      starts = host_word_starts(splitter, max_word_bytes, ids[:cut]) if cut else []
+      if not starts or int(ids[cut - 1]) < BYTE_OFFSET:
+        starts.append(cut)
+      return starts
   ids = np.asarray(ids, np.int32)
   layout = words.batch_words(ids, np.ones_like(ids), splitter, len(ids) or 1, max_word_bytes)
   return layout['word_start'][:int(layout['num_words'])].tolist()
@@ -600,8 +628,10 @@ def single_row_batch(ids: list[int], starts: list[int], max_word_bytes: int,
   gather = np.full((1, size, max_word_bytes), -1, np.int32)
   word_ids = np.full((1, size), -1, np.int32)
   for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    if j == len(starts) - 1:  # the current word may hold an unfinished character past the
+      b = min(b, a + max_word_bytes)  # cap (host_word_starts); no position reads its vector
     gather[0, j, :b - a] = np.arange(a, b)
-    word_ids[0, a:b] = j
+    word_ids[0, a:bounds[j + 1]] = j
   inputs = np.zeros((1, size), np.int32)
   inputs[0, :t] = ids
   seg = (np.arange(size) < t).astype(np.int32)[None]

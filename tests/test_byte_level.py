@@ -249,6 +249,16 @@ def test_hat_view_matches_forward_and_generation(attention):
   assert out[:1] == bytes([int(np.argmax(want[9]))])
 
 
+def test_hat_view_of_multibyte_text_with_the_unicode_splitter():
+  """The unicode splitter decides on characters: the view goes through the bytes of every
+  character (here ’ inside a word, é, an emoji) without a completed word changing, and gives
+  normalized distributions."""
+  model = _tiny_hat()
+  view = bl.byte_view(model, splitter=words.get_splitter('unicode', 8), max_word_bytes=8)
+  d = view.distributions('a clause\u2019s \u00e9t\u00e9 \U0001F600.'.encode())
+  np.testing.assert_allclose(np.exp(d.astype(np.float64)).sum(-1), 1.0, atol=1e-4)
+
+
 def test_hat_boundary_view_sums_the_stream():
   """HAT with word-boundary tokens (and the intra-word encoder): along a text, the view's
   next-byte log-probs before renormalization (a byte that starts a word counts its boundary

@@ -180,6 +180,26 @@ def test_boundary_token_id_and_splitter_errors():
   assert enc.decode(ids) == 'ab  cd\té' and enc.token_bytes[ids].sum() == 9
 
 
+@pytest.mark.parametrize('spec', ['unicode', 'whitespace'])
+def test_host_word_starts_are_causal_byte_by_byte(spec):
+  """Byte by byte, as generation and the byte-level view see a text, completed words never
+  change; for `unicode` the bytes of an unfinished character join the last word (split alone
+  they would be invalid UTF-8, words of their own) until the character is complete."""
+  sp = words.get_splitter(spec, 8)
+  for text in ('a clause\u2019s x', 'b\u00a0c  d\u3000e', '\u00e9t\u00e9 \U0001F600x',
+               'x\u0301y z', 'abcdefg\u00e9\u00e9h'):
+    ids = [ENC.bos_id] + ENC.encode(text).tolist()
+    prev = None
+    for n in range(1, len(ids) + 1):
+      starts = hat.host_word_starts(sp, 8, ids[:n])
+      if prev is not None:
+        assert starts[:len(prev) - 1] == prev[:-1], (text, n)
+      prev = starts
+    assert prev == hat.host_word_starts(sp, 8, ids)
+  if spec == 'unicode':
+    assert hat.host_word_starts(sp, 8, [ENC.bos_id, 0xC3 + 3]) == [0, 1]  # after a special
+
+
 @pytest.mark.parametrize('spec', ['whitespace', 'spacebyte'])
 def test_cached_generation_through_late_word_starts(spec):
   """Bytes forced through the device loop: multi-byte whitespace (U+3000, U+00A0, U+2003)
