@@ -21,6 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.txt_split = 'paragraph'  # local .txt files: 'file' | 'paragraph' (blank lines) | 'line'
   d.max_doc_chars = 100_000  # longer documents are cut into pieces (counted)
   d.max_docs = 0             # >0: use only the first N documents of each split (smoke runs)
+  d.char_map = ''            # 'FROM=TO' (e.g. 'qrstuvwxyz=abcdefghij'): characters mapped in every
+                             # document of every split before encoding ('' = none)
   d.encoder = 'bytes'        # 'bytes' | 'bpe' (trained on the train split, cached) | 'tokenizer:PATH'
   d.vocab_size = 0           # bpe only
   d.seq_len = 256            # tokens per packed row
@@ -58,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
   e.robustness = 'caps,permute,delete,replace'  # '' to skip; see data/perturb.py
   e.noise_frac = 0.1         # fraction of characters per word permuted/deleted/replaced
   e.noise_seed = 0
+  e.next_word = True         # next-word accuracy (train/evals/next_word.py; families with text)
+  e.next_word_bytes = 200    # ... on windows of N bytes of the validation text
+  e.next_word_texts = 32     # ... this many of them, evenly spread (0: all)
 
   # Parallelism --------------------------------------------------------------
   c.mesh = m = ml_collections.ConfigDict()

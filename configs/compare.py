@@ -4,9 +4,11 @@
 
 Each model trains for the same training-FLOP budget (`train.flops_budget`; steps follow from
 each family's FLOP accounting: models/hat.flops_per_byte, models/token_lm.flops_per_token, times
-batch x sequence positions), then is evaluated on validation bits per byte and the robustness
-suite. Writes summary.md / summary.csv and bpb_vs_flops.png (validation bits per byte against
-training FLOPs) in the workdir. Overrides given on the command line apply to all three runs.
+batch x sequence positions), then is evaluated on validation bits per byte, the robustness
+suite and next-word accuracy (train/evals/next_word.py: every model on the same windows of the
+validation text). Writes summary.md / summary.csv and bpb_vs_flops.png (validation bits per
+byte against training FLOPs) in the workdir. Overrides given on the command line apply to all
+three runs.
 """
 from configs import hat
 
@@ -14,6 +16,7 @@ PRESETS = ('tiny', 'small')
 BUDGET = {'tiny': 8e12, 'small': 1e19}   # training FLOPs per model
 EVALS = 6                                 # evaluations along each run (for the FLOPs curve)
 MODELS = ('hat', 'byte_lm', 'subword_lm')
+NEXT_WORD_TEXTS = {'tiny': 256, 'small': 1024}  # 200-byte windows scored for next-word accuracy
 
 
 def get_config(preset: str = 'tiny'):
@@ -30,5 +33,6 @@ def get_sweep(cfg):
   return [{'name': name, 'config': f'configs/{name}.py:{cfg.preset}',
            'train.flops_budget': budget,
            'train.eval_batches': 0,  # the whole validation split for every model
+           'eval.next_word_texts': NEXT_WORD_TEXTS[cfg.preset],
            'train.eval_count': EVALS}
           for name in MODELS]

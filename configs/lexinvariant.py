@@ -69,6 +69,11 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   lx.lookup_queries = 8
   lx.perm_length = 4
   lx.perm_demos = 6
+  # unseen-symbol evaluation (--mode=eval): LookUp / Repeat over `unseen` characters (never in
+  # training: map them away with data.char_map) beside `seen` ones ('' = the interchangeable
+  # set, else the lowercase letters not in `unseen`); '' = not run
+  lx.unseen = ''
+  lx.seen = ''
   return c
 
 

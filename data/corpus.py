@@ -690,8 +690,59 @@ def _builder_source(builder, split: str, text_key: str, max_docs: int) -> DocSou
                    max_docs=max_docs, stats=stats)
 
 
+def parse_char_map(spec: str) -> dict[int, int]:
+  """`data.char_map` 'FROM=TO' (two strings of n characters around the middle '=', e.g.
+  'qrstuvwxyz=abcdefghij') -> a `str.translate` table; '' -> {} (no mapping)."""
+  if not spec:
+    return {}
+  n = (len(spec) - 1) // 2
+  if len(spec) % 2 == 0 or n == 0 or spec[n] != '=':
+    raise ValueError(f"data.char_map={spec!r}: expected 'FROM=TO', two strings of equal length "
+                     "around the middle '=' (e.g. 'qrstuvwxyz=abcdefghij')")
+  src, dst = spec[:n], spec[n + 1:]
+  if len(set(src)) != n:
+    raise ValueError(f'data.char_map={spec!r}: a character appears twice in FROM {src!r}')
+  return {ord(a): ord(b) for a, b in zip(src, dst)}
+
+
+class MappedSource:
+  """A DocSource view whose documents go through `str.translate(table)` (`data.char_map`: e.g.
+  letters the model must never see in training, mapped onto others)."""
+
+  def __init__(self, source, spec: str):
+    self.source, self.table = source, parse_char_map(spec)
+    self.name = f'{source.name}[char_map={spec}]'
+    self.stats = getattr(source, 'stats', {})
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> str:
+    return self.source[i].translate(self.table)
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def record(self, i: int) -> dict[str, Any]:
+    """The example with its text mapped (other fields, e.g. 'name', as they are)."""
+    rec = dict(self.source.record(i))
+    key = getattr(self.source, '_key', 'text')
+    rec[key] = str(rec[key]).translate(self.table)
+    return rec
+
+  def __repr__(self):
+    return f'MappedSource({self.name!r}, {len(self)} documents)'
+
+
 def get_source(cfg_data, split: str) -> DocSource:
-  """The documents of `split` for the `data` config (source, data_dir, text_key, ...)."""
+  """The documents of `split` for the `data` config (source, data_dir, text_key, ...), mapped
+  through `data.char_map` when it is set."""
+  source = _get_source(cfg_data, split)
+  spec = str(cfg_data.get('char_map', '') or '')
+  return MappedSource(source, spec) if spec else source
+
+
+def _get_source(cfg_data, split: str) -> DocSource:
   data_dir = default_data_dir(cfg_data.get('data_dir', ''))
   src = cfg_data.source
   max_docs = int(cfg_data.get('max_docs', 0))

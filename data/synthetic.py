@@ -94,9 +94,9 @@ def _encode_rows(encoder, items, seq_len: int) -> dict[str, np.ndarray]:
 
 
 def lookup_batch(encoder, n: int, seq_len: int, seed: int = 0, num_keys: int = 8,
-                 num_queries: int = 8) -> dict[str, np.ndarray]:
+                 num_queries: int = 8, alphabet: str = ALPHABET) -> dict[str, np.ndarray]:
   rng = np.random.default_rng([seed, 1])
-  items = [lookup_instance(rng, num_keys, num_queries)[:2] for _ in range(n)]
+  items = [lookup_instance(rng, num_keys, num_queries, alphabet)[:2] for _ in range(n)]
   return _encode_rows(encoder, items, seq_len)  # one token per answer
 
 
@@ -110,11 +110,11 @@ def permutation_batch(encoder, n: int, seq_len: int, seed: int = 0, length: int 
 
 
 def repeat_batch(encoder, n: int, seq_len: int, seed: int = 0, length: int = 48,
-                 copies: int = 3) -> dict[str, np.ndarray]:
+                 copies: int = 3, alphabet: str = ALPHABET) -> dict[str, np.ndarray]:
   rng = np.random.default_rng([seed, 3])
   items = []
   for _ in range(n):
-    s = ''.join(rng.choice(list(ALPHABET), size=length))
+    s = ''.join(rng.choice(list(alphabet), size=length))
     items.append((s * copies, list(range(length, length * copies))))
   out = _encode_rows(encoder, items, seq_len)
   copy = np.arange(seq_len) // length + 1   # the target at input position i is character i

@@ -13,6 +13,10 @@ max_word_bytes)`):
   attached to the following word, any other whitespace (tabs, newlines, runs of 2+ spaces, NBSP)
   a word of its own (`'Hello, world!'` -> `['Hello,', ' world!']`, `'a  b'` -> `['a', '  ', 'b']`).
   Built on `unicodedata` alone (no ICU / regex packages); see "unicode approximations" below.
+* `ascii_whitespace` -- `whitespace` with ASCII whitespace only (space, \\t, \\n, \\v, \\f, \\r and
+  0x1c-0x1f; multi-byte whitespace such as NBSP is a word character), so every decision is
+  made at the byte itself (`byte_level`): the words of the paper's next-word accuracy, and the
+  rule HAT's word-boundary tokens need (`model.pooling='boundary'`).
 * `spacebyte` -- SpaceByte's rule on bytes: a byte is *spacelike* unless it is an ASCII
   letter/digit or a UTF-8 continuation byte (0x80-0xBF); a word starts at the first byte of every
   run of spacelike bytes (`'Hello, world!'` -> `['Hello', ', world', '!']`). Non-ASCII
@@ -77,7 +81,7 @@ import unicodedata
 import numpy as np
 
 MIN_WORD_BYTES = 4
-SPLITTERS = ('whitespace', 'unicode', 'spacebyte', 'fixed:N')
+SPLITTERS = ('whitespace', 'ascii_whitespace', 'unicode', 'spacebyte', 'fixed:N')
 
 # --- UTF-8 byte tables -------------------------------------------------------------------------
 
@@ -215,6 +219,19 @@ class _FixedRule(_Rule):
 
   def step(self, b: int) -> bool:
     new, self.started = not self.started, True
+    return new
+
+
+class _AsciiWhitespaceRule(_Rule):
+  __slots__ = ('prev',)
+
+  def __init__(self):
+    self.prev = None  # whether the previous byte was ASCII whitespace (None: text start)
+
+  def step(self, b: int) -> bool:
+    ws = bool(_ASCII_WS[b])
+    new = self.prev is None or (ws and not self.prev)
+    self.prev = ws
     return new
 
 
@@ -665,6 +682,29 @@ class UnicodeSplitter(Splitter):
     return out
 
 
+class AsciiWhitespaceSplitter(Splitter):
+  byte_level = True
+
+  def __init__(self, max_word_bytes: int):
+    super().__init__('ascii_whitespace', max_word_bytes)
+
+  def _rule(self):
+    return _AsciiWhitespaceRule()
+
+  def _device_base_start(self, byte_at, t):
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    ws = jnp.asarray(_ASCII_WS)
+    prev = byte_at(t - 1)
+    return jnp.where(ws[jnp.clip(byte_at(t), 0, 255)]
+                     & ~((prev >= 0) & ws[jnp.clip(prev, 0, 255)]), t, -1)
+
+  def _base_starts(self, buf, run_start):
+    ws = _ASCII_WS[buf]
+    prev = np.zeros_like(ws)
+    prev[1:] = ws[:-1]
+    return run_start | (ws & ~prev)
+
+
 class SpaceByteSplitter(Splitter):
   byte_level = True
 
@@ -706,7 +746,7 @@ class FixedSplitter(Splitter):
 
 
 def get_splitter(spec: str, max_word_bytes: int) -> Splitter:
-  """'whitespace' | 'unicode' | 'spacebyte' | 'fixed:N', capped at `max_word_bytes` (>= 4; 0:
+  """'whitespace' | 'ascii_whitespace' | 'unicode' | 'spacebyte' | 'fixed:N', capped at `max_word_bytes` (>= 4; 0:
   no cap)."""
   if isinstance(max_word_bytes, bool) or int(max_word_bytes) != max_word_bytes:
     raise ValueError(f'max_word_bytes must be an int, got {max_word_bytes!r}')
@@ -717,6 +757,8 @@ def get_splitter(spec: str, max_word_bytes: int) -> Splitter:
   spec = str(spec).strip()
   if spec == 'whitespace':
     return WhitespaceSplitter(max_word_bytes)
+  if spec == 'ascii_whitespace':
+    return AsciiWhitespaceSplitter(max_word_bytes)
   if spec == 'unicode':
     return UnicodeSplitter(max_word_bytes)
   if spec == 'spacebyte':
@@ -744,8 +786,9 @@ def word_ids(starts, n_bytes: int) -> np.ndarray:
   return np.cumsum(mark, dtype=np.int32) - 1
 
 
-def batch_words(inputs: np.ndarray, segment_ids: np.ndarray, splitter: Splitter, num_words: int,
-                word_len: int, byte_offset: int = 3) -> dict[str, np.ndarray]:
+def batch_words(inputs: np.ndarray, segment_ids: np.ndarray, splitter: Splitter | None,
+                num_words: int, word_len: int, byte_offset: int = 3,
+                boundary_id: int | None = None) -> dict[str, np.ndarray]:
   """The word layout of packed byte rows (`ByteEncoder` ids: pad 0, bos 1, eos 2, byte b -> b+3).
 
   Bytes with `segment_ids > 0` are real. Each segment is split on its own; ids below
@@ -760,8 +803,16 @@ def batch_words(inputs: np.ndarray, segment_ids: np.ndarray, splitter: Splitter,
     word_gather [B, W, Lw]  row positions of each word's bytes, -1 padded
     word_segment_ids [B, W] segment id of each word (0 for absent words)
     word_positions [B, W]   index of each word within its segment (0 for absent words)
+
+  `boundary_id` (HAT's word-boundary tokens, data/hat_data.py): the rows already hold a
+  boundary token before every word (placed by the encoder with the splitter); a word starts at
+  each boundary token and at the runs' starts above, and `splitter` is not used (None). The
+  ids >= byte_offset that are not the boundary are bytes.
   """
-  if not MIN_WORD_BYTES <= splitter.max_word_bytes <= word_len:
+  if boundary_id is not None:
+    if word_len < 2:
+      raise ValueError(f'word_len={word_len}: a word needs its boundary token and a byte')
+  elif not MIN_WORD_BYTES <= splitter.max_word_bytes <= word_len:
     raise ValueError(f'{splitter!r}: max_word_bytes must be in [{MIN_WORD_BYTES}, word_len='
                      f'{word_len}] so that every word fits its {word_len} gather slots')
   inputs = np.asarray(inputs)
@@ -781,8 +832,11 @@ def batch_words(inputs: np.ndarray, segment_ids: np.ndarray, splitter: Splitter,
   run_start = special | ~valid
   run_start[1:] |= (seg[1:] != seg[:-1]) | run_start[:-1]
   run_start[::nt] = True
-  buf = ids.astype(np.uint8) - np.uint8(byte_offset)  # specials / padding: any value (run starts)
-  starts = splitter.flat_starts(buf, run_start)
+  if boundary_id is None:
+    buf = ids.astype(np.uint8) - np.uint8(byte_offset)  # specials / padding: any value (run starts)
+    starts = splitter.flat_starts(buf, run_start)
+  else:
+    starts = run_start | (ids == boundary_id)
   starts &= valid
   starts = starts.reshape(nb, nt)
   valid = valid.reshape(nb, nt)

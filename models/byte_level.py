@@ -1090,25 +1090,32 @@ class HATView(ByteLM):
       return m.encode(jnp.reshape(x, (1, 1)), jnp.full((1, 1), t, jnp.int32), ones(), cache, t)
 
     @jax.jit
-    def word_step(params, h_all, gather, j, cache):
+    def word_step(params, h_all, ids, gather, j, cache):
       m = nnx.merge(graphdef, params)
-      return m.backbone(m.pool(h_all, gather), jnp.full((1, 1), j, jnp.int32), ones(), cache, j)
+      return m.backbone(m.pool_finished(h_all, ids, gather), jnp.full((1, 1), j, jnp.int32),
+                        ones(), cache, j)
 
     @jax.jit
-    def dec_step(params, h, t, ctx, cache):
+    def dec_step(params, h, x, t, ctx, cache):
       m = nnx.merge(graphdef, params)
-      logits, cache = m.decode(h, jnp.full((1, 1), t, jnp.int32), ones(), ctx,
+      logits, cache = m.decode(m.decoder_input(jnp.reshape(x, (1, 1)), h),
+                               jnp.full((1, 1), t, jnp.int32), ones(), ctx,
                                jnp.zeros((1, 1), jnp.int32), cache, t)
       return logits[0, 0], cache
 
     self._enc, self._word, self._dec = enc_step, word_step, dec_step
     self._take = np.concatenate([np.arange(BYTE_OFFSET, 256 + BYTE_OFFSET), [eos_id]])
 
+  def _starts(self, ids) -> list[int]:
+    """Word starts of the id sequence (the model's words)."""
+    return list(self._hat.host_word_starts(self.splitter, self.lw, ids))
+
   def _new(self, size: int) -> _HATState:
     m = self.model
     de = m.encoder.final_norm.scale.shape[0]
     first = m.first_word[...].astype(m.dtype).reshape(1, 1, -1)
-    return _HATState([], size, jnp.zeros((1, size, de), m.dtype), m.encoder.init_cache(1, size),
+    enc_c = None if m.word_encoder else m.encoder.init_cache(1, size)
+    return _HATState([], size, jnp.zeros((1, size, de), m.dtype), enc_c,
                      m.backbone.init_cache(1, size), m.decoder.init_cache(1, size), [first], [],
                      [0], None)
 
@@ -1121,9 +1128,10 @@ class HATView(ByteLM):
         st = self._push(st, y)
     t = len(st.ids)
     st.ids.append(int(x))
-    h, st.enc_c = self._enc(self.params, jnp.int32(x), jnp.int32(t), st.enc_c)
-    st.h_all = jax.lax.dynamic_update_slice_in_dim(st.h_all, h, jnp.int32(t), axis=1)
-    starts = list(self._hat.host_word_starts(self.splitter, self.lw, st.ids))
+    if not self.model.word_encoder:  # (the intra-word encoder runs when a word is complete)
+      h, st.enc_c = self._enc(self.params, jnp.int32(x), jnp.int32(t), st.enc_c)
+      st.h_all = jax.lax.dynamic_update_slice_in_dim(st.h_all, h, jnp.int32(t), axis=1)
+    starts = self._starts(st.ids)
     if starts[:len(st.starts_done)] != st.starts_done:
       raise RuntimeError(f'word splitter is not causal: {st.starts_done[-5:]} changed')
     rerun = t
@@ -1132,8 +1140,10 @@ class HATView(ByteLM):
       a, b = starts[j], starts[j + 1]
       gather = np.full((1, 1, self.lw), -1, np.int32)
       gather[0, 0, :b - a] = np.arange(a, b)
-      out, st.bb_c = self._word(self.params, st.h_all, jnp.asarray(gather), jnp.int32(j),
-                                st.bb_c)
+      ids_1xS = np.zeros((1, st.size), np.int32)
+      ids_1xS[0, :len(st.ids)] = st.ids
+      out, st.bb_c = self._word(self.params, st.h_all, jnp.asarray(ids_1xS), jnp.asarray(gather),
+                                jnp.int32(j), st.bb_c)
       st.contexts.append(out)
       st.starts_done.append(a)
       rerun = min(rerun, b)
@@ -1141,7 +1151,8 @@ class HATView(ByteLM):
     for q in range(rerun, t + 1):  # bytes of the current word read the current context
       j = int(np.searchsorted(starts, q, side='right') - 1)
       h_q = jax.lax.dynamic_slice_in_dim(st.h_all, jnp.int32(q), 1, axis=1)
-      st.logits, st.dec_c = self._dec(self.params, h_q, jnp.int32(q), st.contexts[j], st.dec_c)
+      st.logits, st.dec_c = self._dec(self.params, h_q, jnp.int32(st.ids[q]), jnp.int32(q),
+                                      st.contexts[j], st.dec_c)
     return st
 
   def start(self, prompt: bytes = b'') -> _HATState:
@@ -1157,6 +1168,92 @@ class HATView(ByteLM):
 
   def advance(self, state: _HATState, byte: int) -> _HATState:
     return self._push(state, int(byte) + BYTE_OFFSET)
+
+
+@dataclasses.dataclass
+class _BoundaryState:
+  hat: _HATState     # the model's stream: bytes and the boundary tokens before words
+  cursor: Any        # the text splitter after the text's bytes
+  branch: Any = None  # `hat` with a boundary token pushed (computed when needed)
+  new_word: Any = None  # bool [256]: would byte b start a word (after a boundary token)?
+
+
+class HATBoundaryView(HATView):
+  """A HAT with word-boundary tokens (`model.pooling='boundary'`) one text byte at a time. The
+  model's stream has a boundary token B before every word the text splitter starts (data/
+  hat_data.BoundaryByteEncoder; the splitter decides at the word's first byte), so a text's
+  stream is known byte by byte, and the probability of the next byte b is that of its stream:
+      p(b | x) = P(B | s) P(b | s B)   if b starts a word after x,     P(b | s) otherwise,
+      p(end | x) = P(eos | s)          (s: the stream of x; no boundary before eos)
+  renormalized over the 257 outcomes (mass on streams no text produces is dropped: the
+  probability of a text is that of its stream, divided along the way by the mass kept). The
+  branch s B costs one more encoder / backbone / decoder step per byte; advancing by a byte
+  that starts a word reuses it."""
+
+  def __init__(self, model, splitter, max_word_bytes: int = 16, name: str = 'hat',
+               bos_id: int = 1, eos_id: int = 2):
+    from data import hat_data  # pylint: disable=import-outside-toplevel
+    super().__init__(model, splitter, max_word_bytes + 1, name, bos_id, eos_id)
+    self.boundary = int(model.boundary_id)
+    self.words = hat_data.BoundaryWords(self.boundary, splitter.word_cap)
+    self._new_word_cache: dict = {}
+    if not splitter.byte_level:
+      raise ValueError(f'{splitter!r}: a HAT with word-boundary tokens needs a splitter that '
+                       "decides at a word's first byte")
+
+  def _starts(self, ids) -> list[int]:
+    return self.words.host_starts(ids)
+
+  @staticmethod
+  def _copy(st: _HATState) -> _HATState:
+    return dataclasses.replace(st, ids=list(st.ids), contexts=list(st.contexts),
+                               starts_done=list(st.starts_done),
+                               word_starts=list(st.word_starts))
+
+  def start(self, prompt: bytes = b'') -> _BoundaryState:
+    prompt = bytes(prompt)
+    st = self._new(_bucket(2 * len(prompt) + 2, 64))
+    cursor = self.splitter.cursor()
+    st = self._push(st, self.bos_id)
+    for b in prompt:
+      if cursor.push(bytes([b])):
+        st = self._push(st, self.boundary)
+      st = self._push(st, b + BYTE_OFFSET)
+    return _BoundaryState(st, cursor)
+
+  def _prepare(self, state: _BoundaryState):
+    if state.new_word is None:
+      c = state.cursor
+      key = (tuple(getattr(c._rule, k) for k in c._rule.__slots__), c._piece)  # pylint: disable=protected-access
+      hit = self._new_word_cache.get(key)
+      if hit is None:  # a byte-level rule's decision depends on this small state only
+        hit = np.array([c.copy().push(bytes([b])) for b in range(256)])
+        self._new_word_cache[key] = hit
+      state.new_word = hit
+    if state.branch is None and state.new_word.any():
+      state.branch = self._push(self._copy(state.hat), self.boundary)
+
+  def outcome_logprobs(self, state: _BoundaryState) -> np.ndarray:
+    """float64 [257] log-probabilities of the next byte's stream (boundary included where the
+    byte starts a word) and of the end, before renormalization over the 257 outcomes."""
+    self._prepare(state)
+    lp = np.asarray(jax.nn.log_softmax(state.hat.logits.astype(jnp.float32)), np.float64)
+    out = np.concatenate([lp[BYTE_OFFSET:256 + BYTE_OFFSET], [lp[self.eos_id]]])
+    if state.branch is not None:
+      after = np.asarray(jax.nn.log_softmax(state.branch.logits.astype(jnp.float32)), np.float64)
+      via = lp[self.boundary] + after[BYTE_OFFSET:256 + BYTE_OFFSET]
+      out[:256] = np.where(state.new_word, via, out[:256])
+    return out
+
+  def next_byte_logprobs(self, state: _BoundaryState) -> np.ndarray:
+    return _normalize(self.outcome_logprobs(state)).astype(np.float32)
+
+  def advance(self, state: _BoundaryState, byte: int) -> _BoundaryState:
+    self._prepare(state)
+    b = int(byte)
+    st = state.branch if state.new_word[b] else state.hat
+    state.cursor.push(bytes([b]))
+    return _BoundaryState(self._push(st, b + BYTE_OFFSET), state.cursor)
 
 
 # -- one entry point -----------------------------------------------------------------------------
@@ -1176,6 +1273,8 @@ def byte_view(model, encoder=None, *, tokenizer=None, bos_id: int | None = None,
   if isinstance(model, hat.HAT):
     if splitter is None:
       raise ValueError('a HAT view needs the model\'s word splitter (words.get_splitter)')
+    if model.boundary_id is not None:
+      return HATBoundaryView(model, splitter, max_word_bytes, name or 'hat')
     return HATView(model, splitter, max_word_bytes, name or 'hat')
   draw = None
   if isinstance(model, lexinvariant.LexinvariantLM):

@@ -1,12 +1,12 @@
 """Hierarchical autoregressive transformer (HAT): bytes -> words -> bytes.
 
   byte encoder   causal sliding-window transformer over the byte stream          [B, T, De]
+                 (`encoder_attention='word'`: bidirectional inside each word, see below)
   word pooling   'query': a learned query per word attends to that word's bytes,
                  gathered into a small [B, W, Lw, De] block (no dense [W, T] mask);
-                 'last': the encoder state of the word's last byte. It stands in for
-                 the paper's word-boundary-token variant without inserting extra
-                 tokens into the byte stream: with a causal encoder that position has
-                 seen the whole word, as a boundary token would      [B, W, D]
+                 'last': the encoder state of the word's last byte (with a causal
+                 encoder that position has seen the whole word);
+                 'boundary': real word-boundary tokens in the stream (below)       [B, W, D]
   backbone       the shared transformer over word positions (RoPE on word index) [B, W, D]
   byte decoder   causal sliding-window transformer over the encoder states; every
                  byte of word j reads the backbone output of word j-1 (a learned
@@ -17,6 +17,30 @@
 Causality: byte t of word j predicts byte t+1 from bytes <= t and words < j, so the prediction
 of a word's first byte (made at the previous word's last byte) is the end-of-word decision.
 Static shapes: T bytes and W words per row; no Python loop over words in the step.
+
+Word-boundary tokens (`pooling='boundary'`; Thawani et al. 2023, "Learn Your Tokens"). The
+stream holds a real token `model.boundary_id` before every word (data/hat_data.
+BoundaryByteEncoder: `[B] d e f [B] ' ' f o o`), their prefix-CLS design: the word vector is the
+encoder state at a boundary token, and predicting the boundary is the explicit end-of-word
+decision (its loss counts; it stands for no byte, so bits per byte stay per text byte and
+include what the boundaries cost). Which boundary: with the intra-word encoder the one that
+opens the word, which reads the word in both directions (the paper's CLS); with the causal
+encoder a prefix token has seen only earlier words, so the word is read at the boundary that
+closes it (the next word's prefix, position last + 1), the only boundary token that has read
+it. Either way word j's vector exists once its last byte is followed by a boundary, and is
+read only by bytes of words > j.
+
+Intra-word bidirectional encoder (`encoder_attention='word'`; Sun et al., ACL 2023, "From
+Characters to Words"): encoder self-attention is bidirectional and restricted to the word
+(the segment ids of its attention are word ids), never across words. A byte's encoder state
+then depends on the *later* bytes of its word, so the byte decoder must not read encoder
+states of the word it predicts: in this mode the decoder's input is the byte embedding
+(the shared `embed` table) instead of the encoder state, and the decoder's own causal
+self-attention is its only view of the current word's earlier bytes. Encoder states enter the
+decoder only through the pooled vectors of *completed* words (backbone output of word j-1
+for the bytes of word j), which depend on words < j alone. So byte t of word j still sees only
+bytes <= t and words < j (tests/test_hat.py, causality across the word hierarchy). In cached
+generation a word is encoded as one block when it is complete.
 """
 from __future__ import annotations
 
@@ -29,7 +53,7 @@ import numpy as np
 import ml_collections
 from flax import nnx
 
-from data import encoders, words
+from data import encoders, hat_data, words
 from models import layers, token_lm
 from models.layers import Dense, Embed, _normal
 from models.transformer import Transformer
@@ -57,7 +81,11 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.enc_layers = 1
   c.dec_layers = 1
   c.byte_window = 64       # sliding window of the byte encoder and decoder
-  c.pooling = 'query'      # 'query' | 'last'
+  c.pooling = 'query'      # 'query' | 'last' | 'boundary' (word-boundary tokens in the stream)
+  c.boundary_id = 259      # the boundary token's id (pooling='boundary'): a free id of the byte
+                           # vocabulary, [259, 384); 0-2 are pad/bos/eos, 3-258 the bytes
+  c.encoder_attention = 'causal'  # 'causal' (sliding window over the stream) | 'word'
+                                  # (bidirectional within each word, never across words)
   c.rope_base = 10_000.0
   c.remat = 'none'
   c.scan_layers = False    # lax.scan over each stack's layers (compile time flat in depth)
@@ -66,12 +94,23 @@ def default_model_config() -> ml_collections.ConfigDict:
   return c
 
 
+POOLINGS = ('query', 'last', 'boundary')
+ENCODER_ATTENTION = ('causal', 'word')
+
+
 class HAT(nnx.Module):
 
   def __init__(self, m: ml_collections.ConfigDict, vocab_size: int, dtype: Any = jnp.float32,
                *, rngs: nnx.Rngs):
-    if m.pooling not in ('query', 'last'):
-      raise ValueError(f"model.pooling={m.pooling!r}: expected 'query' or 'last'")
+    if m.pooling not in POOLINGS:
+      raise ValueError(f'model.pooling={m.pooling!r}: expected one of {POOLINGS}')
+    attention = m.get('encoder_attention', 'causal')
+    if attention not in ENCODER_ATTENTION:
+      raise ValueError(f'model.encoder_attention={attention!r}: expected one of '
+                       f'{ENCODER_ATTENTION}')
+    self.word_encoder = attention == 'word'
+    self.boundary_id = (hat_data.check_boundary_id(m.get('boundary_id', 259), vocab_size)
+                        if m.pooling == 'boundary' else None)
     de, d = m.byte_d_model, m.d_model
     if de % m.byte_heads:
       raise ValueError(f'model.byte_d_model={de} is not divisible by model.byte_heads')
@@ -82,7 +121,7 @@ class HAT(nnx.Module):
                   init_std=m.init_std, scan_layers=m.get('scan_layers', False), rngs=rngs)
     self.embed = Embed(vocab_size, de, dtype=dtype, init_std=m.init_std, rngs=rngs)
     self.encoder = Transformer(m.enc_layers, de, m.byte_heads, m.byte_heads, kb, m.byte_mlp_dim,
-                               window=m.byte_window, **common)
+                               window=m.byte_window, causal=not self.word_encoder, **common)
     if m.pooling == 'query':
       self.pool_heads, self.pool_head_dim = m.byte_heads, kb
       self.pool_query = nnx.Param(_normal(rngs, (m.byte_heads, kb), m.init_std),
@@ -103,8 +142,52 @@ class HAT(nnx.Module):
 
   # -- pieces (also used one step at a time by cached generation) -------------------------------
   def encode(self, tokens_BxT, positions_BxT, segment_ids_BxT=None, cache=None, cache_index=None):
+    """The causal encoder over the stream (`encoder_attention='causal'`)."""
     return self.encoder(self.embed(tokens_BxT), positions_BxT, segment_ids_BxT, cache,
                         cache_index)
+
+  def encode_words(self, tokens_BxT, positions_BxT, word_ids_BxT) -> Array:
+    """The intra-word encoder (`encoder_attention='word'`): bidirectional attention among the
+    bytes that share a word id (>= 0; -1 bytes attend only among themselves and are never
+    read). Whole words or blocks of them: it has no cache."""
+    word_key_BxT = jnp.where(word_ids_BxT >= 0, word_ids_BxT + 1, 0)
+    return self.encoder(self.embed(tokens_BxT), positions_BxT, word_key_BxT)[0]
+
+  def pool_finished(self, h_1xSxD, ids_1xS, gather_1xWxL) -> Array:
+    """Word vectors [1, W, D] of finished words during generation: from the causal encoder's
+    states `h` (written as the bytes arrived), or, with the intra-word encoder, by encoding
+    each word's ids (`ids`, gathered) as one block now that the word is complete."""
+    if not self.word_encoder:
+      return self.pool(h_1xSxD, gather_1xWxL)
+    _, w, l = gather_1xWxL.shape
+    valid_WxL = gather_1xWxL[0] >= 0
+    ids_WxL = jnp.where(valid_WxL, jnp.take(ids_1xS[0], jnp.maximum(gather_1xWxL[0], 0)), 0)
+    h_WxLxD = self.encode_words(ids_WxL, jnp.maximum(gather_1xWxL[0], 0),
+                                jnp.where(valid_WxL, 0, -1))
+    slots = jnp.where(valid_WxL, jnp.arange(l, dtype=jnp.int32), -1)
+    return jax.vmap(lambda h, g: self.pool(h[None], g[None, None])[0, 0])(h_WxLxD, slots)[None]
+
+  def allowed_ids(self, ids_S, t, cur_start, cap: int) -> Array:
+    """bool [V]: the ids generation may emit at position t (the current word started at
+    `cur_start`): the bytes and specials, and with boundary tokens the boundary, except bytes
+    that would make the word longer than `cap` bytes (the boundary must come first, as the
+    splitter's cap puts it in the training data)."""
+    v = jnp.arange(self.vocab_size)
+    ok_V = v < NUM_IDS
+    if self.boundary_id is None:
+      return ok_V
+    ok_V |= v == self.boundary_id
+    first = ids_S[cur_start]
+    n_bytes = t - cur_start - (first == self.boundary_id).astype(jnp.int32)
+    need_V = jnp.asarray(np.concatenate([np.zeros(BYTE_OFFSET, np.int32), words._NEED.astype(  # pylint: disable=protected-access
+        np.int32), np.zeros(self.vocab_size - NUM_IDS, np.int32)]))
+    full_V = (need_V > 0) & (n_bytes + need_V > cap) & (first >= BYTE_OFFSET)
+    return ok_V & ~full_V
+
+  def decoder_input(self, tokens_BxT, h_BxTxD) -> Array:
+    """What the byte decoder reads per byte: the causal encoder's states, or with the intra-word
+    encoder the byte embeddings (it must not read states that saw later bytes of the word)."""
+    return self.embed(tokens_BxT) if self.word_encoder else h_BxTxD
 
   def pool(self, h_BxTxD: Array, gather_BxWxL: Array, project_first: bool | None = None
            ) -> Array:
@@ -117,9 +200,12 @@ class HAT(nnx.Module):
     valid_BxWxL = gather_BxWxL >= 0
     idx_BxWxL = jnp.maximum(gather_BxWxL, 0)
     b, w, l = idx_BxWxL.shape
-    if self.pooling == 'last':
+    if self.pooling in ('last', 'boundary'):
       last_BxW = jnp.maximum(valid_BxWxL.sum(-1) - 1, 0)
       pos_BxW = jnp.take_along_axis(idx_BxWxL, last_BxW[..., None], axis=-1)[..., 0]
+      if self.pooling == 'boundary':  # see the module doc: opening or closing boundary token
+        pos_BxW = (idx_BxWxL[..., 0] if self.word_encoder
+                   else jnp.minimum(pos_BxW + 1, h_BxTxD.shape[1] - 1))
       x_BxWxD = jnp.take_along_axis(h_BxTxD, pos_BxW[..., None], axis=1)
       return self.pool_out(x_BxWxD)
     h, k = self.pool_heads, self.pool_head_dim
@@ -159,12 +245,15 @@ class HAT(nnx.Module):
 
   def __call__(self, batch: dict[str, Array]) -> Array:
     """fp32 next-byte logits [B, T, V] for a packed HAT batch (see data/hat_data.py)."""
-    h_BxTxD, _ = self.encode(batch['inputs'], batch['positions'], batch['segment_ids'])
+    if self.word_encoder:
+      h_BxTxD = self.encode_words(batch['inputs'], batch['positions'], batch['word_ids'])
+    else:
+      h_BxTxD, _ = self.encode(batch['inputs'], batch['positions'], batch['segment_ids'])
     w_BxWxD = self.pool(h_BxTxD, batch['word_gather'])
     out_BxWxD, _ = self.backbone(w_BxWxD, batch['word_positions'], batch['word_segment_ids'])
     c_BxWxD = self.previous_word_context(out_BxWxD, batch['word_segment_ids'])
-    logits, _ = self.decode(h_BxTxD, batch['positions'], batch['segment_ids'], c_BxWxD,
-                            batch['word_ids'])
+    logits, _ = self.decode(self.decoder_input(batch['inputs'], h_BxTxD), batch['positions'],
+                            batch['segment_ids'], c_BxWxD, batch['word_ids'])
     return logits
 
 
@@ -195,7 +284,10 @@ def flops_per_byte(m: ml_collections.ConfigDict, vocab_size: int, seq_len: int,
     backbone per word: 6 * L * (D*H*K + 2*D*G*K + H*K*D + 3*D*F) + 12 * L * H*K * W/2
     decoder cross-attention per word (projected at the word level): 6 * L_dec * (D*De + De*De)
   and the word terms are scaled by W/T word positions per byte position.
-  S(w) is the mean number of keys a query sees: T/2 causal, w*(1 - w/2T) for a window w < T.
+  S(w) is the mean number of keys a query sees: T/2 causal, w*(1 - w/2T) for a window w < T;
+  the intra-word encoder (`encoder_attention='word'`) sees at most the Lw bytes of its word.
+  With `pooling='boundary'` the T positions include the boundary tokens and Lw = the word cap
+  + 1 (`max_word_bytes` here is the gather width).
   """
   de, fb, d = m.byte_d_model, m.byte_mlp_dim, m.d_model
   t, w = seq_len, max_words
@@ -204,7 +296,10 @@ def flops_per_byte(m: ml_collections.ConfigDict, vocab_size: int, seq_len: int,
     return length / 2 if (window <= 0 or window >= length) else window * (1 - window / (2 * length))
 
   lb = m.enc_layers + m.dec_layers
-  byte = 6 * lb * (4 * de * de + 3 * de * fb) + 12 * lb * de * s_eff(m.byte_window, t)
+  s_enc = (max_word_bytes if m.get('encoder_attention', 'causal') == 'word'
+           else s_eff(m.byte_window, t))
+  byte = 6 * lb * (4 * de * de + 3 * de * fb) + 12 * m.enc_layers * de * s_enc
+  byte += 12 * m.dec_layers * de * s_eff(m.byte_window, t)
   byte += 6 * de * vocab_size
   if m.pooling == 'query':
     byte += 6 * 2 * de * de * min(1.0, w * max_word_bytes / t)
@@ -232,32 +327,34 @@ class _Steps:
       return h, cache
 
     @jax.jit
-    def word_step(state, h_all_1xSxD, gather_1x1xL, j, cache):
+    def word_step(state, h_all_1xSxD, ids_1xS, gather_1x1xL, j, cache):
       m = nnx.merge(graphdef, state)
-      w_1x1xD = m.pool(h_all_1xSxD, gather_1x1xL)
+      w_1x1xD = m.pool_finished(h_all_1xSxD, ids_1xS, gather_1x1xL)
       pos = jnp.full((1, 1), j, jnp.int32)
       out, cache = m.backbone(w_1x1xD, pos, jnp.ones((1, 1), jnp.int32), cache, j)
       return out, cache
 
     @jax.jit
-    def dec_step(state, h_1x1xD, t, ctx_1x1xD, cache):
+    def dec_step(state, h_1x1xD, x_1x1, t, ctx_1x1xD, cache):
       m = nnx.merge(graphdef, state)
       pos = jnp.full((1, 1), t, jnp.int32)
-      logits, cache = m.decode(h_1x1xD, pos, jnp.ones((1, 1), jnp.int32), ctx_1x1xD,
-                               jnp.zeros((1, 1), jnp.int32), cache, t)
+      logits, cache = m.decode(m.decoder_input(x_1x1, h_1x1xD), pos, jnp.ones((1, 1), jnp.int32),
+                               ctx_1x1xD, jnp.zeros((1, 1), jnp.int32), cache, t)
       return logits[0, 0], cache
 
     self.enc_step, self.word_step, self.dec_step = enc_step, word_step, dec_step
     self.first_word = model.first_word[...].astype(model.dtype).reshape(1, 1, -1)
-    self.enc_cache = model.encoder.init_cache(1, max_len)
+    self.enc_cache = None if model.word_encoder else model.encoder.init_cache(1, max_len)
     self.bb_cache = model.backbone.init_cache(1, max_len)
     self.dec_cache = model.decoder.init_cache(1, max_len)
 
 
 @jax.jit
-def _pick(logits_V: Array, temperature, top_p, key) -> Array:
-  """One id from a byte head's logits (the padding ids past NUM_IDS never drawn)."""
-  logits_V = jnp.where(jnp.arange(logits_V.shape[0]) < NUM_IDS, logits_V, -jnp.inf)
+def _pick(logits_V: Array, temperature, top_p, key, allowed_V=None) -> Array:
+  """One id from a byte head's logits (the padding ids past NUM_IDS never drawn; `allowed_V`:
+  the ids that may be drawn)."""
+  ok_V = jnp.arange(logits_V.shape[0]) < NUM_IDS if allowed_V is None else allowed_V
+  logits_V = jnp.where(ok_V, logits_V, -jnp.inf)
   return token_lm.sample_logits(logits_V[None], temperature, top_p, key)[0]
 
 
@@ -279,6 +376,9 @@ def generate(model: HAT, prompt_ids: list[int], splitter: words.Splitter, max_ne
   byte (tests/test_hat.py). Returns the new ids, up to and including `stop_id`. `forced`: ids
   emitted first, through the loop (teacher forcing; device path only), then sampling goes on.
   """
+  if (model.boundary_id is not None) != isinstance(splitter, hat_data.BoundaryWords):
+    raise ValueError('a HAT with word-boundary tokens generates with hat_data.BoundaryWords '
+                     '(and without them with a text splitter)')
   if not 0 < splitter.word_cap <= max_word_bytes:
     raise ValueError(f'{splitter!r}: generation needs a word cap in [1, max_word_bytes='
                      f'{max_word_bytes}] (every word must fit the pooling width)')
@@ -309,8 +409,39 @@ def generate(model: HAT, prompt_ids: list[int], splitter: words.Splitter, max_ne
   return np.asarray(out)[:int(n)].tolist()
 
 
+def incomplete_tail(ids) -> int:
+  """Where a trailing incomplete UTF-8 character of ByteEncoder ids begins (its lead byte's
+  index; len(ids) when the ids end on a character boundary, a special or an invalid byte)."""
+  n = len(ids)
+  for k in range(1, min(4, n) + 1):
+    b = int(ids[n - k]) - BYTE_OFFSET
+    if not 0 <= b < 256:
+      return n
+    if 0x80 <= b < 0xC0:  # a continuation byte: look further back for the lead byte
+      continue
+    return n - k if words._NEED_LIST[b] > k else n  # pylint: disable=protected-access
+  return n
+
+
 def host_word_starts(splitter: words.Splitter, max_word_bytes: int, ids) -> list[int]:
-  """Word start offsets of one sequence of ByteEncoder ids (specials are words of their own)."""
+  """Word start offsets of one sequence of ByteEncoder ids (specials are words of their own);
+  with `hat_data.BoundaryWords`, at the boundary tokens.
+
+  A splitter that only the host can run (`device_split=False`: unicode, a per-character state
+  machine) is causal on character boundaries only: split alone, the bytes of an unfinished
+  character are invalid UTF-8, words of their own. So while the ids end inside a character,
+  its bytes join the last word (or start one after a special) until it is complete, and byte
+  by byte (generation, the byte-level view) the completed words never change. (The byte-
+  pattern splitters decide byte by byte already, caps included, as on the device.)"""
+  if isinstance(splitter, hat_data.BoundaryWords):
+    return splitter.host_starts(ids)
+  if not splitter.device_split:
+    cut = incomplete_tail(ids)
+    if cut < len(ids):
+      starts = host_word_starts(splitter, max_word_bytes, ids[:cut]) if cut else []
+      if not starts or int(ids[cut - 1]) < BYTE_OFFSET:
+        starts.append(cut)
+      return starts
   ids = np.asarray(ids, np.int32)
   layout = words.batch_words(ids, np.ones_like(ids), splitter, len(ids) or 1, max_word_bytes)
   return layout['word_start'][:int(layout['num_words'])].tolist()
@@ -332,10 +463,15 @@ def _generate_device(graphdef, state, prompt_1xP, forced_N, starts_W, word_ids_1
     return jnp.where(slots_L < (b - a)[..., None], a[..., None] + slots_L, -1)
 
   # prefill: encoder over the prompt, backbone over its complete words, decoder over its bytes
-  enc_c = model.encoder.init_cache(1, size)
+  word_enc = model.word_encoder
+  enc_c = None if word_enc else model.encoder.init_cache(1, size)
   bb_c = model.backbone.init_cache(1, size)
   dec_c = model.decoder.init_cache(1, size)
-  h_1xPxD, enc_c = model.encode(prompt_1xP, jnp.arange(p)[None], ones(p), enc_c, 0)
+  if word_enc:  # complete words only: the last word's states would change as it grows
+    complete_ids = jnp.where(word_ids_1xP < n_words - 1, word_ids_1xP, -1)
+    h_1xPxD = model.encode_words(prompt_1xP, jnp.arange(p)[None], complete_ids)
+  else:
+    h_1xPxD, enc_c = model.encode(prompt_1xP, jnp.arange(p)[None], ones(p), enc_c, 0)
   h_1xSxD = jnp.zeros((1, size, h_1xPxD.shape[-1]), h_1xPxD.dtype).at[:, :p].set(h_1xPxD)
   complete_P = jnp.arange(p) < n_words - 1  # slots past them hold garbage, overwritten later
   gather_1xPxL = jnp.where(complete_P[:, None], word_gather(starts_W[:p], starts_W[1:p + 1]),
@@ -345,7 +481,8 @@ def _generate_device(graphdef, state, prompt_1xP, forced_N, starts_W, word_ids_1
   first_D = model.first_word[...].astype(out_1xPxD.dtype)
   ctx_WxD = jnp.zeros((size + 1, first_D.shape[0]), out_1xPxD.dtype)
   ctx_WxD = ctx_WxD.at[0].set(first_D).at[1:p + 1].set(out_1xPxD[0])  # ctx[j]: out of word j-1
-  logits_1xPxV, dec_c = model.decode(h_1xPxD, jnp.arange(p)[None], ones(p), ctx_WxD[None],
+  logits_1xPxV, dec_c = model.decode(model.decoder_input(prompt_1xP, h_1xPxD),
+                                     jnp.arange(p)[None], ones(p), ctx_WxD[None],
                                      word_ids_1xP, dec_c, 0)
 
   def cond(c):
@@ -356,19 +493,21 @@ def _generate_device(graphdef, state, prompt_1xP, forced_N, starts_W, word_ids_1
     i, ids_S, h_1xSxD, ctx_WxD, starts_W, n, enc_c, bb_c, dec_c, logits_V, rng, out_N, _ = c
     t = p + i
     rng, key = jax.random.split(rng)
-    logits_V = jnp.where(jnp.arange(logits_V.shape[0]) < NUM_IDS, logits_V, -jnp.inf)
+    allowed_V = model.allowed_ids(ids_S, t, starts_W[n - 1], splitter.word_cap - 1)
+    logits_V = jnp.where(allowed_V, logits_V, -jnp.inf)
     x = token_lm.sample_logits(logits_V[None], temperature, top_p, key)[0]
     x = jnp.where(forced_N[i] >= 0, forced_N[i], x)
     ids_S = ids_S.at[t].set(x)
-    h_1x1xD, enc_c = model.encode(at(x), at(t), ones(1), enc_c, t)
-    h_1xSxD = jax.lax.dynamic_update_slice(h_1xSxD, h_1x1xD, (0, t, 0))
+    if not word_enc:
+      h_1x1xD, enc_c = model.encode(at(x), at(t), ones(1), enc_c, t)
+      h_1xSxD = jax.lax.dynamic_update_slice(h_1xSxD, h_1x1xD, (0, t, 0))
     s = splitter.device_new_start(ids_S, t, starts_W[n - 1], BYTE_OFFSET)
 
     def finish_word(args):  # the word [starts[n-1], s) is complete: one backbone step
       ctx_WxD, starts_W, n, bb_c = args
       gather_1x1xL = word_gather(starts_W[n - 1], s)[None, None]
-      out_1x1xD, bb_c = model.backbone(model.pool(h_1xSxD, gather_1x1xL), at(n - 1), ones(1),
-                                       bb_c, n - 1)
+      w_1x1xD = model.pool_finished(h_1xSxD, ids_S[None], gather_1x1xL)
+      out_1x1xD, bb_c = model.backbone(w_1x1xD, at(n - 1), ones(1), bb_c, n - 1)
       return ctx_WxD.at[n].set(out_1x1xD[0, 0]), starts_W.at[n].set(s), n + 1, bb_c
 
     ctx_WxD, starts_W, n, bb_c = jax.lax.cond(s >= 0, finish_word, lambda a: a,
@@ -377,7 +516,8 @@ def _generate_device(graphdef, state, prompt_1xP, forced_N, starts_W, word_ids_1
 
     def decode_at(q, c):  # bytes [rerun, t] all lie in the current word
       dec_c, _ = c
-      h_q = jax.lax.dynamic_slice_in_dim(h_1xSxD, q, 1, axis=1)
+      h_q = model.decoder_input(jax.lax.dynamic_slice_in_dim(ids_S, q, 1)[None],
+                                jax.lax.dynamic_slice_in_dim(h_1xSxD, q, 1, axis=1))
       logits_1x1xV, dec_c = model.decode(h_q, at(q), ones(1), ctx_1x1xD,
                                          jnp.zeros((1, 1), jnp.int32), dec_c, q)
       return dec_c, logits_1x1xV[0, 0]
@@ -414,7 +554,9 @@ def _generate_host(model: HAT, prompt_ids: list[int], split_ids, max_new: int,
     starts = starts_done + [current_start()]
     for t in range(t0, len(ids)):
       j = int(np.searchsorted(starts, t, side='right') - 1)
-      logits, s.dec_cache = s.dec_step(s.state, h_all[:, t:t + 1], t, contexts[j], s.dec_cache)
+      logits, s.dec_cache = s.dec_step(s.state, h_all[:, t:t + 1],
+                                       jnp.full((1, 1), ids[t], jnp.int32), t, contexts[j],
+                                       s.dec_cache)
 
   word_starts = [0]
 
@@ -432,7 +574,9 @@ def _generate_host(model: HAT, prompt_ids: list[int], split_ids, max_new: int,
         raise ValueError(f'a {b - a}-byte word exceeds max_word_bytes={max_word_bytes}')
       gather = np.full((1, 1, max_word_bytes), -1, np.int32)
       gather[0, 0, :b - a] = np.arange(a, b)
-      out, s.bb_cache = s.word_step(s.state, h_all, gather, j, s.bb_cache)
+      ids_1xS = np.zeros((1, max_len), np.int32)
+      ids_1xS[0, :len(ids)] = ids
+      out, s.bb_cache = s.word_step(s.state, h_all, ids_1xS, gather, j, s.bb_cache)
       contexts.append(out)
       starts_done.append(a)
       rerun = b if rerun is None else min(rerun, b)
@@ -441,6 +585,8 @@ def _generate_host(model: HAT, prompt_ids: list[int], split_ids, max_new: int,
 
   # prefill: encoder over the prompt, backbone over its complete words, decoder over all bytes
   for t, x in enumerate(ids):
+    if model.word_encoder:
+      break
     h, s.enc_cache = s.enc_step(s.state, jnp.full((1, 1), x, jnp.int32), t, s.enc_cache)
     h_all = h_all.at[:, t].set(h[:, 0])
   _check_prefix(word_starts, starts := list(split_ids(ids)))
@@ -451,8 +597,9 @@ def _generate_host(model: HAT, prompt_ids: list[int], split_ids, max_new: int,
     x = int(_pick(jnp.reshape(logits, (-1,)), jnp.float32(temperature), jnp.float32(top_p), sub))
     t = len(ids)
     ids.append(x)
-    h, s.enc_cache = s.enc_step(s.state, jnp.full((1, 1), x, jnp.int32), t, s.enc_cache)
-    h_all = h_all.at[:, t].set(h[:, 0])
+    if not model.word_encoder:
+      h, s.enc_cache = s.enc_step(s.state, jnp.full((1, 1), x, jnp.int32), t, s.enc_cache)
+      h_all = h_all.at[:, t].set(h[:, 0])
     starts = list(split_ids(ids))
     _check_prefix(starts_done, starts)
     rerun = advance(starts)
@@ -477,8 +624,13 @@ def generate_uncached(model: HAT, prompt_ids: list[int], splitter: words.Splitte
   size = len(ids) + max_new
   fwd = nnx.jit(lambda m, b, t: m(b)[0, t])
   for _ in range(max_new):
-    batch = single_row_batch(ids, split_ids(ids), max_word_bytes, size)
-    ids.append(int(jnp.argmax(fwd(model, batch, len(ids) - 1)[:NUM_IDS])))
+    starts = split_ids(ids)
+    batch = single_row_batch(ids, starts, max_word_bytes, size)
+    ids_S = np.zeros(size, np.int32)
+    ids_S[:len(ids)] = ids
+    ok = model.allowed_ids(jnp.asarray(ids_S), len(ids), starts[-1], splitter.word_cap - 1)
+    logits = jnp.where(ok, fwd(model, batch, len(ids) - 1), -jnp.inf)
+    ids.append(int(jnp.argmax(logits)))
   return ids[len(prompt_ids):]
 
 
@@ -491,8 +643,10 @@ def single_row_batch(ids: list[int], starts: list[int], max_word_bytes: int,
   gather = np.full((1, size, max_word_bytes), -1, np.int32)
   word_ids = np.full((1, size), -1, np.int32)
   for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    if j == len(starts) - 1:  # the current word may hold an unfinished character past the
+      b = min(b, a + max_word_bytes)  # cap (host_word_starts); no position reads its vector
     gather[0, j, :b - a] = np.arange(a, b)
-    word_ids[0, a:b] = j
+    word_ids[0, a:bounds[j + 1]] = j
   inputs = np.zeros((1, size), np.int32)
   inputs[0, :t] = ids
   seg = (np.arange(size) < t).astype(np.int32)[None]

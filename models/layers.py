@@ -541,12 +541,17 @@ class Attention(nnx.Module):
   with `window > 0`, i - j < window. Indices are positions in the row (cache slots when
   decoding); the `positions` input only feeds RoPE. `attention_impl`: a kernel name or an
   `AttentionConfig` (see `attend`).
+
+  `causal=False` (a bidirectional encoder, e.g. HAT's intra-word encoder, whose segment ids are
+  word ids): query i attends to every key j of its segment with |i - j| < window (window > 0),
+  earlier and later alike. Uncached calls only (`bidirectional_attention`).
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                rope_base: float = 1e4, window: int = 0, dtype: Any = jnp.float32,
                attention_impl: str | AttentionConfig | None = None, init_std: float = 0.02,
-               out_init_std: float | None = None, rngs: nnx.Rngs):
+               out_init_std: float | None = None, causal: bool = True,
+               rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f'num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}')
     if head_dim % 2:
@@ -559,6 +564,7 @@ class Attention(nnx.Module):
     self.window = int(window)
     self.dtype = dtype
     self.attention = _as_attention_config(attention_impl)
+    self.causal = bool(causal)
     self.q = nnx.Param(_normal(rngs, (d_model, num_heads, head_dim), init_std),
                        out_sharding=('embed', 'heads', 'head_dim'))
     self.k = nnx.Param(_normal(rngs, (d_model, num_kv_heads, head_dim), init_std),
@@ -586,7 +592,11 @@ class Attention(nnx.Module):
     q_BxTxHxK, k_BxTxGxK = self._qk(x_BxTxD, positions_BxT)
     v_BxTxGxK = jnp.einsum('btd,dgk->btgk', x_BxTxD, self.v[...].astype(dt))
 
-    if cache is None:
+    if cache is None and not self.causal:
+      out_BxTxHxK = bidirectional_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT,
+                                            self.window)
+      new_cache = None
+    elif cache is None:
       out_BxTxHxK = attend(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT,
                            window=self.window, config=self.attention)
       new_cache = None
@@ -595,6 +605,8 @@ class Attention(nnx.Module):
                                          self.window)
       new_cache = cache
     else:
+      if not self.causal:
+        raise ValueError('a bidirectional attention layer has no KV cache (decode whole blocks)')
       b, t = x_BxTxD.shape[:2]
       s = cache['k'].shape[1]
       idx = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
@@ -640,11 +652,29 @@ class Attention(nnx.Module):
                            preferred_element_type=jnp.float32) * self.head_dim ** -0.5
     t = x_BxTxD.shape[1]
     diff_TxT = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
+    if not self.causal:
+      diff_TxT = jnp.abs(diff_TxT)
     allowed = (diff_TxT >= 0) & ((diff_TxT < self.window) if self.window > 0 else True)
     allowed_Bx1xTxT = jnp.broadcast_to(allowed, (x_BxTxD.shape[0], 1, t, t))
     if segment_ids_BxT is not None:
       allowed_Bx1xTxT &= segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
     return jax.nn.softmax(jnp.where(allowed_Bx1xTxT, s_BxHxTxT, -jnp.inf), axis=-1)
+
+
+def bidirectional_attention(q_BxTxHxK: Array, k_BxTxGxK: Array, v_BxTxGxK: Array,
+                            segment_ids_BxT: Array | None, window: int = 0) -> Array:
+  """Non-causal attention: every query sees the keys of its segment (all keys without segment
+  ids) within `window` positions either side (0: no window). Portable XLA path with a dense
+  [B, 1, T, T] mask (the segment-mask cost of the causal layers)."""
+  t = q_BxTxHxK.shape[1]
+  mask = None
+  if segment_ids_BxT is not None:
+    mask = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
+  if window > 0:
+    near_TxT = jnp.abs(jnp.arange(t)[:, None] - jnp.arange(t)[None, :]) < window
+    mask = near_TxT[None, None] if mask is None else mask & near_TxT[None, None]
+  return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask=mask,
+                                      is_causal=False)
 
 
 class Block(nnx.Module):
@@ -660,11 +690,13 @@ class Block(nnx.Module):
                mlp_dim: int, *, rope_base: float = 1e4, window: int = 0,
                dtype: Any = jnp.float32, attention_impl: str | AttentionConfig | None = None,
                init_std: float = 0.02, out_init_std: float | None = None,
-               context_dim: int = 0, norm_eps: float = 1e-6, rngs: nnx.Rngs):
+               context_dim: int = 0, norm_eps: float = 1e-6, causal: bool = True,
+               rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(d_model, eps=norm_eps, dtype=dtype)
     self.attn = Attention(d_model, num_heads, num_kv_heads, head_dim, rope_base=rope_base,
                           window=window, dtype=dtype, attention_impl=attention_impl,
-                          init_std=init_std, out_init_std=out_init_std, rngs=rngs)
+                          init_std=init_std, out_init_std=out_init_std, causal=causal,
+                          rngs=rngs)
     if context_dim:
       self.cross_v = Dense(context_dim, num_heads * head_dim, axes=('embed', 'heads'),
                            dtype=dtype, init_std=init_std, rngs=rngs)

@@ -89,6 +89,7 @@ from models.transformer import Transformer
 
 Array = jax.Array
 TABLES = ('shared', 'independent', 'permuted_learned')
+EMBEDDINGS = ('lexinvariant', 'interchangeable')
 VOCABS = ('all', 'train')
 MAX_INDEPENDENT_ELEMENTS = 1 << 26  # B * V * D for table='independent' (256 MiB fp32)
 
@@ -106,6 +107,11 @@ def default_lexinv_config() -> ml_collections.ConfigDict:
   c.vocab = 'all'             # 'all' real ids are lexical | 'train': only ids seen in training
   c.vocab_min_freq = 0.0      # 'train': ids with a lower training frequency are not lexical
   c.vocab_max_chars = 64_000_000  # 'train': characters of the training split counted
+  # 'lexinvariant' (this module's model) | 'interchangeable' (InterchangeableLM below: learned
+  # embeddings, except a dual one for the tokens of `interchangeable`)
+  c.embedding = 'lexinvariant'
+  c.interchangeable = ''      # characters (one token each) that are interchangeable, e.g. 'abcdefghijklmnop'
+  c.d_random = 32             # width of the per-sequence random part of their embedding
   return c
 
 
@@ -441,3 +447,171 @@ def flops_per_token(cfg_model, vocab_size: int, seq_len: int, two_readouts: bool
   partial lexinvariance with a Gaussian table computes a second readout."""
   f = token_lm.flops_per_token(cfg_model, vocab_size, seq_len)
   return f + (6 * cfg_model.d_model * vocab_size if two_readouts else 0.0)
+
+
+# -- interchangeable token embeddings ------------------------------------------------------------
+class InterchangeableLM(LexinvariantLM):
+  """Interchangeable token embeddings (Isik et al., "Interchangeable Token Embeddings for
+  Extendable Vocabulary and Alpha-Equivalence", ICML 2025; necrashter/interchangeable-token-
+  embeddings): a standard LM except for a designated set I of interchangeable tokens (e.g. the
+  letters a-p), whose embedding is *dual*:
+
+      e(v) = [ n(W_v) ; 0 ]                          v not in I: a learned row, as in a standard LM
+      e(v) = [ n(s)   ; n(r_b,v) ] / sqrt(2)         v in I: a shared learned part s (the same for
+                                                     every token of I: "this is an interchangeable
+                                                     token") and a random part r_b,v ~ N(0, I)
+                                                     drawn per sequence b (which one it is)
+
+  n() is L2 normalisation (the paper's 'l2' base / random-part / final normalisations: each
+  part has norm 1, the concatenation norm sqrt(2), rescaled to 1). The base part has
+  d - `lexinv.d_random` dimensions, the random part `lexinv.d_random`. The readout is tied to
+  the same per-sequence rows: logit_v = readout_scale * h . e(v) (readout_scale a learned
+  temperature, initialised 1/sqrt(d) so the unit-norm rows start with logits of order 1); the
+  input is embed_scale * e(v) (a learned scalar, the paper's 'learnable' embedding scale).
+
+  Within a sequence the tokens of I are told apart only by their random parts, so the model is
+  invariant to permutations of I (tests/test_lexinvariant.py) and can only use them through
+  the context (copy, look up); every other token keeps a learned meaning. Because nothing is
+  learned per token of I, the set can grow after training: `extended(ids)` adds tokens never
+  seen in training, which get the shared part and fresh random parts (the paper's extendable
+  vocabulary; the unseen-symbol evaluation in train/evals/lexinv.py). The same parameters serve
+  any set. The rows of W for tokens of I are never read.
+
+  Compared with the lexinvariant model (every token random, one learned bias): the learned
+  rows keep token meaning where it is useful, and s enters the readout, so "a token of I comes
+  next" is a learned logit and "which one" a match against the context's random parts.
+  `draw(rng, B)` gives {'rand': [B, K, d_random]} from (rng, row) like LexinvariantLM.draw;
+  the interface (hidden, token_nll, token_logits, __call__, generation, byte-level views) is
+  LexinvariantLM's.
+  """
+
+  def __init__(self, cfg_model: ml_collections.ConfigDict, cfg_lexinv: ml_collections.ConfigDict,
+               vocab_size: int, n_real: int | None = None, dtype: Any = jnp.float32, *,
+               interchangeable_ids=(), special_ids: tuple[int, ...] = (), rngs: nnx.Rngs):
+    # pylint: disable=super-init-not-called  # its own parameters; LexinvariantLM's interface
+    self.vocab_size = int(vocab_size)
+    self.n_real = int(vocab_size if n_real is None else n_real)
+    ids = np.unique(np.asarray(interchangeable_ids, np.int64).reshape(-1))
+    if ids.size == 0:
+      raise ValueError("lexinv.interchangeable is empty: lexinv.embedding='interchangeable' "
+                       "needs at least one interchangeable token (e.g. 'abcdefghijklmnop')")
+    if ids.min() < 0 or ids.max() >= self.n_real:
+      raise ValueError(f'lexinv.interchangeable: token ids {ids.tolist()} must lie in '
+                       f'[0, {self.n_real})')
+    specials = {int(i) for i in special_ids}
+    if specials & set(ids.tolist()):
+      raise ValueError(f'lexinv.interchangeable: the special ids {sorted(specials)} (pad, bos, '
+                       'eos) are markers and cannot be interchangeable')
+    if set(range(self.n_real)) - specials <= set(ids.tolist()):
+      raise ValueError(f'lexinv.interchangeable covers every token ({self.n_real - len(specials)}'
+                       ' ids besides pad/bos/eos): nothing would keep a learned meaning; that is '
+                       "the lexinvariant model (lexinv.embedding='lexinvariant')")
+    d = int(cfg_model.d_model)
+    dr = int(cfg_lexinv.get('d_random', 32))
+    if not 0 < dr < d:
+      raise ValueError(f'lexinv.d_random={dr} must lie in [1, model.d_model - 1 = {d - 1}]')
+    self.dtype, self.d_model, self.d_random = dtype, d, dr
+    self.ce_chunk = int(cfg_model.ce_chunk)
+    self.p, self.table = 1.0, 'interchangeable'
+    self.inter_ids = tuple(int(i) for i in ids)
+    self.special_ids = tuple(sorted(specials))
+    self.transformer = Transformer(
+        cfg_model.num_layers, d, cfg_model.num_heads, cfg_model.num_kv_heads,
+        cfg_model.head_dim, cfg_model.mlp_dim, rope_base=cfg_model.rope_base,
+        window=cfg_model.window, dtype=dtype, remat=cfg_model.remat,
+        attention_impl=cfg_model.attention_impl, init_std=cfg_model.init_std, rngs=rngs)
+    self.embed = Embed(vocab_size, d - dr, dtype=dtype, init_std=cfg_model.init_std, rngs=rngs)
+    self.shared = nnx.Param(jax.random.normal(rngs.params(), (d - dr,), jnp.float32),
+                            out_sharding=(None,))
+    self.embed_scale = nnx.Param(jnp.ones((), jnp.float32), out_sharding=())
+    self.readout_scale = nnx.Param(jnp.full((), d ** -0.5, jnp.float32), out_sharding=())
+
+  @property
+  def gaussian(self) -> bool:
+    return False
+
+  def extended(self, extra_ids) -> 'InterchangeableLM':
+    """The same model (shared parameters) with `extra_ids` added to the interchangeable set."""
+    new = nnx.clone(self)
+    new.inter_ids = tuple(sorted(set(self.inter_ids) | {int(i) for i in extra_ids}))
+    if set(range(self.n_real)) - set(self.special_ids) <= set(new.inter_ids):
+      raise ValueError('the extended interchangeable set covers every token')
+    return new
+
+  def _index(self) -> np.ndarray:
+    """int32 [V]: position of each id in the interchangeable set, -1 for the others."""
+    k = np.full((self.vocab_size,), -1, np.int32)
+    k[list(self.inter_ids)] = np.arange(len(self.inter_ids), dtype=np.int32)
+    return k
+
+  def draw(self, rng: Array, batch: int) -> dict[str, Array]:
+    rows = jnp.arange(batch, dtype=jnp.uint32)
+    keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.fold_in(rng, _TABLE), b))(rows)
+    r = jax.vmap(lambda k: jax.random.normal(k, (len(self.inter_ids), self.d_random)))(keys)
+    return {'rand': r}
+
+  def fixed_draw(self, rand_BxKxR: Array) -> dict[str, Array]:
+    """A draw with explicit random parts (row k of sequence b: token inter_ids[k])."""
+    return {'rand': rand_BxKxR}
+
+  def _parts(self, draw):
+    """(n(W) [V, d-r], n(s) [d-r], n(r) [B, K, r]) in fp32."""
+    n = lambda x: x * jax.lax.rsqrt(jnp.sum(jnp.square(x), -1, keepdims=True) + 1e-12)
+    return (n(self.embed.embedding[...]), n(self.shared[...]),
+            n(draw['rand'].astype(jnp.float32)))
+
+  def _rows(self, draw, ids_BxT: Array) -> Array:
+    """e_b(ids) (fp32 [B, T, D])."""
+    w, s, r = self._parts(draw)
+    k_BxT = jnp.asarray(self._index())[ids_BxT]
+    base = jnp.take(w, ids_BxT, axis=0)
+    rnd = jnp.take_along_axis(r, jnp.maximum(k_BxT, 0)[..., None], axis=1)
+    inter = (k_BxT >= 0)[..., None]
+    base = jnp.where(inter, jnp.broadcast_to(s, base.shape) * 2 ** -0.5, base)
+    rnd = jnp.where(inter, rnd * 2 ** -0.5, 0.0)
+    return jnp.concatenate([base, rnd], axis=-1)
+
+  def embed_tokens(self, ids_BxT: Array, draw: dict[str, Array]) -> Array:
+    return (self._rows(draw, ids_BxT) * self.embed_scale[...]).astype(self.dtype)
+
+  def token_logits(self, h_BxTxD: Array, draw: dict[str, Array]) -> Array:
+    """fp32 logits [B, T, V]; ids >= n_real get -inf."""
+    w, s, r = self._parts(draw)
+    dt = self.dtype
+    hb, hr = h_BxTxD[..., :self.d_model - self.d_random], h_BxTxD[..., self.d_model - self.d_random:]
+    base = jnp.einsum('btd,vd->btv', hb.astype(dt), w.astype(dt),
+                      preferred_element_type=jnp.float32)
+    inter = (jnp.einsum('btd,d->bt', hb.astype(dt), s.astype(dt),
+                        preferred_element_type=jnp.float32)[..., None]
+             + jnp.einsum('btr,bkr->btk', hr.astype(dt), r.astype(dt),
+                          preferred_element_type=jnp.float32)) * 2 ** -0.5
+    k_V = jnp.asarray(self._index())
+    inter_V = jnp.take(inter, jnp.maximum(k_V, 0), axis=2)
+    logits = jnp.where(k_V >= 0, inter_V, base) * self.readout_scale[...]
+    return jnp.where(jnp.arange(self.vocab_size) < self.n_real, logits, -jnp.inf)
+
+  def token_nll(self, h_BxTxD: Array, targets_BxT: Array, draw: dict[str, Array]) -> Array:
+    """Per-token NLL [B, T] (fp32), chunked along the sequence with `model.ce_chunk`."""
+    t = h_BxTxD.shape[1]
+    c = self.ce_chunk if 0 < self.ce_chunk < t else t
+    pad = (-t) % c
+    n = (t + pad) // c
+    h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
+    y = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+    b, d = h.shape[0], h.shape[2]
+
+    def nll(h_BxCxD, y_BxC):
+      logits = self.token_logits(h_BxCxD, draw)
+      tgt = jnp.take_along_axis(logits, y_BxC[..., None], axis=-1)[..., 0]
+      return jax.nn.logsumexp(logits, axis=-1) - tgt
+
+    if n == 1:
+      return nll(h, y)[:, :t]
+    h_N = h.reshape(b, n, c, d).transpose(1, 0, 2, 3)
+    y_N = y.reshape(b, n, c).transpose(1, 0, 2)
+    _, out = jax.lax.scan(lambda carry, xs: (carry, jax.checkpoint(nll)(*xs)), None, (h_N, y_N))
+    return out.transpose(1, 0, 2).reshape(b, n * c)[:, :t]
+
+  def lexical_ids(self) -> np.ndarray:
+    """The ids a cipher may permute: the interchangeable set."""
+    return np.asarray(self.inter_ids, np.int32)

@@ -41,7 +41,30 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.scan_layers = False    # lax.scan over the stacked layers (compile time flat in depth)
   layers.attention_config_keys(c)  # attention_impl: 'auto' | xla | blocked | cudnn | splash
   c.init_std = 0.02
+  # input embeddings: 'learned' | 'glyph' (frozen, from rendered glyphs: models/glyphs.py;
+  # needs tie_embeddings=False, the readout stays learned)
+  c.input_embedding = 'learned'
+  c.glyph_font = ''        # '' = DejaVu Sans from matplotlib; or a .ttf / .otf path
+  c.glyph_size = 16        # pixels per character cell
+  c.glyph_chars = 8        # cells per token bitmap (longer tokens are squeezed into them)
+  c.glyph_seed = 0         # the fallback vectors of tokens without a renderable text
   return c
+
+
+INPUT_EMBEDDINGS = ('learned', 'glyph')
+
+
+class FrozenEmbed(nnx.Module):
+  """A fixed input table [V, D]: an `nnx.Variable`, not a Param, so the trainer never trains
+  it (its values come from the family's `frozen_params`, e.g. models/glyphs.glyph_table)."""
+
+  def __init__(self, num_embeddings: int, features: int, *, dtype: Any = jnp.float32):
+    self.dtype = dtype
+    self.embedding = nnx.Variable(jnp.zeros((num_embeddings, features), jnp.float32),
+                                  out_sharding=('vocab', 'embed'))
+
+  def __call__(self, ids_BxT: Array) -> Array:
+    return jnp.take(self.embedding[...], ids_BxT, axis=0).astype(self.dtype)
 
 
 def _readout(h_BxTxD: Array, w: Array, tied: bool, dtype: Any) -> Array:
@@ -60,8 +83,17 @@ class TokenLM(nnx.Module):
     self.dtype = dtype
     self.tie_embeddings = bool(cfg_model.tie_embeddings)
     self.ce_chunk = int(cfg_model.ce_chunk)
-    self.embed = Embed(vocab_size, cfg_model.d_model, dtype=dtype, init_std=cfg_model.init_std,
-                       rngs=rngs)
+    kind = cfg_model.get('input_embedding', 'learned')
+    if kind not in INPUT_EMBEDDINGS:
+      raise ValueError(f'model.input_embedding={kind!r}: expected one of {INPUT_EMBEDDINGS}')
+    if kind == 'glyph':
+      if self.tie_embeddings:
+        raise ValueError("model.input_embedding='glyph' needs model.tie_embeddings=False: the "
+                         'frozen glyph table cannot also be the trained readout')
+      self.embed = FrozenEmbed(vocab_size, cfg_model.d_model, dtype=dtype)
+    else:
+      self.embed = Embed(vocab_size, cfg_model.d_model, dtype=dtype, init_std=cfg_model.init_std,
+                         rngs=rngs)
     self.transformer = Transformer(
         cfg_model.num_layers, cfg_model.d_model, cfg_model.num_heads, cfg_model.num_kv_heads,
         cfg_model.head_dim, cfg_model.mlp_dim, rope_base=cfg_model.rope_base,

@@ -90,6 +90,7 @@ class Transformer(nnx.Module):
 
   Output projections (attention o, MLP down) are initialised with
   init_std / sqrt(2 * num_layers) (GPT-2 style); everything else with init_std.
+  `causal=False`: bidirectional self-attention within segments (see `Attention`).
   """
 
   def __init__(self, num_layers: int, d_model: int, num_heads: int, num_kv_heads: int,
@@ -97,6 +98,7 @@ class Transformer(nnx.Module):
                dtype: Any = jnp.float32, remat: bool | str | None = False,
                attention_impl: Any = None, init_std: float = 0.02,
                context_dim: int = 0, norm_eps: float = 1e-6, scan_layers: bool = False,
+               causal: bool = True,
                rngs: nnx.Rngs):
     if num_layers < 1:
       raise ValueError(f'num_layers={num_layers}: a stack needs at least one layer')
@@ -111,7 +113,8 @@ class Transformer(nnx.Module):
     blocks = [
         block(d_model, num_heads, num_kv_heads, head_dim, mlp_dim, rope_base=rope_base,
               window=window, dtype=dtype, attention_impl=attention_impl, init_std=init_std,
-              out_init_std=out_init_std, context_dim=context_dim, norm_eps=norm_eps, rngs=rngs)
+              out_init_std=out_init_std, context_dim=context_dim, norm_eps=norm_eps,
+              causal=causal, rngs=rngs)
         for _ in range(num_layers)]
     self.layers = stack_blocks(blocks) if self.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(d_model, eps=norm_eps, dtype=dtype)

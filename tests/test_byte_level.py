@@ -240,11 +240,17 @@ def test_lexinvariant_view_keeps_one_draw():
                          view.score(text))
 
 
-def test_hat_view_matches_forward_and_generation():
+def _tiny_hat(**kw):
   m = hat.default_model_config()
   m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 32, 2, 2, 16, 64
   m.byte_d_model, m.byte_heads, m.byte_mlp_dim, m.byte_window, m.init_std = 32, 2, 64, 8, 0.3
-  model = hat.HAT(m, 384, rngs=nnx.Rngs(3))
+  m.update(kw)
+  return hat.HAT(m, 384, rngs=nnx.Rngs(3))
+
+
+@pytest.mark.parametrize('attention', ['causal', 'word'])
+def test_hat_view_matches_forward_and_generation(attention):
+  model = _tiny_hat(encoder_attention=attention)
   splitter = words.get_splitter('whitespace', 8)
   view = bl.byte_view(model, splitter=splitter, max_word_bytes=8)
   text = b'def f(x): return x'
@@ -256,6 +262,39 @@ def test_hat_view_matches_forward_and_generation():
   np.testing.assert_allclose(score[-1], want[-1, -1], atol=1e-4)
   out = bl.sample(view, text[:9], max_bytes=3)  # greedy: the argmax of the forward's rows
   assert out[:1] == bytes([int(np.argmax(want[9]))])
+
+
+def test_hat_view_of_multibyte_text_with_the_unicode_splitter():
+  """The unicode splitter decides on characters: the view goes through the bytes of every
+  character (here ’ inside a word, é, an emoji) without a completed word changing, and gives
+  normalized distributions."""
+  model = _tiny_hat()
+  view = bl.byte_view(model, splitter=words.get_splitter('unicode', 8), max_word_bytes=8)
+  d = view.distributions('a clause\u2019s \u00e9t\u00e9 \U0001F600.'.encode())
+  np.testing.assert_allclose(np.exp(d.astype(np.float64)).sum(-1), 1.0, atol=1e-4)
+
+
+def test_hat_boundary_view_sums_the_stream():
+  """HAT with word-boundary tokens (and the intra-word encoder): along a text, the view's
+  next-byte log-probs before renormalization (a byte that starts a word counts its boundary
+  token too) sum to the forward's log-probability of the text's stream and its end; the
+  renormalized distributions sum to 1."""
+  from data import hat_data  # pylint: disable=import-outside-toplevel
+  model = _tiny_hat(pooling='boundary', encoder_attention='word')
+  splitter = words.get_splitter('ascii_whitespace', 8)
+  view = bl.byte_view(model, splitter=splitter, max_word_bytes=8)
+  text = b'def f(x):  return x'
+  stream = [1] + hat_data.BoundaryByteEncoder(splitter, 259).encode(text.decode()).tolist() + [2]
+  batch = hat.single_row_batch(stream[:-1], hat_data.boundary_word_starts(stream[:-1], 259), 9)
+  lp = np.asarray(jax.nn.log_softmax(nnx.jit(lambda m, b: m(b)[0])(model, batch), axis=-1))
+  want = sum(lp[i, stream[i + 1]] for i in range(len(stream) - 1))
+  st, got = view.start(b''), 0.0
+  for b in text:
+    got += view.outcome_logprobs(st)[b]
+    np.testing.assert_allclose(np.exp(view.next_byte_logprobs(st)).sum(), 1.0, atol=1e-5)
+    st = view.advance(st, b)
+  got += view.outcome_logprobs(st)[bl.END]
+  np.testing.assert_allclose(got, want, atol=1e-3)
 
 
 def test_ensembles_normalize_and_fit(view, fn):

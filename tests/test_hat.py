@@ -3,6 +3,7 @@ uncached greedy decoding byte for byte, FLOP accounting, and an end-to-end launc
 import copy
 import json
 import os
+import re
 
 import chex
 import jax
@@ -18,35 +19,56 @@ from conftest import run_launch
 ENC = encoders.ByteEncoder()
 
 
-def tiny_cfg(pooling='query', init_std=0.02):
+def tiny_cfg(pooling='query', init_std=0.02, encoder_attention='causal'):
   m = hat.default_model_config()
   m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 32, 2, 2, 16, 64
   m.byte_d_model, m.byte_heads, m.byte_mlp_dim, m.byte_window = 32, 2, 64, 8
-  m.pooling, m.init_std = pooling, init_std
+  m.pooling, m.init_std, m.encoder_attention = pooling, init_std, encoder_attention
   return m
 
 
-def make_batch(texts, splitter_spec='fixed:4', t=48, w=16, lw=8):
-  """Packs `texts` one per row (bos + bytes + eos) and adds the word fields."""
+def encoder_for(splitter_spec='fixed:4', lw=8, boundary=None):
+  """The byte encoder, or with `boundary` (a boundary token id) the one that inserts it."""
+  if boundary is None:
+    return ENC
+  return hat_data.BoundaryByteEncoder(words.get_splitter(splitter_spec, lw), boundary)
+
+
+def make_batch(texts, splitter_spec='fixed:4', t=48, w=16, lw=8, boundary=None):
+  """Packs `texts` one per row (bos + bytes + eos) and adds the word fields (`boundary`: with
+  word-boundary tokens before every word)."""
+  enc = encoder_for(splitter_spec, lw, boundary)
   rows = len(texts)
   batch = {k: np.zeros((rows, t), np.int32) for k in
            ('inputs', 'targets', 'segment_ids', 'positions', 'target_bytes')}
   batch['weights'] = np.zeros((rows, t), np.float32)
   for r, text in enumerate(texts):
-    ids = np.concatenate([[ENC.bos_id], ENC.encode(text), [ENC.eos_id]])[:t + 1]
+    ids = np.concatenate([[ENC.bos_id], enc.encode(text), [ENC.eos_id]])[:t + 1]
     n = len(ids) - 1
     batch['inputs'][r, :n], batch['targets'][r, :n] = ids[:-1], ids[1:]
     batch['segment_ids'][r, :n] = 1
     batch['positions'][r, :n] = np.arange(n)
     batch['weights'][r, :n] = 1
-    batch['target_bytes'][r, :n] = ENC.token_bytes[ids[1:]]
-  fields = hat_data.WordFields(words.get_splitter(splitter_spec, lw), w, lw)
+    batch['target_bytes'][r, :n] = enc.token_bytes[ids[1:]]
+  fields = hat_data.WordFields(words.get_splitter(splitter_spec, lw), w, lw, boundary)
   return fields(batch), fields
 
 
-@pytest.fixture(scope='module', params=['query', 'last'])
+# (pooling, encoder_attention): the default, 'last', the word-boundary tokens of "Learn Your
+# Tokens" (read at the closing boundary with the causal encoder, at the opening one with the
+# intra-word encoder) and the intra-word bidirectional encoder
+VARIANTS = [('query', 'causal'), ('last', 'causal'), ('boundary', 'causal'), ('query', 'word'),
+            ('boundary', 'word')]
+
+
+_FORWARD = nnx.jit(lambda m, b: m(b))  # one compilation per model structure and batch shape
+
+
+@pytest.fixture(scope='module', params=VARIANTS, ids=['/'.join(v) for v in VARIANTS])
 def model(request):
-  return hat.HAT(tiny_cfg(request.param), ENC.vocab_size, rngs=nnx.Rngs(0))
+  pooling, attention = request.param
+  return hat.HAT(tiny_cfg(pooling, encoder_attention=attention), ENC.vocab_size,
+                 rngs=nnx.Rngs(0))
 
 
 def test_word_fields_are_consistent():
@@ -62,22 +84,27 @@ def test_word_fields_are_consistent():
 
 
 def test_causal_across_words(model):
-  """Logits at byte t depend only on bytes <= t: the decoder reads the *previous* word."""
-  a, _ = make_batch(['abcdefghijklmnopqrstuvwxyz0123456789'])
-  b = copy.deepcopy(a)
-  cut = 17  # inside word 4 of fixed:4 (bos is word 0)
-  b['inputs'][0, cut:37] = ENC.encode('Z' * (37 - cut))
-  la, lb = model(a), model(b)
-  chex.assert_trees_all_close(la[0, :cut], lb[0, :cut], atol=1e-5)
-  assert not np.allclose(la[0, cut:37], lb[0, cut:37], atol=1e-3)
+  """Logits at position t depend only on positions <= t: the decoder reads the *previous*
+  word. Cut 17 starts word 5 of fixed:4 (bos is word 0); cut 19 lies inside it, where an
+  intra-word encoder's states already saw the changed bytes (the decoder must not read them).
+  With boundary tokens the words shift by one position each: both cuts fall inside words."""
+  a, _ = make_batch(['abcdefghijklmnopqrstuvwxyz0123456789'], boundary=model.boundary_id)
+  la = _FORWARD(model, a)
+  for cut in (17, 19):
+    b = copy.deepcopy(a)
+    b['inputs'][0, cut:37] = ENC.encode('Z' * (37 - cut))
+    lb = _FORWARD(model, b)
+    chex.assert_trees_all_close(la[0, :cut], lb[0, :cut], atol=1e-5)
+    assert not np.allclose(la[0, cut:37], lb[0, cut:37], atol=1e-3)
 
 
 def test_documents_do_not_see_each_other(model):
-  a, _ = make_batch(['first document here', 'second'])
+  enc = encoder_for(boundary=model.boundary_id)
+  a, _ = make_batch(['first document here', 'second'], boundary=model.boundary_id)
   # put both documents into one row: row 0 = doc1 (segment 1) followed by doc2 (segment 2)
   t = a['inputs'].shape[1]
-  ids1 = np.concatenate([[ENC.bos_id], ENC.encode('first document here'), [ENC.eos_id]])
-  ids2 = np.concatenate([[ENC.bos_id], ENC.encode('second'), [ENC.eos_id]])
+  ids1 = np.concatenate([[ENC.bos_id], enc.encode('first document here'), [ENC.eos_id]])
+  ids2 = np.concatenate([[ENC.bos_id], enc.encode('second'), [ENC.eos_id]])
   def row(first_doc):
     inp = np.zeros(t, np.int32)
     seg = np.zeros(t, np.int32)
@@ -86,15 +113,15 @@ def test_documents_do_not_see_each_other(model):
     inp[:n1], seg[:n1], pos[:n1] = first_doc[:-1], 1, np.arange(n1)
     inp[n1:n1 + n2], seg[n1:n1 + n2], pos[n1:n1 + n2] = ids2[:-1], 2, np.arange(n2)
     return inp, seg, pos, n1, n2
-  fields = hat_data.WordFields(words.get_splitter('fixed:4', 8), 16, 8)
+  fields = hat_data.WordFields(words.get_splitter('fixed:4', 8), 16, 8, model.boundary_id)
   outs = []
-  for doc in (ids1, np.concatenate([[ENC.bos_id], ENC.encode('FIRST DOCUMENT HERE'),
+  for doc in (ids1, np.concatenate([[ENC.bos_id], enc.encode('FIRST DOCUMENT HERE'),
                                     [ENC.eos_id]])):
     inp, seg, pos, n1, n2 = row(doc)
     b = {'inputs': inp[None], 'targets': np.zeros((1, t), np.int32), 'segment_ids': seg[None],
          'positions': pos[None], 'weights': np.ones((1, t), np.float32),
          'target_bytes': np.ones((1, t), np.int32)}
-    outs.append(model(fields(b))[0, n1:n1 + n2])
+    outs.append(_FORWARD(model, fields(b))[0, n1:n1 + n2])
   chex.assert_trees_all_close(outs[0], outs[1], atol=1e-5)
 
 
@@ -109,6 +136,68 @@ def test_cached_generation_equals_uncached(spec):
   assert cached == uncached
   # the generation crossed word boundaries, so the backbone cache was exercised
   assert len(split_ids(prompt + cached)) > len(split_ids(prompt)) + 2
+
+
+@pytest.mark.parametrize('spec,pooling,attention', [('fixed:4', 'boundary', 'word'),
+                                                    ('ascii_whitespace', 'boundary', 'causal'),
+                                                    ('whitespace', 'query', 'word')])
+def test_cached_generation_of_variants_equals_uncached(spec, pooling, attention):
+  """The variants' generation equals a full forward per new id, greedy: the boundary token
+  emitted by the model (forced where a word reached the cap, here 4 bytes), the intra-word
+  encoder run once on each finished word."""
+  model = hat.HAT(tiny_cfg(pooling, 0.3, attention), ENC.vocab_size, rngs=nnx.Rngs(3))
+  splitter = words.get_splitter(spec, 8)
+  lw = 8
+  if pooling == 'boundary':
+    splitter, lw = hat_data.BoundaryWords(model.boundary_id, splitter.word_cap), 9
+  prompt = [ENC.bos_id] + list(encoder_for(spec, 8, model.boundary_id).encode('def f(x): r'))
+  cached = hat.generate(model, prompt, splitter, 20, max_word_bytes=lw)
+  assert cached == hat.generate_uncached(model, prompt, splitter, 20, max_word_bytes=lw)
+  words_out = hat.host_word_starts(splitter, lw, prompt + cached)
+  assert len(words_out) >= len(hat.host_word_starts(splitter, lw, prompt)) + 2  # crossed words
+  if spec == 'fixed:4':  # no word of more than 4 bytes: the model had to emit the boundary
+    assert model.boundary_id in cached
+    bounds = words_out + [len(prompt + cached)]
+    assert max(b - a for a, b in zip(bounds[:-1], bounds[1:])) <= 5
+
+
+def test_boundary_token_id_and_splitter_errors():
+  """A boundary id that collides with a special or a byte, or a splitter that decides word
+  starts late: ValueErrors naming the key (launch.py prints them as one `error:` line)."""
+  sp = words.get_splitter('ascii_whitespace', 8)
+  for bad, what in ((1, 'special'), (ord('a') + 3, "0x61 ('a')"), (384, 'outside')):
+    with pytest.raises(ValueError, match=rf'model.boundary_id={bad} .*{re.escape(what)}'):
+      hat_data.BoundaryByteEncoder(sp, bad)
+    with pytest.raises(ValueError, match='model.boundary_id'):
+      m = tiny_cfg('boundary')
+      m.boundary_id = bad
+      hat.HAT(m, ENC.vocab_size, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="data.splitter='whitespace'"):
+    hat_data.BoundaryByteEncoder(words.get_splitter('whitespace', 8), 259)
+  enc = hat_data.BoundaryByteEncoder(sp, 300)
+  ids = enc.encode('ab  cd\té')
+  assert ids.tolist() == [300, 100, 101, 300, 35, 35, 102, 103, 300, 12, 198, 172]
+  assert enc.decode(ids) == 'ab  cd\té' and enc.token_bytes[ids].sum() == 9
+
+
+@pytest.mark.parametrize('spec', ['unicode', 'whitespace'])
+def test_host_word_starts_are_causal_byte_by_byte(spec):
+  """Byte by byte, as generation and the byte-level view see a text, completed words never
+  change; for `unicode` the bytes of an unfinished character join the last word (split alone
+  they would be invalid UTF-8, words of their own) until the character is complete."""
+  sp = words.get_splitter(spec, 8)
+  for text in ('a clause\u2019s x', 'b\u00a0c  d\u3000e', '\u00e9t\u00e9 \U0001F600x',
+               'x\u0301y z', 'abcdefg\u00e9\u00e9h'):
+    ids = [ENC.bos_id] + ENC.encode(text).tolist()
+    prev = None
+    for n in range(1, len(ids) + 1):
+      starts = hat.host_word_starts(sp, 8, ids[:n])
+      if prev is not None:
+        assert starts[:len(prev) - 1] == prev[:-1], (text, n)
+      prev = starts
+    assert prev == hat.host_word_starts(sp, 8, ids)
+  if spec == 'unicode':
+    assert hat.host_word_starts(sp, 8, [ENC.bos_id, 0xC3 + 3]) == [0, 1]  # after a special
 
 
 @pytest.mark.parametrize('spec', ['whitespace', 'spacebyte'])
@@ -134,9 +223,12 @@ def test_cached_generation_through_late_word_starts(spec):
   assert looped[len(forced):] == prefilled == uncached
 
 
-def test_loss_and_grads_finite(model):
-  batch, _ = make_batch(['some text for the loss', ''])
-  (loss, sums), grads = nnx.value_and_grad(hat.hat_loss, has_aux=True)(model, batch)
+@pytest.mark.parametrize('pooling,attention', [('query', 'causal'), ('boundary', 'word')])
+def test_loss_and_grads_finite(pooling, attention):
+  model = hat.HAT(tiny_cfg(pooling, encoder_attention=attention), ENC.vocab_size,
+                  rngs=nnx.Rngs(0))
+  batch, _ = make_batch(['some text for the loss', ''], boundary=model.boundary_id)
+  (loss, sums), grads = nnx.jit(nnx.value_and_grad(hat.hat_loss, has_aux=True))(model, batch)
   assert np.isfinite(float(loss)) and float(sums['n_tokens']) == float(batch['weights'].sum())
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
@@ -166,7 +258,8 @@ def test_launch_train_eval_sample(data_dir, tmp_path):
   args = ['--config=configs/hat.py:tiny', f'--workdir={wd}', '--config.train.steps=12',
           '--config.ckpt.every=6', '--config.data.max_docs=300', '--config.train.batch_size=8',
           '--config.train.eval_batches=3', '--config.sample.max_new_tokens=24',
-          '--config.data.splitter=unicode']
+          '--config.data.splitter=unicode', '--config.model.encoder_attention=word',
+          '--config.eval.next_word_texts=4']
   p = run_launch(data_dir, *args)
   assert 'bits per byte' in p.stdout and 'sample 0' in p.stdout
   summary = json.load(open(os.path.join(wd, 'train_summary.json')))

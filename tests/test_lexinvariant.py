@@ -420,10 +420,18 @@ def test_launch_train_and_eval_against_standard_lm(data_dir, tmp_path):
                  *LEX)
   assert 'lexinvariant p=1.0 table=shared vocab=train (' in p.stdout and 'sample 0' in p.stdout
   p = run_launch(data_dir, '--config=configs/lexinvariant.py:tiny', f'--workdir={lex}',
-                 '--mode=eval', *TINY, *LEX, f'--config.lexinv.baseline_workdir={std}')
+                 '--mode=eval', *TINY, *LEX, f'--config.lexinv.baseline_workdir={std}',
+                 '--config.lexinv.unseen=xyz', '--config.eval.robustness=caps',
+                 '--config.eval.next_word_texts=4')
   ev = json.load(open(os.path.join(lex, 'eval_step6.json')))
   assert ev['step'] == 6 and np.isfinite(ev['bpb'])
+  assert ev['next_word']['n_words'] > 0 and 0 <= ev['next_word']['accuracy'] <= 1
   suite = ev['lexinv_suite']
+  # unseen symbols: LookUp / Repeat over 'xyz' beside the other lowercase letters
+  assert suite['unseen']['unseen']['lexinv']['alphabet'] == 'xyz'
+  assert len(suite['unseen']['seen']['standard']['alphabet']) == 23
+  assert suite['unseen']['unseen']['standard']['lookup']['n_answers'] == 64
+  assert '## Unseen symbols' in open(os.path.join(lex, 'lexinv_eval_step6.md')).read()
   assert suite['models'] == ['lexinv', 'standard']
   assert suite['by_position'][0]['positions'] == '0-0'
   assert all(r['ppl_ratio'] > 0 for r in suite['by_position'])
@@ -444,6 +452,20 @@ def test_launch_train_and_eval_against_standard_lm(data_dir, tmp_path):
   for f in ('lexinv_eval_step6.md', 'lexinv_eval_step6.json', 'lexinv_ppl_by_position_step6.png'):
     assert os.path.getsize(os.path.join(lex, f)) > 0
   assert '## Substitution cipher' in open(os.path.join(lex, 'lexinv_eval_step6.md')).read()
+  # interchangeable token embeddings: trained with letters q-z mapped away, evaluated with them
+  ic = str(tmp_path / 'ic')
+  opts = ['--config.lexinv.embedding=interchangeable', '--config.lexinv.interchangeable=abcdefghij',
+          '--config.data.char_map=qrstuvwxyz=abcdefghij']
+  run_launch(data_dir, '--config=configs/lexinvariant.py:tiny', f'--workdir={ic}', *TINY, *opts,
+             '--config.sample.prompt=ab ab a')
+  run_launch(data_dir, '--config=configs/lexinvariant.py:tiny', f'--workdir={ic}', '--mode=eval',
+             *TINY, *LEX, *opts, '--config.lexinv.unseen=qrstuvwxyz',
+             '--config.eval.robustness=', '--config.eval.next_word=False')
+  isuite = json.load(open(os.path.join(ic, 'eval_step6.json')))['lexinv_suite']
+  assert isuite['models'] == ['interchangeable'] and isuite['cipher_alphabet_size'] == 10
+  u = isuite['unseen']
+  assert u['seen']['interchangeable']['alphabet'] == 'abcdefghij'
+  assert 0 <= u['unseen']['interchangeable']['lookup']['exact_accuracy'] <= 1
   # the training vocabulary is data saved with the checkpoint: restoring where the data says
   # otherwise (here: fewer documents, so fewer live ids) keeps the trained model's set
   from train import config_lib, trainer
@@ -458,3 +480,68 @@ def test_launch_train_and_eval_against_standard_lm(data_dir, tmp_path):
   np.testing.assert_array_equal(np.asarray(state['params']['live']), saved_live)
   np.testing.assert_array_equal(setup.model(state['params']).lexical_ids(),
                                 np.flatnonzero(saved_live[:259])[2:])
+
+
+# -- interchangeable token embeddings (lexinv.embedding='interchangeable') ------------------------
+def _imodel(ids, ce_chunk=0):
+  return lexinvariant.InterchangeableLM(_mcfg(ce_chunk=ce_chunk),
+                                        _lcfg(embedding='interchangeable', d_random=8), V, N,
+                                        interchangeable_ids=ids, special_ids=SPECIALS,
+                                        rngs=nnx.Rngs(0))
+
+
+def test_interchangeable_embeddings_invariance_loss_and_extension():
+  """The dual embedding: learned rows [n(W_v), 0] for ordinary tokens, [n(s), n(r_b,v)] / sqrt 2
+  for the interchangeable ones; permuting the interchangeable ids (their random parts moving
+  along) permutes the logits exactly; the chunked loss is the logits' cross-entropy; extending
+  the set reuses the parameters for new tokens."""
+  inter = np.arange(10, 20)
+  model = _imodel(inter)
+  model.shared[...] = jax.random.normal(jax.random.key(5), model.shared.shape)
+  b = _batch()
+  draw = model.draw(jax.random.key(1), 3)
+  rows = np.asarray(nnx.jit(lambda m, d, x: m._rows(d, x))(model, draw, b['inputs']))
+  np.testing.assert_allclose(np.linalg.norm(rows, axis=-1), 1.0, atol=1e-5)
+  plain = ~np.isin(np.asarray(b['inputs']), inter)
+  assert np.all(rows[plain][:, -8:] == 0) and np.all(rows[~plain][:, -8:] != 0)
+  run = nnx.jit(lambda m, x, d: m.hidden(x, d, b['positions'], b['segment_ids'])[0])
+  logit_fn = nnx.jit(lambda m, h, d: m.token_logits(h, d))
+  h = run(model, b['inputs'], draw)
+  logits = np.asarray(logit_fn(model, h, draw))
+  perm = np.random.default_rng(1).permutation(len(inter))
+  sigma = np.arange(V)
+  sigma[inter] = inter[perm]
+  d2 = model.fixed_draw(jnp.zeros_like(draw['rand']).at[:, perm].set(draw['rand']))
+  logits2 = np.asarray(logit_fn(model, run(model, jnp.asarray(sigma)[b['inputs']], d2), d2))
+  np.testing.assert_allclose(logits2[..., sigma][..., :N], logits[..., :N], atol=1e-5)
+  assert np.all(np.isneginf(logits[..., N:]))
+  ref = jax.nn.logsumexp(logits, -1) - np.take_along_axis(logits, np.asarray(b['targets'])[..., None],
+                                                          -1)[..., 0]
+  for chunk in (0, 5):
+    got = _imodel(inter, chunk)
+    nnx.update(got, nnx.state(model))
+    nll = nnx.jit(lambda m, h, y, d: m.token_nll(h, y, d))(got, h, b['targets'], draw)
+    np.testing.assert_allclose(nll, ref, atol=1e-4)
+  new = model.extended([30, 31])
+  assert new.lexical_ids().tolist() == list(range(10, 20)) + [30, 31]
+  r = new.draw(jax.random.key(2), 1)
+  e = np.asarray(nnx.jit(lambda m, d, x: m._rows(d, x))(new, r, jnp.asarray([[30, 10, 25]])))[0]
+  np.testing.assert_allclose(e[0, :-8], e[1, :-8], atol=1e-6)   # the shared part
+  assert not np.allclose(e[0, -8:], e[1, -8:]) and np.all(e[2, -8:] == 0)
+
+
+def test_interchangeable_set_errors():
+  with pytest.raises(ValueError, match='lexinv.interchangeable is empty'):
+    _imodel([])
+  with pytest.raises(ValueError, match='lexinv.interchangeable covers every token'):
+    _imodel(np.arange(3, N))
+  with pytest.raises(ValueError, match='special ids'):
+    _imodel([1, 5])
+  from configs import lexinvariant as lexcfg
+  from train import families
+  for spec, msg in (('', 'is empty'), ('all', 'covers every token'), ('ab\u00e9', "'\u00e9' is 2 "
+                                                                                   'tokens')):
+    cfg = lexcfg.get_config('tiny')
+    cfg.lexinv.embedding, cfg.lexinv.interchangeable = 'interchangeable', spec
+    with pytest.raises(ValueError, match=msg):
+      families.get(cfg).build_model(nnx.Rngs(0))

@@ -181,3 +181,70 @@ def test_flops_per_token():
   assert token_lm.flops_per_token(cfg, 10, 16) == 6 * n + 12 * 2 * 8 * 3.5
   cfg.window = 64  # window >= T: full causal
   assert token_lm.flops_per_token(cfg, 10, 16) == 6 * n + 12 * 2 * 8 * 8
+
+
+# -- frozen visual Unicode embeddings (model.input_embedding='glyph') ------------------------------
+def test_glyph_table_renders_and_falls_back():
+  """Unit rows; look-alike glyphs are near (O ~ Q, l ~ I), unlike ones far; pad/bos/eos, bytes
+  >= 0x80 and controls without a stand-in take the seeded fallback; whitespace gets visible
+  stand-ins (so ' ', '\\n' and '\\t' differ); a missing font names model.glyph_font."""
+  from data import encoders  # pylint: disable=import-outside-toplevel
+  from models import glyphs  # pylint: disable=import-outside-toplevel
+  tb = glyphs.encoder_token_bytes(encoders.ByteEncoder())
+  table, stats = glyphs.glyph_table(tb, 32, size=8)
+  np.testing.assert_allclose(np.linalg.norm(table, axis=1), 1.0, atol=1e-5)
+  row = lambda ch: table[ord(ch) + 3]
+  assert row('O') @ row('Q') > row('O') @ row('x') + 0.2
+  assert stats['glyph_rendered_tokens'] == 95 + 3  # printable ASCII, newline, tab, CR
+  spaces = np.stack([row(' '), row('\n'), row('\t')])
+  assert np.abs(spaces @ spaces.T - np.eye(3)).max() < 0.99
+  again, _ = glyphs.glyph_table(tb, 32, size=8)
+  np.testing.assert_array_equal(table, again)
+  fb = np.random.default_rng([0, 0xe2 + 3]).standard_normal(32)
+  np.testing.assert_allclose(table[0xe2 + 3], fb / np.linalg.norm(fb), atol=1e-6)
+  with pytest.raises(ValueError, match="model.glyph_font='/no/such/font.ttf'"):
+    glyphs.glyph_table(tb, 32, font='/no/such/font.ttf')
+  with pytest.raises(ValueError, match='tie_embeddings=False'):
+    TokenLM(_cfg(input_embedding='glyph'), V, rngs=nnx.Rngs(0))
+
+
+def test_glyph_embedding_never_changes_across_steps(tmp_path):
+  """The glyph table is frozen state: not a trained parameter, not in the optimizer state or
+  the checkpoint; after training steps the model's input table is still the rendered one while
+  the other parameters moved. The run records the table (artifacts/glyph_table.npy) and eval /
+  sample restore with it."""
+  from data import encoders  # pylint: disable=import-outside-toplevel
+  from models import glyphs  # pylint: disable=import-outside-toplevel
+  from train import config_lib, families, trainer  # pylint: disable=import-outside-toplevel
+  cfg, _ = config_lib.load('configs/byte_lm.py:tiny')
+  config_lib.override(cfg, {'model.input_embedding': 'glyph', 'model.tie_embeddings': False,
+                            'model.d_model': 32, 'model.num_layers': 1, 'model.head_dim': 8,
+                            'model.mlp_dim': 64, 'data.seq_len': 32, 'train.batch_size': 2})
+  setup = trainer.Setup(cfg)
+  want, _ = glyphs.glyph_table(glyphs.encoder_token_bytes(encoders.ByteEncoder()), 32)
+  state = setup.init_state()
+  assert 'embed' not in state['params']
+  assert not any('embed' in str(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      state['opt_state'])[0])
+  step = setup.make_train_step()
+  rng = np.random.default_rng(0)
+  before = jax.tree.map(np.asarray, state['params'])
+  for _ in range(3):
+    ids = rng.integers(3, 259, (2, 33)).astype(np.int32)
+    batch = {'inputs': ids[:, :-1], 'targets': ids[:, 1:],
+             'segment_ids': np.ones((2, 32), np.int32),
+             'positions': np.tile(np.arange(32, dtype=np.int32), (2, 1)),
+             'weights': np.ones((2, 32), np.float32), 'target_bytes': np.ones((2, 32), np.int32)}
+    state, _ = step(state, batch)
+    np.testing.assert_array_equal(np.asarray(setup.model(state['params']).embed.embedding[...]),
+                                  want)
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before,
+                       state['params'])
+  assert all(jax.tree.leaves(moved))
+  # the run's recorded copy is what eval reads back (not a re-rendering)
+  wd = str(tmp_path / 'g')
+  fam = families.get(cfg, wd)
+  files = families.write_artifacts(fam, wd)
+  assert files == ['glyph_table.npy']
+  np.testing.assert_array_equal(np.load(f'{wd}/artifacts/glyph_table.npy'), want)
+  np.testing.assert_array_equal(families.get(cfg, wd).frozen_params()['embed']['embedding'], want)

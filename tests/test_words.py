@@ -14,7 +14,8 @@ PROPS = hypothesis.settings(max_examples=150, deadline=None, derandomize=True, d
 FEW = hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None)
 
 SPECS = [('whitespace', 0), ('unicode', 0), ('spacebyte', 0), ('fixed:4', 0), ('fixed:7', 0),
-         ('whitespace', 4), ('unicode', 5), ('spacebyte', 6), ('fixed:9', 4), ('unicode', 16)]
+         ('whitespace', 4), ('unicode', 5), ('spacebyte', 6), ('fixed:9', 4), ('unicode', 16),
+         ('ascii_whitespace', 5)]
 SPLITTERS = [words.get_splitter(s, m) for s, m in SPECS]
 IDS = [f'{s}/{m}' for s, m in SPECS]
 
@@ -398,7 +399,7 @@ def test_cap_long_words_vectorized_matches_cursor(spec, cap, text, cut):
 
 
 @pytest.mark.parametrize('spec,cap', [('whitespace', 6), ('whitespace', 16), ('spacebyte', 5),
-                                      ('fixed:5', 8)])
+                                      ('fixed:5', 8), ('ascii_whitespace', 6)])
 def test_device_new_start_matches_host_starts(spec, cap):
   """The traceable incremental rule used by on-device HAT generation gives, byte by byte, the
   word starts the host splitter gives for the whole sequence (ByteEncoder ids with bos/eos/pad

@@ -68,6 +68,8 @@ RANGES = {
     'data.max_word_bytes': (lambda v: v >= 1, '>= 1'),
     'data.max_sentence_bytes': (lambda v: v >= 8, '>= 8'),
     'data.holdout_docs': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'eval.next_word_bytes': (lambda v: v >= 1, '>= 1'),
+    'eval.next_word_texts': (lambda v: v >= 0, '>= 0 (0: every window of the validation text)'),
     'train.batch_size': (lambda v: v >= 1, '>= 1'),
     'train.grad_accum': (lambda v: v >= 1, '>= 1'),
     'train.steps': (lambda v: v >= 1, '>= 1'),

@@ -75,7 +75,8 @@ def run(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None
 
 
 def _evaluates(sub) -> bool:
-  """Whether a point runs `--mode=eval` after training (robustness or a family suite)."""
+  """Whether a point runs `--mode=eval` after training (robustness, which comes with next-word
+  accuracy, or a family suite)."""
   return bool(sub.eval.robustness) or bool(sub.eval.get('in_sweep', False))
 
 
@@ -88,6 +89,8 @@ def _row(name, point, sub, out: dict, ev: dict, status: str) -> dict:
          'val_loss': ev.get('loss'), 'val_bpb': ev.get('bpb')}
   for kind, r in (ev.get('robustness') or {}).items():
     row[f'{kind}_bpb'] = r.get('bpb')
+  if ev.get('next_word'):
+    row['next_word_acc'] = ev['next_word'].get('accuracy')
   row.update(ev.get('row') or {})  # a family eval suite's headline metrics
   row['train_seconds'] = out.get('train_seconds')
   return row

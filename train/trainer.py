@@ -24,7 +24,7 @@ from flax import nnx
 
 from train import checkpoint as ckpt_lib
 from train import config_lib, families, metrics as metrics_lib, partitioning, storage
-from train.evals import robustness
+from train.evals import next_word, robustness
 from train.metrics import log0
 
 log = logging.getLogger(__name__)
@@ -489,8 +489,9 @@ def restore(cfg, workdir: str, step: int | None = None, family: families.Family 
 
 def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
   """Restores the latest (or `step`) checkpoint onto this process's mesh and evaluates:
-  validation loss / bits per byte, the robustness suite (`eval.robustness`) and the family's
-  own `eval_suite`; writes `eval_step{N}.json`."""
+  validation loss / bits per byte, the robustness suite (`eval.robustness`), next-word accuracy
+  (`eval.next_word`, every family with a byte-level view) and the family's own `eval_suite`;
+  writes `eval_step{N}.json`."""
   setup, state, s = restore(cfg, workdir, step)
   workdir = storage.check_workdir(workdir)  # results go there (a pretrained model's may be new)
   fam = setup.family
@@ -504,6 +505,10 @@ def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
   kinds = [k for k in cfg.eval.robustness.split(',') if k]
   if kinds:
     ev['robustness'] = robustness.run(setup, state['params'], kinds, ev, workdir, s)
+  if cfg.eval.get('next_word', True):
+    nw = next_word.run(setup, state['params'], workdir, s)
+    if nw is not None:
+      ev['next_word'] = nw
   ev.update(fam.eval_suite(setup, state['params'], workdir, s))
   if jax.process_index() == 0:
     storage.write_json(os.path.join(workdir, f'eval_step{s}.json'), ev)

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from data import pipeline, synthetic
 from models import token_lm
@@ -280,6 +281,65 @@ def repeat_eval(scorers, encoder, cfg, seq_len, key):
   return {s.name: synthetic.by_copy(s.nll(b, key), s.pred(b, key), b) for s in scorers}
 
 
+def extended_model(model, ids: np.ndarray):
+  """`model` with the tokens `ids` (never seen in training) made usable as new symbols, as
+  far as its kind allows: an interchangeable model adds them to its interchangeable set (shared
+  part + fresh random parts); a lexinvariant model with a training-split vocabulary makes them
+  lexical (a Gaussian row per sequence instead of the learned 'other' row); a lexinvariant
+  model over every id, and a standard LM, stay as they are (the standard LM's rows for them
+  were never trained on a target)."""
+  from models import lexinvariant  # pylint: disable=import-outside-toplevel
+  if isinstance(model, lexinvariant.InterchangeableLM):
+    return model.extended(ids)
+  if isinstance(model, lexinvariant.LexinvariantLM) and model.live is not None:
+    new = nnx.clone(model)
+    new.live[...] = new.live[...].at[np.asarray(ids)].set(1.0)
+    return new
+  return model
+
+
+def unseen_eval(scorers, encoder, cfg, seq_len, key, alphabets: dict) -> dict:
+  """The unseen-symbol evaluation (`lexinv.unseen`): LookUp and Repeat over the `seen` alphabet
+  (symbols the training data has) and the `unseen` one (never in training; data.char_map maps
+  them away), each model extended by `extended_model` with the unseen ids.
+  -> {alphabet: {model: {'lookup': score, 'repeat': by_copy}}}"""
+  c = cfg.lexinv
+  out = {}
+  for s in scorers:
+    model = extended_model(s.setup.model(s.params), alphabets['unseen'][1])
+    graphdef, state = nnx.split(model)
+    lex = hasattr(model, 'draw')
+
+    def logits(state, batch, rng, graphdef=graphdef, lex=lex):
+      m = nnx.merge(graphdef, state)
+      if lex:
+        return m(batch['inputs'], m.draw(rng, batch['inputs'].shape[0]), batch['positions'],
+                 batch['segment_ids'])[0]
+      return m(batch['inputs'], batch['positions'], batch['segment_ids'])[0]
+
+    pred_fn = jax.jit(lambda st, b, r: jnp.argmax(logits(st, b, r), -1))
+    nll_fn = jax.jit(lambda st, b, r: -jnp.take_along_axis(
+        jax.nn.log_softmax(logits(st, b, r)), b['targets'][..., None], -1)[..., 0])
+    keys = ('inputs', 'targets', 'segment_ids', 'positions')
+    for name, (chars, _) in alphabets.items():
+      look = synthetic.lookup_batch(encoder, c.synthetic_n, seq_len, c.eval_seed,
+                                    min(c.lookup_keys, len(chars)), c.lookup_queries, chars)
+      starts = itertools.count(0, cfg.train.batch_size)
+      preds = pipeline.map_in_batches(
+          lambda b, starts=starts: np.asarray(pred_fn(
+              state, {k: jnp.asarray(b[k]) for k in keys},
+              jax.random.fold_in(key, next(starts)))), look, cfg.train.batch_size)
+      rep = synthetic.repeat_batch(encoder, cfg.train.batch_size, seq_len, c.eval_seed,
+                                   min(48, seq_len // 3), 3, chars)
+      rb = {k: jnp.asarray(rep[k]) for k in keys}
+      rk = jax.random.fold_in(key, 7)
+      out.setdefault(name, {})[s.name] = {
+          'alphabet': chars, 'lookup': synthetic.score(preds, look),
+          'repeat': synthetic.by_copy(np.asarray(nll_fn(state, rb, rk)),
+                                      np.asarray(pred_fn(state, rb, rk)), rep)}
+  return out
+
+
 def attention_profile(setup, params, batch, rng, rows: int = 4) -> list[list[dict]]:
   """Per layer and head, on the first `rows` rows of `batch` (positions >= 16): the mean
   attention on the current token (offset 0) and the two before it, and the entropy (nats) of
@@ -357,6 +417,17 @@ def _markdown(res) -> str:
         for hi, a in enumerate(heads):
           lines.append(f"| {n} | {li} | {hi} | {a['offset0']:.2f} / {a['offset1']:.2f} / "
                        f"{a['offset2']:.2f} | {a['entropy']:.2f} |")
+  if 'unseen' in res:
+    lines += ['', '## Unseen symbols (never in training; the model extended with them)', '',
+              '| alphabet | model | LookUp exact | LookUp token acc | Repeat copy 2 acc | '
+              'Repeat copy 3 acc |', '|---|---|---|---|---|---|']
+    for alpha, per in res['unseen'].items():
+      for n in names:
+        u = per[n]
+        rep = {r['copy']: r for r in u['repeat']}
+        lines.append(f"| {alpha} ({u['alphabet']}) | {n} | {u['lookup']['exact_accuracy']:.3f}"
+                     f" | {u['lookup']['token_accuracy']:.3f} | {rep[2]['accuracy']:.3f} | "
+                     f"{rep[3]['accuracy']:.3f} |")
   lines += ['', '## Synthetic in-context tasks (greedy answers)', '',
             '| task | model | token acc | exact acc | answers |', '|---|---|---|---|---|']
   for task, per in res['synthetic'].items():
@@ -367,13 +438,15 @@ def _markdown(res) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def run_suite(setup, params, encoder, workdir: str, step: int, baseline=None) -> dict:
+def run_suite(setup, params, encoder, workdir: str, step: int, baseline=None,
+              alphabets: dict | None = None) -> dict:
   """Every evaluation above for the lexinvariant model (`setup`, `params`, its `encoder`) and,
   with `baseline` (a trained standard LM: `train.runs.Run`), for both; writes
   lexinv_eval_step{N}.json / .md and lexinv_ppl_by_position_step{N}.png into `workdir`."""
   cfg = setup.cfg
   c = cfg.lexinv
-  scorers = [_Scorer('lexinv', setup, params)]
+  scorers = [_Scorer('interchangeable' if c.get('embedding') == 'interchangeable' else 'lexinv',
+                     setup, params)]
   res = {'step': step, 'baseline_workdir': c.baseline_workdir}
   if baseline is not None:
     scorers.append(_Scorer('standard', baseline.setup, baseline.params))
@@ -394,6 +467,9 @@ def run_suite(setup, params, encoder, workdir: str, step: int, baseline=None) ->
                             c.probe_rows, c.probe_steps, c.eval_seed)
   res['synthetic'] = synthetic_eval(scorers, encoder, cfg, seq_len, jax.random.fold_in(key, 4))
   res['repeat'] = repeat_eval(scorers, encoder, cfg, seq_len, jax.random.fold_in(key, 5))
+  if alphabets:
+    res['unseen'] = unseen_eval(scorers, encoder, cfg, seq_len, jax.random.fold_in(key, 7),
+                                alphabets)
   res['attention'] = {s.name: attention_profile(s.setup, s.params, batches[0],
                                                 jax.random.fold_in(key, 6)) for s in scorers}
   base = os.path.join(workdir, f'lexinv_eval_step{step}')

@@ -16,11 +16,22 @@ class HATFamily(families.Family):
     if cfg.data.encoder != 'bytes':
       raise ValueError(f"family 'hat' reads bytes: data.encoder must be 'bytes', "
                        f'got {cfg.data.encoder!r}')
-    self.encoder = encoders.ByteEncoder()
     self.splitter = words.get_splitter(cfg.data.splitter, cfg.data.max_word_bytes)
-    d = cfg.data
-    self.fields = hat_data.WordFields(self.splitter, d.max_words, d.max_word_bytes)
-    self.eval_fields = hat_data.WordFields(self.splitter, d.max_words, d.max_word_bytes)
+    d, m = cfg.data, cfg.model
+    self.boundary_id = None
+    if m.pooling == 'boundary':  # word-boundary tokens in the stream (models/hat.py)
+      self.encoder = hat_data.BoundaryByteEncoder(self.splitter, m.get('boundary_id', 259))
+      self.boundary_id = self.encoder.boundary_id
+    else:
+      self.encoder = encoders.ByteEncoder()
+    self.fields = hat_data.WordFields(self.splitter, d.max_words, d.max_word_bytes,
+                                      self.boundary_id)
+    self.eval_fields = hat_data.WordFields(self.splitter, d.max_words, d.max_word_bytes,
+                                           self.boundary_id)
+    # what generation and the byte-level view split words with, and the gather width
+    self.words = (self.splitter if self.boundary_id is None else
+                  hat_data.BoundaryWords(self.boundary_id, self.splitter.word_cap))
+    self.word_len = self.fields.word_len
 
   def build_model(self, rngs):
     return hat.HAT(self.cfg.model, self.encoder.vocab_size, self.dtype, rngs=rngs)
@@ -41,21 +52,22 @@ class HATFamily(families.Family):
 
   def sample(self, model, cfg_sample) -> list[str]:
     prompt = [self.encoder.bos_id] + list(self.encoder.encode(cfg_sample.prompt))
-    out = hat.generate(model, prompt, self.splitter, cfg_sample.max_new_tokens,
+    out = hat.generate(model, prompt, self.words, cfg_sample.max_new_tokens,
                        cfg_sample.temperature, cfg_sample.top_p, cfg_sample.seed,
-                       stop_id=self.encoder.eos_id, max_word_bytes=self.cfg.data.max_word_bytes)
+                       stop_id=self.encoder.eos_id, max_word_bytes=self.word_len)
     out = np.asarray(out)
     stop = np.flatnonzero(out == self.encoder.eos_id)
     return [cfg_sample.prompt + self.encoder.decode(out[:stop[0]] if stop.size else out)]
 
   def byte_view(self, model):
+    """With boundary tokens: a view that sums over them (models/byte_level.HATBoundaryView)."""
     return byte_level.byte_view(model, splitter=self.splitter,
                                 max_word_bytes=self.cfg.data.max_word_bytes, name=self.name)
 
   def flops_per_token(self) -> float:
     d = self.cfg.data
     return hat.flops_per_byte(self.cfg.model, self.encoder.vocab_size, d.seq_len, d.max_words,
-                              d.max_word_bytes)
+                              self.word_len)
 
   def data_stats(self) -> dict:
     out = super().data_stats()
@@ -68,8 +80,13 @@ class HATFamily(families.Family):
 
   def describe(self) -> str:
     d = self.cfg.data
-    return (f'HAT splitter {d.splitter} | {d.seq_len} bytes, {d.max_words} words x '
-            f'{d.max_word_bytes} bytes per row | data {d.source} | batch '
+    m = self.cfg.model
+    variant = f'pooling {m.pooling}'
+    if self.boundary_id is not None:
+      variant += f' (boundary token {self.boundary_id})'
+    variant += f' | encoder {m.get("encoder_attention", "causal")}'
+    return (f'HAT splitter {d.splitter} | {variant} | {d.seq_len} tokens, {d.max_words} words x '
+            f'{self.word_len} tokens per row | data {d.source} | batch '
             f'{self.cfg.train.batch_size} | compute {np.dtype(self.dtype).name}')
 
 

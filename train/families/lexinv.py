@@ -34,8 +34,38 @@ class LexinvariantFamily(lm.TokenLMFamily):
       self._stats['lexinv_live_ids'] = int(self._live[:self.encoder.true_vocab_size].sum())
     return self._live
 
+  def token_ids_of(self, chars: str, key: str) -> np.ndarray:
+    """The token ids of `chars` (config `key`), each character exactly one token."""
+    out = []
+    for ch in dict.fromkeys(str(chars)):
+      ids = self.encoder.encode(ch)
+      if len(ids) != 1:
+        raise ValueError(f'{key}={chars!r}: the character {ch!r} is {len(ids)} tokens of the '
+                         f'{self.encoder.name} encoder, not one')
+      out.append(int(ids[0]))
+    return np.asarray(out, np.int64)
+
+  @property
+  def interchangeable(self) -> bool:
+    """`lexinv.embedding='interchangeable'`: models/lexinvariant.InterchangeableLM."""
+    mode = self.lexinv_cfg.get('embedding', 'lexinvariant')
+    if mode not in lexinvariant.EMBEDDINGS:
+      raise ValueError(f'lexinv.embedding={mode!r}: expected one of {lexinvariant.EMBEDDINGS}')
+    return mode == 'interchangeable'
+
   def build_model(self, rngs):
     enc = self.encoder
+    if self.interchangeable:
+      spec = self.lexinv_cfg.interchangeable
+      specials = (enc.pad_id, enc.bos_id, enc.eos_id)
+      if spec == 'all':  # every token of the text
+        ids = np.setdiff1d(np.arange(enc.true_vocab_size), specials)
+      else:
+        ids = self.token_ids_of(spec, 'lexinv.interchangeable')
+      return lexinvariant.InterchangeableLM(self.model_cfg, self.lexinv_cfg, enc.vocab_size,
+                                            enc.true_vocab_size, self.dtype,
+                                            interchangeable_ids=ids, special_ids=specials,
+                                            rngs=rngs)
     live = self.live_ids() if self.lexinv_cfg.get('vocab', 'all') == 'train' else None
     return lexinvariant.LexinvariantLM(self.model_cfg, self.lexinv_cfg, enc.vocab_size,
                                        enc.true_vocab_size, self.dtype,
@@ -50,12 +80,19 @@ class LexinvariantFamily(lm.TokenLMFamily):
 
   def flops_per_token(self) -> float:
     c = self.lexinv_cfg
+    if self.interchangeable:
+      return lexinvariant.flops_per_token(self.model_cfg, self.encoder.vocab_size,
+                                          self.cfg.data.seq_len)
     two = c.table != 'permuted_learned' and 0.0 < c.p < 1.0
     return lexinvariant.flops_per_token(self.model_cfg, self.encoder.vocab_size,
                                         self.cfg.data.seq_len, two)
 
   def describe(self) -> str:
     c = self.lexinv_cfg
+    if self.interchangeable:
+      return (f'interchangeable token embeddings for {c.interchangeable!r} (random part '
+              f'{c.d_random} of {self.model_cfg.d_model} dims) | ' + super(
+                  LexinvariantFamily, self).describe())
     vocab = c.get('vocab', 'all')
     if vocab == 'train':
       vocab += f' ({int(self.live_ids()[:self.encoder.true_vocab_size].sum())} of ' \
@@ -82,7 +119,16 @@ class LexinvariantFamily(lm.TokenLMFamily):
         raise ValueError('the baseline must use the same data source and vocabulary '
                          f'({baseline.cfg.data.source}, {b_enc.vocab_size}) vs '
                          f'({self.cfg.data.source}, {self.encoder.vocab_size})')
-    return lexinv_evals.run_suite(setup, params, self.encoder, workdir, step, baseline)
+    unseen = self.lexinv_cfg.get('unseen', '')
+    alphabets = None
+    if unseen:
+      seen = self.lexinv_cfg.get('seen', '') or (
+          self.lexinv_cfg.interchangeable if self.interchangeable else
+          ''.join(ch for ch in 'abcdefghijklmnopqrstuvwxyz' if ch not in unseen))
+      alphabets = {'seen': (seen, self.token_ids_of(seen, 'lexinv.seen')),
+                   'unseen': (unseen, self.token_ids_of(unseen, 'lexinv.unseen'))}
+    return lexinv_evals.run_suite(setup, params, self.encoder, workdir, step, baseline,
+                                  alphabets)
 
 
 Family = LexinvariantFamily

@@ -5,12 +5,14 @@ Subclasses (pretrained, lexinv) reuse its data path and override `make_encoder` 
 `model_config` (how the encoder and the architecture are obtained) or the model hooks."""
 from __future__ import annotations
 
+import io
+
 import jax
 import numpy as np
 import tokenizers
 
 from data import encoders, pipeline
-from models import byte_level, pretrained, token_lm
+from models import byte_level, glyphs, pretrained, token_lm
 from train import families
 
 
@@ -20,6 +22,12 @@ class TokenLMFamily(families.Family):
     super().__init__(cfg, workdir)
     self.model_cfg = self.model_config()
     self.encoder = self.make_encoder()
+    self._glyphs = None
+    if self.glyphs:  # a missing font or a tied readout fails now, before anything runs
+      glyphs.resolve_font(self.model_cfg.get('glyph_font', ''))
+      if self.model_cfg.tie_embeddings:
+        raise ValueError("model.input_embedding='glyph' needs model.tie_embeddings=False: the "
+                         'frozen glyph table cannot also be the trained readout')
 
   # -- what subclasses change ------------------------------------------------------------------
   def model_config(self):
@@ -36,9 +44,40 @@ class TokenLMFamily(families.Family):
     return encoders.get_encoder(self.cfg.data)
 
   def artifacts(self) -> dict[str, bytes]:
+    out = {}
     if isinstance(self.encoder, encoders.BPEEncoder):
-      return {'tokenizer.json': self.encoder.tokenizer.to_str().encode()}
-    return {}
+      out['tokenizer.json'] = self.encoder.tokenizer.to_str().encode()
+    if self.glyphs:
+      buf = io.BytesIO()
+      np.save(buf, self.glyph_table())
+      out[GLYPH_FILE] = buf.getvalue()
+    return out
+
+  # -- frozen glyph embeddings (model.input_embedding='glyph') -------------------------------------
+  @property
+  def glyphs(self) -> bool:
+    return self.model_cfg.get('input_embedding', 'learned') == 'glyph'
+
+  def glyph_table(self) -> np.ndarray:
+    """The frozen input table: the run's recorded copy (what it was trained with), else
+    rendered now (models/glyphs.py; counts in the run's data stats)."""
+    if self._glyphs is None:
+      recorded = self.recorded(GLYPH_FILE) if self._manifest is not None and GLYPH_FILE in \
+          self._manifest['files'] else None
+      if recorded is not None:
+        self._glyphs = np.load(io.BytesIO(recorded))
+      else:
+        m = self.model_cfg
+        self._glyphs, stats = glyphs.glyph_table(
+            glyphs.encoder_token_bytes(self.encoder), m.d_model, m.get('glyph_font', ''),
+            m.get('glyph_size', 16), m.get('glyph_chars', 8), m.get('glyph_seed', 0))
+        self._stats.update(stats)
+    return self._glyphs
+
+  def frozen_params(self):
+    if not self.glyphs:
+      return None
+    return {'embed': {'embedding': self.glyph_table()}}
 
   # -- Family hooks ----------------------------------------------------------------------------
   def build_model(self, rngs):
@@ -76,12 +115,18 @@ class TokenLMFamily(families.Family):
 
   def describe(self) -> str:
     e = self.encoder
-    return (f'{type(e).__name__} vocab {e.vocab_size} | data {self.cfg.data.source} | '
+    glyph = ''
+    if self.glyphs:
+      st = self._stats
+      glyph = (f' | frozen glyph input embeddings ({st.get("glyph_rendered_tokens", "?")} '
+               f'rendered, {st.get("glyph_fallback_tokens", "?")} fallback)')
+    return (f'{type(e).__name__} vocab {e.vocab_size}{glyph} | data {self.cfg.data.source} | '
             f'seq_len {self.cfg.data.seq_len} | batch {self.cfg.train.batch_size} | '
             f'compute {np.dtype(self.dtype).name}')
 
 
 Family = TokenLMFamily
+GLYPH_FILE = 'glyph_table.npy'
 
 
 def sample_text(generate, model, encoder, cfg_sample) -> list[str]:
