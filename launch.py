@@ -126,6 +126,14 @@ def _quiet_background_errors() -> None:
   def unraisable(u):
     if isinstance(u.exc_value, RuntimeError) and 'Event loop is closed' in str(u.exc_value):
       return
+    # reads of an unreadable checkpoint left pending by orbax after the fallback already said
+    # which step it skipped and why
+    tb, files = u.exc_traceback, []
+    while tb is not None:
+      files.append(tb.tb_frame.f_code.co_filename)
+      tb = tb.tb_next
+    if 'TensorStore' in str(u.exc_value) or any('orbax' in f for f in files):
+      return
     default(u)
 
   sys.unraisablehook = unraisable
