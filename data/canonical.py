@@ -54,11 +54,12 @@ from __future__ import annotations
 import bisect
 import functools
 import heapq
-import itertools
 import json
 import unicodedata
 
 import numpy as np
+
+from data import encoders
 
 NEW, PAIR = 1, 2  # group outcome bits: w starts a new chunk / extends the tail's last token
 _INF = 1 << 40
@@ -68,18 +69,7 @@ class UnsupportedTokenizer(ValueError):
   """The tokenizer is not a byte-level BPE this module can canonicalize exactly."""
 
 
-def byte_alphabet() -> dict[str, int]:
-  """GPT-2's bytes_to_unicode, inverted: alphabet character -> byte."""
-  bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(
-      range(ord('®'), ord('ÿ') + 1))
-  cs = bs[:]
-  n = 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return {chr(c): b for b, c in zip(bs, cs)}
+byte_alphabet = encoders.byte_level_alphabet  # alphabet character -> byte
 
 
 # -- UTF-8 ---------------------------------------------------------------------------------------

@@ -93,8 +93,9 @@ class ByteEncoder(Encoder):
     return (ids - self.OFFSET).astype(np.uint8).tobytes().decode('utf-8', errors='replace')
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-  """GPT-2's bytes_to_unicode, inverted: alphabet character -> byte."""
+def byte_level_alphabet() -> dict[str, int]:
+  """GPT-2's bytes_to_unicode, inverted: alphabet character -> byte (the symbols byte-level BPE
+  vocabularies spell bytes with)."""
   bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(
       range(ord('®'), ord('ÿ') + 1))
   cs = bs[:]
@@ -140,7 +141,7 @@ class BPEEncoder(Encoder):
     self.token_bytes = self._count_token_bytes()
 
   def _count_token_bytes(self) -> np.ndarray:
-    alphabet = _byte_level_alphabet()
+    alphabet = byte_level_alphabet()
     byte_level = 'ByteLevel' in json.dumps(json.loads(self.tokenizer.to_str()).get('decoder'))
     added = {i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items()}
     out = np.zeros(self.vocab_size, np.int32)
