@@ -23,7 +23,8 @@ class VocabOnlyEncoder:
     self.vocab_size = encoders.padded(int(vocab_size))
 
   def encode(self, text):
-    raise NotImplementedError('VocabOnlyEncoder has no tokenizer (shape-only benchmarks)')
+    raise RuntimeError('VocabOnlyEncoder stands in for shapes only: a benchmark that encodes text '
+                       'must build the real encoder (data.encoders.get_encoder)')
 
 
 @contextlib.contextmanager

@@ -19,6 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import cli  # pylint: disable=wrong-import-position
+
 # name -> (B, T, H, G, K, window)
 CASES = {
     'hat_tiny_bytes': (16, 256, 4, 4, 16, 64),
@@ -32,11 +34,7 @@ CASES = {
 def parse(argv):
   opts = {'cases': ','.join(CASES), 'impls': 'xla,blocked', 'repeats': 5, 'dtype': 'float32',
           'window_blocks': ''}
-  for a in argv:
-    k, _, v = a.lstrip('-').partition('=')
-    if k not in opts:
-      raise SystemExit(f'unknown argument {a!r}\n{__doc__}')
-    opts[k] = type(opts[k])(v)
+  opts = cli.parse_opts(argv, opts, __doc__)
   return opts
 
 

@@ -17,20 +17,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import cli  # pylint: disable=wrong-import-position
+
 
 def parse(argv):
   opts = {'configs': 'configs/subword_lm.py:1b,configs/hat.py:1b', 'scan': 'false,true',
           'batch_size': 0}
-  overrides = {}
-  for a in argv:
-    k, _, v = a.lstrip('-').partition('=')
-    if k.startswith('config.'):
-      overrides[k[len('config.'):]] = v
-    elif k in opts:
-      opts[k] = type(opts[k])(v)
-    else:
-      raise SystemExit(f'unknown argument {a!r}\n{__doc__}')
-  return opts, overrides
+  over = [a for a in argv if a.lstrip('-').startswith('config.')]
+  overrides = dict(a.lstrip('-')[len('config.'):].partition('=')[::2] for a in over)
+  return cli.parse_opts([a for a in argv if a not in over], opts, __doc__), overrides
 
 
 def measure(spec: str, scan: bool, overrides: dict, batch_size: int = 0) -> dict:

@@ -29,17 +29,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import cli  # pylint: disable=wrong-import-position
+
 RUNS = ('byte_lm:tiny,subword_lm:tiny,hat:tiny,lexinvariant:tiny,lcm:tiny,'
         'byte_lm:small,subword_lm:small,hat:small,lcm:small')
 
 
 def parse(argv):
   opts = {'runs': RUNS, 'steps': 2, 'rounds': 5, 'warmup': 1, 'small_batch': 1}
-  for a in argv:
-    k, _, v = a.lstrip('-').partition('=')
-    if k not in opts:
-      raise SystemExit(f'unknown argument {a!r}\n{__doc__}')
-    opts[k] = type(opts[k])(v)
+  opts = cli.parse_opts(argv, opts, __doc__)
   return opts
 
 

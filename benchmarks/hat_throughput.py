@@ -23,15 +23,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import cli  # pylint: disable=wrong-import-position
+
 
 def parse(argv):
   opts = {'preset': 'tiny', 'steps': 10, 'new_bytes': 200, 'compare_workdir': '',
           'prompt': 'def main(argv):\n    '}
-  for a in argv:
-    k, _, v = a.lstrip('-').partition('=')
-    if k not in opts:
-      raise SystemExit(f'unknown argument {a!r}\n{__doc__}')
-    opts[k] = type(opts[k])(v)
+  opts = cli.parse_opts(argv, opts, __doc__)
   return opts
 
 

@@ -30,18 +30,16 @@ import re
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import cli  # pylint: disable=wrong-import-position
+
 
 def parse(argv):
   opts = {'configs': 'configs/subword_lm.py:1b,configs/hat.py:1b', 'data': 64, 'fsdp': 4,
-          'batch_size': 256, 'compile': 'true', 'check': 'true', 'cpu_attention': 'blocked',
+          'batch_size': 256, 'compile': True, 'check': True, 'cpu_attention': 'blocked',
           'compile_configs': ''}
-  for a in argv:
-    k, _, v = a.lstrip('-').partition('=')
-    if k not in opts:
-      raise SystemExit(f'unknown argument {a!r}\n{__doc__}')
-    opts[k] = type(opts[k])(v)
-  opts['compile'] = opts['compile'].lower() in ('1', 'true', 'yes')
-  opts['check'] = opts['check'].lower() in ('1', 'true', 'yes')
+  opts = cli.parse_opts(argv, opts, __doc__)
   return opts
 
 
@@ -165,7 +163,6 @@ def main(argv):
   if '--xla_force_host_platform_device_count' not in flags:
     os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={n}'.strip()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax
   if jax.device_count() != n:
     raise SystemExit(f'{jax.device_count()} devices, expected data x fsdp = {n} (start a fresh '

@@ -19,15 +19,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import cli  # pylint: disable=wrong-import-position
+
 
 def parse(argv):
   opts = {'pool_presets': 'tiny,small', 'pool_batch': 0, 'lm': 'configs/subword_lm.py:small',
           'lm_batch': 2, 'rounds': 5, 'chunks': '0,256,-1'}
-  for a in argv:
-    k, _, v = a.lstrip('-').partition('=')
-    if k not in opts:
-      raise SystemExit(f'unknown argument {a!r}\n{__doc__}')
-    opts[k] = type(opts[k])(v)
+  opts = cli.parse_opts(argv, opts, __doc__)
   return opts
 
 
