@@ -171,7 +171,10 @@ def _run(args, cfg, module, overrides) -> int:
   if args.mode == 'train':
     out = trainer.train(cfg, args.workdir)
     return {None: 0, 'SIGTERM': 143, 'SIGINT': 130}.get(out.get('signal'), 0)
-  if args.mode == 'eval':
+  if args.mode == 'eval' and cfg.get('dynamic', ''):
+    from train import dynamic  # pylint: disable=import-outside-toplevel
+    dynamic.run(cfg, args.workdir, step=args.step)
+  elif args.mode == 'eval':
     trainer.evaluate(cfg, args.workdir, step=args.step)
   elif args.mode == 'sample':
     trainer.sample(cfg, args.workdir, step=args.step)

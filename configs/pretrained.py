@@ -47,6 +47,12 @@ def get_config(preset: str = 'smollm2'):
                                                   # on these documents; encoder transfer is
                                                   # scored on these validation sentences
   c.transfer.eval_sentences = 500  # encoder transfer: held-out sentences compared
+  # dynamic tokenization (train/dynamic.py, --mode=eval / sample): batch-level merges on top of
+  # the model's tokenization, new tokens embedded by the hypernetwork (transfer.hypernet_workdir)
+  # or FVT
+  c.dynamic = ''                 # '' off | 'merges:N[,N..]' per batch | 'compression:F[,F..]'
+  c.dynamic_embeddings = 'hypernet,fvt'  # hypernet falls back to fvt without a hypernetwork
+  c.dynamic_boundary = 'pretokens'       # merges stay in one pretoken | 'words' (whitespace)
   c.sample.temperature = 0.0
   c.sample.max_new_tokens = 64
   return c

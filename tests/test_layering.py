@@ -10,7 +10,7 @@ Inside train/, by rank (the same rule):
   2  trainer                                                     (the one loop)
   3  runs                                                        (finished runs as inputs)
   4  families/<name>                                             (the families)
-  5  sweep, evaluator, transfer, cross_family                    (orchestration)
+  5  sweep, evaluator, transfer, dynamic, cross_family           (orchestration)
 configs/ may import configs, models and data only (a config builds no family).
 """
 import ast
@@ -22,7 +22,7 @@ PACKAGE_RANK = {'data': 0, 'models': 1, 'train': 2, 'configs': 3, 'benchmarks': 
                 'launch': 3, 'tests': 3}
 TRAIN_RANK = {'config_lib': 0, 'partitioning': 0, 'metrics': 0, 'checkpoint': 0, 'storage': 0,
               'launching': 0, 'families': 1, 'evals': 1, 'trainer': 2, 'runs': 3,
-              'sweep': 5, 'evaluator': 5, 'transfer': 5, 'cross_family': 5}
+              'sweep': 5, 'evaluator': 5, 'transfer': 5, 'cross_family': 5, 'dynamic': 5}
 WHY = {
     'data': 'data/ is the bottom layer: it reads and encodes text and knows no model or trainer',
     'models': 'models/ are Flax modules and their math: they may use data/, never the trainer',

@@ -189,3 +189,79 @@ def test_bad_target_tokenizer_files(tmp_path):
       target_tokenizers.check_file(str(bad))
   with pytest.raises(FileNotFoundError, match='nope.json'):
     target_tokenizers.check_file(str(tmp_path / 'nope.json'))
+
+
+def test_dynamic_tokenization(tiny, tmp_path, capsys):
+  """Batch-level merges with hypernetwork and FVT embeddings: a merge-free pass equals the plain
+  eval, merged rows spell every scored byte once, bad settings are named."""
+  from data import dynamic_bpe  # pylint: disable=import-outside-toplevel
+  from train import dynamic, trainer  # pylint: disable=import-outside-toplevel
+  root, _, overrides = tiny
+  zwd = str(root / 'zett')
+  if not os.path.exists(os.path.join(zwd, 'config.json')):
+    trainer.train(_zett_cfg(overrides), zwd)
+  cfg, _ = config_lib.load('configs/pretrained.py:smollm2')
+  cfg.unlock()
+  config_lib.override(cfg, {**overrides, 'train.eval_batches': 2, 'dynamic': 'merges:2,1000',
+                            'dynamic_boundary': 'words', 'transfer.hypernet_workdir': zwd})
+  out = dynamic.run(cfg, str(tmp_path / 'dyn'))
+  rows = {(r['setting'], r['embeddings']): r for r in out['rows']}
+  plain = rows[('none (plain eval)', '-')]
+  for method in ('hypernet', 'fvt'):
+    r = rows[('merges:2', method)]
+    assert r['merges_per_batch'] == 2 and r['token_reduction'] > 0
+    assert r['tokens_per_byte'] < plain['tokens_per_byte'] and np.isfinite(r['bpb'])
+    # a budget larger than the text allows: merged until no pair is left, counted
+    big = rows[('merges:1000', method)]
+    assert big['batches_out_of_pairs'] >= 1 and 2 < big['merges_per_batch'] < 1000
+    assert big['token_reduction'] > r['token_reduction']
+  assert 'no pair was left to merge' in capsys.readouterr().out
+  assert out['cache']['fvt']['cache_hits'] > 0  # rows reused across batches and settings
+
+  # merge-free through the dynamic path = the plain eval; merged rows keep every byte once
+  setup, state, _ = trainer.restore(cfg, str(tmp_path / 'dyn'))
+  model = setup.model(state['params'])
+  batches = setup.family.eval_batches(0, 1, 2)
+  dyn = dynamic_bpe.DynamicBPE(setup.family.encoder, 7, 'words')
+  graphdef, lm_state = nnx.split(model)
+  fn = dynamic._nll_fn(graphdef, model.dtype)  # pylint: disable=protected-access
+  e = np.asarray(model.embed.embedding[...])
+  emb = dynamic.Embedder('fvt', e, e, {}, dyn.base_bytes)
+  zero = [dyn.merge(b, 'merges', 0) for b in batches]
+  for b, z in zip(batches, zero):
+    chex.assert_trees_all_equal(b, z.batch)
+  tot = dynamic.score(fn, lm_state, zero, emb, 8)
+  np.testing.assert_allclose(tot[0] / tot[2] / np.log(2), plain['bpb'], rtol=1e-5)
+  merged = dyn.merge(batches[0], 'compression', 0.1)
+  assert merged.tokens_after <= 0.9 * merged.tokens_before + 1 and merged.parts
+  # the hypernetwork's rows are its own predictions (not FVT's), cached by string
+  from train import transfer  # pylint: disable=import-outside-toplevel
+  hyper = dynamic.Embedder('hypernet', e, e, {}, dyn.base_bytes,
+                           transfer.load_predictor(zwd, overrides['model.source']))
+  h_in, _ = hyper.rows(merged.parts, 8)
+  f_in, _ = emb.rows(merged.parts, 8)
+  n = len(merged.parts)
+  assert np.abs(h_in[:n] - f_in[:n]).max() > 0 and hyper.stats['cache_hits'] == 0
+  hyper.rows(merged.parts, 8)
+  assert hyper.stats['cache_hits'] == n
+  dynamic_bpe.check_bytes(batches[0], merged, dyn.base_bytes, dyn.vocab)
+  bad = dynamic_bpe.Merged({k: v.copy() for k, v in merged.batch.items()}, merged.parts,
+                           merged.merges, 0, 0, False)
+  col = int(np.flatnonzero(bad.batch['target_bytes'][0])[-1])
+  bad.batch['weights'][0, col] = 0  # a dropped token: its bytes are no longer scored
+  with pytest.raises(AssertionError, match='row 0'):
+    dynamic_bpe.check_bytes(batches[0], bad, dyn.base_bytes, dyn.vocab)
+
+  # bad input
+  for spec, msg in (('merges:0', 'merges nothing'), ('compression:1.5', 'not a fraction'),
+                    ('tokens:5', "expected 'merges:N"), ('merges:x', 'not a number')):
+    with pytest.raises(ValueError, match=msg):
+      dynamic_bpe.parse_spec(spec)
+  cfg.transfer.hypernet_workdir = ''
+  cfg.dynamic = 'merges:2'
+  fallback = dynamic.run(cfg, str(tmp_path / 'dyn2'))
+  assert 'no hypernetwork' in capsys.readouterr().out
+  assert {r['embeddings'] for r in fallback['rows']} == {'-', 'fvt'}
+  zcfg = _zett_cfg(overrides, dynamic='merges:2')
+  with pytest.raises(ValueError, match='hypernet_workdir'):
+    dynamic.check_config(zcfg)

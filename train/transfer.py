@@ -171,6 +171,7 @@ def load_predictor(workdir: str, source: str):
     pieces = hypernet.piece_ids(run.family.base.tokenizer, strings, run.cfg.hypernet.max_pieces)
     return pipeline.map_in_batches(predict, pieces, 4096, fill=-1)
 
+  predictor.max_pieces = int(run.cfg.hypernet.max_pieces)
   return predictor
 
 
