@@ -21,6 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.txt_split = 'paragraph'  # local .txt files: 'file' | 'paragraph' (blank lines) | 'line'
   d.max_doc_chars = 100_000  # longer documents are cut into pieces (counted)
   d.max_docs = 0             # >0: use only the first N documents of each split (smoke runs)
+  d.doc_filter = ''          # regex: only documents whose 'name' matches (e.g. the embedded
+                             # corpus's prose '^(topic|docstring)/', its code '^src/')
   d.char_map = ''            # 'FROM=TO' (e.g. 'qrstuvwxyz=abcdefghij'): characters mapped in every
                              # document of every split before encoding ('' = none)
   d.encoder = 'bytes'        # 'bytes' | 'bpe' (trained on the train split, cached) | 'tokenizer:PATH'

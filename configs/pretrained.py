@@ -41,7 +41,8 @@ def get_config(preset: str = 'smollm2'):
   # --mode=transfer (train/transfer.py): the new tokenizer and the initializations to compare
   c.target_tokenizer = ''        # PATH/tokenizer.json, bpe:N or unigram:N (trained on data.source)
   c.transfer = ml_collections.ConfigDict()
-  c.transfer.methods = 'lexical,fvt'  # + 'hypernet' with transfer.hypernet_workdir
+  c.transfer.methods = 'lexical,fvt'  # + 'focus', + 'hypernet' with transfer.hypernet_workdir
+  c.transfer.focus_max_chars = 2_000_000  # target text read for FOCUS's static embeddings
   c.transfer.hypernet_workdir = ''   # a trained configs/zett.py run
   c.transfer.text_filter = '^(topic|docstring)/'  # English prose: unigram:N / wordpiece:N train
                                                   # on these documents; encoder transfer is

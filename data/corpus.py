@@ -52,6 +52,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import sysconfig
 import warnings
@@ -734,10 +735,48 @@ class MappedSource:
     return f'MappedSource({self.name!r}, {len(self)} documents)'
 
 
+class FilteredSource:
+  """A DocSource view of the documents whose 'name' matches a regex (`data.doc_filter`: e.g.
+  only the embedded corpus's English prose, '^(topic|docstring)/', or only its code)."""
+
+  def __init__(self, source, pattern: str):
+    try:
+      regex = re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f'data.doc_filter={pattern!r} is not a regular expression: {e}') from None
+    self.source = source
+    self.index = [i for i in range(len(source))
+                  if regex.search(str(source.record(i).get('name', '')))]
+    if not self.index:
+      raise ValueError(f'data.doc_filter={pattern!r} matches no document name of '
+                       f'{source.name} ({len(source)} documents)')
+    self.name = f'{source.name}[doc_filter={pattern}]'
+    self.stats = {**getattr(source, 'stats', {}), 'doc_filter_kept': len(self.index)}
+
+  def __len__(self):
+    return len(self.index)
+
+  def __getitem__(self, i: int) -> str:
+    return self.source[self.index[i]]
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def record(self, i: int) -> dict[str, Any]:
+    return self.source.record(self.index[i])
+
+  def __repr__(self):
+    return f'FilteredSource({self.name!r}, {len(self)} documents)'
+
+
 def get_source(cfg_data, split: str) -> DocSource:
-  """The documents of `split` for the `data` config (source, data_dir, text_key, ...), mapped
-  through `data.char_map` when it is set."""
+  """The documents of `split` for the `data` config (source, data_dir, text_key, ...), only
+  those whose name matches `data.doc_filter` when it is set, mapped through `data.char_map` when
+  it is set."""
   source = _get_source(cfg_data, split)
+  pattern = str(cfg_data.get('doc_filter', '') or '')
+  if pattern:
+    source = FilteredSource(source, pattern)
   spec = str(cfg_data.get('char_map', '') or '')
   return MappedSource(source, spec) if spec else source
 

@@ -448,3 +448,28 @@ def test_make_iterators_from_config(tmp_path):
   assert len(list(ev)) == len(list(ev)) >= 1  # re-iterable
   with pytest.raises(ValueError, match='divisible'):
     pipeline.make_train_iterator(cfg, enc, 0, 3)
+
+
+def test_doc_filter_keeps_matching_names():
+  class Fake:
+    name = 'fake'
+    stats = {}
+    docs = [('src/a.py', 'x = 1'), ('topic/intro', 'Hello.'), ('src/b.py', 'y = 2')]
+
+    def __len__(self):
+      return len(self.docs)
+
+    def record(self, i):
+      return {'name': self.docs[i][0], 'text': self.docs[i][1]}
+
+    def __getitem__(self, i):
+      return self.docs[i][1]
+
+  from data import corpus  # pylint: disable=import-outside-toplevel
+  src = corpus.FilteredSource(Fake(), '^src/')
+  assert len(src) == 2 and list(src) == ['x = 1', 'y = 2']
+  assert src.record(1)['name'] == 'src/b.py' and src.stats['doc_filter_kept'] == 2
+  with pytest.raises(ValueError, match='matches no document'):
+    corpus.FilteredSource(Fake(), '^nothing')
+  with pytest.raises(ValueError, match='not a regular expression'):
+    corpus.FilteredSource(Fake(), '(')

@@ -115,11 +115,16 @@ def test_transfer_with_the_hypernetwork(tiny, data_dir, tmp_path):
   cfg.unlock()
   config_lib.override(cfg, {**overrides, 'target_tokenizer': 'unigram:300',
                             'transfer.text_filter': '',
-                            'transfer.methods': 'lexical,fvt,hypernet',
+                            'transfer.methods': 'lexical,fvt,focus,hypernet',
                             'transfer.hypernet_workdir': zwd})
   out = transfer.run(cfg, str(tmp_path / 'tr'))
   rows = {r['model']: r for r in out['rows']}
-  assert set(rows) == {'base', 'lexical', 'fvt', 'hypernet'}
+  assert set(rows) == {'base', 'lexical', 'fvt', 'focus', 'hypernet'}
+  # FOCUS: a new token seen in the target text is a sparse combination of shared tokens (see
+  # test_sparsemax_and_focus_rows), an unseen one gets FVT: every new token is one of the two
+  assert rows['focus']['shared'] == rows['fvt']['shared']
+  assert rows['focus']['focus'] + rows['focus']['pieces'] == rows['fvt']['pieces']
+  assert np.isfinite(rows['focus']['bpb'])
   assert rows['hypernet']['predicted'] > 250 and rows['hypernet']['vocab'] == rows['fvt']['vocab']
   assert abs(rows['hypernet']['bpb'] - rows['fvt']['bpb']) < 0.5 * rows['fvt']['bpb']
   tok = pretrained.load(str(tmp_path / 'tr' / 'hypernet')).tokenizer
@@ -136,6 +141,23 @@ def test_transfer_with_the_hypernetwork(tiny, data_dir, tmp_path):
     transfer.run(cfg, str(tmp_path / 'tr2'))
   del data_dir
 
+
+
+def test_sparsemax_and_focus_rows():
+  from train import transfer  # pylint: disable=import-outside-toplevel
+  z = np.array([[0.9, 0.85, 0.1, -0.3], [0.2, 0.2, 0.2, 0.2], [3.0, 0.0, 0.0, 0.0]])
+  p = transfer.sparsemax(z)
+  np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(p[0], [0.525, 0.475, 0, 0], atol=1e-6)  # sparse
+  np.testing.assert_allclose(p[1], 0.25, atol=1e-6)
+  np.testing.assert_allclose(p[2], [1, 0, 0, 0])
+  # a new token whose static vector points at one shared token takes (mostly) its embedding
+  base_e = np.eye(3, dtype=np.float32)
+  static = np.array([[1, 0], [0, 1], [0.99, 0.01], [0, 0]], np.float32)
+  rows = transfer._focus_rows(  # pylint: disable=protected-access
+      base_e, {'a': 0, 'b': 1}, {'a': 0, 'b': 1, 'ab': 2, 'zz': 3}, set(), static)
+  assert set(rows) == {2}  # 'zz' has no static vector (FVT fallback)
+  assert rows[2][0] > 0.5 and abs(rows[2].sum() - 1) < 1e-5
 
 
 def test_wordpiece_split():

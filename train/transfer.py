@@ -15,6 +15,12 @@ Methods (the baselines of the tokenizer-transfer literature):
            others get the mean base embedding.
   fvt      Fast Vocabulary Transfer: shared tokens are copied; any other token is split by the
            base tokenizer's BPE into base pieces, and gets their mean embedding.
+  focus    FOCUS (Dobler & de Melo 2023): shared tokens are copied; any other token is a sparse,
+           similarity-weighted combination of the shared tokens' base embeddings, with weights
+           sparsemax(cosine) between small static embeddings of the target tokens, trained on
+           the target text tokenized by the target tokenizer (`static_embeddings`: PPMI of
+           window co-occurrences + truncated SVD, standing in for the paper's fastText). Tokens
+           absent from that text have no static vector and get FVT (counted).
   hypernet the embeddings the trained ZeTT hypernetwork (`transfer.hypernet_workdir`, a
            configs/zett.py run on the same base model) predicts for every non-special token.
 Special tokens of the target keep the embedding of the base special with the same string, else
@@ -41,14 +47,17 @@ from train.evals import report
 from train.families.pretrained import load_source
 from train.metrics import log0
 
-METHODS = ('lexical', 'fvt', 'hypernet')
+METHODS = ('lexical', 'fvt', 'focus', 'hypernet')
 
 
 def transfer_matrix(base_E: np.ndarray, base_tok, target_tok, method: str,
-                    doc_token_id: int, predicted: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, dict]:
+                    doc_token_id: int, predicted: np.ndarray | None = None,
+                    static: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
   """[V_target, D] embeddings for `target_tok` from the base matrix (or, for 'hypernet', the
-  `predicted` rows); and the counts of rows per initialization."""
+  `predicted` rows; for 'focus', `static` [V_target, K] target-side static embeddings, zero rows
+  for tokens without one); and the counts of rows per initialization."""
+  if (method == 'focus') != (static is not None):
+    raise ValueError('the focus method (and only it) needs static target embeddings')
   if method not in METHODS:
     raise ValueError(f'unknown transfer method {method!r}: expected one of {METHODS}')
   if (method == 'hypernet') != (predicted is not None):
@@ -68,6 +77,9 @@ def transfer_matrix(base_E: np.ndarray, base_tok, target_tok, method: str,
   counts = {'special': 0, 'shared': 0, 'pieces': 0, 'mean': 0}
   if predicted is not None:
     counts = {'special': 0, 'predicted': 0}
+  if method == 'focus':
+    counts['focus'] = 0
+    focus_rows = _focus_rows(base_E, base_vocab, target_vocab, specials, static)
   for s, i in target_vocab.items():
     if s in specials:
       out[i] = base_E[base_vocab.get(s, doc_token_id)]
@@ -78,7 +90,10 @@ def transfer_matrix(base_E: np.ndarray, base_tok, target_tok, method: str,
     elif s in base_vocab:
       out[i] = base_E[base_vocab[s]]
       counts['shared'] += 1
-    elif method == 'fvt':
+    elif method == 'focus' and i in focus_rows:
+      out[i] = focus_rows[i]
+      counts['focus'] += 1
+    elif method in ('fvt', 'focus'):
       pieces = [t.id for t in base_tok.model.tokenize(s)]
       if pieces:
         out[i] = base_E[pieces].mean(0)
@@ -93,10 +108,90 @@ def transfer_matrix(base_E: np.ndarray, base_tok, target_tok, method: str,
   return out, counts
 
 
-def transferred_model(base: pretrained.Pretrained, target_tok, method: str, predictor=None):
+def sparsemax(z_NxK: np.ndarray) -> np.ndarray:
+  """Sparsemax (Martins & Astudillo 2016) of each row: the Euclidean projection onto the
+  simplex; rows sum to 1 and most entries are exactly 0."""
+  z = np.sort(z_NxK, axis=-1)[:, ::-1]
+  k = np.arange(1, z.shape[1] + 1)
+  cums = np.cumsum(z, axis=-1)
+  support = 1 + k * z > cums
+  k_z = support.sum(-1, keepdims=True)
+  tau = (np.take_along_axis(cums, k_z - 1, axis=-1) - 1) / k_z
+  return np.maximum(z_NxK - tau, 0.0)
+
+
+def _focus_rows(base_E, base_vocab, target_vocab, specials, static) -> dict[int, np.ndarray]:
+  """FOCUS rows of the target tokens that the base lacks and that have a static vector."""
+  shared = [(i, base_vocab[s]) for s, i in target_vocab.items()
+            if s not in specials and s in base_vocab]
+  new = [i for s, i in target_vocab.items() if s not in specials and s not in base_vocab]
+  norm = np.linalg.norm(static, axis=-1)
+  shared = [(i, j) for i, j in shared if norm[i] > 0]
+  new = [i for i in new if norm[i] > 0]
+  if not shared or not new:
+    return {}
+  unit = static / np.maximum(norm, 1e-12)[:, None]
+  anchors = unit[[i for i, _ in shared]]
+  base_rows = base_E[[j for _, j in shared]]
+  out = {}
+  for a in range(0, len(new), 1024):
+    ids = new[a:a + 1024]
+    w = sparsemax(unit[ids] @ anchors.T)
+    for i, row in zip(ids, w @ base_rows):
+      out[i] = row
+  return out
+
+
+def static_embeddings(target_tok, texts, dim: int = 100, window: int = 5,
+                      max_chars: int = 2_000_000) -> np.ndarray:
+  """float32 [V_target, dim] static token embeddings trained on `texts` tokenized by
+  `target_tok`: positive PMI of co-occurrences within `window` tokens (1/distance weighted),
+  reduced by truncated SVD (U * sqrt(S)). Tokens that never occur get zero rows."""
+  import scipy.sparse  # pylint: disable=import-outside-toplevel
+  import scipy.sparse.linalg  # pylint: disable=import-outside-toplevel
+  v = max(target_tok.get_vocab(with_added_tokens=True).values()) + 1
+  chunks, used = [], 0
+  for t in texts:
+    chunks.append(t[:max_chars - used])
+    used += len(chunks[-1])
+    if used >= max_chars:
+      break
+  rows, cols, vals = [], [], []
+  for e in target_tok.encode_batch(chunks, add_special_tokens=False):
+    ids = np.asarray(e.ids, np.int64)
+    for d in range(1, window + 1):
+      if len(ids) > d:
+        rows += [ids[:-d], ids[d:]]
+        cols += [ids[d:], ids[:-d]]
+        vals += [np.full(2 * (len(ids) - d), 1.0 / d)]
+  if not rows:
+    raise ValueError('FOCUS: the target text is empty: no static embeddings to train')
+  m = scipy.sparse.coo_matrix((np.concatenate(vals), (np.concatenate(rows),
+                                                      np.concatenate(cols))),
+                              shape=(v, v)).tocsr()
+  m.sum_duplicates()
+  total = m.sum()
+  row = np.asarray(m.sum(1)).ravel()
+  col = np.asarray(m.sum(0)).ravel() ** 0.75  # context distribution smoothing
+  col = col / col.sum() * total
+  m = m.tocoo()
+  pmi = np.log(m.data * total / (row[m.row] * col[m.col]))
+  keep = pmi > 0
+  ppmi = scipy.sparse.csr_matrix((pmi[keep], (m.row[keep], m.col[keep])), shape=(v, v))
+  k = min(dim, v - 2)
+  u, sv, _ = scipy.sparse.linalg.svds(ppmi, k=k, random_state=0)
+  out = (u * np.sqrt(sv)).astype(np.float32)
+  out[row == 0] = 0.0
+  return out
+
+
+def transferred_model(base: pretrained.Pretrained, target_tok, method: str, predictor=None,
+                      static: np.ndarray | None = None):
   """(TokenLM with the target vocabulary, counts). `predictor(token strings) -> (input [N, D],
-  output [N, D] or None)` is the hypernetwork, for method 'hypernet'."""
+  output [N, D] or None)` is the hypernetwork, for method 'hypernet'; `static` the target
+  tokens' static embeddings, for method 'focus'."""
   cfg = base.cfg_model
+  static = static if method == 'focus' else None
   tensors = pretrained._collect(base.model, cfg)  # pylint: disable=protected-access
   pred_in = pred_out = None
   if method == 'hypernet':
@@ -109,12 +204,12 @@ def transferred_model(base: pretrained.Pretrained, target_tok, method: str, pred
       strings[i] = s
     pred_in, pred_out = predictor(strings)
   e, counts = transfer_matrix(tensors['model.embed_tokens.weight'], base.tokenizer, target_tok,
-                              method, base.meta['doc_token_id'], pred_in)
+                              method, base.meta['doc_token_id'], pred_in, static)
   tensors['model.embed_tokens.weight'] = e
   if not cfg.tie_embeddings:
     tensors['lm_head.weight'], _ = transfer_matrix(
         tensors['lm_head.weight'], base.tokenizer, target_tok, method, base.meta['doc_token_id'],
-        pred_out if pred_out is not None else pred_in)
+        pred_out if pred_out is not None else pred_in, static)
   model = pretrained._build(cfg, e.shape[0], tensors, 'transfer')  # pylint: disable=protected-access
   return model, counts
 
@@ -130,6 +225,10 @@ def run(cfg, workdir: str) -> dict:
                                                 cfg.transfer.text_filter)
   workdir = storage.check_workdir(workdir)
   methods = [m.strip() for m in str(cfg.transfer.methods).split(',') if m.strip()]
+  for method in methods:
+    if method not in METHODS:
+      raise ValueError(f'transfer.methods={cfg.transfer.methods!r}: unknown method {method!r}; '
+                       f'expected some of {METHODS}')
   rows = []
   base_ev = trainer.evaluate(copy.deepcopy(cfg), os.path.join(workdir, 'base'))
   rows.append({'model': 'base', 'tokenizer': base.meta['source'],
@@ -140,8 +239,17 @@ def run(cfg, workdir: str) -> dict:
       raise ValueError('transfer.methods includes hypernet: set transfer.hypernet_workdir to a '
                        'trained configs/zett.py run')
     predictor = load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source)
+  static = None
+  if 'focus' in methods:
+    spec = str(cfg.target_tokenizer)
+    name_filter = str(cfg.transfer.text_filter or '') if spec.startswith('unigram:') else ''
+    static = static_embeddings(target, target_tokenizers.texts(cfg.data, cfg.data.train_split,
+                                                               name_filter),
+                               max_chars=int(cfg.transfer.get('focus_max_chars', 2_000_000)))
+    log0(f'[transfer] FOCUS static embeddings: {static.shape[1]} dimensions, '
+         f'{int((np.abs(static).sum(1) > 0).sum())} of {static.shape[0]} target tokens seen')
   for method in methods:
-    model, counts = transferred_model(base, target, method, predictor)
+    model, counts = transferred_model(base, target, method, predictor, static)
     meta = target.get_vocab(with_added_tokens=True)
     doc = next((meta[t] for t in ('<|endoftext|>', '<eos>', '</s>') if t in meta), -1)
     with storage.local_dir(storage.join(workdir, method)) as out_dir:  # a bucket: staged
