@@ -176,6 +176,9 @@ def _run(args, cfg, module, overrides) -> int:
     dynamic.run(cfg, args.workdir, step=args.step)
   elif args.mode == 'eval':
     trainer.evaluate(cfg, args.workdir, step=args.step)
+  elif args.mode == 'sample' and cfg.get('dynamic', ''):
+    from train import dynamic  # pylint: disable=import-outside-toplevel
+    dynamic.sample(cfg, args.workdir, step=args.step)
   elif args.mode == 'sample':
     trainer.sample(cfg, args.workdir, step=args.step)
   elif args.mode == 'sweep':

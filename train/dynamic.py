@@ -237,3 +237,82 @@ def run(cfg, workdir: str, step: int | None = None) -> dict:
                         'max_parts': max_parts, 'cache': cache, 'n_bytes': n_bytes,
                         'eval_batches': len(batches)})
   return {'rows': rows, 'cache': cache}
+
+
+def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
+  """`--mode=sample` with `dynamic`: the prompt is tokenized by the model, merged by the first
+  setting of `dynamic` (the prompt is the batch), the new tokens embedded by the first of
+  `dynamic_embeddings`; generation then draws from the base vocabulary plus the prompt's new
+  tokens (a generated new token is written out as the bytes it spells). Uncached: each new
+  token runs the model over the padded sequence (one compilation)."""
+  from models import token_lm  # pylint: disable=import-outside-toplevel
+  kind, value = check_config(cfg)[0]
+  method = methods_of(cfg)[0]
+  if not str(cfg.sample.prompt):
+    raise ValueError('sample.prompt is empty: dynamic tokenization merges the prompt\'s tokens')
+  predictor = None
+  if method == 'hypernet':
+    from train import transfer  # pylint: disable=import-outside-toplevel
+    predictor = transfer.load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source)
+  setup, state, s = trainer.restore(cfg, workdir, step)
+  enc = setup.family.encoder
+  model = setup.model(state['params'])
+  dyn = dynamic_bpe.DynamicBPE(enc, predictor.max_pieces if predictor else 7,
+                               str(cfg.get('dynamic_boundary', 'pretokens')))
+  ids = [enc.bos_id] + [int(t) for t in enc.encode(cfg.sample.prompt)]
+  n_new_max = int(cfg.sample.max_new_tokens)
+  total = len(ids) + n_new_max
+  row = {k: np.zeros((1, len(ids) - 1), np.int32) for k in ('inputs', 'targets', 'segment_ids',
+                                                           'positions', 'target_bytes')}
+  row['weights'] = np.ones((1, len(ids) - 1), np.float32)
+  row['inputs'][0], row['targets'][0] = ids[:-1], ids[1:]
+  row['segment_ids'][0], row['positions'][0] = 1, np.arange(len(ids) - 1)
+  merged = dyn.merge(row, kind, value)
+  w = merged.batch['weights'][0] > 0
+  prompt = [int(merged.batch['inputs'][0, 0])] + [int(t) for t in merged.batch['targets'][0][w]]
+  base_in = np.asarray(model.embed.embedding[...], np.float32)
+  base_out = base_in if model.tie_embeddings else np.asarray(model.readout.kernel[...]).T
+  emb = Embedder(method, base_in, base_out, enc.tokenizer.get_vocab(with_added_tokens=True),
+                 dyn.base_bytes, predictor)
+  pad = _bucket(len(merged.parts))
+  e_in, e_out = emb.rows(merged.parts, pad)
+  graphdef, lm_state = nnx.split(model)
+  v = dyn.vocab
+
+  @jax.jit
+  def next_logits(lm_state, e_in, e_out, tokens, length):
+    lm = nnx.merge(graphdef, lm_state)
+    bi = lm.embed.embedding[...]
+    bo = bi if lm.tie_embeddings else lm.readout.kernel[...].T
+    ti = jnp.concatenate([bi, e_in.astype(bi.dtype)])
+    to = jnp.concatenate([bo, e_out.astype(bo.dtype)])
+    x = jnp.take(ti, tokens, axis=0).astype(lm.dtype)[None]
+    h, _ = lm.transformer(x, jnp.arange(tokens.shape[0])[None], None)
+    last = jax.lax.dynamic_index_in_dim(h[0], length - 1, keepdims=False)
+    logits = jnp.einsum('d,vd->v', last, to.astype(lm.dtype), preferred_element_type=jnp.float32)
+    return jnp.where(jnp.arange(to.shape[0]) < v + len(merged.parts), logits, -jnp.inf)
+
+  seq = np.full(total, enc.pad_id, np.int32)
+  seq[:len(prompt)] = prompt
+  n = len(prompt)
+  rng = jax.random.key(cfg.sample.seed)
+  for _ in range(n_new_max):
+    logits = next_logits(lm_state, jnp.asarray(e_in), jnp.asarray(e_out), jnp.asarray(seq),
+                         jnp.int32(n))
+    rng, sub = jax.random.split(rng)
+    tok = int(token_lm.sample_logits(logits[None], jnp.float32(cfg.sample.temperature),
+                                     jnp.float32(cfg.sample.top_p), sub)[0])
+    if tok == enc.eos_id:
+      break
+    seq[n] = tok
+    n += 1
+  spelled = [b''.join(dyn.base_bytes[x] for x in p) for p in merged.parts]
+  gen = seq[len(prompt):n]
+  text = b''.join(dyn.base_bytes[t] if t < v else spelled[t - v] for t in gen)
+  used = int((gen >= v).sum())
+  out = cfg.sample.prompt + text.decode('utf-8', errors='replace')
+  log0(f'[dynamic] prompt: {len(ids) - 1} tokens -> {len(prompt) - 1} after {merged.merges} '
+       f'merges ({method} embeddings); generated {len(gen)} tokens, {used} of them new tokens')
+  log0(f'--- dynamic sample (step {s}, {kind}:{value:g}, temperature '
+       f'{cfg.sample.temperature})\n{out}')
+  return [out]
