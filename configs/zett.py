@@ -7,15 +7,25 @@
       --config.transfer.methods=lexical,fvt,hypernet \
       --config.transfer.hypernet_workdir=runs/zett_smollm2
 
-Presets: `smollm2` (CPU-sized: 4k sampled vocabularies, 4 x 128 tokens per step) and
-`smollm2_gpu` (32k vocabularies, 32 x 512 tokens). See train/families/zett.py for the step.
+  # the sentence encoder all-MiniLM-L6-v2: sampled WordPiece vocabularies, sentence-embedding
+  # cosine loss; then --mode=transfer with configs/pretrained.py:minilm
+  python launch.py --config=configs/zett.py:minilm --workdir=runs/zett_minilm
+  python launch.py --config=configs/pretrained.py:minilm --workdir=runs/minilm_wp8k \
+      --mode=transfer --config.target_tokenizer=wordpiece:8192 \
+      --config.transfer.methods=lexical,fvt,hypernet \
+      --config.transfer.hypernet_workdir=runs/zett_minilm
+
+Presets: `smollm2` (CPU-sized: 4k sampled vocabularies, 4 x 128 tokens per step),
+`smollm2_gpu` (32k vocabularies, 32 x 512 tokens) and `minilm` (`zett.kind='encoder'`:
+WordPiece vocabularies of at most 4k tokens sampled from 8 sentences of the English prose per
+step, 128 tokens per sentence row). See train/families/zett.py for the step.
 """
 import ml_collections
 
 from configs import pretrained
 from models import hypernet
 
-PRESETS = ('smollm2', 'smollm2_gpu')
+PRESETS = ('smollm2', 'smollm2_gpu', 'minilm')
 
 
 def get_config(preset: str = 'smollm2'):
@@ -24,6 +34,7 @@ def get_config(preset: str = 'smollm2'):
   c.hypernet = hypernet.default_config()
   c.hypernet.anchor = 'fvt'    # start from FVT, learn the correction (models/hypernet.py)
   c.zett = z = ml_collections.ConfigDict()
+  z.kind = 'decoder'           # 'decoder' (a TokenLM base) | 'encoder' (a BERT sentence encoder)
   z.vocab_size = 4096          # tokens of every sampled vocabulary (and of the eval tokenizer)
   z.noise_std = 1.0            # std of the log-normal noise on substring counts
   z.max_piece_chars = 16       # longest candidate token, in byte-alphabet characters
@@ -33,6 +44,7 @@ def get_config(preset: str = 'smollm2'):
   z.warmup_tokens = 1024       # base tokens per warm-up step
   z.aux_weight = 0.5           # auxiliary MSE on shared tokens
   z.bytes_per_token = 4        # text bytes read per row = seq_len * this (surplus tokens cut)
+  z.max_text_bytes = 400       # encoders: longer sentences are re-split (data/sentences.py)
   c.data.seq_len = 128
   c.data.prefetch = 2
   t = c.train
@@ -45,4 +57,11 @@ def get_config(preset: str = 'smollm2'):
     t.batch_size, t.steps, t.eval_batches = 32, 20_000, 16
     z.warmup_steps = 1000
     c.ckpt.every = 1000
+  if preset == 'minilm':
+    c.model.source = 'minilm'
+    z.kind = 'encoder'
+    z.warmup_steps = 0         # no identity warm-up: the FVT anchor starts there
+    z.sampler_docs = 8         # training documents beside the step's sentences
+    t.batch_size, t.eval_batches = 8, 8  # sentences per step / eval batches of 8 sentences
+    c.hypernet.d_model, c.hypernet.num_layers, c.hypernet.mlp_dim = 128, 2, 512
   return c

@@ -15,6 +15,14 @@ The result is an HF `tokenizers.Tokenizer` (Unigram model, ByteLevel pre-tokeniz
 whose token strings are in the same byte alphabet as the base BPE, so the hypernetwork can split
 each of them into base pieces (`models.hypernet.piece_ids`).
 
+`sample_wordpiece(texts, ...)` is the same idea for BERT-style encoders: an uncased WordPiece
+(BertNormalizer, BertPreTokenizer, [CLS] .. [SEP]) whose vocabulary is [PAD] [UNK] [CLS] [SEP]
+[MASK] (ids 0-4), every character seen (word-initial and '##' continuation forms), and the
+best substrings of 2 .. `max_piece_chars` characters by noisy score log(count) + log(length) +
+noise_std * N(0, 1), word-initial prefixes as themselves and inner substrings as '##' pieces.
+Its ids are assigned in a fixed order, so the same draw gives the same tokenizer in any process
+(the tokenizers library's WordPiece trainer breaks count ties differently run to run).
+
 `benchmarks/tokenizer_sampler.py` measures sampling and tokenization time per batch.
 """
 from __future__ import annotations
@@ -88,4 +96,46 @@ def sample_unigram(texts, vocab_size: int, rng: np.random.Generator, noise_std: 
   tok.decoder = decoders.ByteLevel()
   if specials:
     tok.add_special_tokens(list(specials))
+  return tok
+
+
+BERT_SPECIALS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
+
+
+def sample_wordpiece(texts, vocab_size: int, rng: np.random.Generator, noise_std: float = 1.0,
+                     max_piece_chars: int = 16):
+  """An uncased BERT-style WordPiece tokenizer of at most `vocab_size` tokens sampled from the
+  substring counts of `texts` (see the module doc)."""
+  from tokenizers import (  # pylint: disable=import-outside-toplevel
+      Tokenizer, decoders, models, normalizers, pre_tokenizers, processors)
+  norm = normalizers.BertNormalizer(lowercase=True)
+  pre = pre_tokenizers.BertPreTokenizer()
+  words = collections.Counter()
+  for t in texts:
+    words.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+  chars, subs = collections.Counter(), collections.Counter()
+  for w, c in words.items():
+    for i, ch in enumerate(w):
+      chars[ch if i == 0 else '##' + ch] += c
+      for j in range(i + 2, min(len(w), i + max_piece_chars) + 1):
+        subs[w[i:j] if i == 0 else '##' + w[i:j]] += c
+  room = vocab_size - len(BERT_SPECIALS)
+  alphabet = sorted(sorted(chars, key=lambda k: (-chars[k], k))[:max(room, 0)])
+  room -= len(alphabet)
+  picked = []
+  cands = sorted(subs)
+  if room > 0 and cands:
+    counts = np.array([subs[k] for k in cands], np.float64)
+    lengths = np.array([len(k) - 2 * k.startswith('##') for k in cands], np.float64)
+    score = np.log(counts) + np.log(lengths) + noise_std * rng.standard_normal(len(cands))
+    picked = [cands[i] for i in np.argsort(-score, kind='stable')[:room]]
+  vocab = {k: i for i, k in enumerate(list(BERT_SPECIALS) + alphabet + picked)}
+  tok = Tokenizer(models.WordPiece(vocab, unk_token='[UNK]'))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.decoder = decoders.WordPiece()
+  tok.add_special_tokens(list(BERT_SPECIALS))
+  tok.post_processor = processors.TemplateProcessing(
+      single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1',
+      special_tokens=[('[CLS]', vocab['[CLS]']), ('[SEP]', vocab['[SEP]'])])
   return tok

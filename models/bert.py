@@ -71,11 +71,16 @@ class BertEncoder(nnx.Module):
 
   def __call__(self, ids_BxT: Array, mask_BxT: Array) -> Array:
     """Hidden states [B, T, D]; `mask_BxT` 1 for real tokens, 0 for padding."""
-    t = ids_BxT.shape[1]
+    return self.encode(self.words(ids_BxT), mask_BxT)
+
+  def encode(self, words_BxTxD: Array, mask_BxT: Array) -> Array:
+    """Hidden states [B, T, D] from word embeddings given directly (token-type 0 everywhere):
+    how the ZeTT hypernetwork's predicted embeddings enter the frozen encoder."""
+    t = words_BxTxD.shape[1]
     if t > self.max_positions:
       raise ValueError(f'{t} tokens exceed the {self.max_positions} positions of this encoder')
-    x = (self.words(ids_BxT) + self.positions(jnp.arange(t)[None])
-         + self.types(jnp.zeros_like(ids_BxT)))
+    x = (words_BxTxD + self.positions(jnp.arange(t)[None])
+         + self.types(jnp.zeros(words_BxTxD.shape[:2], jnp.int32)))
     x = self.embed_norm(x)
     for layer in self.layers:
       x = layer(x, mask_BxT)
@@ -83,10 +88,16 @@ class BertEncoder(nnx.Module):
 
   def sentence_embedding(self, ids_BxT: Array, mask_BxT: Array) -> Array:
     """Mean of the real tokens' hidden states, L2-normalized (fp32) [B, D]."""
-    h = self(ids_BxT, mask_BxT).astype(jnp.float32)
-    m = mask_BxT.astype(jnp.float32)[..., None]
-    mean = (h * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
-    return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+    return mean_pool(self(ids_BxT, mask_BxT), mask_BxT)
+
+
+def mean_pool(h_BxTxD: Array, mask_BxT: Array) -> Array:
+  """Sentence embeddings as sentence-transformers' MiniLM: the mean of the real tokens' hidden
+  states, L2-normalized (fp32) [B, D]."""
+  h = h_BxTxD.astype(jnp.float32)
+  m = mask_BxT.astype(jnp.float32)[..., None]
+  mean = (h * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
+  return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
 def fill_from_hf(model: BertEncoder, c, tensors: dict, where: str, error=ValueError) -> None:

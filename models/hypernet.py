@@ -22,6 +22,14 @@ embeddings (input and readout): the loss is its next-token cross-entropy plus `a
 the MSE between predicted and original embeddings of the tokens the sampled vocabulary shares
 with the base. During the first `warmup_steps` steps the loss is the identity warm-up instead
 (`warmup_loss`: base tokens, given as their own pieces, should map to their own embeddings).
+
+Encoders (BERT / MiniLM, WordPiece; `ZettEncoderModel`, `zett_encoder_loss`): a new token's
+pieces are its greedy base WordPiece split (`wordpiece_split`: a '##' continuation is split
+into continuation pieces, a word-initial token starts with a word-initial piece), the
+hypernetwork is tied (input embeddings only), and the loss needs no labels: the frozen
+encoder's sentence embedding (mean pooling, L2 norm) of each text under the sampled tokenizer,
+with predicted input embeddings, should match its embedding under the original tokenizer:
+mean(1 - cosine) + aux_weight * MSE on the shared tokens, as for decoders.
 """
 from __future__ import annotations
 
@@ -33,7 +41,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from models import token_lm
+from models import bert, token_lm
 from models.bert import BertLayer
 from models.layers import Dense, Embed
 
@@ -62,6 +70,35 @@ def piece_ids(base_tokenizer, token_strings: list[str], max_pieces: int,
   out = np.full((len(token_strings), max_pieces), pad_id, np.int32)
   for i, s in enumerate(token_strings):
     ids = [t.id for t in base_tokenizer.model.tokenize(s)][:max_pieces]
+    out[i, :len(ids)] = ids
+  return out
+
+
+def wordpiece_split(s: str, vocab: dict, prefix: str = '##') -> list[int]:
+  """Base WordPiece ids of the token string `s` (a '##' continuation keeps that role):
+  greedy longest match, as WordPiece tokenizes a word; [] if some part has no piece."""
+  cont = s.startswith(prefix) and len(s) > len(prefix)
+  body, first, out = (s[len(prefix):] if cont else s), not cont, []
+  while body:
+    for j in range(len(body), 0, -1):
+      cand = body[:j] if first else prefix + body[:j]
+      if cand in vocab:
+        out.append(vocab[cand])
+        body, first = body[j:], False
+        break
+    else:
+      return []
+  return out
+
+
+def wordpiece_piece_ids(base_vocab: dict, token_strings: list[str], max_pieces: int,
+                        pad_id: int = -1) -> np.ndarray:
+  """int32 [N, max_pieces]: `piece_ids` for WordPiece encoders (`wordpiece_split` into the
+  base vocabulary `base_vocab`, string -> id); a string without a split is a row of
+  `pad_id`."""
+  out = np.full((len(token_strings), max_pieces), pad_id, np.int32)
+  for i, s in enumerate(token_strings):
+    ids = wordpiece_split(s, base_vocab)[:max_pieces] if s else []
     out[i, :len(ids)] = ids
   return out
 
@@ -209,3 +246,46 @@ def zett_loss(model: ZettModel, batch: dict, aux_weight: float) -> tuple[Array, 
                   'aux_mse': aux, 'warm_mse': zero}
 
   return jax.lax.cond(batch['phase'][0] > 0, warm, transfer)
+
+
+class ZettEncoderModel(nnx.Module):
+  """The hypernetwork (trained, tied: input embeddings only) beside a frozen BERT encoder."""
+
+  def __init__(self, c_hyper, c_bert, base_in_VxD: np.ndarray, dtype: Any = jnp.float32, *,
+               rngs: nnx.Rngs):
+    self.hypernet = HyperNet(c_hyper, base_in_VxD, None, dtype, rngs=rngs)
+    self.encoder = bert.BertEncoder(c_bert, dtype, rngs=rngs)
+    self.dtype = dtype
+
+  def embeddings(self, pieces_VxP: Array, shared_V: Array, keep_V: Array) -> Array:
+    """Input embeddings [V, D] of a vocabulary: predicted, except rows with `keep` (special
+    tokens), which take the base row `shared`."""
+    e_in, _ = self.hypernet(pieces_VxP)
+    base = self.encoder.words.embedding[...]
+    return jnp.where((keep_V > 0)[:, None], base[jnp.maximum(shared_V, 0)], e_in)
+
+
+def zett_encoder_loss(model: ZettEncoderModel, batch: dict, aux_weight: float
+                      ) -> tuple[Array, dict]:
+  """mean over real rows of (1 - cosine) between the frozen encoder's sentence embedding of
+  each text under the original tokenizer (`orig_ids`, `orig_mask`) and under the sampled one
+  (`inputs`, `mask`, with the predicted `vocab_*` embeddings), + aux_weight * MSE to the base
+  rows of the tokens the vocabularies share. Sums: cosine_sum, n_texts (real rows, `row_weight`),
+  n_tokens (sampled-tokenizer tokens), n_bytes (UTF-8 bytes of the texts), aux_mse."""
+  enc = model.encoder
+  e_in = model.embeddings(batch['vocab_pieces'], batch['vocab_shared'], batch['vocab_keep'])
+  x = jnp.take(e_in, batch['inputs'], axis=0).astype(model.dtype)
+  got = bert.mean_pool(enc.encode(x, batch['mask']), batch['mask'])
+  ref = jax.lax.stop_gradient(enc.sentence_embedding(batch['orig_ids'], batch['orig_mask']))
+  cos = jnp.sum(got * ref, axis=-1)
+  w = batch['row_weight']
+  n = jnp.sum(w)
+  shared = (batch['vocab_shared'] >= 0) & (batch['vocab_keep'] == 0)
+  base = enc.words.embedding[...][jnp.maximum(batch['vocab_shared'], 0)]
+  err = jnp.mean(jnp.square(e_in - base), axis=-1)
+  aux = jnp.sum(err * shared) / jnp.maximum(jnp.sum(shared), 1)
+  loss = jnp.sum((1.0 - cos) * w) / jnp.maximum(n, 1.0) + aux_weight * aux
+  return loss, {'cosine_sum': jnp.sum(cos * w), 'n_texts': n,
+                'n_tokens': jnp.sum(batch['mask'] * w[:, None]).astype(jnp.float32),
+                'n_bytes': jnp.sum(batch['text_bytes'] * w).astype(jnp.float32),
+                'aux_mse': aux}

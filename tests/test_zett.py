@@ -161,11 +161,11 @@ def test_sparsemax_and_focus_rows():
 
 
 def test_wordpiece_split():
-  from train import transfer  # pylint: disable=import-outside-toplevel
+  from models import hypernet  # pylint: disable=import-outside-toplevel
   vocab = {'token': 0, '##izer': 1, '##s': 2, 'to': 3, '##ken': 4, '##i': 5, '##zer': 6}
-  assert transfer.wordpiece_split('tokenizers', vocab) == [0, 1, 2]
-  assert transfer.wordpiece_split('##kens', vocab) == [4, 2]  # a continuation stays one
-  assert transfer.wordpiece_split('tokenq', vocab) == []  # 'q' has no piece
+  assert hypernet.wordpiece_split('tokenizers', vocab) == [0, 1, 2]
+  assert hypernet.wordpiece_split('##kens', vocab) == [4, 2]  # a continuation stays one
+  assert hypernet.wordpiece_split('tokenq', vocab) == []  # 'q' has no piece
 
 
 def test_encoder_transfer_reports_cosines(tiny, tmp_path):
@@ -287,3 +287,97 @@ def test_dynamic_tokenization(tiny, tmp_path, capsys):
   zcfg = _zett_cfg(overrides, dynamic='merges:2')
   with pytest.raises(ValueError, match='hypernet_workdir'):
     dynamic.check_config(zcfg)
+
+
+def _zett_minilm_cfg(overrides, **more):
+  """configs/zett.py:minilm at tiny shapes on the tiny corpus (the real MiniLM, frozen)."""
+  cfg, _ = config_lib.load('configs/zett.py:minilm')
+  cfg.unlock()
+  config_lib.override(cfg, {'data.source': overrides['data.source'], 'transfer.text_filter': '',
+                            'data.seq_len': 32, 'train.batch_size': 2, 'train.eval_batches': 2,
+                            'hypernet.d_model': 32, 'hypernet.num_layers': 1,
+                            'hypernet.num_heads': 2, 'hypernet.mlp_dim': 64,
+                            'zett.vocab_size': 300, 'zett.sampler_docs': 2,
+                            'zett.sampler_doc_chars': 400, 'train.steps': 4, 'ckpt.every': 4,
+                            'train.log_every': 1, 'data.prefetch': 1, **more})
+  return cfg
+
+
+def test_encoder_zett_trains_resumes_and_transfers(tiny, tmp_path):
+  """configs/zett.py:minilm: sampled WordPiece vocabularies, the cosine loss, only the
+  hypernetwork trained, exact resume of the sampled tokenizers; its transfer lands by FVT
+  (FVT-anchored, barely trained) and above lexical."""
+  from train import trainer, transfer  # pylint: disable=import-outside-toplevel
+  _, _, overrides = tiny
+  cfg = _zett_minilm_cfg(overrides)
+  zwd = str(tmp_path / 'zett_minilm')
+  summary = trainer.train(cfg, zwd)
+  assert summary['step'] == 4 and np.isfinite(summary['train']['loss'])
+  ev = summary['eval']
+  assert ev['n_texts'] > 0 and 0.5 < ev['cosine_mean'] <= 1.0
+  np.testing.assert_allclose(ev['loss'], 1.0 - ev['cosine_mean'])
+  setup, state, _ = trainer.restore(cfg, zwd)
+  assert set(state['params']) == {'hypernet'} and 'base' not in state['params']['hypernet']
+  base = pretrained.load(pretrained.minilm_path())
+  np.testing.assert_array_equal(np.asarray(setup.frozen['encoder']['words']['embedding']),
+                                np.asarray(base.model.words.embedding[...]))
+  fam = setup.family
+  it = fam.train_iterator(0, 1)
+  next(it)
+  st = it.get_state()
+  want = [next(it) for _ in range(2)]
+  it.close()
+  again = fam.train_iterator(0, 1)
+  again.set_state(st)
+  for w in want:
+    chex.assert_trees_all_equal(w, next(again))
+  again.close()
+  b = want[0]
+  assert b['vocab_pieces'].shape == (300, 7) and b['inputs'].shape == (2, 32)
+  assert (b['vocab_pieces'][:, 0] >= 0).sum() > 50  # the sampled vocabulary as base pieces
+  vocab = base.tokenizer.get_vocab()
+  assert sorted(b['vocab_shared'][b['vocab_keep'] > 0]) == sorted(
+      vocab[s] for s in ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'))
+  assert not np.array_equal(want[0]['vocab_pieces'], want[1]['vocab_pieces'])  # per step
+
+  tcfg, _ = config_lib.load('configs/pretrained.py:minilm')
+  tcfg.unlock()
+  config_lib.override(tcfg, {'data.source': overrides['data.source'],
+                             'transfer.text_filter': '', 'target_tokenizer': 'wordpiece:300',
+                             'transfer.methods': 'lexical,fvt,hypernet',
+                             'transfer.hypernet_workdir': zwd})
+  rows = {r['model']: r for r in transfer.run(tcfg, str(tmp_path / 'enc'))['rows']}
+  assert set(rows) == {'base', 'lexical', 'fvt', 'hypernet'}
+  h = rows['hypernet']
+  assert h['predicted'] + h['special'] == h['vocab'] == rows['fvt']['vocab']
+  assert abs(h['cosine_mean'] - rows['fvt']['cosine_mean']) < 0.05
+  assert h['cosine_mean'] > rows['lexical']['cosine_mean']
+  assert pretrained.load(str(tmp_path / 'enc' / 'hypernet')).meta['kind'] == 'encoder'
+
+
+def test_encoder_decoder_hypernetwork_mismatches(tiny, tmp_path):
+  """An encoder hypernetwork for a decoder transfer, a decoder one for the encoder transfer,
+  and zett presets on the other kind of model: each refused by name."""
+  from train import families, trainer, transfer  # pylint: disable=import-outside-toplevel
+  root, base, overrides = tiny
+  dec = str(root / 'zett')
+  if not os.path.exists(os.path.join(dec, 'config.json')):
+    trainer.train(_zett_cfg(overrides), dec)
+  enc_cfg = _zett_minilm_cfg(overrides)
+  enc = str(tmp_path / 'enc_run')
+  config_lib.save(enc_cfg, enc)  # its config is all the check reads
+  with pytest.raises(ValueError, match='holds an encoder hypernetwork .* for a decoder model'):
+    transfer.load_predictor(enc, base)
+  cfg, _ = config_lib.load('configs/pretrained.py:minilm')
+  cfg.unlock()
+  config_lib.override(cfg, {'data.source': overrides['data.source'], 'transfer.text_filter': '',
+                            'target_tokenizer': 'wordpiece:300', 'transfer.methods': 'hypernet',
+                            'transfer.hypernet_workdir': dec})
+  with pytest.raises(ValueError, match='holds a decoder hypernetwork .* for an encoder model'):
+    transfer.run(cfg, str(tmp_path / 'tr'))
+  with pytest.raises(ValueError, match="is a decoder model, but zett.kind='encoder'"):
+    families.get(_zett_minilm_cfg(overrides, **{'model.source': base}))
+  with pytest.raises(ValueError, match='is an encoder model, .* use configs/zett.py:minilm'):
+    families.get(_zett_cfg(overrides, **{'model.source': 'minilm'}))
+  with pytest.raises(ValueError, match='no identity warm-up'):
+    families.get(_zett_minilm_cfg(overrides, **{'zett.warmup_steps': 2}))

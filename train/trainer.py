@@ -374,7 +374,8 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
       log.warning('non-finite loss/gradient/update at step %d: update skipped (nan_policy=skip)',
                   s)
     progress.add(d.get('n_tokens', 0.0), d.get('n_bytes', 0.0))
-    writer.scalars(s, {k: d[k] for k in ('loss', 'bpb', 'grad_norm', 'lr') if k in d},
+    writer.scalars(s, {k: d[k] for k in ('loss', 'bpb', 'cosine_mean', 'grad_norm', 'lr')
+                       if k in d},
                    jsonl='metrics.jsonl')
     for k in ('loss', 'bpb', 'grad_norm', 'lr'):
       if k in d:
@@ -400,7 +401,8 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
         ev = setup.evaluate(state['params'], eval_batches, eval_step)
         writer.scalars(step, ev, prefix='eval', jsonl='eval_metrics.jsonl')
         log0(f'eval step {step}: loss {ev.get("loss", float("nan")):.4f}'
-             + (f' bpb {ev["bpb"]:.4f}' if 'bpb' in ev else ''))
+             + (f' bpb {ev["bpb"]:.4f}' if 'bpb' in ev else '')
+             + (f' mean cosine {ev["cosine_mean"]:.4f}' if 'cosine_mean' in ev else ''))
       if stop.requested:
         break
     if pending is not None:
@@ -422,7 +424,8 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
   ev = setup.evaluate(state['params'], eval_batches, eval_step)
   writer.scalars(step, ev, prefix='eval', jsonl='eval_metrics.jsonl')
   log0(f'validation at step {step}: loss {ev.get("loss", float("nan")):.4f}'
-       + (f' | bits per byte {ev["bpb"]:.4f}' if 'bpb' in ev else ''))
+       + (f' | bits per byte {ev["bpb"]:.4f}' if 'bpb' in ev else '')
+       + (f' | mean cosine {ev["cosine_mean"]:.4f}' if 'cosine_mean' in ev else ''))
   nonfinite = int(jax.device_get(state['nonfinite']))
   summary = {'step': step, 'train': result, 'eval': ev, 'train_seconds': train_time,
              'flops_per_step': setup.flops_per_step, 'train_flops': setup.flops_per_step * step,

@@ -27,6 +27,11 @@ Special tokens of the target keep the embedding of the base special with the sam
 of the base's document separator. Untied models get the same treatment for the output matrix.
 Both tokenizers must be byte-level BPE (token strings in the GPT-2 byte alphabet), so strings
 compare directly and every target token splits into base pieces.
+
+Encoders (BERT / MiniLM, `run_encoder`): the same three methods on WordPiece vocabularies
+(pieces by greedy WordPiece, `models.hypernet.wordpiece_split`; hypernet: a
+configs/zett.py:minilm run), scored by sentence-embedding cosines. A hypernetwork of the other
+kind (encoder for a decoder, or the reverse) is refused by `load_predictor` before it is read.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ import jax.numpy as jnp
 
 from data import pipeline, sentences, target_tokenizers
 from models import hypernet, pretrained
-from train import runs, storage, trainer
+from train import config_lib, runs, storage, trainer
 from train.evals import report
 from train.families.pretrained import load_source
 from train.metrics import log0
@@ -229,12 +234,8 @@ def run(cfg, workdir: str) -> dict:
     if method not in METHODS:
       raise ValueError(f'transfer.methods={cfg.transfer.methods!r}: unknown method {method!r}; '
                        f'expected some of {METHODS}')
-  rows = []
-  base_ev = trainer.evaluate(copy.deepcopy(cfg), os.path.join(workdir, 'base'))
-  rows.append({'model': 'base', 'tokenizer': base.meta['source'],
-               'vocab': int(base.model.embed.embedding.shape[0]), **_scores(base_ev)})
   predictor = None
-  if 'hypernet' in methods:
+  if 'hypernet' in methods:  # checked before the base model's evaluation
     if not cfg.transfer.hypernet_workdir:
       raise ValueError('transfer.methods includes hypernet: set transfer.hypernet_workdir to a '
                        'trained configs/zett.py run')
@@ -248,6 +249,10 @@ def run(cfg, workdir: str) -> dict:
                                max_chars=int(cfg.transfer.get('focus_max_chars', 2_000_000)))
     log0(f'[transfer] FOCUS static embeddings: {static.shape[1]} dimensions, '
          f'{int((np.abs(static).sum(1) > 0).sum())} of {static.shape[0]} target tokens seen')
+  rows = []
+  base_ev = trainer.evaluate(copy.deepcopy(cfg), os.path.join(workdir, 'base'))
+  rows.append({'model': 'base', 'tokenizer': base.meta['source'],
+               'vocab': int(base.model.embed.embedding.shape[0]), **_scores(base_ev)})
   for method in methods:
     model, counts = transferred_model(base, target, method, predictor, static)
     meta = target.get_vocab(with_added_tokens=True)
@@ -263,10 +268,19 @@ def run(cfg, workdir: str) -> dict:
   return _write_rows(rows, workdir)
 
 
-def load_predictor(workdir: str, source: str):
+def load_predictor(workdir: str, source: str, kind: str = 'decoder'):
   """`strings -> (input [N, D], output [N, D] or None)`: the hypernetwork of the latest
   checkpoint of a zett run (configs/zett.py) on the base model `source` (jitted, in chunks of
-  4096 tokens)."""
+  4096 tokens). `kind`: 'decoder' (byte-level BPE pieces) or 'encoder' (WordPiece pieces); a
+  run of the other kind is refused before it is restored."""
+  saved = config_lib.load_saved(workdir) if storage.isdir(workdir) else None
+  if saved is not None and saved.family == 'zett':
+    got = str(saved.zett.get('kind', 'decoder'))
+    if got != kind:
+      art = {'encoder': 'an encoder', 'decoder': 'a decoder'}
+      raise ValueError(f'transfer.hypernet_workdir={workdir} holds {art[got]} hypernetwork '
+                       f'(zett.kind={got!r}, model.source={saved.model.source!r}), which cannot '
+                       f'embed tokens for {art[kind]} model (model.source={source!r})')
   run = runs.load_run(workdir, family='zett', what='transfer.hypernet_workdir')
   if run.cfg.model.source != source:
     raise ValueError(f'the hypernetwork in {workdir} was trained for model.source='
@@ -276,7 +290,9 @@ def load_predictor(workdir: str, source: str):
   predict = jax.jit(lambda pieces: model.hypernet(jnp.asarray(pieces)))
 
   def predictor(strings):
-    pieces = hypernet.piece_ids(run.family.base.tokenizer, strings, run.cfg.hypernet.max_pieces)
+    p = run.cfg.hypernet.max_pieces
+    pieces = (hypernet.wordpiece_piece_ids(run.family.base_vocab, strings, p) if kind == 'encoder'
+              else hypernet.piece_ids(run.family.base.tokenizer, strings, p))
     return pipeline.map_in_batches(predict, pieces, 4096, fill=-1)
 
   predictor.max_pieces = int(run.cfg.hypernet.max_pieces)
@@ -296,30 +312,16 @@ def _scores(ev: dict) -> dict:
 
 
 # -- encoders (BERT / MiniLM, WordPiece) ---------------------------------------------------------
-def wordpiece_split(s: str, vocab: dict, prefix: str = '##') -> list[int]:
-  """Base WordPiece ids of the token string `s` (a '##' continuation keeps that role):
-  greedy longest match, as WordPiece tokenizes a word; [] if some part has no piece."""
-  cont = s.startswith(prefix) and len(s) > len(prefix)
-  body, first, out = (s[len(prefix):] if cont else s), not cont, []
-  while body:
-    for j in range(len(body), 0, -1):
-      cand = body[:j] if first else prefix + body[:j]
-      if cand in vocab:
-        out.append(vocab[cand])
-        body, first = body[j:], False
-        break
-    else:
-      return []
-  return out
-
-
-def encoder_matrix(base_E: np.ndarray, base_tok, target_tok, method: str
-                   ) -> tuple[np.ndarray, dict]:
+def encoder_matrix(base_E: np.ndarray, base_tok, target_tok, method: str,
+                   predicted: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
   """[V_target, D] input embeddings of a WordPiece encoder for `target_tok`: specials take the
-  base special of the same string ([UNK] otherwise), shared strings are copied, and the rest
-  get the mean of their base WordPiece pieces (fvt) or the mean embedding (lexical)."""
-  if method not in ('lexical', 'fvt'):
-    raise ValueError(f'encoder transfer methods are lexical and fvt, not {method!r}')
+  base special of the same string ([UNK] otherwise); with method 'hypernet' every other row is
+  the `predicted` one; else shared strings are copied, and the rest get the mean of their base
+  WordPiece pieces (fvt) or the mean embedding (lexical)."""
+  if method not in METHODS:
+    raise ValueError(f'encoder transfer methods are {METHODS}, not {method!r}')
+  if (method == 'hypernet') != (predicted is not None):
+    raise ValueError('the hypernet method (and only it) needs predicted embeddings')
   base_vocab = base_tok.get_vocab(with_added_tokens=True)
   target_vocab = target_tok.get_vocab(with_added_tokens=True)
   if not target_vocab:
@@ -327,13 +329,16 @@ def encoder_matrix(base_E: np.ndarray, base_tok, target_tok, method: str
   specials = {t.content for t in target_tok.get_added_tokens_decoder().values() if t.special}
   unk = base_vocab.get('[UNK]', 0)
   out = np.tile(base_E.mean(0), (max(target_vocab.values()) + 1, 1)).astype(np.float32)
-  counts = {'special': 0, 'shared': 0, 'pieces': 0, 'mean': 0}
+  counts = ({'special': 0, 'predicted': 0} if predicted is not None else
+            {'special': 0, 'shared': 0, 'pieces': 0, 'mean': 0})
   for s, i in target_vocab.items():
     if s in specials:
       out[i], kind = base_E[base_vocab.get(s, unk)], 'special'
+    elif predicted is not None:
+      out[i], kind = predicted[i], 'predicted'
     elif s in base_vocab:
       out[i], kind = base_E[base_vocab[s]], 'shared'
-    elif method == 'fvt' and (pieces := wordpiece_split(s, base_vocab)):
+    elif method == 'fvt' and (pieces := hypernet.wordpiece_split(s, base_vocab)):
       out[i], kind = base_E[pieces].mean(0), 'pieces'
     else:
       kind = 'mean'
@@ -364,9 +369,23 @@ def run_encoder(cfg, workdir: str, base) -> dict:
   """Encoder transfer: the base BERT with a new WordPiece tokenizer (`wordpiece:N` trained on
   the train split's `transfer.text_filter` documents, or a tokenizer.json), per method written
   as an HF directory; scored by the cosine between each held-out sentence's embedding with the
-  original tokenizer and with the transferred one (validation sentences of the same documents)."""
+  original tokenizer and with the transferred one (validation sentences of the same documents).
+  Method hypernet: the rows `transfer.hypernet_workdir` (a configs/zett.py:minilm run) predicts
+  for every non-special target token."""
   target, target_name = target_tokenizers.build_encoder_target(
       cfg.target_tokenizer, cfg.data, cfg.transfer.text_filter)
+  methods = [m.strip() for m in str(cfg.transfer.methods).split(',') if m.strip()]
+  predicted = None
+  if 'hypernet' in methods:
+    if not cfg.transfer.hypernet_workdir:
+      raise ValueError('transfer.methods includes hypernet: set transfer.hypernet_workdir to a '
+                       'trained configs/zett.py:minilm run')
+    predictor = load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source, 'encoder')
+    vocab = target.get_vocab(with_added_tokens=True)
+    strings = [''] * (max(vocab.values()) + 1)
+    for s, i in vocab.items():
+      strings[i] = s
+    predicted = np.asarray(predictor(strings)[0], np.float32)
   sents = []
   for text in target_tokenizers.texts(cfg.data, cfg.data.eval_split, cfg.transfer.text_filter):
     sents.extend(sentences.split_document(text, 512))
@@ -380,10 +399,9 @@ def run_encoder(cfg, workdir: str, base) -> dict:
            'cosine_mean': 1.0, 'cosine_min': 1.0, 'tokens_per_sentence': float(base_len)}]
   workdir = storage.check_workdir(workdir)
   e = np.asarray(base.model.words.embedding[...])
-  for method in [m.strip() for m in str(cfg.transfer.methods).split(',') if m.strip()]:
-    if method == 'hypernet':
-      raise ValueError('no hypernetwork is trained for encoders (methods lexical, fvt)')
-    mat, counts = encoder_matrix(e, base.tokenizer, target, method)
+  for method in methods:
+    mat, counts = encoder_matrix(e, base.tokenizer, target, method,
+                                 predicted if method == 'hypernet' else None)
     with storage.local_dir(storage.join(workdir, method)) as out_dir:  # a bucket: staged
       save_encoder(base_dir, mat, target, out_dir)
       got = pretrained.SentenceEncoder(f'hf:{out_dir}')(sents)
