@@ -69,15 +69,16 @@ def main(argv):
   pieces = batch['vocab_pieces']
   cot = jax.random.normal(jax.random.key(0), (pieces.shape[0], fam.base_in.shape[1]))
 
-  def hyper_of(p):
+  def hyper_of(p, pieces, cot):
     e_in, _ = nnx.merge(graphdef, p, rest).hypernet(pieces)
     return jnp.sum(e_in * cot)
 
   hyper = jax.jit(jax.value_and_grad(hyper_of))
-  lm = model.lm
+  lm_graph, lm_state = nnx.split(model.lm)
   table = jnp.asarray(fam.base_in[np.maximum(np.asarray(batch['vocab_shared']), 0)])
 
-  def lm_of(e):
+  def lm_of(e, lm_state, batch):
+    lm = nnx.merge(lm_graph, lm_state)
     x = jnp.take(e, batch['inputs'], axis=0)
     h, _ = lm.transformer(x, batch['positions'], batch['segment_ids'])
     logits = jnp.einsum('btd,vd->btv', h, e, preferred_element_type=jnp.float32)
@@ -88,8 +89,8 @@ def main(argv):
   lm_fn = jax.jit(jax.value_and_grad(lm_of))
   r = opts['repeat']
   t_full = _time(full, (params, batch), r)
-  t_hyper = _time(hyper, (params,), r)
-  t_lm = _time(lm_fn, (table,), r)
+  t_hyper = _time(hyper, (params, pieces, cot), r)
+  t_lm = _time(lm_fn, (table, lm_state, batch), r)
   p = np.asarray(pieces)
   n_pieces = (p >= 0).sum(1)
   used = np.unique(np.asarray(batch['targets'])[np.asarray(batch['weights']) > 0]).size
@@ -97,7 +98,7 @@ def main(argv):
   hyper_flops = 6 * p.shape[0] * h.max_pieces * h.num_layers * (4 * h.d_model ** 2
                                                                 + 2 * h.d_model * h.mlp_dim)
   tokens = int(np.asarray(batch['weights']).sum())
-  lm_flops = 6 * tokens * (sum(x.size for x in jax.tree.leaves(nnx.state(lm, nnx.Param)))
+  lm_flops = 6 * tokens * (sum(x.size for x in jax.tree.leaves(nnx.state(model.lm, nnx.Param)))
                            - fam.base_in.size + p.shape[0] * fam.base_in.shape[1])
   print(f'backend {jax.default_backend()} | preset {opts["preset"]}: batch '
         f'{cfg.train.batch_size} x {cfg.data.seq_len} tokens ({tokens} scored), vocabulary '

@@ -1,6 +1,7 @@
 """Tokenizer sampling and hypernetwork training / transfer (configs/zett.py) on a tiny base LM."""
 import json
 import os
+import re
 
 import chex
 import numpy as np
@@ -287,6 +288,17 @@ def test_dynamic_tokenization(tiny, tmp_path, capsys):
   zcfg = _zett_cfg(overrides, dynamic='merges:2')
   with pytest.raises(ValueError, match='hypernet_workdir'):
     dynamic.check_config(zcfg)
+  # sampling: the prompt merged, generation may use its new tokens; text comes back whole
+  cfg.transfer.hypernet_workdir = zwd
+  cfg.dynamic, cfg.dynamic_embeddings = 'merges:3', 'hypernet'
+  cfg.sample.prompt, cfg.sample.max_new_tokens = 'Document 5: the tokenizer transfer', 4
+  text, = dynamic.sample(cfg, str(tmp_path / 'dyn'))
+  assert text.startswith(cfg.sample.prompt)
+  log = capsys.readouterr().out
+  assert re.search(r'tokens -> \d+ after \d+ merges \(hypernet embeddings\)', log)
+  cfg.sample.prompt = ''
+  with pytest.raises(ValueError, match='prompt is empty'):
+    dynamic.sample(cfg, str(tmp_path / 'dyn'))
 
 
 def _zett_minilm_cfg(overrides, **more):

@@ -170,7 +170,9 @@ def run(cfg, workdir: str, step: int | None = None) -> dict:
   predictor = None
   if 'hypernet' in methods:
     from train import transfer  # pylint: disable=import-outside-toplevel
-    predictor = transfer.load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source)
+    predictor = transfer.load_predictor(
+        cfg.transfer.hypernet_workdir, cfg.model.source,
+        step=int(cfg.transfer.get('hypernet_step', 0)))
   setup, state, s = trainer.restore(cfg, workdir, step)
   workdir = storage.check_workdir(workdir)
   fam = setup.family
@@ -253,7 +255,9 @@ def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
   predictor = None
   if method == 'hypernet':
     from train import transfer  # pylint: disable=import-outside-toplevel
-    predictor = transfer.load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source)
+    predictor = transfer.load_predictor(
+        cfg.transfer.hypernet_workdir, cfg.model.source,
+        step=int(cfg.transfer.get('hypernet_step', 0)))
   setup, state, s = trainer.restore(cfg, workdir, step)
   enc = setup.family.encoder
   model = setup.model(state['params'])
@@ -268,6 +272,8 @@ def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
   row['inputs'][0], row['targets'][0] = ids[:-1], ids[1:]
   row['segment_ids'][0], row['positions'][0] = 1, np.arange(len(ids) - 1)
   merged = dyn.merge(row, kind, value)
+  if merged.exhausted:
+    log0(f'WARNING dynamic={kind}:{value:g}: the prompt allows only {merged.merges} merges')
   w = merged.batch['weights'][0] > 0
   prompt = [int(merged.batch['inputs'][0, 0])] + [int(t) for t in merged.batch['targets'][0][w]]
   base_in = np.asarray(model.embed.embedding[...], np.float32)

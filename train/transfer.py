@@ -239,7 +239,8 @@ def run(cfg, workdir: str) -> dict:
     if not cfg.transfer.hypernet_workdir:
       raise ValueError('transfer.methods includes hypernet: set transfer.hypernet_workdir to a '
                        'trained configs/zett.py run')
-    predictor = load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source)
+    predictor = load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source,
+                                step=int(cfg.transfer.get('hypernet_step', 0)))
   static = None
   if 'focus' in methods:
     spec = str(cfg.target_tokenizer)
@@ -268,11 +269,12 @@ def run(cfg, workdir: str) -> dict:
   return _write_rows(rows, workdir)
 
 
-def load_predictor(workdir: str, source: str, kind: str = 'decoder'):
-  """`strings -> (input [N, D], output [N, D] or None)`: the hypernetwork of the latest
-  checkpoint of a zett run (configs/zett.py) on the base model `source` (jitted, in chunks of
-  4096 tokens). `kind`: 'decoder' (byte-level BPE pieces) or 'encoder' (WordPiece pieces); a
-  run of the other kind is refused before it is restored."""
+def load_predictor(workdir: str, source: str, kind: str = 'decoder',
+                   step: int | None = None):
+  """`strings -> (input [N, D], output [N, D] or None)`: the hypernetwork of the latest (or
+  `step`'s: `transfer.hypernet_step`) checkpoint of a zett run (configs/zett.py) on the base
+  model `source` (jitted, in chunks of 4096 tokens). `kind`: 'decoder' (byte-level BPE pieces)
+  or 'encoder' (WordPiece pieces); a run of the other kind is refused before it is restored."""
   saved = config_lib.load_saved(workdir) if storage.isdir(workdir) else None
   if saved is not None and saved.family == 'zett':
     got = str(saved.zett.get('kind', 'decoder'))
@@ -281,7 +283,8 @@ def load_predictor(workdir: str, source: str, kind: str = 'decoder'):
       raise ValueError(f'transfer.hypernet_workdir={workdir} holds {art[got]} hypernetwork '
                        f'(zett.kind={got!r}, model.source={saved.model.source!r}), which cannot '
                        f'embed tokens for {art[kind]} model (model.source={source!r})')
-  run = runs.load_run(workdir, family='zett', what='transfer.hypernet_workdir')
+  run = runs.load_run(workdir, step=step or None, family='zett',
+                      what='transfer.hypernet_workdir')
   if run.cfg.model.source != source:
     raise ValueError(f'the hypernetwork in {workdir} was trained for model.source='
                      f'{run.cfg.model.source!r}, not {source!r}')
@@ -380,7 +383,8 @@ def run_encoder(cfg, workdir: str, base) -> dict:
     if not cfg.transfer.hypernet_workdir:
       raise ValueError('transfer.methods includes hypernet: set transfer.hypernet_workdir to a '
                        'trained configs/zett.py:minilm run')
-    predictor = load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source, 'encoder')
+    predictor = load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source, 'encoder',
+                                step=int(cfg.transfer.get('hypernet_step', 0)))
     vocab = target.get_vocab(with_added_tokens=True)
     strings = [''] * (max(vocab.values()) + 1)
     for s, i in vocab.items():
