@@ -45,6 +45,7 @@ def get_config(preset: str = 'smollm2'):
   c.transfer.focus_max_chars = 2_000_000  # target text read for FOCUS's static embeddings
   c.transfer.hypernet_workdir = ''   # a trained configs/zett.py run
   c.transfer.hypernet_step = 0       # its checkpoint to use (0: the latest)
+  c.transfer.base_eval = True        # evaluate the base model beside the transferred ones
   c.transfer.text_filter = '^(topic|docstring)/'  # English prose: unigram:N / wordpiece:N train
                                                   # on these documents; encoder transfer is
                                                   # scored on these validation sentences

@@ -251,9 +251,10 @@ def run(cfg, workdir: str) -> dict:
     log0(f'[transfer] FOCUS static embeddings: {static.shape[1]} dimensions, '
          f'{int((np.abs(static).sum(1) > 0).sum())} of {static.shape[0]} target tokens seen')
   rows = []
-  base_ev = trainer.evaluate(copy.deepcopy(cfg), os.path.join(workdir, 'base'))
-  rows.append({'model': 'base', 'tokenizer': base.meta['source'],
-               'vocab': int(base.model.embed.embedding.shape[0]), **_scores(base_ev)})
+  if cfg.transfer.get('base_eval', True):
+    base_ev = trainer.evaluate(copy.deepcopy(cfg), os.path.join(workdir, 'base'))
+    rows.append({'model': 'base', 'tokenizer': base.meta['source'],
+                 'vocab': int(base.model.embed.embedding.shape[0]), **_scores(base_ev)})
   for method in methods:
     model, counts = transferred_model(base, target, method, predictor, static)
     meta = target.get_vocab(with_added_tokens=True)
