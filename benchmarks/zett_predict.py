@@ -25,10 +25,10 @@ def main(argv):
   import jax
   import numpy as np
   from models import hypernet
-  from train import config_lib, transfer
+  from train import config_lib, runs
   from train.families import pretrained
   cfg = config_lib.load_saved(opts['workdir'])
-  predict = transfer.load_predictor(opts['workdir'], cfg.model.source)
+  predict = runs.load_predictor(opts['workdir'], cfg.model.source)
   tok = pretrained.load_source(cfg.model.source).tokenizer
   strings = [tok.id_to_token(i) or '' for i in range(opts['vocab'])]
   t0 = time.perf_counter()

@@ -107,7 +107,7 @@ def test_zett_trains_only_the_hypernetwork_and_resumes(tiny):
 def test_transfer_with_the_hypernetwork(tiny, data_dir, tmp_path):
   """--mode=transfer with methods lexical, fvt, hypernet; the hypernetwork (FVT-anchored, barely
   trained) lands near FVT; the transferred model restores as a model source."""
-  from train import transfer, trainer  # pylint: disable=import-outside-toplevel
+  from train import runs, transfer, trainer  # pylint: disable=import-outside-toplevel
   root, base, overrides = tiny
   zwd = str(root / 'zett')
   if not os.path.exists(os.path.join(zwd, 'config.json')):
@@ -134,9 +134,9 @@ def test_transfer_with_the_hypernetwork(tiny, data_dir, tmp_path):
   other = str(tmp_path / 'other')
   config_lib.save(cfg, other)  # a pretrained-family run
   with pytest.raises(ValueError, match='not a zett'):
-    transfer.load_predictor(other, base)
+    runs.load_predictor(other, base)
   with pytest.raises(ValueError, match='was trained for model.source'):
-    transfer.load_predictor(zwd, 'smollm2')
+    runs.load_predictor(zwd, 'smollm2')
   cfg.transfer.hypernet_workdir = ''
   with pytest.raises(ValueError, match='set transfer.hypernet_workdir'):
     transfer.run(cfg, str(tmp_path / 'tr2'))
@@ -218,7 +218,7 @@ def test_dynamic_tokenization(tiny, tmp_path, capsys):
   """Batch-level merges with hypernetwork and FVT embeddings: a merge-free pass equals the plain
   eval, merged rows spell every scored byte once, bad settings are named."""
   from data import dynamic_bpe  # pylint: disable=import-outside-toplevel
-  from train import dynamic, trainer  # pylint: disable=import-outside-toplevel
+  from train import dynamic, runs, trainer  # pylint: disable=import-outside-toplevel
   root, _, overrides = tiny
   zwd = str(root / 'zett')
   if not os.path.exists(os.path.join(zwd, 'config.json')):
@@ -258,9 +258,8 @@ def test_dynamic_tokenization(tiny, tmp_path, capsys):
   merged = dyn.merge(batches[0], 'compression', 0.1)
   assert merged.tokens_after <= 0.9 * merged.tokens_before + 1 and merged.parts
   # the hypernetwork's rows are its own predictions (not FVT's), cached by string
-  from train import transfer  # pylint: disable=import-outside-toplevel
   hyper = dynamic.Embedder('hypernet', e, e, {}, dyn.base_bytes,
-                           transfer.load_predictor(zwd, overrides['model.source']))
+                           runs.load_predictor(zwd, overrides['model.source']))
   h_in, _ = hyper.rows(merged.parts, 8)
   f_in, _ = emb.rows(merged.parts, 8)
   n = len(merged.parts)
@@ -288,6 +287,17 @@ def test_dynamic_tokenization(tiny, tmp_path, capsys):
   zcfg = _zett_cfg(overrides, dynamic='merges:2')
   with pytest.raises(ValueError, match='hypernet_workdir'):
     dynamic.check_config(zcfg)
+  # --mode=transfer with dynamic: each transferred model also under dynamic tokenization, the
+  # new tokens' rows from the base model's hypernetwork
+  from train import transfer  # pylint: disable=import-outside-toplevel
+  cfg.transfer.hypernet_workdir = zwd
+  cfg.dynamic, cfg.dynamic_embeddings = 'merges:2', 'hypernet,fvt'
+  config_lib.override(cfg, {'target_tokenizer': 'unigram:300', 'transfer.text_filter': '',
+                            'transfer.methods': 'fvt', 'transfer.base_eval': False})
+  tr = transfer.run(cfg, str(tmp_path / 'tr_dyn'))
+  row, = tr['rows']
+  assert row['model'] == 'fvt' and 'dynamic merges:2 hypernet: bpb / tokens per byte' in row
+  assert (tmp_path / 'tr_dyn' / 'fvt' / 'dynamic.md').exists()
   # sampling: the prompt merged, generation may use its new tokens; text comes back whole
   cfg.transfer.hypernet_workdir = zwd
   cfg.dynamic, cfg.dynamic_embeddings = 'merges:3', 'hypernet'
@@ -370,7 +380,7 @@ def test_encoder_zett_trains_resumes_and_transfers(tiny, tmp_path):
 def test_encoder_decoder_hypernetwork_mismatches(tiny, tmp_path):
   """An encoder hypernetwork for a decoder transfer, a decoder one for the encoder transfer,
   and zett presets on the other kind of model: each refused by name."""
-  from train import families, trainer, transfer  # pylint: disable=import-outside-toplevel
+  from train import families, runs, trainer, transfer  # pylint: disable=import-outside-toplevel
   root, base, overrides = tiny
   dec = str(root / 'zett')
   if not os.path.exists(os.path.join(dec, 'config.json')):
@@ -379,7 +389,7 @@ def test_encoder_decoder_hypernetwork_mismatches(tiny, tmp_path):
   enc = str(tmp_path / 'enc_run')
   config_lib.save(enc_cfg, enc)  # its config is all the check reads
   with pytest.raises(ValueError, match='holds an encoder hypernetwork .* for a decoder model'):
-    transfer.load_predictor(enc, base)
+    runs.load_predictor(enc, base)
   cfg, _ = config_lib.load('configs/pretrained.py:minilm')
   cfg.unlock()
   config_lib.override(cfg, {'data.source': overrides['data.source'], 'transfer.text_filter': '',

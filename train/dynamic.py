@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from data import dynamic_bpe, encoders, target_tokenizers
-from train import storage, trainer
+from train import runs, storage, trainer
 from train.evals import report
 from train.metrics import log0
 
@@ -162,15 +162,17 @@ def _bucket(n: int) -> int:
   return max(8, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def run(cfg, workdir: str, step: int | None = None) -> dict:
+def run(cfg, workdir: str, step: int | None = None, predictor=None, plain: dict | None = None
+        ) -> dict:
+  """The table for `cfg.dynamic` on the model of `workdir` / `model.source`. `predictor`: a
+  hypernetwork already loaded (--mode=transfer passes the base model's for its transferred
+  copies, which share its body); `plain`: the model's plain evaluation if already done."""
   specs = check_config(cfg)
   if jax.process_count() > 1:
     raise ValueError('dynamic tokenization merges per host batch: run it as one process')
   methods = methods_of(cfg)
-  predictor = None
-  if 'hypernet' in methods:
-    from train import transfer  # pylint: disable=import-outside-toplevel
-    predictor = transfer.load_predictor(
+  if 'hypernet' in methods and predictor is None:
+    predictor = runs.load_predictor(
         cfg.transfer.hypernet_workdir, cfg.model.source,
         step=int(cfg.transfer.get('hypernet_step', 0)))
   setup, state, s = trainer.restore(cfg, workdir, step)
@@ -182,7 +184,8 @@ def run(cfg, workdir: str, step: int | None = None) -> dict:
     raise ValueError(f'dynamic tokenization merges byte-level BPE tokens; {enc.name} is not a '
                      'byte-level BPE tokenizer')
   batches = fam.eval_batches(jax.process_index(), jax.process_count(), cfg.train.eval_batches)
-  plain = setup.evaluate(state['params'], batches)
+  if plain is None:
+    plain = setup.evaluate(state['params'], batches)
   model = setup.model(state['params'])
   max_parts = 7
   if predictor is not None:
@@ -254,8 +257,7 @@ def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
     raise ValueError('sample.prompt is empty: dynamic tokenization merges the prompt\'s tokens')
   predictor = None
   if method == 'hypernet':
-    from train import transfer  # pylint: disable=import-outside-toplevel
-    predictor = transfer.load_predictor(
+    predictor = runs.load_predictor(
         cfg.transfer.hypernet_workdir, cfg.model.source,
         step=int(cfg.transfer.get('hypernet_step', 0)))
   setup, state, s = trainer.restore(cfg, workdir, step)

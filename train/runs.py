@@ -1,12 +1,19 @@
 """A finished run as an input to another: `load_run(workdir)` is the one way to read a run's
 saved config and restore its parameters (a lexinvariant model's standard-LM baseline, an LCM's
-sentence decoder, a sentence autoencoder's encoder, a ZeTT hypernetwork for transfer)."""
+sentence decoder, a sentence autoencoder's encoder, a ZeTT hypernetwork for transfer and
+dynamic tokenization: `load_predictor`)."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
+from data import pipeline
+from models import hypernet
 from train import config_lib, storage, trainer
+from train.metrics import log0
 
 
 @dataclasses.dataclass
@@ -49,3 +56,35 @@ def load_run(workdir: str, step: int | None = None, family: str | tuple[str, ...
                      + ' or '.join(f'{"an" if w[0] in "aeiou" else "a"} {w} run' for w in wanted))
   setup, state, s = trainer.restore(cfg, workdir, step)
   return Run(workdir, cfg, setup, state, s)
+
+
+def load_predictor(workdir: str, source: str, kind: str = 'decoder',
+                   step: int | None = None):
+  """`strings -> (input [N, D], output [N, D] or None)`: the hypernetwork of the latest (or
+  `step`'s: `transfer.hypernet_step`) checkpoint of a zett run (configs/zett.py) on the base
+  model `source` (jitted, in chunks of 4096 tokens). `kind`: 'decoder' (byte-level BPE pieces)
+  or 'encoder' (WordPiece pieces); a run of the other kind is refused before it is restored."""
+  saved = config_lib.load_saved(workdir) if storage.isdir(workdir) else None
+  if saved is not None and saved.family == 'zett':
+    got = str(saved.zett.get('kind', 'decoder'))
+    if got != kind:
+      art = {'encoder': 'an encoder', 'decoder': 'a decoder'}
+      raise ValueError(f'transfer.hypernet_workdir={workdir} holds {art[got]} hypernetwork '
+                       f'(zett.kind={got!r}, model.source={saved.model.source!r}), which cannot '
+                       f'embed tokens for {art[kind]} model (model.source={source!r})')
+  run = load_run(workdir, step=step or None, family='zett', what='transfer.hypernet_workdir')
+  if run.cfg.model.source != source:
+    raise ValueError(f'the hypernetwork in {workdir} was trained for model.source='
+                     f'{run.cfg.model.source!r}, not {source!r}')
+  model = run.model()
+  log0(f'[transfer] hypernetwork from {workdir} (step {run.step})')
+  predict = jax.jit(lambda pieces: model.hypernet(jnp.asarray(pieces)))
+
+  def predictor(strings):
+    p = run.cfg.hypernet.max_pieces
+    pieces = (hypernet.wordpiece_piece_ids(run.family.base_vocab, strings, p) if kind == 'encoder'
+              else hypernet.piece_ids(run.family.base.tokenizer, strings, p))
+    return pipeline.map_in_batches(predict, pieces, 4096, fill=-1)
+
+  predictor.max_pieces = int(run.cfg.hypernet.max_pieces)
+  return predictor

@@ -28,10 +28,15 @@ of the base's document separator. Untied models get the same treatment for the o
 Both tokenizers must be byte-level BPE (token strings in the GPT-2 byte alphabet), so strings
 compare directly and every target token splits into base pieces.
 
+With `--config.dynamic` (train/dynamic.py) each transferred model is also evaluated under
+dynamic tokenization on top of its new tokenizer (the new tokens' embeddings from the base
+model's hypernetwork, `transfer.hypernet_workdir`, which shares the body, else FVT): its table is
+`WORKDIR/<method>/dynamic.md`, and its bits per byte / tokens per byte join the transfer row.
+
 Encoders (BERT / MiniLM, `run_encoder`): the same three methods on WordPiece vocabularies
 (pieces by greedy WordPiece, `models.hypernet.wordpiece_split`; hypernet: a
 configs/zett.py:minilm run), scored by sentence-embedding cosines. A hypernetwork of the other
-kind (encoder for a decoder, or the reverse) is refused by `load_predictor` before it is read.
+kind (encoder for a decoder, or the reverse) is refused by `runs.load_predictor` before it is read.
 """
 from __future__ import annotations
 
@@ -42,12 +47,9 @@ import shutil
 
 import numpy as np
 
-import jax
-import jax.numpy as jnp
-
-from data import pipeline, sentences, target_tokenizers
+from data import sentences, target_tokenizers
 from models import hypernet, pretrained
-from train import config_lib, runs, storage, trainer
+from train import dynamic, runs, storage, trainer
 from train.evals import report
 from train.families.pretrained import load_source
 from train.metrics import log0
@@ -239,8 +241,14 @@ def run(cfg, workdir: str) -> dict:
     if not cfg.transfer.hypernet_workdir:
       raise ValueError('transfer.methods includes hypernet: set transfer.hypernet_workdir to a '
                        'trained configs/zett.py run')
-    predictor = load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source,
+    predictor = runs.load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source,
                                 step=int(cfg.transfer.get('hypernet_step', 0)))
+  dyn_predictor = predictor
+  if cfg.get('dynamic', ''):  # dynamic tokenization on top of each transferred model
+    dynamic.check_config(cfg)
+    if dyn_predictor is None and cfg.transfer.hypernet_workdir:
+      dyn_predictor = runs.load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source,
+                                          step=int(cfg.transfer.get('hypernet_step', 0)))
   static = None
   if 'focus' in methods:
     spec = str(cfg.target_tokenizer)
@@ -264,43 +272,15 @@ def run(cfg, workdir: str) -> dict:
       sub = copy.deepcopy(cfg)
       sub.model.source = out_dir
       ev = trainer.evaluate(sub, out_dir)
+      dyn = {}
+      if cfg.get('dynamic', ''):
+        for r in dynamic.run(sub, out_dir, predictor=dyn_predictor, plain=ev)['rows'][1:]:
+          dyn[f'dynamic {r["setting"]} {r["embeddings"]}: bpb / tokens per byte'] = (
+              f'{r["bpb"]:.4f} / {r["tokens_per_byte"]:.4f}')
     rows.append({'model': method, 'tokenizer': target_name,
-                 'vocab': int(model.embed.embedding.shape[0]), **counts, **_scores(ev)})
+                 'vocab': int(model.embed.embedding.shape[0]), **counts, **_scores(ev), **dyn})
     log0(f'[transfer] {method}: {counts} -> bits per byte {ev.get("bpb", float("nan")):.4f}')
   return _write_rows(rows, workdir)
-
-
-def load_predictor(workdir: str, source: str, kind: str = 'decoder',
-                   step: int | None = None):
-  """`strings -> (input [N, D], output [N, D] or None)`: the hypernetwork of the latest (or
-  `step`'s: `transfer.hypernet_step`) checkpoint of a zett run (configs/zett.py) on the base
-  model `source` (jitted, in chunks of 4096 tokens). `kind`: 'decoder' (byte-level BPE pieces)
-  or 'encoder' (WordPiece pieces); a run of the other kind is refused before it is restored."""
-  saved = config_lib.load_saved(workdir) if storage.isdir(workdir) else None
-  if saved is not None and saved.family == 'zett':
-    got = str(saved.zett.get('kind', 'decoder'))
-    if got != kind:
-      art = {'encoder': 'an encoder', 'decoder': 'a decoder'}
-      raise ValueError(f'transfer.hypernet_workdir={workdir} holds {art[got]} hypernetwork '
-                       f'(zett.kind={got!r}, model.source={saved.model.source!r}), which cannot '
-                       f'embed tokens for {art[kind]} model (model.source={source!r})')
-  run = runs.load_run(workdir, step=step or None, family='zett',
-                      what='transfer.hypernet_workdir')
-  if run.cfg.model.source != source:
-    raise ValueError(f'the hypernetwork in {workdir} was trained for model.source='
-                     f'{run.cfg.model.source!r}, not {source!r}')
-  model = run.model()
-  log0(f'[transfer] hypernetwork from {workdir} (step {run.step})')
-  predict = jax.jit(lambda pieces: model.hypernet(jnp.asarray(pieces)))
-
-  def predictor(strings):
-    p = run.cfg.hypernet.max_pieces
-    pieces = (hypernet.wordpiece_piece_ids(run.family.base_vocab, strings, p) if kind == 'encoder'
-              else hypernet.piece_ids(run.family.base.tokenizer, strings, p))
-    return pipeline.map_in_batches(predict, pieces, 4096, fill=-1)
-
-  predictor.max_pieces = int(run.cfg.hypernet.max_pieces)
-  return predictor
 
 
 def _write_rows(rows: list[dict], workdir: str) -> dict:
@@ -384,7 +364,7 @@ def run_encoder(cfg, workdir: str, base) -> dict:
     if not cfg.transfer.hypernet_workdir:
       raise ValueError('transfer.methods includes hypernet: set transfer.hypernet_workdir to a '
                        'trained configs/zett.py:minilm run')
-    predictor = load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source, 'encoder',
+    predictor = runs.load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source, 'encoder',
                                 step=int(cfg.transfer.get('hypernet_step', 0)))
     vocab = target.get_vocab(with_added_tokens=True)
     strings = [''] * (max(vocab.values()) + 1)
