@@ -1,7 +1,8 @@
 """Where a ZeTT training step spends its time: the hypernetwork over the sampled vocabulary vs
 the frozen base LM over the batch's tokens, forward + backward, side by side in one process.
 
-  python benchmarks/zett_step.py [--preset=smollm2] [--repeat=3] [--batch_size=0] [--seq_len=0]
+  python benchmarks/zett_step.py [--preset=smollm2] [--repeat=3] [--batch_size=0] [--seq_len=0] \
+      [--packed_slots=2.5]
 
 Builds the zett family of `configs/zett.py:PRESET` (0 keeps the preset's batch / length), takes
 one real post-warm-up batch (a sampled tokenizer, its vocabulary as base pieces, the text
@@ -11,7 +12,9 @@ tokenized with it) and times, jitted, each after one compiling call (median of `
   hypernet  the hypernetwork alone: predict the whole vocabulary, backward from a fixed
             random cotangent;
   lm        the frozen LM alone on fixed embedding tables: forward, cross-entropy over the
-            sampled vocabulary, backward to the tables.
+            sampled vocabulary, backward to the tables;
+and, with the vocabulary's pieces packed (`hypernet.packed_slots` slots per token, rows of 8:
+models/hypernet.py `pack_pieces`), the hypernetwork and the full step again, side by side.
 Also prints the vocabulary's piece counts (the hypernetwork's work) and how many of its rows the
 batch's tokens use. FLOP estimates per part come from the family accounting.
 """
@@ -40,7 +43,7 @@ def _time(fn, args, repeat):
 
 def main(argv):
   opts = cli.parse_opts(argv, {'preset': 'smollm2', 'repeat': 3, 'batch_size': 0,
-                               'seq_len': 0}, __doc__)
+                               'seq_len': 0, 'packed_slots': 2.5}, __doc__)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -88,8 +91,20 @@ def main(argv):
 
   lm_fn = jax.jit(jax.value_and_grad(lm_of))
   r = opts['repeat']
+  packed, cut = hypernet.pack_pieces(np.asarray(pieces), hypernet.packed_rows(
+      pieces.shape[0], opts['packed_slots']))
+  packed = {k: jnp.asarray(v) for k, v in packed.items()}
+  batch_packed = {**batch, **{f'packed_{k}': v for k, v in packed.items()}}
+
+  def hyper_packed_of(p, packed, cot):
+    e_in, _ = nnx.merge(graphdef, p, rest).hypernet.packed(**packed)
+    return jnp.sum(e_in * cot)
+
+  hyper_packed = jax.jit(jax.value_and_grad(hyper_packed_of))
   t_full = _time(full, (params, batch), r)
+  t_full_packed = _time(full, (params, batch_packed), r)
   t_hyper = _time(hyper, (params, pieces, cot), r)
+  t_hyper_packed = _time(hyper_packed, (params, packed, cot), r)
   t_lm = _time(lm_fn, (table, lm_state, batch), r)
   p = np.asarray(pieces)
   n_pieces = (p >= 0).sum(1)
@@ -108,6 +123,10 @@ def main(argv):
   print(f'full step (loss + grad): {t_full:.3f} s | hypernetwork fwd+bwd: {t_hyper:.3f} s '
         f'({t_hyper / t_full:.0%}) | LM fwd+bwd: {t_lm:.3f} s ({t_lm / t_full:.0%}) | median of '
         f'{r}')
+  print(f'packed ({opts["packed_slots"]:g} slots per token: {packed["ids"].shape[0]} rows of '
+        f'{packed["ids"].shape[1]}, {cut} pieces cut): full step {t_full_packed:.3f} s '
+        f'({t_full / t_full_packed:.2f}x faster) | hypernetwork fwd+bwd {t_hyper_packed:.3f} s '
+        f'({t_hyper / t_hyper_packed:.2f}x faster)')
   print(f'FLOP estimates (fwd+bwd): hypernetwork {hyper_flops / 1e9:.0f} GFLOP, LM '
         f'{lm_flops / 1e9:.0f} GFLOP')
 

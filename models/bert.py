@@ -47,12 +47,15 @@ class BertLayer(nnx.Module):
     self.exact_gelu = c.act == 'gelu'
 
   def __call__(self, x_BxTxD: Array, mask_BxT: Array) -> Array:
+    """`mask_BxT`: 1 for the keys every query may read (padding 0); or a [B, T, T] mask of
+    which keys each query reads (packed sequences)."""
     b, t, d = x_BxTxD.shape
     h = self.num_heads
     split = lambda y: y.reshape(b, t, h, d // h)
+    mask = (mask_BxT[:, None, None, :] if mask_BxT.ndim == 2 else mask_BxT[:, None])
     a_BxTxHxK = jax.nn.dot_product_attention(
         split(self.q(x_BxTxD)), split(self.k(x_BxTxD)), split(self.v(x_BxTxD)),
-        mask=mask_BxT[:, None, None, :].astype(bool))
+        mask=mask.astype(bool))
     x_BxTxD = self.attn_norm(x_BxTxD + self.o(a_BxTxHxK.reshape(b, t, d)))
     f_BxTxF = jax.nn.gelu(self.up(x_BxTxD), approximate=not self.exact_gelu)
     return self.mlp_norm(x_BxTxD + self.down(f_BxTxF))

@@ -55,6 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_heads = 4
   c.mlp_dim = 1024
   c.max_pieces = 7
+  c.packed_slots = 0.0  # >0: the vocabulary's pieces packed into rows of PACK_ROW slots, this
+                        # many slots per token (`pack_pieces`): no work on padding; 0: one
+                        # row of max_pieces slots per token
   c.anchor = 'mean'    # 'mean': heads predict (e - base mean) / base std; 'fvt': heads predict a
                        # correction (in base-std units) to the mean of the piece embeddings,
                        # zero-initialized, so an untrained hypernetwork equals FVT
@@ -103,6 +106,73 @@ def wordpiece_piece_ids(base_vocab: dict, token_strings: list[str], max_pieces: 
   return out
 
 
+PACK_ROW = 8  # slots per packed row (>= max_pieces)
+
+
+def packed_rows(vocab: int, slots_per_token: float) -> int:
+  """Rows of the packed layout for a vocabulary of `vocab` tokens (a static shape)."""
+  return int(np.ceil(vocab * float(slots_per_token) / PACK_ROW))
+
+
+def pack_pieces(pieces_VxP: np.ndarray, rows: int) -> tuple[dict[str, np.ndarray], int]:
+  """The pieces of a vocabulary packed into `rows` rows of PACK_ROW slots, each token's pieces
+  contiguous in one row (first-fit decreasing), so the hypernetwork computes on pieces, not on
+  padding (a sampled vocabulary averages ~2 pieces of at most 7). A token without pieces takes
+  one slot (base row 0, as in the padded layout). If the pieces do not fit, the longest tokens
+  lose their last pieces first (returned: the number of pieces cut).
+
+  Returns int32 arrays: 'ids' [R, S] base piece ids (-1 free), 'tok' [R, S] the token of each
+  slot (-1 free), 'pos' [R, S] the piece's position in its token, 'first' [V] the flat slot
+  (r * S + c) of each token's first piece, 'count' [V] its pieces."""
+  v, p = pieces_VxP.shape
+  if p > PACK_ROW:
+    raise ValueError(f'hypernet.max_pieces={p} exceeds the packed row of {PACK_ROW} slots')
+  n = np.maximum((pieces_VxP >= 0).sum(1), 1)
+  real = (pieces_VxP >= 0).sum(1)
+  cap = rows * PACK_ROW
+  cut = 0
+  if n.sum() > cap:  # water-filling: cap every token at m pieces, the smallest m that fits
+    if v > cap:
+      raise ValueError(f'{v} tokens do not fit {rows} packed rows of {PACK_ROW} slots: raise '
+                       'hypernet.packed_slots')
+    m = max(m for m in range(1, p + 1) if np.minimum(n, m).sum() <= cap)
+    new = np.minimum(n, m)
+    cut, n = int((n - new).sum()), new
+  ids = np.full((rows, PACK_ROW), -1, np.int32)
+  tok = np.full((rows, PACK_ROW), -1, np.int32)
+  pos = np.zeros((rows, PACK_ROW), np.int32)
+  first = np.zeros(v, np.int32)
+  free = [[] for _ in range(PACK_ROW + 1)]  # rows by free slots (a stack each)
+  used = np.zeros(rows, np.int64)
+  opened = 0
+  for t in np.argsort(-n, kind='stable'):
+    size = int(n[t])
+    r = None
+    for c in range(size, PACK_ROW + 1):  # best fit among opened rows
+      if free[c]:
+        r = free[c].pop()
+        break
+    if r is None:
+      if opened < rows:
+        r, opened = opened, opened + 1
+      else:  # fragmentation: the token takes the largest gap left, cut to it
+        c = max(c for c in range(PACK_ROW + 1) if free[c])
+        r = free[c].pop()
+        cut += size - c
+        size = c
+    col = int(used[r])
+    ids[r, col:col + size] = pieces_VxP[t, :size] if real[t] else -1
+    tok[r, col:col + size] = t
+    pos[r, col:col + size] = np.arange(size)
+    first[t] = r * PACK_ROW + col
+    n[t] = size
+    used[r] += size
+    if used[r] < PACK_ROW:
+      free[PACK_ROW - used[r]].append(r)
+  count = np.where(real > 0, np.minimum(real, n), 0).astype(np.int32)
+  return {'ids': ids, 'tok': tok, 'pos': pos, 'first': first, 'count': count}, cut
+
+
 class HyperNet(nnx.Module):
 
   def __init__(self, c: ml_collections.ConfigDict, base_in_VxD: np.ndarray,
@@ -135,6 +205,40 @@ class HyperNet(nnx.Module):
     self.dim = d
     self.max_pieces = c.max_pieces
 
+  def packed(self, ids: Array, tok: Array, pos: Array, first: Array, count: Array
+             ) -> tuple[Array, Array | None]:
+    """The same embeddings as `__call__`, from the packed layout of `pack_pieces`: attention
+    stays inside each token's slots, the summary is its first slot, the FVT anchor the mean of
+    its pieces. Arrays as `pack_pieces` names them: ids/tok/pos [R, S], first/count [V]."""
+    ids_RxS, tok_RxS, pos_RxS, first_V, count_V = ids, tok, pos, first, count
+    r, s = ids_RxS.shape
+    v = first_V.shape[0]
+    x = jnp.take(self.base[...], jnp.maximum(ids_RxS, 0), axis=0)
+    h = self.proj(x) + self.positions(pos_RxS)
+    same = (tok_RxS[:, :, None] == tok_RxS[:, None, :]) | jnp.eye(s, dtype=bool)[None]
+    for layer in self.layers:
+      h = layer(h, same)
+    summary = h.reshape(r * s, -1)[first_V]
+    if self.anchor == 'fvt':
+      real = (ids_RxS >= 0).reshape(-1)
+      seg = jnp.where(real, tok_RxS.reshape(-1), v)  # free slots and empty tokens: dropped
+      sums = jax.ops.segment_sum(x.reshape(r * s, -1), seg, num_segments=v + 1)[:v]
+      fvt = sums / jnp.maximum(count_V, 1)[:, None].astype(jnp.float32)
+      none = (count_V == 0)[:, None]
+      anchor_in = jnp.where(none, self.mean_in[...], fvt[:, :self.dim])
+      anchor_out = None if self.tied else jnp.where(none, self.mean_out[...], fvt[:, self.dim:])
+    else:
+      anchor_in = self.mean_in[...]
+      anchor_out = None if self.tied else self.mean_out[...]
+    return self._heads(summary, anchor_in, anchor_out)
+
+  def _heads(self, first, anchor_in, anchor_out):
+    e_in = self.head_in(first, out_dtype=jnp.float32) * self.std_in[...] + anchor_in
+    if self.tied:
+      return e_in, None
+    e_out = self.head_out(first, out_dtype=jnp.float32) * self.std_out[...] + anchor_out
+    return e_in, e_out
+
   def __call__(self, pieces_NxP: Array) -> tuple[Array, Array | None]:
     """fp32 (input [N, D], output [N, D] or None when tied) embeddings for tokens given as base
     pieces (-1 padded)."""
@@ -155,11 +259,7 @@ class HyperNet(nnx.Module):
     else:
       anchor_in = self.mean_in[...]
       anchor_out = None if self.tied else self.mean_out[...]
-    e_in = self.head_in(first, out_dtype=jnp.float32) * self.std_in[...] + anchor_in
-    if self.tied:
-      return e_in, None
-    e_out = self.head_out(first, out_dtype=jnp.float32) * self.std_out[...] + anchor_out
-    return e_in, e_out
+    return self._heads(first, anchor_in, anchor_out)
 
 
 def assemble(predicted_VxD: np.ndarray, special_rows: dict[int, np.ndarray]) -> np.ndarray:
@@ -192,10 +292,13 @@ class ZettModel(nnx.Module):
     self.lm = token_lm.TokenLM(c_lm, vocab_size, dtype, rngs=rngs)
     self.dtype = dtype
 
-  def embeddings(self, pieces_VxP: Array, shared_V: Array, keep_V: Array):
+  def embeddings(self, pieces_VxP: Array, shared_V: Array, keep_V: Array,
+                 packed: dict | None = None):
     """(input [V, D], output [V, D]) for a vocabulary: predicted, except rows with `keep`
-    (special tokens), which take the base row `shared`."""
-    e_in, e_out = self.hypernet(pieces_VxP)
+    (special tokens), which take the base row `shared`. `packed`: the vocabulary's pieces in
+    the layout of `pack_pieces` (then `pieces_VxP` is not read)."""
+    e_in, e_out = (self.hypernet.packed(**packed) if packed is not None
+                   else self.hypernet(pieces_VxP))
     base_in = self.lm.embed.embedding[...]
     keep = (keep_V > 0)[:, None]
     e_in = jnp.where(keep, base_in[jnp.maximum(shared_V, 0)], e_in)
@@ -203,6 +306,16 @@ class ZettModel(nnx.Module):
       return e_in, e_in
     base_out = self.lm.readout.kernel[...].T
     return e_in, jnp.where(keep, base_out[jnp.maximum(shared_V, 0)], e_out)
+
+
+PACKED_KEYS = ('ids', 'tok', 'pos', 'first', 'count')
+
+
+def packed_of(batch: dict) -> dict | None:
+  """The packed vocabulary arrays of a batch ('packed_ids', ...), or None (padded layout)."""
+  if 'packed_ids' not in batch:
+    return None
+  return {k: batch[f'packed_{k}'] for k in PACKED_KEYS}
 
 
 def zett_loss(model: ZettModel, batch: dict, aux_weight: float) -> tuple[Array, dict]:
@@ -223,7 +336,7 @@ def zett_loss(model: ZettModel, batch: dict, aux_weight: float) -> tuple[Array, 
 
   def transfer():
     e_in, e_out = model.embeddings(batch['vocab_pieces'], batch['vocab_shared'],
-                                   batch['vocab_keep'])
+                                   batch['vocab_keep'], packed_of(batch))
     x = jnp.take(e_in, batch['inputs'], axis=0).astype(model.dtype)
     h, _ = lm.transformer(x, batch['positions'], batch['segment_ids'])
     logits = jnp.einsum('btd,vd->btv', h, e_out.astype(model.dtype),

@@ -1,5 +1,4 @@
 """The tokenizer-transfer hypernetwork (models/hypernet.py) on a tiny byte-level base."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -91,3 +90,38 @@ def test_fvt_anchor_starts_at_fvt(base):
     np.testing.assert_allclose(a_in[i], e_in[p].mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a_out[i], e_out[p].mean(0), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(a_in[3], e_in.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_packed_pieces_equal_the_padded_layout():
+  """The packed layout (no work on padding) gives the padded layout's embeddings; pieces that do
+  not fit are cut from the longest tokens and counted."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from models import hypernet  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  v, p, vb, d = 37, 7, 50, 12
+  n = rng.integers(0, p + 1, v)
+  n[:3] = (0, 7, 1)
+  pieces = np.full((v, p), -1, np.int32)
+  for i, k in enumerate(n):
+    pieces[i, :k] = rng.integers(0, vb, k)
+  base = rng.normal(size=(vb, d)).astype(np.float32)
+  for anchor in ('fvt', 'mean'):
+    c = ml_collections.ConfigDict({'d_model': 16, 'num_layers': 2, 'num_heads': 2, 'mlp_dim': 32,
+                                   'max_pieces': p, 'anchor': anchor})
+    net = hypernet.HyperNet(c, base, base * 0.5, rngs=nnx.Rngs(1))
+    for head in (net.head_in, net.head_out):  # non-zero heads: the transformer path counts
+      head.kernel[...] = jnp.asarray(rng.normal(size=head.kernel.shape) * 0.1, jnp.float32)
+    want_in, want_out = net(jnp.asarray(pieces))
+    packed, cut = hypernet.pack_pieces(pieces, hypernet.packed_rows(v, 5.0))
+    assert cut == 0 and packed['ids'].size < pieces.size * 5.0 / p + 8
+    got_in, got_out = net.packed(**{k: jnp.asarray(a) for k, a in packed.items()})
+    np.testing.assert_allclose(got_in, want_in, atol=2e-5)
+    np.testing.assert_allclose(got_out, want_out, atol=2e-5)
+  real = int(np.maximum(n, 1).sum())
+  tight, cut = hypernet.pack_pieces(pieces, real // hypernet.PACK_ROW)
+  assert cut >= real - (real // hypernet.PACK_ROW) * hypernet.PACK_ROW
+  assert tight['count'][1] < 7 and tight['count'][2] == 1  # the longest token lost pieces
+  assert (np.bincount(tight['tok'][tight['tok'] >= 0], minlength=v) >= 1).all()  # all placed
+  with pytest.raises(ValueError, match='do not fit'):
+    hypernet.pack_pieces(pieces, 2)

@@ -82,7 +82,18 @@ class _Batcher:
     sep = tok.token_to_id(fam.sep_string)
     if sep is not None:
       keep[sep], shared[sep] = 1, fam.sep_id
-    return {'vocab_pieces': pieces, 'vocab_shared': shared, 'vocab_keep': keep}
+    return {'vocab_pieces': pieces, 'vocab_shared': shared, 'vocab_keep': keep,
+            **self.packed(pieces)}
+
+  def packed(self, pieces) -> dict:
+    """With `hypernet.packed_slots` > 0: the vocabulary's pieces packed (models/hypernet.py
+    `pack_pieces`; pieces cut to fit are counted in `packed_pieces_cut`)."""
+    slots = float(self.fam.cfg.hypernet.get('packed_slots', 0.0))
+    if slots <= 0:
+      return {}
+    packed, cut = hypernet.pack_pieces(pieces, hypernet.packed_rows(len(pieces), slots))
+    self.stats['packed_pieces_cut'] = self.stats.get('packed_pieces_cut', 0) + cut
+    return {f'packed_{k}': v for k, v in packed.items()}
 
   def tokenized(self, tok, texts, batch: int) -> dict:
     t = self.seq_len
@@ -130,6 +141,7 @@ class _Batcher:
       out.update({'vocab_pieces': np.full((v, p), -1, np.int32),
                   'vocab_shared': np.full((v,), -1, np.int32),
                   'vocab_keep': np.zeros((v,), np.int32)})
+      out.update(self.packed(out['vocab_pieces']))
       out.update(self.tokenized(None, [], b))
       return out
     texts = self.texts(byte_batch)
@@ -361,6 +373,8 @@ class ZettFamily(families.Family):
     if self._batcher is not None:
       out['train_tokens_cut'] = self._batcher.stats['tokens_cut']
       out['train_tokens'] = self._batcher.stats['tokens']
+      if 'packed_pieces_cut' in self._batcher.stats:
+        out['train_packed_pieces_cut'] = self._batcher.stats['packed_pieces_cut']
     return out
 
   def describe(self):
