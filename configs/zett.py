@@ -33,6 +33,7 @@ def get_config(preset: str = 'smollm2'):
   c.family = 'zett'
   c.hypernet = hypernet.default_config()
   c.hypernet.anchor = 'fvt'    # start from FVT, learn the correction (models/hypernet.py)
+  c.hypernet.packed_slots = 2.5  # pieces packed, no work on padding (benchmarks/zett_step.py)
   c.zett = z = ml_collections.ConfigDict()
   z.kind = 'decoder'           # 'decoder' (a TokenLM base) | 'encoder' (a BERT sentence encoder)
   z.vocab_size = 4096          # tokens of every sampled vocabulary (and of the eval tokenizer)
@@ -64,4 +65,5 @@ def get_config(preset: str = 'smollm2'):
     z.sampler_docs = 8         # training documents beside the step's sentences
     t.batch_size, t.eval_batches = 8, 8  # sentences per step / eval batches of 8 sentences
     c.hypernet.d_model, c.hypernet.num_layers, c.hypernet.mlp_dim = 128, 2, 512
+    c.hypernet.packed_slots = 0.0  # the encoder batches carry the padded layout
   return c

@@ -263,6 +263,10 @@ class ZettFamily(families.Family):
     self.base_pieces = hypernet.piece_ids(self.base.tokenizer, strings, cfg.hypernet.max_pieces)
     self.regular_ids = np.array([i for i, s in enumerate(strings) if s and s not in special],
                                 np.int64)
+    slots = float(cfg.hypernet.get('packed_slots', 0.0))
+    if slots and not 1.0 <= slots <= hypernet.PACK_ROW:
+      raise ValueError(f'hypernet.packed_slots={slots}: expected 0 (padded) or a number of '
+                       f'slots per token in [1, {hypernet.PACK_ROW}]')
     if cfg.zett.warmup_tokens > len(self.regular_ids):
       raise ValueError(f'zett.warmup_tokens={cfg.zett.warmup_tokens} exceeds the '
                        f'{len(self.regular_ids)} regular base tokens')
@@ -499,6 +503,9 @@ class EncoderZettFamily(ZettFamily):
     if cfg.zett.warmup_steps:
       raise ValueError(f'zett.warmup_steps={cfg.zett.warmup_steps}: the encoder hypernetwork '
                        'has no identity warm-up (set 0; anchor fvt starts from FVT)')
+    if float(cfg.hypernet.get('packed_slots', 0.0)):
+      raise ValueError(f'hypernet.packed_slots={cfg.hypernet.packed_slots}: packed pieces are '
+                       'implemented for decoder hypernetworks only (set 0 for zett.kind=encoder)')
     self.lm_cfg = self.base.cfg_model
     self.base_vocab = self.base.tokenizer.get_vocab(with_added_tokens=True)
     self.base_in = np.asarray(self.base.model.words.embedding[...])
