@@ -200,3 +200,28 @@ def test_data_that_changed_before_a_resume_is_named(data_dir, tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match='training data changed since this run was '
                                                      'checkpointed.*num_docs'):
     trainer.train(cfg, wd)
+
+
+def test_a_crash_right_after_a_checkpoint_keeps_its_metrics_line(tmp_path, monkeypatch):
+  """Step s's metrics line is written before checkpoint s counts as durable: a run that dies
+  right after saving s (SIGKILL on a pod, here an exception) resumes at s + 1 with line s kept."""
+  wd = str(tmp_path / 'run')
+  cfg = _cfg(**{'train.steps': 6, 'ckpt.every': 4, 'train.eval_batches': 1,
+                'eval.robustness': '', 'eval.next_word': False})
+  from train import partitioning  # pylint: disable=import-outside-toplevel
+  real = partitioning.global_batch
+  calls = []
+
+  def die_after_checkpoint_4(*args, **kwargs):  # the 5th batch: checkpoint 4 is saved
+    calls.append(1)
+    if len(calls) == 5:
+      raise SystemExit('killed after checkpoint 4')
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(partitioning, 'global_batch', die_after_checkpoint_4)
+  with pytest.raises(SystemExit):
+    trainer.train(cfg, wd)
+  monkeypatch.setattr(partitioning, 'global_batch', real)
+  trainer.train(cfg, wd)
+  steps = [json.loads(l)['step'] for l in open(os.path.join(wd, 'metrics.jsonl'))]
+  assert steps == list(range(1, 7)), steps

@@ -1,4 +1,5 @@
 """Tokenizer sampling and hypernetwork training / transfer (configs/zett.py) on a tiny base LM."""
+import copy
 import json
 import os
 import re
@@ -316,6 +317,10 @@ def test_dynamic_tokenization(tiny, tmp_path, capsys):
   row, = tr['rows']
   assert row['model'] == 'fvt' and 'dynamic merges:2 hypernet: bpb / tokens per byte' in row
   assert (tmp_path / 'tr_dyn' / 'fvt' / 'dynamic.md').exists()
+  moved = copy.deepcopy(cfg)  # the transferred copy as a model source: the base's hypernetwork
+  moved.model.source = str(tmp_path / 'tr_dyn' / 'fvt')  # is refused with the way to use it
+  with pytest.raises(ValueError, match='gets its hypernetwork through --mode=transfer'):
+    dynamic.run(moved, str(tmp_path / 'dyn3'))
   # sampling: the prompt merged, generation may use its new tokens; text comes back whole
   cfg.transfer.hypernet_workdir = zwd
   cfg.dynamic, cfg.dynamic_embeddings = 'merges:3', 'hypernet'

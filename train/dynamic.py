@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from data import dynamic_bpe, encoders, target_tokenizers
-from train import runs, storage, trainer
+from train import config_lib, runs, storage, trainer
 from train.evals import report
 from train.metrics import log0
 
@@ -172,6 +172,14 @@ def run(cfg, workdir: str, step: int | None = None, predictor=None, plain: dict 
     raise ValueError('dynamic tokenization merges per host batch: run it as one process')
   methods = methods_of(cfg)
   if 'hypernet' in methods and predictor is None:
+    hw = cfg.transfer.hypernet_workdir
+    saved = config_lib.load_saved(hw) if storage.isdir(hw) else None
+    if saved is not None and saved.family == 'zett' and saved.model.source != cfg.model.source:
+      raise ValueError(f'transfer.hypernet_workdir={hw} embeds tokens for model.source='
+                       f'{saved.model.source!r}, not {cfg.model.source!r}. A tokenizer-'
+                       'transferred copy of that model gets its hypernetwork through '
+                       '--mode=transfer with --config.dynamic (the body is the base\'s); '
+                       'without transfer.hypernet_workdir, dynamic tokenization uses FVT')
     predictor = runs.load_predictor(
         cfg.transfer.hypernet_workdir, cfg.model.source,
         step=int(cfg.transfer.get('hypernet_step', 0)))

@@ -351,10 +351,13 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
   result = {}
 
   def save(s, force=False):
-    nonlocal last_saved
+    nonlocal last_saved, pending
     if last_saved != s:
       lock.check()  # a bucket lease taken over by another run: stop before writing
       checkpointer.save(s, state, it.get_state(), cfg_dict, force=force)
+      if pending is not None and pending[0] <= s:  # step s's own metrics line, written one
+        p, pending = pending, None                 # step late otherwise: a run killed right
+        flush(p)                                   # after this save would resume without it
       writer.flush()  # the logs are durable up to every checkpoint (a bucket: one upload)
       last_saved = s
 
