@@ -100,27 +100,14 @@ def test_zett_trains_only_the_hypernetwork_and_resumes(tiny):
     chex.assert_trees_all_equal(w, next(again))
   again.close()
   assert want[0]['phase'][0] == 0 and (want[0]['vocab_pieces'][:, 0] >= 0).sum() > 250
+  # the zett presets pack the vocabulary's pieces (no work on padding; test_hypernet checks the
+  # packed math equals the padded one): every token of the sampled vocabulary has its slots
+  assert want[0]['packed_ids'].shape == (hypernet.packed_rows(300, 2.5), hypernet.PACK_ROW)
+  assert set(np.unique(want[0]['packed_tok'])) - {-1} == set(range(300))
+  assert (want[0]['packed_count'] == (want[0]['vocab_pieces'] >= 0).sum(1)).all()  # none cut
   # target bytes are the UTF-8 bytes of the scored tokens
   sep = int(np.flatnonzero(want[0]['vocab_keep'])[0])
   assert want[0]['vocab_shared'][sep] == fam.sep_id
-
-
-def test_zett_trains_with_packed_pieces(tiny, tmp_path):
-  """hypernet.packed_slots: the batches carry the packed vocabulary and the step trains on it
-  (the packed math equals the padded one: test_hypernet)."""
-  from train import trainer  # pylint: disable=import-outside-toplevel
-  _, _, overrides = tiny
-  cfg = _zett_cfg(overrides, **{'hypernet.packed_slots': 3.0, 'train.steps': 3,
-                                'zett.warmup_steps': 1, 'ckpt.every': 3})
-  summary = trainer.train(cfg, str(tmp_path / 'packed'))
-  assert summary['step'] == 3 and np.isfinite(summary['train']['loss'])
-  assert np.isfinite(summary['eval']['bpb'])
-  setup, _, _ = trainer.restore(cfg, str(tmp_path / 'packed'))
-  it = setup.family.train_iterator(0, 1)
-  b = next(it)
-  it.close()
-  assert b['packed_ids'].shape == (hypernet.packed_rows(300, 3.0), hypernet.PACK_ROW)
-  assert set(np.unique(b['packed_tok'])) - {-1} == set(range(300))
 
 
 def test_transfer_with_the_hypernetwork(tiny, data_dir, tmp_path):
