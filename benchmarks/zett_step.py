@@ -59,7 +59,8 @@ def main(argv):
   fam = families.get(cfg)
   it = fam.train_iterator(0, 1)
   it.set_state({**it.get_state(), 'zett_step': cfg.zett.warmup_steps})
-  batch = {k: jnp.asarray(v) for k, v in next(it).items()}
+  batch = {k: jnp.asarray(v) for k, v in next(it).items()
+           if not k.startswith('packed_')}  # the padded layout; the packed one is built below
   it.close()
   model = fam.build_model(nnx.Rngs(0))
   nnx.update(model.lm, nnx.state(fam.base.model))
