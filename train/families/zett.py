@@ -315,23 +315,25 @@ class ZettFamily(families.Family):
     return ZettIterator(inner, self._batcher, self.cfg.data.prefetch)
 
   def eval_tokenizer(self):
-    """The fixed evaluation tokenizer (see the module doc)."""
+    """The fixed evaluation tokenizer: the run's recorded one, else `_new_eval_tokenizer()`
+    (see the module doc)."""
     if self._eval_tok is None:
       recorded = self.recorded('eval_tokenizer.json')
-      if recorded is not None:
-          tok = tokenizers.Tokenizer.from_str(recorded.decode())
-      elif self.cfg.target_tokenizer:
-        tok, _ = target_tokenizers.build(self.cfg.target_tokenizer, self.cfg.data,
-                                         self.cfg.transfer.text_filter)
-      else:
-        src = corpus.get_source(self.cfg.data, self.cfg.data.eval_split)
-        z = self.cfg.zett
-        tok = tokenizer_sampler.sample_unigram(
-            [src[i] for i in range(len(src))], z.vocab_size,
-            np.random.default_rng([self.cfg.seed, 11]), z.noise_std, z.max_piece_chars,
-            (self.sep_string,))
-      self._eval_tok = tok
+      self._eval_tok = (tokenizers.Tokenizer.from_str(recorded.decode()) if recorded is not None
+                        else self._new_eval_tokenizer())
     return self._eval_tok
+
+  def _new_eval_tokenizer(self):
+    """`target_tokenizer` if set, else a UnigramLM sampled from the validation text."""
+    if self.cfg.target_tokenizer:
+      return target_tokenizers.build(self.cfg.target_tokenizer, self.cfg.data,
+                                     self.cfg.transfer.text_filter)[0]
+    src = corpus.get_source(self.cfg.data, self.cfg.data.eval_split)
+    z = self.cfg.zett
+    return tokenizer_sampler.sample_unigram(
+        [src[i] for i in range(len(src))], z.vocab_size,
+        np.random.default_rng([self.cfg.seed, 11]), z.noise_std, z.max_piece_chars,
+        (self.sep_string,))
 
   def eval_batches(self, process_index, process_count, max_batches=0, perturbation=None):
     if perturbation:
@@ -548,21 +550,14 @@ class EncoderZettFamily(ZettFamily):
     stream = _SentenceStream(texts, self.cfg.train.batch_size, self.cfg.seed)
     return ZettIterator(stream, self._batcher, self.cfg.data.prefetch)
 
-  def eval_tokenizer(self):
-    """The fixed evaluation tokenizer: recorded, `target_tokenizer`, or sampled (module doc)."""
-    if self._eval_tok is None:
-      recorded = self.recorded('eval_tokenizer.json')
-      if recorded is not None:
-        tok = tokenizers.Tokenizer.from_str(recorded.decode())
-      elif self.cfg.target_tokenizer:
-        tok, _ = target_tokenizers.build_encoder_target(self.cfg.target_tokenizer, self.cfg.data,
-                                                        self.cfg.transfer.text_filter)
-      else:
-        docs = self._docs(self.cfg.data.eval_split)
-        tok = _EncoderBatcher(self, 8).sample_tokenizer(
-            docs, np.random.default_rng([self.cfg.seed, 11]), [])
-      self._eval_tok = tok
-    return self._eval_tok
+  def _new_eval_tokenizer(self):
+    """`target_tokenizer` (a WordPiece) if set, else a WordPiece sampled from the validation
+    documents."""
+    if self.cfg.target_tokenizer:
+      return target_tokenizers.build_encoder_target(self.cfg.target_tokenizer, self.cfg.data,
+                                                    self.cfg.transfer.text_filter)[0]
+    return _EncoderBatcher(self, 8).sample_tokenizer(
+        self._docs(self.cfg.data.eval_split), np.random.default_rng([self.cfg.seed, 11]), [])
 
   def eval_batches(self, process_index, process_count, max_batches=0, perturbation=None):
     del process_index, process_count
