@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import glob
 import io
-import itertools
 import os
 import re
 import shlex
