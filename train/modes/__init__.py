@@ -19,9 +19,9 @@ What a mode declares (class attributes, read by the dispatcher):
 Hooks (all but `run` optional):
   `add_flags(flags)`         its own command-line flags (`flags.add_argument`, as argparse's),
                              shown in `--help` under the mode's name. Every mode's flags are
-                             parsed whatever the mode; a flag that several modes read (the job
-                             modes' --nodes, --step) is declared by each with the same type and
-                             default and defined once.
+                             parsed whatever the mode; a flag that several modes read (--step
+                             for eval, sample and export; --nodes for the job modes) is declared
+                             by each alike (`_flags.py`, `_jobs.py`) and defined once.
   `accepts(cfg)`             the accepted families for this config (default: `families`); e.g.
                              eval accepts any family but only `pretrained` when config.dynamic
                              is set.
@@ -38,8 +38,8 @@ Parsing the flags imports every mode module: a mode imports the modules that do 
 inside `run` (the trainer, the data), not at the top of its file.
 
 Layering: this package sits above the rest of train/ (it may import any of it); nothing in
-train/ outside it imports it, and launch.py imports only this dispatcher
-(tests/test_layering.py).
+train/ outside it imports it, and of train/ launch.py imports only this dispatcher and the
+foundations it needs to load a config and name a user's mistake (tests/test_layering.py).
 """
 from __future__ import annotations
 
