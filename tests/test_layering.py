@@ -11,6 +11,10 @@ Inside train/, by rank (the same rule):
   3  runs                                                        (finished runs as inputs)
   4  families/<name>                                             (the families)
   5  sweep, evaluator, transfer, dynamic, cross_family           (orchestration)
+  6  modes (the dispatcher, train/modes/__init__.py), modes/<name> (the modes)
+Nothing in train/ outside train/modes/ imports it, and launch.py imports of train/ only the
+dispatcher and the foundations (config_lib for the config, checkpoint and storage for the
+errors it reports as a user's mistake).
 configs/ may import configs, models and data only (a config builds no family).
 """
 import ast
@@ -22,7 +26,8 @@ PACKAGE_RANK = {'data': 0, 'models': 1, 'train': 2, 'configs': 3, 'benchmarks': 
                 'launch': 3, 'tests': 3}
 TRAIN_RANK = {'config_lib': 0, 'partitioning': 0, 'metrics': 0, 'checkpoint': 0, 'storage': 0,
               'launching': 0, 'families': 1, 'evals': 1, 'trainer': 2, 'runs': 3,
-              'sweep': 5, 'evaluator': 5, 'transfer': 5, 'cross_family': 5, 'dynamic': 5}
+              'sweep': 5, 'evaluator': 5, 'transfer': 5, 'cross_family': 5, 'dynamic': 5,
+              'modes': 6}
 WHY = {
     'data': 'data/ is the bottom layer: it reads and encodes text and knows no model or trainer',
     'models': 'models/ are Flax modules and their math: they may use data/, never the trainer',
@@ -30,7 +35,8 @@ WHY = {
                'steps, FLOPs and families are resolved by the trainer',
     'train': 'inside train/ the ranks are: foundations (config_lib, partitioning, metrics, storage, '
              'checkpoint, launching) < the Family contract and evals/ < trainer < runs < '
-             'families/<name> < sweep, evaluator, transfer, cross_family',
+             'families/<name> < sweep, evaluator, transfer, cross_family < modes (the dispatcher and '
+             'the modes, train/modes/)',
 }
 
 
@@ -167,3 +173,19 @@ def test_the_checker_names_an_upward_import_and_a_cycle():
              in p for p in problems), problems
   assert any(p.startswith('import cycle among') and 'train.sweep -> train.trainer' in p
              for p in problems), problems
+
+
+def test_modes_sit_on_top_and_launch_imports_only_the_dispatcher():
+  modes, edges = graph()
+  assert 'train.modes' in modes and 'train.modes.train' in modes
+  inside = [f'{src} imports {dst} ({os.path.relpath(modes[src], ROOT)}:{line})'
+            for src in sorted(edges) if src.startswith('train.')
+            and not (src == 'train.modes' or src.startswith('train.modes.'))
+            for dst, line, _ in edges[src] if dst == 'train.modes' or dst.startswith('train.modes.')]
+  assert not inside, 'only train/modes/ and launch.py import the modes:\n' + '\n'.join(inside)
+  allowed = {'train.modes'} | {f'train.{m}' for m, r in TRAIN_RANK.items() if r == 0}
+  wrong = [f'launch.py:{line} imports {dst}' for dst, line, _ in edges['launch']
+           if dst.startswith('train') and dst not in allowed]
+  assert not wrong, ('launch.py is flags and dispatch: it imports the modes\' dispatcher '
+                     '(train.modes) and the foundations only; a mode\'s work goes into its '
+                     'module in train/modes/:\n' + '\n'.join(wrong))

@@ -58,13 +58,8 @@ def methods_of(cfg, quiet: bool = False) -> list[str]:
 
 
 def check_config(cfg) -> list[tuple[str, float]]:
-  """Validates the dynamic keys before anything loads; returns the parsed settings."""
-  if cfg.family != 'pretrained':
-    raise ValueError(f'dynamic tokenization runs on a pretrained language model (family '
-                     f'pretrained: configs/pretrained.py, any model.source), not family '
-                     f'{cfg.family!r}'
-                     + ('; a zett run is given to it as --config.transfer.hypernet_workdir'
-                        if cfg.family == 'zett' else ''))
+  """Validates the dynamic keys before anything loads; returns the parsed settings. (The family,
+  pretrained only, is checked by the eval and sample modes' dispatcher: train/modes/.)"""
   specs = dynamic_bpe.parse_spec(cfg.dynamic)
   if str(cfg.get('dynamic_boundary', 'pretokens')) not in dynamic_bpe.BOUNDARIES:
     raise ValueError(f'dynamic_boundary={cfg.dynamic_boundary!r}: expected one of '

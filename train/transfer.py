@@ -222,9 +222,7 @@ def transferred_model(base: pretrained.Pretrained, target_tok, method: str, pred
 
 
 def run(cfg, workdir: str) -> dict:
-  if cfg.family != 'pretrained':
-    raise ValueError(f'--mode=transfer needs a pretrained model config (family pretrained), '
-                     f'not family {cfg.family!r}')
+  """--mode=transfer on a pretrained model config (the mode accepts no other family)."""
   base = load_source(cfg.model.source)
   if base.meta.get('kind') == 'encoder':
     return run_encoder(cfg, workdir, base)

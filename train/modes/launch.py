@@ -1,0 +1,79 @@
+"""Write the multi-host job of this same config and workdir (--launcher); --submit runs it.
+
+--launcher=slurm writes an sbatch script (WORKDIR/launch/train.sbatch); --launcher=tpu prints
+the commands of a TPU pod run (ship the code, set up, start on every worker; tpu.sh for one
+attempt by hand) and --launcher=local those of this machine; with --submit both are run and
+restarted until the run has finished (train/launching.py). Uses no devices.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+from train import launching, modes, storage
+from train.modes import _flags, _jobs
+
+
+class Mode(modes.Mode):
+  devices = False
+
+  def add_flags(self, flags) -> None:
+    flags.add_argument('--launcher', choices=('slurm', 'tpu', 'local'), default='slurm')
+    _jobs.add_flags(flags)
+    flags.add_argument('--tpu', default='', help='TPU VM (pod slice) name')
+    flags.add_argument('--zone', default='')
+    flags.add_argument('--project', default='')
+    flags.add_argument('--dry', action='store_true', help='print every command, run nothing')
+    flags.add_argument('--spot', action='store_true',
+                       help='tpu: a spot queued resource, created when missing, recreated when '
+                            'lost')
+    flags.add_argument('--accelerator_type', default='', help='tpu --spot: e.g. v5litepod-256')
+    flags.add_argument('--runtime_version', default='',
+                       help='tpu --spot: e.g. v2-alpha-tpuv5-lite')
+    flags.add_argument('--allow_dirty', action='store_true',
+                       help='tpu: ship uncommitted changes to tracked files (as a stash commit)')
+    _flags.poll_seconds(flags)
+
+  def run(self, args, cfg, module, overrides) -> int:
+    if _jobs.check_counts(args):
+      return 2
+    where = _jobs.place(args)
+    run_args = launching.launch_args(args.config, where.workdir, overrides)
+    steps = None if cfg.train.flops_budget > 0 else int(cfg.train.steps)
+    if args.launcher in ('tpu', 'local'):
+      return _controlled_job(args, run_args, where.workdir, steps, where.out_dir, where.repo)
+    text = launching.slurm_script(run_args, where.name, args.nodes, args.gpus_per_node,
+                                  args.time, args.partition, where.repo, log_dir=where.log_dir)
+    return _jobs.write_script(args, where.out_dir, 'train.sbatch', text)
+
+
+def _controlled_job(args, run_args, workdir, steps, out_dir, repo) -> int:
+  """--launcher=tpu / local: the job's commands (--dry prints them), tpu.sh for one attempt by
+  hand, and with --submit the restart loop run from here until the run has finished."""
+  if args.launcher == 'tpu':
+    if not args.tpu or not args.zone:
+      print('error: --launcher=tpu needs --tpu=NAME and --zone=ZONE', file=sys.stderr)
+      return 2
+    if not storage.is_remote(workdir):
+      print(f'# warning: the workdir is on each worker\'s own disk ({workdir}): on a multi-host '
+            'slice the hosts do not share it and it is lost with the slice; use a gs:// workdir')
+    archive, commit = launching.code_archive(out_dir, repo, args.allow_dirty)
+    run_args = [launching.repo_relative(a, repo) for a in run_args]  # workers cd into the copy
+    job = launching.TpuJob(run_args, args.tpu, args.zone, args.project, archive, commit,
+                           spot=args.spot, accelerator_type=args.accelerator_type,
+                           runtime_version=args.runtime_version, poll_s=args.poll_seconds)
+    script = os.path.join(out_dir, 'tpu.sh')
+    with open(script, 'w') as f:
+      f.write(job.script())
+    print(f'# code: commit {commit} in {archive}; one attempt by hand: bash {script}')
+  else:
+    job = launching.LocalJob(run_args, repo=repo)
+  if args.dry or not args.submit:
+    for cmd in job.commands():
+      print(' '.join(shlex.quote(c) for c in cmd))
+    if not args.dry:
+      print('# add --submit to run it (restarted until it finishes, at most '
+            f'{args.max_restarts} times)')
+    return 0
+  return launching.restart_loop(job, workdir, steps, args.max_restarts, args.restart_backoff)
