@@ -34,7 +34,6 @@ def ladder(n: int, minimum: int = 1, base: int = 8) -> int:
   return m
 
 
-
 # -- the interface -------------------------------------------------------------------------------
 class ByteLM(abc.ABC):
   """A text model seen one byte at a time.

@@ -114,7 +114,6 @@ def grow_cache(cache, size: int):
   return [{k: pad(v) for k, v in c.items()} for c in cache]
 
 
-
 # -- byte-native token LMs -----------------------------------------------------------------------
 @dataclasses.dataclass
 class _ByteState:
