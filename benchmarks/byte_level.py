@@ -13,8 +13,9 @@ Parts:
             vs the exact byte-level score (models.byte_level.ExactBPE.score); wall time of each
             (warm: the median of --repeats runs after one untimed run), the factor, bits per
             byte of both (the end token included in both), their difference (the mass the
-            model puts on non-canonical tokens along the canonical encoding, see the module doc
-            of models/byte_level.py) and, on a short prefix, the streaming path's agreement.
+            model puts on non-canonical tokens along the canonical encoding, see the module
+            doc of models/byte_level/exact_bpe.py) and, on a short prefix, the streaming path's
+            agreement.
   examples  SmolLM2's greedy completions of prompts that end inside a token: plain token-level,
             token healing, exact byte-level.
   fim       --fim_n code lines from the standard library (textwrap, string, json.decoder,
@@ -41,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import byte_level as bl  # noqa: E402
 from models import pretrained  # noqa: E402
+from models.byte_level import interface  # noqa: E402
 
 
 def timed(fn, repeats):
@@ -94,7 +96,8 @@ def part_score(view, args):
   toks = ids + [view.eos_id]
 
   def token_level():
-    lp, _ = view._prefill(toks, bl._bucket(len(toks) + 1, 128))  # pylint: disable=protected-access
+    size = interface.bucket(len(toks) + 1, 128)
+    lp, _ = view._prefill(toks, size)  # pylint: disable=protected-access
     return lp[np.arange(len(toks)), toks].astype(np.float64)
 
   tok_lp, t_tok = timed(token_level, args.repeats)
@@ -231,7 +234,7 @@ def main():
   print(f'load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs')
   t0 = time.perf_counter()
   p = pretrained.load(pretrained.smollm2_path())
-  view = bl.pretrained_view(p, name='smollm2')
+  view = pretrained.byte_view(p, name='smollm2')
   t1 = time.perf_counter()
   view.c._build_pair_index()  # pylint: disable=protected-access
   view.c._build_groups()  # pylint: disable=protected-access

@@ -1,7 +1,8 @@
 """Canonical encodings under a byte-level BPE tokenizer, and which next tokens keep one canonical.
 
 This is the tokenizer half of exact byte-level probabilities from a tokenized LM
-(models/byte_level.py is the model half). Everything here is model-free and runs on the host.
+(models/byte_level/exact_bpe.py is the model half). Everything here is model-free and runs on
+the host.
 
 Definitions (bytes are the text; the tokenizer is a HF `tokenizers` byte-level BPE):
   * enc(s): the tokenizer's encoding of a UTF-8 string s (no special tokens added; special

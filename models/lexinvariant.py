@@ -261,6 +261,13 @@ class LexinvariantLM(nnx.Module):
                                      (b, self.vocab_size)),
             'gauss': table_BxNxD}
 
+  def repeat_draw(self, draw: dict[str, Array], batch: int) -> dict[str, Array]:
+    """A one-row `draw` for `batch` rows that all use its embedding (the byte-level view keeps
+    one draw for every text and row it scores): per-row arrays broadcast, a 'shared' table
+    ([n_real, D], the same for every row) as it is."""
+    return {k: (v if k == 'gauss' and v.ndim == 2 else
+                jnp.broadcast_to(v, (batch,) + v.shape[1:])) for k, v in draw.items()}
+
   # -- embeddings ------------------------------------------------------------------------------
   def _rows(self, draw, ids_BxT: Array) -> Array:
     """Raw rows E_b[ids] (fp32 [B, T, D]): G[pi_b(ids)] for lexical ids, W_fix for fixed ones."""

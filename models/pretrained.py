@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from data import pipeline
-from models import bert, token_lm
+from models import bert, byte_level, token_lm
 
 
 @dataclasses.dataclass
@@ -383,6 +383,15 @@ def load(path: str) -> Pretrained:
     raise ModelFileError(f'{path}: no document separator (endoftext / eos) token')
   out.meta['doc_token_id'] = ids[0]
   return out
+
+
+def byte_view(p: Pretrained, name: str | None = None) -> byte_level.ExactBPE:
+  """The exact byte-level view of a loaded LM (SmolLM2, a transferred copy; not a sentence
+  encoder): documents between its document separator token, as the pretrained family reads
+  them."""
+  doc = p.meta['doc_token_id']
+  return byte_level.ExactBPE(byte_level.TokenFn(p.model), p.tokenizer, doc, doc,
+                             name or p.meta.get('name') or 'bpe')
 
 
 def minilm_path() -> str:

@@ -1,6 +1,7 @@
-"""Byte-level views (models/byte_level.py, data/canonical.py): normalization, the chain rule
-against brute-force enumeration of token encodings, the byte-native / lexinvariant / HAT views
-against their models' own log-probs, ensembles, token healing, bad input.
+"""Byte-level views (models/byte_level/, models/hat_view.py, data/canonical.py): normalization,
+the chain rule against brute-force enumeration of token encodings, the byte-native /
+lexinvariant / HAT views against their models' own log-probs, ensembles, token healing, bad
+input.
 
 One tiny random TokenLM (vocab 384) is the byte LM and the LM under two tiny BPE tokenizers, so
 every view shares one set of compiled functions."""
@@ -15,7 +16,8 @@ from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
 
 from data import canonical, encoders, words
 from models import byte_level as bl
-from models import hat, lexinvariant, token_lm
+from models import hat, hat_view, lexinvariant, token_lm
+from train.families import lm
 
 TEXTS = ["the cat sat on the mat. it's the hat!", 'hello world  hello\n\nworld 123 4567',
          'def fib(n):\n    return n if n < 2 else fib(n - 1)',
@@ -231,13 +233,13 @@ def test_lexinvariant_view_keeps_one_draw():
                                       n_real=enc.true_vocab_size, rngs=nnx.Rngs(0))
   text = b'abcabcab'
   key = jax.random.key(7)
-  view = bl.byte_view(model, enc, rng=key)
+  view = lm.token_byte_view(bl.TokenFn(model, model.draw(key, 1)), enc, 'lexinv')
   ids = np.array([[1] + [b + 3 for b in text]])
   want = _byte_logprobs(nnx.jit(lambda m, i, d: m(i, d)[0][0])(model, ids, model.draw(key, 1)))
   np.testing.assert_allclose(view.score(text)[:-1], want[np.arange(len(text)), list(text)],
                              atol=1e-5)
-  assert not np.allclose(bl.byte_view(model, enc, rng=jax.random.key(8)).score(text),
-                         view.score(text))
+  other = bl.ByteTokenLM(bl.TokenFn(model, model.draw(jax.random.key(8), 1)))
+  assert not np.allclose(other.score(text), view.score(text))
 
 
 def _tiny_hat(**kw):
@@ -252,7 +254,8 @@ def _tiny_hat(**kw):
 def test_hat_view_matches_forward_and_generation(attention):
   model = _tiny_hat(encoder_attention=attention)
   splitter = words.get_splitter('whitespace', 8)
-  view = bl.byte_view(model, splitter=splitter, max_word_bytes=8)
+  view = hat_view.byte_view(model, splitter, max_word_bytes=8)
+  assert type(view) is hat_view.HATView  # pylint: disable=unidiomatic-typecheck
   text = b'def f(x): return x'
   ids = [1] + [b + 3 for b in text]
   batch = hat.single_row_batch(ids, hat.host_word_starts(splitter, 8, ids), 8)
@@ -269,7 +272,7 @@ def test_hat_view_of_multibyte_text_with_the_unicode_splitter():
   character (here ’ inside a word, é, an emoji) without a completed word changing, and gives
   normalized distributions."""
   model = _tiny_hat()
-  view = bl.byte_view(model, splitter=words.get_splitter('unicode', 8), max_word_bytes=8)
+  view = hat_view.byte_view(model, words.get_splitter('unicode', 8), max_word_bytes=8)
   d = view.distributions('a clause\u2019s \u00e9t\u00e9 \U0001F600.'.encode())
   np.testing.assert_allclose(np.exp(d.astype(np.float64)).sum(-1), 1.0, atol=1e-4)
 
@@ -282,7 +285,8 @@ def test_hat_boundary_view_sums_the_stream():
   from data import hat_data  # pylint: disable=import-outside-toplevel
   model = _tiny_hat(pooling='boundary', encoder_attention='word')
   splitter = words.get_splitter('ascii_whitespace', 8)
-  view = bl.byte_view(model, splitter=splitter, max_word_bytes=8)
+  view = hat_view.byte_view(model, splitter, max_word_bytes=8)
+  assert isinstance(view, hat_view.HATBoundaryView)
   text = b'def f(x):  return x'
   stream = [1] + hat_data.BoundaryByteEncoder(splitter, 259).encode(text.decode()).tolist() + [2]
   batch = hat.single_row_batch(stream[:-1], hat_data.boundary_word_starts(stream[:-1], 259), 9)
@@ -331,7 +335,7 @@ def test_token_healing_prompt(view):
   assert ids == [] and removed == b'' and np.array_equal(allowed, view.c.text_ids)
 
 
-def test_bad_input(view, ascii_view, fn, model):
+def test_bad_input(view, ascii_view, fn):
   with pytest.raises(ValueError, match='byte 3 .* not valid UTF-8'):
     view.start(b'abc\xff')
   with pytest.raises(ValueError, match='not valid UTF-8'):
@@ -352,7 +356,7 @@ def test_bad_input(view, ascii_view, fn, model):
   unigram = Tokenizer(tok_models.Unigram([('<unk>', 0.0), ('a', -1.0)], 0))
   with pytest.raises(ValueError, match='need a BPE tokenizer'):
     bl.ExactBPE(fn, unigram, 1, 2, **FEW_SHAPES)
-  with pytest.raises(ValueError, match='without a tokenizer'):
-    bl.byte_view(model)
+  with pytest.raises(ValueError, match='no byte-level view for encoder'):
+    lm.token_byte_view(fn, object(), 'x')  # a token LM's view needs its encoder's units
   lp = view.score('\u4e2d'.encode()[:2])  # ends inside a character: end of text impossible
   assert np.isinf(lp[-1]) and np.all(np.isfinite(lp[:-1]))

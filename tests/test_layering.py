@@ -161,6 +161,49 @@ def test_layers_point_down_and_nothing_cycles():
   assert not problems, '\n' + '\n'.join(problems)
 
 
+# Inside models/: the byte-level package (models/byte_level/: the ByteLM interface, the token-LM
+# views, exact BPE, ensembles) knows no model family. From models/ it imports itself and these
+# building blocks only; each family builds its own view (`Family.byte_view`), and a family's
+# model modules may import the package (models/hat_view.py, models/pretrained.py), never the
+# other way round.
+BYTE_LEVEL = 'models.byte_level'
+BYTE_LEVEL_MAY_IMPORT = ('models.layers', 'models.transformer')
+
+
+def byte_level_problems(modules, edges):
+  problems = []
+  for src in sorted(edges):
+    if src != BYTE_LEVEL and not src.startswith(BYTE_LEVEL + '.'):
+      continue
+    for dst, line, where in edges[src]:
+      if (dst.startswith('models.') and dst != BYTE_LEVEL
+          and not dst.startswith(BYTE_LEVEL + '.') and dst not in BYTE_LEVEL_MAY_IMPORT):
+        problems.append(f'{os.path.relpath(modules[src], ROOT)}:{line} imports {dst} ({where}): '
+                        'the byte-level package knows no model family; the family builds its '
+                        'view (Family.byte_view) and its model modules import the package')
+  return problems
+
+
+def test_the_byte_level_package_imports_no_model_family():
+  modules, edges = graph()
+  assert {BYTE_LEVEL, f'{BYTE_LEVEL}.interface', f'{BYTE_LEVEL}.token_views',
+          f'{BYTE_LEVEL}.exact_bpe', f'{BYTE_LEVEL}.ensembles'} <= set(modules)
+  problems = byte_level_problems(modules, edges)
+  assert not problems, '\n' + '\n'.join(problems)
+  # the views that need a family's model live next to it and import the package
+  for family_view in ('models.hat_view', 'models.pretrained'):
+    assert any(d == BYTE_LEVEL or d.startswith(BYTE_LEVEL + '.')
+               for d, _, _ in edges[family_view]), family_view
+  edges = {k: list(v) for k, v in edges.items()}  # the checker names a family import
+  edges[f'{BYTE_LEVEL}.interface'].append(('models.hat', 5, 'in a function'))
+  edges[BYTE_LEVEL].append(('models.lexinvariant', 9, 'top'))
+  problems = byte_level_problems(modules, edges)
+  assert len(problems) == 2 and problems[0].startswith(
+      'models/byte_level/__init__.py:9 imports models.lexinvariant (top): the byte-level package '
+      'knows no model family') and 'interface.py:5 imports models.hat (in a function)' in \
+      problems[1], problems
+
+
 def test_the_checker_names_an_upward_import_and_a_cycle():
   modules, edges = graph()
   edges = {k: list(v) for k, v in edges.items()}

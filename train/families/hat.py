@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from data import encoders, hat_data, pipeline, words
-from models import byte_level, hat
+from models import hat, hat_view
 from train import families
 
 
@@ -60,9 +60,8 @@ class HATFamily(families.Family):
     return [cfg_sample.prompt + self.encoder.decode(out[:stop[0]] if stop.size else out)]
 
   def byte_view(self, model):
-    """With boundary tokens: a view that sums over them (models/byte_level.HATBoundaryView)."""
-    return byte_level.byte_view(model, splitter=self.splitter,
-                                max_word_bytes=self.cfg.data.max_word_bytes, name=self.name)
+    """With boundary tokens: a view that sums over them (models/hat_view.HATBoundaryView)."""
+    return hat_view.byte_view(model, self.splitter, self.cfg.data.max_word_bytes, self.name)
 
   def flops_per_token(self) -> float:
     d = self.cfg.data

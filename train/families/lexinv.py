@@ -102,8 +102,8 @@ class LexinvariantFamily(lm.TokenLMFamily):
 
   def byte_view(self, model):
     """One random embedding drawn from `lexinv.eval_seed`, kept for every text scored."""
-    return byte_level.byte_view(model, self.encoder, name=self.name,
-                                rng=jax.random.key(self.lexinv_cfg.eval_seed))
+    draw = model.draw(jax.random.key(self.lexinv_cfg.eval_seed), 1)
+    return lm.token_byte_view(byte_level.TokenFn(model, draw), self.encoder, self.name)
 
   def export_hf(self, model, out_dir: str) -> None:
     families.Family.export_hf(self, model, out_dir)  # no HF architecture for it

@@ -104,7 +104,7 @@ class TokenLMFamily(families.Family):
 
   def byte_view(self, model):
     """Bytes: the model's own distribution; BPE: exact, over canonical encodings."""
-    return byte_level.byte_view(model, self.encoder, name=self.name)
+    return token_byte_view(byte_level.TokenFn(model), self.encoder, self.name)
 
   def export_hf(self, model, out_dir: str) -> None:
     enc = self.encoder
@@ -141,3 +141,17 @@ def sample_text(generate, model, encoder, cfg_sample) -> list[str]:
     stop = np.flatnonzero(row == encoder.eos_id)
     texts.append(cfg_sample.prompt + encoder.decode(row[:stop[0]] if stop.size else row))
   return texts
+
+
+def token_byte_view(fn: byte_level.TokenFn, encoder, name: str) -> byte_level.ByteLM:
+  """The byte-level view of a token LM (`fn`: token_lm, lexinvariant with a fixed draw) over
+  the family's `encoder`: its own softmax over the byte ids for the bytes encoder
+  (`byte_level.ByteTokenLM`), the exact marginal over canonical encodings for a byte-level BPE
+  (`byte_level.ExactBPE`)."""
+  if isinstance(encoder, encoders.ByteEncoder):
+    return byte_level.ByteTokenLM(fn, name or 'bytes', encoder.bos_id, encoder.eos_id)
+  if isinstance(encoder, encoders.BPEEncoder):
+    return byte_level.ExactBPE(fn, encoder.tokenizer, encoder.bos_id, encoder.eos_id,
+                               name or 'bpe')
+  raise ValueError(f'no byte-level view for encoder {encoder!r}: exact byte probabilities '
+                   f'need the bytes encoder or a byte-level BPE tokenizer')
