@@ -8,7 +8,11 @@ and nothing else (no attribute probing).
 
 Required hooks (abstract): `build_model`, `loss`, `train_iterator`, `eval_batches`,
 `flops_per_token`. Optional hooks have a documented default that suits a family training
-every parameter of a freshly initialized model. See README "Adding a family".
+every parameter of a freshly initialized model. See README "Adding a family". What other code
+may read of a family is the hooks, `name`, `cfg`, `dtype` and the `encoder` attribute; any
+other attribute is the family's own (a subclass, e.g. a benchmark's synthetic-data stand-in,
+substitutes data by overriding a hook such as `train_documents` or `make_encoder`, never by
+assigning attributes from outside).
 
 Layering: this package's `__init__` (the contract) sits beside the trainer; the family
 modules sit above it and may import `train.trainer`, `train.runs` and `train.evals`, never
@@ -58,6 +62,13 @@ class Family(abc.ABC):
   first, then builds what its hooks need (encoder, data source, pretrained weights), reading
   what the run recorded (`recorded`) before deriving anything from data. Errors in the user's
   config or data are `ValueError`s naming the key or the input."""
+
+  encoder = None
+  """The text encoder (data/encoders.py: `vocab_size`, `encode` / `decode`, the special ids,
+  and for BPE its `tokenizer`) whose token ids the model reads, set in `__init__` by a family
+  with one fixed vocabulary (lm, lexinv, pretrained, hat); None for the others. Read by what
+  works on those tokens: dynamic tokenization, a lexinvariant run's baseline check, the
+  benchmarks' vocabulary sizes."""
 
   def __init__(self, cfg, workdir: str | None = None):
     self.cfg = cfg
@@ -150,6 +161,14 @@ class Family(abc.ABC):
     del model
     raise ValueError(f'family {self.name!r} has no byte-level view (it does not model text '
                      'bytes)')
+
+  def token_embedder(self, model: nnx.Module):
+    """For a model that predicts embeddings of arbitrary token strings (a ZeTT hypernetwork
+    over its base model's pieces): `strings -> (input [N, D], output [N, D] or None)` as numpy,
+    with an attribute `max_pieces`; tokenizer transfer and dynamic tokenization take it through
+    `transfer.hypernet_workdir` (train/runs.load_predictor). Default: None (no such model)."""
+    del model
+    return None
 
   def export_hf(self, model: nnx.Module, out_dir: str) -> None:
     """Writes `model` as an HF-format directory (`--mode=export`). Default: not supported."""
