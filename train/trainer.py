@@ -209,7 +209,7 @@ class Setup:
       sums = eval_step(params, partitioning.global_batch(b, self.mesh))
       for k, v in jax.device_get(sums).items():
         totals[k] = totals.get(k, 0.0) + float(v)
-    return metrics_lib.derived(totals)
+    return metrics_lib.derived(totals, self.family.derived_metrics)
 
 
 class _StopFlag:
@@ -348,6 +348,7 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
   pending = None
   last_saved = restored
   window: dict[str, float] = {}
+  headline = fam.headline_metrics()  # the family's own metrics beside loss and bpb
   result = {}
 
   def save(s, force=False):
@@ -365,7 +366,7 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
     s, m = p
     m = jax.device_get(m)
     finite = bool(m.pop('finite'))
-    d = metrics_lib.derived(m)
+    d = metrics_lib.derived(m, fam.derived_metrics)
     d['loss'] = float(m['loss_mean'])
     d.pop('loss_mean', None)
     if not finite:
@@ -377,8 +378,7 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
       log.warning('non-finite loss/gradient/update at step %d: update skipped (nan_policy=skip)',
                   s)
     progress.add(d.get('n_tokens', 0.0), d.get('n_bytes', 0.0))
-    writer.scalars(s, {k: d[k] for k in ('loss', 'bpb', 'cosine_mean', 'grad_norm', 'lr')
-                       if k in d},
+    writer.scalars(s, {k: d[k] for k in ('loss', 'bpb', *headline, 'grad_norm', 'lr') if k in d},
                    jsonl='metrics.jsonl')
     for k in ('loss', 'bpb', 'grad_norm', 'lr'):
       if k in d:
@@ -405,7 +405,7 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
         writer.scalars(step, ev, prefix='eval', jsonl='eval_metrics.jsonl')
         log0(f'eval step {step}: loss {ev.get("loss", float("nan")):.4f}'
              + (f' bpb {ev["bpb"]:.4f}' if 'bpb' in ev else '')
-             + (f' mean cosine {ev["cosine_mean"]:.4f}' if 'cosine_mean' in ev else ''))
+             + ''.join(f' {label} {ev[k]:.4f}' for k, label in headline.items() if k in ev))
       if stop.requested:
         break
     if pending is not None:
@@ -428,7 +428,7 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
   writer.scalars(step, ev, prefix='eval', jsonl='eval_metrics.jsonl')
   log0(f'validation at step {step}: loss {ev.get("loss", float("nan")):.4f}'
        + (f' | bits per byte {ev["bpb"]:.4f}' if 'bpb' in ev else '')
-       + (f' | mean cosine {ev["cosine_mean"]:.4f}' if 'cosine_mean' in ev else ''))
+       + ''.join(f' | {label} {ev[k]:.4f}' for k, label in headline.items() if k in ev))
   nonfinite = int(jax.device_get(state['nonfinite']))
   summary = {'step': step, 'train': result, 'eval': ev, 'train_seconds': train_time,
              'flops_per_step': setup.flops_per_step, 'train_flops': setup.flops_per_step * step,

@@ -113,6 +113,21 @@ class Family(abc.ABC):
     trainer's MFU and `train.flops_budget` accounting multiply it by batch x seq_len."""
 
   # -- optional, with defaults -----------------------------------------------------------------
+  def derived_metrics(self, sums: dict) -> dict:
+    """Metrics computed from the summed metrics of `loss` (over micro-batches, hosts and eval
+    batches, as floats), beside the trainer's own loss and bits per byte from `nll_sum`,
+    `n_tokens` and `n_bytes` (train/metrics.derived): e.g. a mean over texts. A family without
+    `nll_sum` gives its reported `'loss'` here. Keys the sums or the trainer already have are
+    not replaced. Default: none."""
+    del sums
+    return {}
+
+  def headline_metrics(self) -> dict[str, str]:
+    """{key of `derived_metrics`: label}: beside loss and bits per byte, written with every
+    train step's scalars (TensorBoard `train/<key>`, metrics.jsonl) and shown, by label, on the
+    evaluation log lines. Default: none."""
+    return {}
+
   def trainable(self):
     """The nnx filter of the trained state (default: every `nnx.Param`). Anything else the
     model holds is frozen: it comes from `frozen_params()`, is an argument of the jitted steps

@@ -3,17 +3,17 @@ hypernetwork of a frozen BERT sentence encoder on WordPiece tokenizers sampled o
 decoder LM family is train/families/zett.py; the two share train/families/_zett_base.py: the
 frozen base, the prefetching iterator, the recorded evaluation tokenizer).
 
-The text units are sentences of the train split's `transfer.text_filter` documents (data/sentences.split_document, at most
-`zett.max_text_bytes` bytes), `train.batch_size` per step from a permutation per epoch seeded
-by (seed, epoch), so the iterator's state is its step. The step's tokenizer is an uncased
-BERT-style WordPiece sampled from the substring counts of the step's sentences plus
-`zett.sampler_docs` training documents drawn for this step, with log-normal noise
-(data/tokenizer_sampler.sample_wordpiece; [PAD] [UNK] [CLS] [SEP] [MASK] keep the base rows),
-at most `zett.vocab_size` tokens (the vocabulary arrays are padded to it: one compilation).
-New tokens are split into base pieces by `models.hypernet.wordpiece_split`. The loss is
-self-supervised (models/hypernet.zett_encoder_loss): the frozen encoder's sentence embedding
-under the sampled tokenizer with predicted embeddings vs under its own tokenizer, each row
-`data.seq_len` tokens ([CLS] .. [SEP], cut beyond, counted). Evaluation: mean cosine
+The text units are sentences of the train split's `transfer.text_filter` documents
+(data/sentences.split_document, at most `zett.max_text_bytes` bytes), `train.batch_size` per
+step from a permutation per epoch seeded by (seed, epoch), so the iterator's state is its step.
+The step's tokenizer is an uncased BERT-style WordPiece sampled from the substring counts of the
+step's sentences plus `zett.sampler_docs` training documents drawn for this step, with log-
+normal noise (data/tokenizer_sampler.sample_wordpiece; [PAD] [UNK] [CLS] [SEP] [MASK] keep the
+base rows), at most `zett.vocab_size` tokens (the vocabulary arrays are padded to it: one
+compilation). New tokens are split into base pieces by `models.hypernet.wordpiece_split`. The
+loss is self-supervised (models/hypernet.zett_encoder_loss): the frozen encoder's sentence
+embedding under the sampled tokenizer with predicted embeddings vs under its own tokenizer, each
+row `data.seq_len` tokens ([CLS] .. [SEP], cut beyond, counted). Evaluation: mean cosine
 (`cosine_mean`, and loss = 1 - it) on the validation sentences under the fixed tokenizer
 (`target_tokenizer`, e.g. wordpiece:8192, else a WordPiece sampled from the validation text).
 There is no identity warm-up (`zett.warmup_steps` must be 0: the FVT anchor starts there).
@@ -187,6 +187,16 @@ class EncoderZettFamily(_zett_base.ZettBase):
 
   def _input_embeddings(self, model, pieces, shared, keep):
     return model.embeddings(pieces, shared, keep)
+
+  def derived_metrics(self, sums):
+    """The mean cosine over real sentences (`cosine_mean`) and the loss, 1 - it."""
+    if sums.get('n_texts', 0.0) <= 0:
+      return {}
+    mean = sums['cosine_sum'] / sums['n_texts']
+    return {'cosine_mean': mean, 'loss': 1.0 - mean}
+
+  def headline_metrics(self):
+    return {'cosine_mean': 'mean cosine'}
 
   def _new_eval_tokenizer(self):
     """`target_tokenizer` (a WordPiece) if set, else a WordPiece sampled from the validation
