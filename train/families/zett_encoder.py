@@ -7,8 +7,8 @@ The text units are sentences of the train split's `transfer.text_filter` documen
 (data/sentences.split_document, at most `zett.max_text_bytes` bytes), `train.batch_size` per
 step from a permutation per epoch seeded by (seed, epoch), so the iterator's state is its step.
 The step's tokenizer is an uncased BERT-style WordPiece sampled from the substring counts of the
-step's sentences plus `zett.sampler_docs` training documents drawn for this step, with log-
-normal noise (data/tokenizer_sampler.sample_wordpiece; [PAD] [UNK] [CLS] [SEP] [MASK] keep the
+step's sentences plus `zett.sampler_docs` training documents drawn for this step, with
+log-normal noise (data/tokenizer_sampler.sample_wordpiece; [PAD] [UNK] [CLS] [SEP] [MASK] keep the
 base rows), at most `zett.vocab_size` tokens (the vocabulary arrays are padded to it: one
 compilation). New tokens are split into base pieces by `models.hypernet.wordpiece_split`. The
 loss is self-supervised (models/hypernet.zett_encoder_loss): the frozen encoder's sentence
