@@ -10,6 +10,8 @@ never waits for the device.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import os
 import signal
@@ -70,6 +72,32 @@ def resolve_steps(cfg, family: families.Family) -> float:
   if cfg.train.get('eval_count', 0) > 0:
     cfg.train.eval_every = max(1, cfg.train.steps // cfg.train.eval_count)
   return per_step
+
+
+GRADIENT_WRAPPER_ENV = 'NOTOKLM_GRADIENT_WRAPPER'
+
+
+def installed_gradient_wrapper():
+  """The function `$NOTOKLM_GRADIENT_WRAPPER` names ('package.module:function' or
+  'path/to/file.py:function'), or None (production runs set nothing). It takes the train
+  step's `gradients(state, batch, frozen) -> (loss, metric sums, gradients)` and returns one of
+  the same signature, traced inside the jitted step before the non-finite check: the test
+  suite's fault injection (tests/fault_injection.py) makes chosen steps non-finite this way, in
+  the test process and in launch.py subprocesses alike."""
+  spec = os.environ.get(GRADIENT_WRAPPER_ENV, '')
+  if not spec:
+    return None
+  where, _, name = spec.rpartition(':')
+  if not where or not name:
+    raise ValueError(f'${GRADIENT_WRAPPER_ENV}={spec!r}: expected module:function')
+  if where.endswith('.py'):
+    module_spec = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(where))[0], where)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  else:
+    module = importlib.import_module(where)
+  return getattr(module, name)
 
 
 class Setup:
@@ -143,39 +171,40 @@ class Setup:
     cfg, tx, accum = self.cfg, self.tx, self.cfg.train.grad_accum
     base_rng = jax.random.fold_in(jax.random.key(cfg.seed), 1)
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)  # (params, batch, rng, frozen)
-    try:
-      fault_steps = [int(x) for x in str(cfg.train.fault_nonfinite_steps).split(',') if x.strip()]
-    except ValueError as e:
-      raise config_lib.ConfigError(f'train.fault_nonfinite_steps='
-                                   f'{cfg.train.fault_nonfinite_steps!r}: expected comma-separated '
-                                   f'step numbers') from e
     batch_spec = partitioning.BATCH_AXES
 
-    def step_fn(state, batch, frozen):
+    def gradients(state, batch, frozen):
+      """(mean loss, metric sums, mean gradients) of one step's batch."""
       rng = jax.random.fold_in(base_rng, state['step'])
       params = state['params']
       if accum == 1:
         (loss, sums), grads = grad_fn(params, batch, rng, frozen)
-      else:
-        def split(x):  # rows {a, a+A, ...} form micro-batch a: every device keeps its share
-          x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-          return jax.lax.with_sharding_constraint(
-              x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
-                  None, batch_spec, *([None] * (x.ndim - 2)))))
-        micro = jax.tree.map(split, batch)
-        def body(carry, inp):
-          mb, i = inp
-          (l, s), g = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen)
-          return jax.tree.map(jnp.add, carry, (l, s, g)), None
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng, frozen)))
-        zeros = (zeros[0][0], zeros[0][1], zeros[1])
-        (loss, sums, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
-        loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
-      if fault_steps:  # injected fault (tests): this step's loss and gradients become NaN
-        bad = jnp.isin(state['step'] + 1, jnp.asarray(fault_steps, jnp.int32))
-        loss = jnp.where(bad, jnp.nan, loss)
-        grads = jax.tree.map(lambda g: jnp.where(bad, jnp.nan, g), grads)
+        return loss, sums, grads
+      def split(x):  # rows {a, a+A, ...} form micro-batch a: every device keeps its share
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(
+            x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
+                None, batch_spec, *([None] * (x.ndim - 2)))))
+      micro = jax.tree.map(split, batch)
+      def body(carry, inp):
+        mb, i = inp
+        (l, s), g = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen)
+        return jax.tree.map(jnp.add, carry, (l, s, g)), None
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng, frozen)))
+      zeros = (zeros[0][0], zeros[0][1], zeros[1])
+      (loss, sums, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+      return loss / accum, sums, jax.tree.map(lambda g: g / accum, grads)
+
+    wrapper = installed_gradient_wrapper()
+    if wrapper is not None:
+      log0(f'the train step\'s gradients pass through {os.environ[GRADIENT_WRAPPER_ENV]} '
+           f'(${GRADIENT_WRAPPER_ENV})')
+      gradients = wrapper(gradients)
+
+    def step_fn(state, batch, frozen):
+      params = state['params']
+      loss, sums, grads = gradients(state, batch, frozen)
       grad_norm = optax.tree.norm(grads)
       updates, opt_state = tx.update(grads, state['opt_state'], params)
       update_norm = optax.tree.norm(updates)
