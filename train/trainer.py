@@ -61,17 +61,22 @@ def _match_param_shardings(abstract_opt, abstract_params, param_sh, default):
   return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
-def resolve_steps(cfg, family: families.Family) -> float:
-  """FLOPs of one optimizer step (every position of every row, padding included, from the
-  family's accounting). Resolves the step count in place: with `train.flops_budget > 0`,
-  `train.steps = budget // flops per step`; with `train.eval_count > 0`, `train.eval_every =
-  steps // eval_count` (the one place a FLOP budget becomes steps)."""
+def resolve_steps(cfg, family: families.Family):
+  """(config, FLOPs of one optimizer step): the FLOPs count every position of every row,
+  padding included, from the family's accounting; the config is `cfg` itself, or with
+  `train.flops_budget > 0` or `train.eval_count > 0` a copy with the step counts resolved
+  (`train.steps = budget // flops per step`; `train.eval_every = steps // eval_count`). `cfg` is
+  never changed. The one place a FLOP budget becomes steps: `Setup` calls it, and `Setup.cfg`
+  (what a run records in config.json) holds the result."""
   per_step = family.flops_per_token() * cfg.train.batch_size * cfg.data.seq_len
+  if cfg.train.flops_budget <= 0 and cfg.train.eval_count <= 0:
+    return cfg, per_step
+  cfg = cfg.copy_and_resolve_references()
   if cfg.train.flops_budget > 0:
     cfg.train.steps = max(1, int(cfg.train.flops_budget // per_step))
-  if cfg.train.get('eval_count', 0) > 0:
+  if cfg.train.eval_count > 0:
     cfg.train.eval_every = max(1, cfg.train.steps // cfg.train.eval_count)
-  return per_step
+  return cfg, per_step
 
 
 GRADIENT_WRAPPER_ENV = 'NOTOKLM_GRADIENT_WRAPPER'
@@ -108,10 +113,11 @@ class Setup:
     default `families.get(cfg, workdir)` (`workdir`: the run whose recorded artifacts the
     family reads)."""
     config_lib.validate(cfg)
-    self.cfg = cfg
     self.family = families.get(cfg, workdir) if family is None else family
+    # the config with train.steps / eval_every resolved (a copy when they change)
+    self.cfg, self.flops_per_step = resolve_steps(cfg, self.family)
+    cfg = self.cfg
     self.mesh = partitioning.make_mesh(cfg.mesh)
-    self.flops_per_step = resolve_steps(cfg, self.family)
     self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
     abstract_model = nnx.eval_shape(lambda: self.family.build_model(nnx.Rngs(cfg.seed)))
     # Trained state (`family.trainable()`, default every nnx.Param) vs frozen state: the frozen
@@ -337,7 +343,8 @@ def train(cfg, workdir: str) -> dict:
 
 
 def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
-  setup = Setup(cfg, workdir=workdir)  # resolves train.steps from train.flops_budget
+  setup = Setup(cfg, workdir=workdir)
+  cfg = setup.cfg  # train.steps resolved from train.flops_budget: what config.json records
   fam = setup.family
   fam.check_sample(cfg.sample)  # what the end of the run needs, before any training
   _announce(setup)
