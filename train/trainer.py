@@ -560,7 +560,7 @@ def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
 def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
   """`--mode=sample`: the family's own sampling, or with `sample.byte_level` byte-level
   sampling through its byte view (`sample_bytes`)."""
-  byte_level = bool(cfg.sample.get('byte_level', False))
+  byte_level = bool(cfg.sample.byte_level)
   if byte_level:
     prompt_bytes(cfg.sample.prompt)  # bad prompts fail before anything is restored
   setup, state, s = restore(cfg, workdir, step)

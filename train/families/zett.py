@@ -66,7 +66,7 @@ class _Batcher:
   def packed(self, pieces) -> dict:
     """With `hypernet.packed_slots` > 0: the vocabulary's pieces packed (models/hypernet.py
     `pack_pieces`; pieces cut to fit are counted in `packed_pieces_cut`)."""
-    slots = float(self.fam.cfg.hypernet.get('packed_slots', 0.0))
+    slots = float(self.fam.cfg.hypernet.packed_slots)
     if slots <= 0:
       return {}
     packed, cut = hypernet.pack_pieces(pieces, hypernet.packed_rows(len(pieces), slots))
@@ -152,7 +152,7 @@ class ZettFamily(_zett_base.ZettBase):
     self.base_pieces = hypernet.piece_ids(self.base.tokenizer, strings, cfg.hypernet.max_pieces)
     self.regular_ids = np.array([i for i, s in enumerate(strings) if s and s not in special],
                                 np.int64)
-    slots = float(cfg.hypernet.get('packed_slots', 0.0))
+    slots = float(cfg.hypernet.packed_slots)
     if slots and not 1.0 <= slots <= hypernet.PACK_ROW:
       raise ValueError(f'hypernet.packed_slots={slots}: expected 0 (padded) or a number of '
                        f'slots per token in [1, {hypernet.PACK_ROW}]')

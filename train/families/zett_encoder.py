@@ -138,7 +138,7 @@ class EncoderZettFamily(_zett_base.ZettBase):
     if cfg.zett.warmup_steps:
       raise ValueError(f'zett.warmup_steps={cfg.zett.warmup_steps}: the encoder hypernetwork '
                        'has no identity warm-up (set 0; anchor fvt starts from FVT)')
-    if float(cfg.hypernet.get('packed_slots', 0.0)):
+    if float(cfg.hypernet.packed_slots):
       raise ValueError(f'hypernet.packed_slots={cfg.hypernet.packed_slots}: packed pieces are '
                        'implemented for decoder hypernetworks only (set 0 for family '
                        'zett_encoder)')
