@@ -8,11 +8,11 @@ and nothing else (no attribute probing).
 
 Required hooks (abstract): `build_model`, `loss`, `train_iterator`, `eval_batches`,
 `flops_per_token`. Optional hooks have a documented default that suits a family training
-every parameter of a freshly initialized model. See README "Adding a family". What other code
-may read of a family is the hooks, `name`, `cfg`, `dtype` and the `encoder` attribute; any
-other attribute is the family's own (a subclass, e.g. a benchmark's synthetic-data stand-in,
-substitutes data by overriding a hook such as `train_documents` or `make_encoder`, never by
-assigning attributes from outside).
+every parameter of a freshly initialized model. See README "Adding a family". Code outside the
+families reads only the hooks, `name`, `cfg`, `dtype` and the `encoder` attribute (a family's
+other attributes are its own: only its own tests and benchmarks look at them) and assigns
+nothing: a benchmark's synthetic-data stand-in is a subclass that overrides a hook (e.g.
+`make_encoder`, `train_documents`).
 
 Layering: this package's `__init__` (the contract) sits beside the trainer; the family
 modules sit above it and may import `train.trainer`, `train.runs` and `train.evals`, never
