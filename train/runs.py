@@ -60,16 +60,16 @@ def load_predictor(workdir: str, source: str, kind: str = 'decoder',
   a ZeTT run (configs/zett.py) on the base model `source`. `kind`: 'decoder' (family zett,
   byte-level BPE pieces) or 'encoder' (family zett_encoder, WordPiece pieces); a run of the
   other kind is refused before it is restored."""
-  families = {'decoder': 'zett', 'encoder': 'zett_encoder'}
+  family_of = {'decoder': 'zett', 'encoder': 'zett_encoder'}
   saved = config_lib.load_saved(workdir) if storage.isdir(workdir) else None
-  if saved is not None and saved.family in families.values():
-    got = {f: k for k, f in families.items()}[saved.family]
+  if saved is not None and saved.family in family_of.values():
+    got = {f: k for k, f in family_of.items()}[saved.family]
     if got != kind:
       art = {'encoder': 'an encoder', 'decoder': 'a decoder'}
       raise ValueError(f'transfer.hypernet_workdir={workdir} holds {art[got]} hypernetwork '
                        f'(family {saved.family!r}, model.source={saved.model.source!r}), which '
                        f'cannot embed tokens for {art[kind]} model (model.source={source!r})')
-  run = load_run(workdir, step=step or None, family=families[kind],
+  run = load_run(workdir, step=step or None, family=family_of[kind],
                  what='transfer.hypernet_workdir')
   if run.cfg.model.source != source:
     raise ValueError(f'the hypernetwork in {workdir} was trained for model.source='

@@ -21,8 +21,7 @@ from data import pipeline
 from train import families
 from train.families import pretrained
 
-# the family that trains a hypernetwork for each kind of base model, and its preset
-FAMILY_OF_KIND = {'decoder': 'zett', 'encoder': 'zett_encoder'}
+# the preset that trains a hypernetwork for each kind of base model
 PRESET_OF_KIND = {'decoder': 'configs/zett.py:smollm2', 'encoder': 'configs/zett.py:minilm'}
 _ARTICLE = {'encoder': 'an encoder', 'decoder': 'a decoder'}
 
