@@ -26,12 +26,12 @@ def main(argv):
       raise SystemExit(f'unknown argument {a!r}\n{__doc__}')
     opts[k] = type(opts[k])(v)
   import numpy as np
-  from data import corpus, pipeline, tokenizer_sampler
+  from data import pipeline, tokenizer_sampler
   from train import config_lib, families
   from train.families import zett
   cfg, _ = config_lib.load(f'configs/zett.py:{opts["preset"]}')
   fam = families.get(cfg)
-  fam.train_source = corpus.get_source(cfg.data, cfg.data.train_split)
+  docs = fam.train_documents()
   batcher = zett._Batcher(fam, cfg.data.seq_len)  # pylint: disable=protected-access
   inner = pipeline.make_train_iterator(fam._byte_cfg(), fam.bytes, 0, 1)  # pylint: disable=protected-access
   z = cfg.zett
@@ -42,8 +42,8 @@ def main(argv):
     texts = batcher.texts(bb)
     t1 = time.perf_counter()
     rng = np.random.default_rng([cfg.seed, 7, step])
-    extra = [fam.train_source[int(i)][:z.sampler_doc_chars] for i in
-             rng.choice(len(fam.train_source), z.sampler_docs, replace=False)]
+    extra = [docs[int(i)][:z.sampler_doc_chars] for i in
+             rng.choice(len(docs), z.sampler_docs, replace=False)]
     tok = tokenizer_sampler.sample_unigram(texts + extra, z.vocab_size, rng, z.noise_std,
                                            z.max_piece_chars, (fam.sep_string,))
     t2 = time.perf_counter()

@@ -44,7 +44,6 @@ def get_config() -> ml_collections.ConfigDict:
   t.eval_batches = 0         # 0: the whole validation split
   t.nan_policy = 'stop'      # non-finite loss/grads: the update is never applied; then
                              # 'stop' (exit 1, checkpoints kept) | 'skip' (count, go on)
-  t.fault_nonfinite_steps = ''  # fault injection for tests: '5,12' makes those steps' loss NaN
   t.compute_dtype = 'auto'   # 'auto' (bf16 on GPU/TPU, fp32 on CPU) | 'float32' | 'bfloat16'
 
   c.optim = o = ml_collections.ConfigDict()

@@ -16,9 +16,10 @@
       --config.transfer.hypernet_workdir=runs/zett_minilm
 
 Presets: `smollm2` (CPU-sized: 4k sampled vocabularies, 4 x 128 tokens per step),
-`smollm2_gpu` (32k vocabularies, 32 x 512 tokens) and `minilm` (`zett.kind='encoder'`:
+`smollm2_gpu` (32k vocabularies, 32 x 512 tokens) and `minilm` (the family `zett_encoder`:
 WordPiece vocabularies of at most 4k tokens sampled from 8 sentences of the English prose per
-step, 128 tokens per sentence row). See train/families/zett.py for the step.
+step, 128 tokens per sentence row). See train/families/zett.py (decoders) and
+train/families/zett_encoder.py (encoders) for the step.
 """
 import ml_collections
 
@@ -35,7 +36,6 @@ def get_config(preset: str = 'smollm2'):
   c.hypernet.anchor = 'fvt'    # start from FVT, learn the correction (models/hypernet.py)
   c.hypernet.packed_slots = 2.5  # pieces packed, no work on padding (benchmarks/zett_step.py)
   c.zett = z = ml_collections.ConfigDict()
-  z.kind = 'decoder'           # 'decoder' (a TokenLM base) | 'encoder' (a BERT sentence encoder)
   z.vocab_size = 4096          # tokens of every sampled vocabulary (and of the eval tokenizer)
   z.noise_std = 1.0            # std of the log-normal noise on substring counts
   z.max_piece_chars = 16       # longest candidate token, in byte-alphabet characters
@@ -60,7 +60,7 @@ def get_config(preset: str = 'smollm2'):
     c.ckpt.every = 1000
   if preset == 'minilm':
     c.model.source = 'minilm'
-    z.kind = 'encoder'
+    c.family = 'zett_encoder'  # a BERT sentence encoder base (train/families/zett_encoder.py)
     z.warmup_steps = 0         # no identity warm-up: the FVT anchor starts there
     z.sampler_docs = 8         # training documents beside the step's sentences
     t.batch_size, t.eval_batches = 8, 8  # sentences per step / eval batches of 8 sentences

@@ -109,6 +109,24 @@ def test_load_saved_survives_added_keys(cfg, tmp_path):
   assert 'removed_key' not in back.train
 
 
+def test_load_saved_zett_encoder_run_from_before_the_family_split(monkeypatch, tmp_path):
+  """A ZeTT run of an encoder base saved as family 'zett' with `zett.kind='encoder'` (before
+  the two kinds became two families) loads as a 'zett_encoder' run; a decoder run stays 'zett'."""
+  monkeypatch.chdir(config_lib.os.path.dirname(config_lib.os.path.dirname(__file__)))
+  for preset, kind, want in (('minilm', 'encoder', 'zett_encoder'),
+                             ('smollm2', 'decoder', 'zett')):
+    cfg = config_lib.load(f'configs/zett.py:{preset}')[0]
+    assert cfg.family == want and 'kind' not in cfg.zett
+    wd = str(tmp_path / preset)
+    path = config_lib.save(cfg, wd)
+    saved = json.load(open(path))
+    saved['family'], saved['zett']['kind'] = 'zett', kind
+    saved['zett']['vocab_size'] = 123
+    json.dump(saved, open(path, 'w'))
+    back = config_lib.load_saved(wd)
+    assert back.family == want and back.zett.vocab_size == 123 and 'kind' not in back.zett
+
+
 def test_load_saved_run_from_before_layer_scan(monkeypatch, tmp_path):
   """A 350m run saved before `model.scan_layers` and the attention keys existed restores with
   the layout its checkpoints have (unrolled, although the preset now scans) and 'auto'

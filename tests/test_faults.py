@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import fault_injection
 from conftest import ROOT, launch_cmd, run_launch, subprocess_env
 from test_train import CONFIG, SMALL, _wait_for_step, curve
 
@@ -117,7 +118,7 @@ def test_truncated_checkpoint_falls_back_and_mismatch_is_named(data_dir, tmp_pat
 def test_injected_nan_skip_and_stop(data_dir, tmp_path):
   skip = str(tmp_path / 'skip')
   run_launch(data_dir, CONFIG, f'--workdir={skip}', '--config.train.steps=12', *SMALL,
-             '--config.train.nan_policy=skip', '--config.train.fault_nonfinite_steps=5,7')
+             '--config.train.nan_policy=skip', **fault_injection.environment('5,7'))
   summary = json.load(open(os.path.join(skip, 'train_summary.json')))
   assert summary['nonfinite_steps'] == 2
   losses = curve(skip)
@@ -127,7 +128,7 @@ def test_injected_nan_skip_and_stop(data_dir, tmp_path):
 
   stop = str(tmp_path / 'stop')
   args = [CONFIG, f'--workdir={stop}', '--config.train.steps=30', '--config.ckpt.every=10', *SMALL]
-  p = run_launch(data_dir, *args, '--config.train.fault_nonfinite_steps=15', check=False)
+  p = run_launch(data_dir, *args, check=False, **fault_injection.environment('15'))
   assert p.returncode == 1, p.stderr[-2000:]
   assert 'non-finite loss, gradient or update at step 15' in p.stderr and 'step 10' in p.stderr
   assert sorted(int(s) for s in os.listdir(os.path.join(stop, 'checkpoints')) if s.isdigit()) == [10]

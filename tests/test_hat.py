@@ -298,10 +298,12 @@ def test_compare_sweep_matches_training_flops(monkeypatch):
   assert [p['name'] for p in points] == ['hat', 'byte_lm', 'subword_lm']
   for p in points:
     sub = sweep._point_config(cfg, p, {})
-    per_step = trainer.resolve_steps(sub, families.get(sub))
-    steps = sub.train.steps
+    budget_steps = sub.train.steps
+    resolved, per_step = trainer.resolve_steps(sub, families.get(sub))
+    assert sub.train.steps == budget_steps  # the given config is not changed
+    steps = resolved.train.steps
     assert 3e12 - per_step < steps * per_step <= 3e12
-    assert sub.train.eval_every == max(1, steps // 6)
+    assert resolved.train.eval_every == max(1, steps // 6)
 
 
 def test_pooling_projection_order():

@@ -137,6 +137,21 @@ def test_a_nonfinite_update_is_never_applied(data_dir, monkeypatch):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['params']), before)
 
 
+def test_a_flop_budget_resolves_into_the_record_not_the_given_config(data_dir, tmp_path):
+  """`train.flops_budget` / `train.eval_count` become `train.steps` / `train.eval_every` in
+  `Setup.cfg` (a copy: the caller's config is unchanged); the run's config.json records them."""
+  cfg = _cfg()
+  per_step = trainer.resolve_steps(cfg, families.get(cfg))[1]
+  config_lib.override(cfg, {'train.flops_budget': 2.5 * per_step, 'train.eval_count': 2})
+  given = (cfg.train.steps, cfg.train.eval_every)
+  wd = str(tmp_path / 'budget')
+  assert trainer.train(cfg, wd)['step'] == 2
+  assert (cfg.train.steps, cfg.train.eval_every) == given
+  saved = json.load(open(os.path.join(wd, 'config.json')))['train']
+  assert saved['steps'] == 2 and saved['eval_every'] == 1 and saved['flops_budget'] > 0
+  assert config_lib.load_saved(wd).train.steps == 2
+
+
 def test_catalog_datasets_offline_and_failed_preparations_leave_nothing(data_dir, tmp_path):
   cfg = _cfg(**{'data.source': 'tfds:lm1b', 'data.data_dir': str(tmp_path / 'tfds')})
   with pytest.raises(ValueError, match='tfds:lm1b: the TFDS dataset is not prepared.*needs '

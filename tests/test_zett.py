@@ -410,7 +410,8 @@ def test_encoder_decoder_hypernetwork_mismatches(tiny, tmp_path):
                             'transfer.hypernet_workdir': dec})
   with pytest.raises(ValueError, match='holds a decoder hypernetwork .* for an encoder model'):
     transfer.run(cfg, str(tmp_path / 'tr'))
-  with pytest.raises(ValueError, match="is a decoder model, but zett.kind='encoder'"):
+  with pytest.raises(ValueError, match="is a decoder model, but family 'zett_encoder' trains an "
+                                      'encoder hypernetwork'):
     families.get(_zett_minilm_cfg(overrides, **{'model.source': base}))
   with pytest.raises(ValueError, match='is an encoder model, .* use configs/zett.py:minilm'):
     families.get(_zett_cfg(overrides, **{'model.source': 'minilm'}))

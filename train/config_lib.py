@@ -266,6 +266,7 @@ def load_saved(workdir: str) -> ml_collections.ConfigDict:
   if not storage.exists(path):
     raise FileNotFoundError(f'no config.json in {workdir}')
   saved = from_json(path)
+  saved = _upgrade_saved(saved)
   try:
     cfg, _ = load(f"{saved.get('config_file', '')}:{saved.get('preset', '')}")
   except (ConfigError, OSError):
@@ -282,6 +283,16 @@ def load_saved(workdir: str) -> ml_collections.ConfigDict:
 LEGACY_DEFAULTS = {
     'model.scan_layers': False,   # runs before layer scan have per-layer (unrolled) parameters
 }
+
+
+def _upgrade_saved(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A saved config in today's layout where the layout changed: a ZeTT run of an encoder base
+  saved as family 'zett' with `zett.kind='encoder'` is a 'zett_encoder' run (the two kinds
+  became two families)."""
+  if saved.get('family') == 'zett' and saved.get('zett', {}).get('kind') == 'encoder':
+    with saved.unlocked():
+      saved.family = 'zett_encoder'
+  return saved
 
 
 def _flat_items(cfg, prefix: str = ''):

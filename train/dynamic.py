@@ -41,7 +41,7 @@ METHODS = ('hypernet', 'fvt')
 def methods_of(cfg, quiet: bool = False) -> list[str]:
   """The embedding methods to run; 'hypernet' without `transfer.hypernet_workdir` falls back to
   fvt, and says so."""
-  got = [m.strip() for m in str(cfg.get('dynamic_embeddings', 'hypernet')).split(',')
+  got = [m.strip() for m in str(cfg.dynamic_embeddings).split(',')
          if m.strip()]
   for m in got:
     if m not in METHODS:
@@ -49,7 +49,7 @@ def methods_of(cfg, quiet: bool = False) -> list[str]:
                        f'{METHODS}')
   if not got:
     raise ValueError('dynamic_embeddings is empty: give hypernet and/or fvt')
-  if 'hypernet' in got and not cfg.transfer.get('hypernet_workdir', ''):
+  if 'hypernet' in got and not cfg.transfer.hypernet_workdir:
     if not quiet:
       log0('WARNING dynamic tokenization: no hypernetwork (transfer.hypernet_workdir is empty); '
            'the new tokens get FVT embeddings (the mean of the merged tokens\' embeddings)')
@@ -61,7 +61,7 @@ def check_config(cfg) -> list[tuple[str, float]]:
   """Validates the dynamic keys before anything loads; returns the parsed settings. (The family,
   pretrained only, is checked by the eval and sample modes' dispatcher: train/modes/.)"""
   specs = dynamic_bpe.parse_spec(cfg.dynamic)
-  if str(cfg.get('dynamic_boundary', 'pretokens')) not in dynamic_bpe.BOUNDARIES:
+  if str(cfg.dynamic_boundary) not in dynamic_bpe.BOUNDARIES:
     raise ValueError(f'dynamic_boundary={cfg.dynamic_boundary!r}: expected one of '
                      f'{dynamic_bpe.BOUNDARIES}')
   methods_of(cfg, quiet=True)
@@ -177,7 +177,7 @@ def run(cfg, workdir: str, step: int | None = None, predictor=None, plain: dict 
                        'without transfer.hypernet_workdir, dynamic tokenization uses FVT')
     predictor = runs.load_predictor(
         cfg.transfer.hypernet_workdir, cfg.model.source,
-        step=int(cfg.transfer.get('hypernet_step', 0)))
+        step=int(cfg.transfer.hypernet_step))
   setup, state, s = trainer.restore(cfg, workdir, step)
   workdir = storage.check_workdir(workdir)
   fam = setup.family
@@ -193,7 +193,7 @@ def run(cfg, workdir: str, step: int | None = None, predictor=None, plain: dict 
   max_parts = 7
   if predictor is not None:
     max_parts = predictor.max_pieces
-  dyn = dynamic_bpe.DynamicBPE(enc, max_parts, str(cfg.get('dynamic_boundary', 'pretokens')))
+  dyn = dynamic_bpe.DynamicBPE(enc, max_parts, str(cfg.dynamic_boundary))
   graphdef, lm_state = nnx.split(model)
   fn = _nll_fn(graphdef, model.dtype)
   base_in = np.asarray(model.embed.embedding[...], np.float32)
@@ -241,7 +241,7 @@ def run(cfg, workdir: str, step: int | None = None, predictor=None, plain: dict 
   log0(table.rstrip('\n'))
   if jax.process_index() == 0:
     storage.write_json(storage.join(workdir, 'dynamic_meta.json'),
-                       {'step': s, 'boundary': str(cfg.get('dynamic_boundary', 'pretokens')),
+                       {'step': s, 'boundary': str(cfg.dynamic_boundary),
                         'max_parts': max_parts, 'cache': cache, 'n_bytes': n_bytes,
                         'eval_batches': len(batches)})
   return {'rows': rows, 'cache': cache}
@@ -262,12 +262,12 @@ def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
   if method == 'hypernet':
     predictor = runs.load_predictor(
         cfg.transfer.hypernet_workdir, cfg.model.source,
-        step=int(cfg.transfer.get('hypernet_step', 0)))
+        step=int(cfg.transfer.hypernet_step))
   setup, state, s = trainer.restore(cfg, workdir, step)
   enc = setup.family.encoder
   model = setup.model(state['params'])
   dyn = dynamic_bpe.DynamicBPE(enc, predictor.max_pieces if predictor else 7,
-                               str(cfg.get('dynamic_boundary', 'pretokens')))
+                               str(cfg.dynamic_boundary))
   ids = [enc.bos_id] + [int(t) for t in enc.encode(cfg.sample.prompt)]
   n_new_max = int(cfg.sample.max_new_tokens)
   total = len(ids) + n_new_max

@@ -19,18 +19,19 @@ def log0(*args) -> None:
     print(*args, flush=True)
 
 
-def derived(sums: dict) -> dict:
-  """Metric sums from a family's loss -> per-token loss and bits per UTF-8 byte (or, for sums of
-  cosines over texts, their mean, and 1 - it as the loss)."""
+def derived(sums: dict, extra=None) -> dict:
+  """Metric sums from a family's loss -> per-token loss (`nll_sum / n_tokens`) and bits per UTF-8
+  byte (`nll_sum / n_bytes / ln 2`), plus what `extra(sums)` (the family's `derived_metrics`)
+  adds: keys already there (the sums, the loss and bpb computed here) are kept."""
   out = {k: float(v) for k, v in sums.items()}
   n_tok = out.get('n_tokens', 0.0)
   if 'nll_sum' in out and n_tok > 0:
     out['loss'] = out['nll_sum'] / n_tok
   if 'nll_sum' in out and out.get('n_bytes', 0.0) > 0:
     out['bpb'] = out['nll_sum'] / out['n_bytes'] / LN2
-  if 'cosine_sum' in out and out.get('n_texts', 0.0) > 0:  # embedding-matching families
-    out['cosine_mean'] = out['cosine_sum'] / out['n_texts']
-    out.setdefault('loss', 1.0 - out['cosine_mean'])
+  if extra is not None:
+    for k, v in extra(dict(out)).items():
+      out.setdefault(k, float(v))
   return out
 
 

@@ -7,11 +7,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
-from data import pipeline
-from models import hypernet
 from train import config_lib, storage, trainer
 from train.metrics import log0
 
@@ -60,31 +55,28 @@ def load_run(workdir: str, step: int | None = None, family: str | tuple[str, ...
 
 def load_predictor(workdir: str, source: str, kind: str = 'decoder',
                    step: int | None = None):
-  """`strings -> (input [N, D], output [N, D] or None)`: the hypernetwork of the latest (or
-  `step`'s: `transfer.hypernet_step`) checkpoint of a zett run (configs/zett.py) on the base
-  model `source` (jitted, in chunks of 4096 tokens). `kind`: 'decoder' (byte-level BPE pieces)
-  or 'encoder' (WordPiece pieces); a run of the other kind is refused before it is restored."""
+  """`strings -> (input [N, D], output [N, D] or None)` with `.max_pieces`: the token embedder
+  (`Family.token_embedder`) of the latest (or `step`'s: `transfer.hypernet_step`) checkpoint of
+  a ZeTT run (configs/zett.py) on the base model `source`. `kind`: 'decoder' (family zett,
+  byte-level BPE pieces) or 'encoder' (family zett_encoder, WordPiece pieces); a run of the
+  other kind is refused before it is restored."""
+  family_of = {'decoder': 'zett', 'encoder': 'zett_encoder'}
   saved = config_lib.load_saved(workdir) if storage.isdir(workdir) else None
-  if saved is not None and saved.family == 'zett':
-    got = str(saved.zett.get('kind', 'decoder'))
+  if saved is not None and saved.family in family_of.values():
+    got = {f: k for k, f in family_of.items()}[saved.family]
     if got != kind:
       art = {'encoder': 'an encoder', 'decoder': 'a decoder'}
       raise ValueError(f'transfer.hypernet_workdir={workdir} holds {art[got]} hypernetwork '
-                       f'(zett.kind={got!r}, model.source={saved.model.source!r}), which cannot '
-                       f'embed tokens for {art[kind]} model (model.source={source!r})')
-  run = load_run(workdir, step=step or None, family='zett', what='transfer.hypernet_workdir')
+                       f'(family {saved.family!r}, model.source={saved.model.source!r}), which '
+                       f'cannot embed tokens for {art[kind]} model (model.source={source!r})')
+  run = load_run(workdir, step=step or None, family=family_of[kind],
+                 what='transfer.hypernet_workdir')
   if run.cfg.model.source != source:
     raise ValueError(f'the hypernetwork in {workdir} was trained for model.source='
                      f'{run.cfg.model.source!r}, not {source!r}')
-  model = run.model()
+  predictor = run.family.token_embedder(run.model())
+  if predictor is None:
+    raise ValueError(f'transfer.hypernet_workdir={workdir}: family {run.family.name!r} predicts '
+                     'no token embeddings')
   log0(f'[transfer] hypernetwork from {workdir} (step {run.step})')
-  predict = jax.jit(lambda pieces: model.hypernet(jnp.asarray(pieces)))
-
-  def predictor(strings):
-    p = run.cfg.hypernet.max_pieces
-    pieces = (hypernet.wordpiece_piece_ids(run.family.base_vocab, strings, p) if kind == 'encoder'
-              else hypernet.piece_ids(run.family.base.tokenizer, strings, p))
-    return pipeline.map_in_batches(predict, pieces, 4096, fill=-1)
-
-  predictor.max_pieces = int(run.cfg.hypernet.max_pieces)
   return predictor

@@ -10,6 +10,8 @@ never waits for the device.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import os
 import signal
@@ -59,17 +61,48 @@ def _match_param_shardings(abstract_opt, abstract_params, param_sh, default):
   return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
-def resolve_steps(cfg, family: families.Family) -> float:
-  """FLOPs of one optimizer step (every position of every row, padding included, from the
-  family's accounting). Resolves the step count in place: with `train.flops_budget > 0`,
-  `train.steps = budget // flops per step`; with `train.eval_count > 0`, `train.eval_every =
-  steps // eval_count` (the one place a FLOP budget becomes steps)."""
+def resolve_steps(cfg, family: families.Family):
+  """(config, FLOPs of one optimizer step): the FLOPs count every position of every row,
+  padding included, from the family's accounting; the config is `cfg` itself, or with
+  `train.flops_budget > 0` or `train.eval_count > 0` a copy with the step counts resolved
+  (`train.steps = budget // flops per step`; `train.eval_every = steps // eval_count`). `cfg` is
+  never changed. The one place a FLOP budget becomes steps: `Setup` calls it, and `Setup.cfg`
+  (what a run records in config.json) holds the result."""
   per_step = family.flops_per_token() * cfg.train.batch_size * cfg.data.seq_len
+  if cfg.train.flops_budget <= 0 and cfg.train.eval_count <= 0:
+    return cfg, per_step
+  cfg = cfg.copy_and_resolve_references()
   if cfg.train.flops_budget > 0:
     cfg.train.steps = max(1, int(cfg.train.flops_budget // per_step))
-  if cfg.train.get('eval_count', 0) > 0:
+  if cfg.train.eval_count > 0:
     cfg.train.eval_every = max(1, cfg.train.steps // cfg.train.eval_count)
-  return per_step
+  return cfg, per_step
+
+
+GRADIENT_WRAPPER_ENV = 'NOTOKLM_GRADIENT_WRAPPER'
+
+
+def installed_gradient_wrapper():
+  """The function `$NOTOKLM_GRADIENT_WRAPPER` names ('package.module:function' or
+  'path/to/file.py:function'), or None (production runs set nothing). It takes the train
+  step's `gradients(state, batch, frozen) -> (loss, metric sums, gradients)` and returns one of
+  the same signature, traced inside the jitted step before the non-finite check: the test
+  suite's fault injection (tests/fault_injection.py) makes chosen steps non-finite this way, in
+  the test process and in launch.py subprocesses alike."""
+  spec = os.environ.get(GRADIENT_WRAPPER_ENV, '')
+  if not spec:
+    return None
+  where, _, name = spec.rpartition(':')
+  if not where or not name:
+    raise ValueError(f'${GRADIENT_WRAPPER_ENV}={spec!r}: expected module:function')
+  if where.endswith('.py'):
+    module_spec = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(where))[0], where)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  else:
+    module = importlib.import_module(where)
+  return getattr(module, name)
 
 
 class Setup:
@@ -80,10 +113,11 @@ class Setup:
     default `families.get(cfg, workdir)` (`workdir`: the run whose recorded artifacts the
     family reads)."""
     config_lib.validate(cfg)
-    self.cfg = cfg
     self.family = families.get(cfg, workdir) if family is None else family
+    # the config with train.steps / eval_every resolved (a copy when they change)
+    self.cfg, self.flops_per_step = resolve_steps(cfg, self.family)
+    cfg = self.cfg
     self.mesh = partitioning.make_mesh(cfg.mesh)
-    self.flops_per_step = resolve_steps(cfg, self.family)
     self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
     abstract_model = nnx.eval_shape(lambda: self.family.build_model(nnx.Rngs(cfg.seed)))
     # Trained state (`family.trainable()`, default every nnx.Param) vs frozen state: the frozen
@@ -143,39 +177,40 @@ class Setup:
     cfg, tx, accum = self.cfg, self.tx, self.cfg.train.grad_accum
     base_rng = jax.random.fold_in(jax.random.key(cfg.seed), 1)
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)  # (params, batch, rng, frozen)
-    try:
-      fault_steps = [int(x) for x in str(cfg.train.fault_nonfinite_steps).split(',') if x.strip()]
-    except ValueError as e:
-      raise config_lib.ConfigError(f'train.fault_nonfinite_steps='
-                                   f'{cfg.train.fault_nonfinite_steps!r}: expected comma-separated '
-                                   f'step numbers') from e
     batch_spec = partitioning.BATCH_AXES
 
-    def step_fn(state, batch, frozen):
+    def gradients(state, batch, frozen):
+      """(mean loss, metric sums, mean gradients) of one step's batch."""
       rng = jax.random.fold_in(base_rng, state['step'])
       params = state['params']
       if accum == 1:
         (loss, sums), grads = grad_fn(params, batch, rng, frozen)
-      else:
-        def split(x):  # rows {a, a+A, ...} form micro-batch a: every device keeps its share
-          x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-          return jax.lax.with_sharding_constraint(
-              x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
-                  None, batch_spec, *([None] * (x.ndim - 2)))))
-        micro = jax.tree.map(split, batch)
-        def body(carry, inp):
-          mb, i = inp
-          (l, s), g = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen)
-          return jax.tree.map(jnp.add, carry, (l, s, g)), None
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng, frozen)))
-        zeros = (zeros[0][0], zeros[0][1], zeros[1])
-        (loss, sums, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
-        loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
-      if fault_steps:  # injected fault (tests): this step's loss and gradients become NaN
-        bad = jnp.isin(state['step'] + 1, jnp.asarray(fault_steps, jnp.int32))
-        loss = jnp.where(bad, jnp.nan, loss)
-        grads = jax.tree.map(lambda g: jnp.where(bad, jnp.nan, g), grads)
+        return loss, sums, grads
+      def split(x):  # rows {a, a+A, ...} form micro-batch a: every device keeps its share
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(
+            x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
+                None, batch_spec, *([None] * (x.ndim - 2)))))
+      micro = jax.tree.map(split, batch)
+      def body(carry, inp):
+        mb, i = inp
+        (l, s), g = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen)
+        return jax.tree.map(jnp.add, carry, (l, s, g)), None
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng, frozen)))
+      zeros = (zeros[0][0], zeros[0][1], zeros[1])
+      (loss, sums, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+      return loss / accum, sums, jax.tree.map(lambda g: g / accum, grads)
+
+    wrapper = installed_gradient_wrapper()
+    if wrapper is not None:
+      log0(f'the train step\'s gradients pass through {os.environ[GRADIENT_WRAPPER_ENV]} '
+           f'(${GRADIENT_WRAPPER_ENV})')
+      gradients = wrapper(gradients)
+
+    def step_fn(state, batch, frozen):
+      params = state['params']
+      loss, sums, grads = gradients(state, batch, frozen)
       grad_norm = optax.tree.norm(grads)
       updates, opt_state = tx.update(grads, state['opt_state'], params)
       update_norm = optax.tree.norm(updates)
@@ -209,7 +244,7 @@ class Setup:
       sums = eval_step(params, partitioning.global_batch(b, self.mesh))
       for k, v in jax.device_get(sums).items():
         totals[k] = totals.get(k, 0.0) + float(v)
-    return metrics_lib.derived(totals)
+    return metrics_lib.derived(totals, self.family.derived_metrics)
 
 
 class _StopFlag:
@@ -308,7 +343,8 @@ def train(cfg, workdir: str) -> dict:
 
 
 def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
-  setup = Setup(cfg, workdir=workdir)  # resolves train.steps from train.flops_budget
+  setup = Setup(cfg, workdir=workdir)
+  cfg = setup.cfg  # train.steps resolved from train.flops_budget: what config.json records
   fam = setup.family
   fam.check_sample(cfg.sample)  # what the end of the run needs, before any training
   _announce(setup)
@@ -348,6 +384,7 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
   pending = None
   last_saved = restored
   window: dict[str, float] = {}
+  headline = fam.headline_metrics()  # the family's own metrics beside loss and bpb
   result = {}
 
   def save(s, force=False):
@@ -365,7 +402,7 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
     s, m = p
     m = jax.device_get(m)
     finite = bool(m.pop('finite'))
-    d = metrics_lib.derived(m)
+    d = metrics_lib.derived(m, fam.derived_metrics)
     d['loss'] = float(m['loss_mean'])
     d.pop('loss_mean', None)
     if not finite:
@@ -377,8 +414,7 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
       log.warning('non-finite loss/gradient/update at step %d: update skipped (nan_policy=skip)',
                   s)
     progress.add(d.get('n_tokens', 0.0), d.get('n_bytes', 0.0))
-    writer.scalars(s, {k: d[k] for k in ('loss', 'bpb', 'cosine_mean', 'grad_norm', 'lr')
-                       if k in d},
+    writer.scalars(s, {k: d[k] for k in ('loss', 'bpb', *headline, 'grad_norm', 'lr') if k in d},
                    jsonl='metrics.jsonl')
     for k in ('loss', 'bpb', 'grad_norm', 'lr'):
       if k in d:
@@ -405,7 +441,7 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
         writer.scalars(step, ev, prefix='eval', jsonl='eval_metrics.jsonl')
         log0(f'eval step {step}: loss {ev.get("loss", float("nan")):.4f}'
              + (f' bpb {ev["bpb"]:.4f}' if 'bpb' in ev else '')
-             + (f' mean cosine {ev["cosine_mean"]:.4f}' if 'cosine_mean' in ev else ''))
+             + ''.join(f' {label} {ev[k]:.4f}' for k, label in headline.items() if k in ev))
       if stop.requested:
         break
     if pending is not None:
@@ -428,7 +464,7 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
   writer.scalars(step, ev, prefix='eval', jsonl='eval_metrics.jsonl')
   log0(f'validation at step {step}: loss {ev.get("loss", float("nan")):.4f}'
        + (f' | bits per byte {ev["bpb"]:.4f}' if 'bpb' in ev else '')
-       + (f' | mean cosine {ev["cosine_mean"]:.4f}' if 'cosine_mean' in ev else ''))
+       + ''.join(f' | {label} {ev[k]:.4f}' for k, label in headline.items() if k in ev))
   nonfinite = int(jax.device_get(state['nonfinite']))
   summary = {'step': step, 'train': result, 'eval': ev, 'train_seconds': train_time,
              'flops_per_step': setup.flops_per_step, 'train_flops': setup.flops_per_step * step,
@@ -524,7 +560,7 @@ def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
 def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
   """`--mode=sample`: the family's own sampling, or with `sample.byte_level` byte-level
   sampling through its byte view (`sample_bytes`)."""
-  byte_level = bool(cfg.sample.get('byte_level', False))
+  byte_level = bool(cfg.sample.byte_level)
   if byte_level:
     prompt_bytes(cfg.sample.prompt)  # bad prompts fail before anything is restored
   setup, state, s = restore(cfg, workdir, step)

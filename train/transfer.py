@@ -240,24 +240,24 @@ def run(cfg, workdir: str) -> dict:
       raise ValueError('transfer.methods includes hypernet: set transfer.hypernet_workdir to a '
                        'trained configs/zett.py run')
     predictor = runs.load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source,
-                                step=int(cfg.transfer.get('hypernet_step', 0)))
+                                step=int(cfg.transfer.hypernet_step))
   dyn_predictor = predictor
-  if cfg.get('dynamic', ''):  # dynamic tokenization on top of each transferred model
+  if cfg.dynamic:  # dynamic tokenization on top of each transferred model
     dynamic.check_config(cfg)
     if dyn_predictor is None and cfg.transfer.hypernet_workdir:
       dyn_predictor = runs.load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source,
-                                          step=int(cfg.transfer.get('hypernet_step', 0)))
+                                          step=int(cfg.transfer.hypernet_step))
   static = None
   if 'focus' in methods:
     spec = str(cfg.target_tokenizer)
     name_filter = str(cfg.transfer.text_filter or '') if spec.startswith('unigram:') else ''
     static = static_embeddings(target, target_tokenizers.texts(cfg.data, cfg.data.train_split,
                                                                name_filter),
-                               max_chars=int(cfg.transfer.get('focus_max_chars', 2_000_000)))
+                               max_chars=int(cfg.transfer.focus_max_chars))
     log0(f'[transfer] FOCUS static embeddings: {static.shape[1]} dimensions, '
          f'{int((np.abs(static).sum(1) > 0).sum())} of {static.shape[0]} target tokens seen')
   rows = []
-  if cfg.transfer.get('base_eval', True):
+  if cfg.transfer.base_eval:
     base_ev = trainer.evaluate(copy.deepcopy(cfg), os.path.join(workdir, 'base'))
     rows.append({'model': 'base', 'tokenizer': base.meta['source'],
                  'vocab': int(base.model.embed.embedding.shape[0]), **_scores(base_ev)})
@@ -271,7 +271,7 @@ def run(cfg, workdir: str) -> dict:
       sub.model.source = out_dir
       ev = trainer.evaluate(sub, out_dir)
       dyn = {}
-      if cfg.get('dynamic', ''):
+      if cfg.dynamic:
         for r in dynamic.run(sub, out_dir, predictor=dyn_predictor, plain=ev)['rows'][1:]:
           dyn[f'dynamic {r["setting"]} {r["embeddings"]}: bpb / tokens per byte'] = (
               f'{r["bpb"]:.4f} / {r["tokens_per_byte"]:.4f}')
@@ -363,7 +363,7 @@ def run_encoder(cfg, workdir: str, base) -> dict:
       raise ValueError('transfer.methods includes hypernet: set transfer.hypernet_workdir to a '
                        'trained configs/zett.py:minilm run')
     predictor = runs.load_predictor(cfg.transfer.hypernet_workdir, cfg.model.source, 'encoder',
-                                step=int(cfg.transfer.get('hypernet_step', 0)))
+                                step=int(cfg.transfer.hypernet_step))
     vocab = target.get_vocab(with_added_tokens=True)
     strings = [''] * (max(vocab.values()) + 1)
     for s, i in vocab.items():

@@ -8,7 +8,11 @@ and nothing else (no attribute probing).
 
 Required hooks (abstract): `build_model`, `loss`, `train_iterator`, `eval_batches`,
 `flops_per_token`. Optional hooks have a documented default that suits a family training
-every parameter of a freshly initialized model. See README "Adding a family".
+every parameter of a freshly initialized model. See README "Adding a family". Code outside the
+families reads only the hooks, `name`, `cfg`, `dtype` and the `encoder` attribute (a family's
+other attributes are its own: only its own tests and benchmarks look at them) and assigns
+nothing: a benchmark's synthetic-data stand-in is a subclass that overrides a hook (e.g.
+`make_encoder`, `train_documents`).
 
 Layering: this package's `__init__` (the contract) sits beside the trainer; the family
 modules sit above it and may import `train.trainer`, `train.runs` and `train.evals`, never
@@ -59,6 +63,13 @@ class Family(abc.ABC):
   what the run recorded (`recorded`) before deriving anything from data. Errors in the user's
   config or data are `ValueError`s naming the key or the input."""
 
+  encoder = None
+  """The text encoder (data/encoders.py: `vocab_size`, `encode` / `decode`, the special ids,
+  and for BPE its `tokenizer`) whose token ids the model reads, set in `__init__` by a family
+  with one fixed vocabulary (lm, lexinv, pretrained, hat); None for the others. Read by what
+  works on those tokens: dynamic tokenization, a lexinvariant run's baseline check, the
+  benchmarks' vocabulary sizes."""
+
   def __init__(self, cfg, workdir: str | None = None):
     self.cfg = cfg
     self.workdir = workdir
@@ -102,6 +113,21 @@ class Family(abc.ABC):
     trainer's MFU and `train.flops_budget` accounting multiply it by batch x seq_len."""
 
   # -- optional, with defaults -----------------------------------------------------------------
+  def derived_metrics(self, sums: dict) -> dict:
+    """Metrics computed from the summed metrics of `loss` (over micro-batches, hosts and eval
+    batches, as floats), beside the trainer's own loss and bits per byte from `nll_sum`,
+    `n_tokens` and `n_bytes` (train/metrics.derived): e.g. a mean over texts. A family without
+    `nll_sum` gives its reported `'loss'` here. Keys the sums or the trainer already have are
+    not replaced. Default: none."""
+    del sums
+    return {}
+
+  def headline_metrics(self) -> dict[str, str]:
+    """{key of `derived_metrics`: label}: beside loss and bits per byte, written with every
+    train step's scalars (TensorBoard `train/<key>`, metrics.jsonl) and shown, by label, on the
+    evaluation log lines. Default: none."""
+    return {}
+
   def trainable(self):
     """The nnx filter of the trained state (default: every `nnx.Param`). Anything else the
     model holds is frozen: it comes from `frozen_params()`, is an argument of the jitted steps
@@ -150,6 +176,14 @@ class Family(abc.ABC):
     del model
     raise ValueError(f'family {self.name!r} has no byte-level view (it does not model text '
                      'bytes)')
+
+  def token_embedder(self, model: nnx.Module):
+    """For a model that predicts embeddings of arbitrary token strings (a ZeTT hypernetwork
+    over its base model's pieces): `strings -> (input [N, D], output [N, D] or None)` as numpy,
+    with an attribute `max_pieces`; tokenizer transfer and dynamic tokenization take it through
+    `transfer.hypernet_workdir` (train/runs.load_predictor). Default: None (no such model)."""
+    del model
+    return None
 
   def export_hf(self, model: nnx.Module, out_dir: str) -> None:
     """Writes `model` as an HF-format directory (`--mode=export`). Default: not supported."""

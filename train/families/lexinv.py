@@ -28,8 +28,8 @@ class LexinvariantFamily(lm.TokenLMFamily):
     if self._live is None:
       source = corpus.get_source(self.cfg.data, self.cfg.data.train_split)
       counts = pipeline.token_counts(source, self.encoder,
-                                     int(self.lexinv_cfg.get('vocab_max_chars', 0)))
-      min_freq = float(self.lexinv_cfg.get('vocab_min_freq', 0.0))
+                                     int(self.lexinv_cfg.vocab_max_chars))
+      min_freq = float(self.lexinv_cfg.vocab_min_freq)
       self._live = (counts > 0) & (counts >= min_freq * counts.sum())
       self._stats['lexinv_live_ids'] = int(self._live[:self.encoder.true_vocab_size].sum())
     return self._live
@@ -48,7 +48,7 @@ class LexinvariantFamily(lm.TokenLMFamily):
   @property
   def interchangeable(self) -> bool:
     """`lexinv.embedding='interchangeable'`: models/lexinvariant.InterchangeableLM."""
-    mode = self.lexinv_cfg.get('embedding', 'lexinvariant')
+    mode = self.lexinv_cfg.embedding
     if mode not in lexinvariant.EMBEDDINGS:
       raise ValueError(f'lexinv.embedding={mode!r}: expected one of {lexinvariant.EMBEDDINGS}')
     return mode == 'interchangeable'
@@ -66,7 +66,7 @@ class LexinvariantFamily(lm.TokenLMFamily):
                                             enc.true_vocab_size, self.dtype,
                                             interchangeable_ids=ids, special_ids=specials,
                                             rngs=rngs)
-    live = self.live_ids() if self.lexinv_cfg.get('vocab', 'all') == 'train' else None
+    live = self.live_ids() if self.lexinv_cfg.vocab == 'train' else None
     return lexinvariant.LexinvariantLM(self.model_cfg, self.lexinv_cfg, enc.vocab_size,
                                        enc.true_vocab_size, self.dtype,
                                        special_ids=(enc.pad_id, enc.bos_id, enc.eos_id),
@@ -93,12 +93,12 @@ class LexinvariantFamily(lm.TokenLMFamily):
       return (f'interchangeable token embeddings for {c.interchangeable!r} (random part '
               f'{c.d_random} of {self.model_cfg.d_model} dims) | ' + super(
                   LexinvariantFamily, self).describe())
-    vocab = c.get('vocab', 'all')
+    vocab = c.vocab
     if vocab == 'train':
       vocab += f' ({int(self.live_ids()[:self.encoder.true_vocab_size].sum())} of ' \
                f'{self.encoder.true_vocab_size} ids are live)'
     return (f'lexinvariant p={c.p} table={c.table} vocab={vocab} '
-            f'fixed_specials={bool(c.get("fixed_specials", False))} | ' + super().describe())
+            f'fixed_specials={bool(c.fixed_specials)} | ' + super().describe())
 
   def byte_view(self, model):
     """One random embedding drawn from `lexinv.eval_seed`, kept for every text scored."""
@@ -119,10 +119,10 @@ class LexinvariantFamily(lm.TokenLMFamily):
         raise ValueError('the baseline must use the same data source and vocabulary '
                          f'({baseline.cfg.data.source}, {b_enc.vocab_size}) vs '
                          f'({self.cfg.data.source}, {self.encoder.vocab_size})')
-    unseen = self.lexinv_cfg.get('unseen', '')
+    unseen = self.lexinv_cfg.unseen
     alphabets = None
     if unseen:
-      seen = self.lexinv_cfg.get('seen', '') or (
+      seen = self.lexinv_cfg.seen or (
           self.lexinv_cfg.interchangeable if self.interchangeable else
           ''.join(ch for ch in 'abcdefghijklmnopqrstuvwxyz' if ch not in unseen))
       alphabets = {'seen': (seen, self.token_ids_of(seen, 'lexinv.seen')),
