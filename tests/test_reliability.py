@@ -175,11 +175,14 @@ def test_user_mistakes_end_in_one_message(data_dir, tmp_path):
       ([f'--workdir={tmp_path / "w5"}', f'--config.data.source=text:{tmp_path}'], 1,
        'is a directory: list its files'),
       ([f'--workdir={tmp_path / "w6"}', '--mode=launch', '--nodes=0'], 2, '--nodes=0: must be'),
+      ([f'--workdir={tmp_path / "w7"}', '--config.evals.robustness.type=robustnes'], 2,
+       "evals.robustness: unknown evaluator type 'robustnes'; types: "),
   ]
   for args, code, words in cases:
     p = run_launch(data_dir, *short, *args, check=False)
     assert p.returncode == code and words in p.stderr, (args, p.returncode, p.stderr[-1500:])
     assert 'Traceback' not in p.stderr, (args, p.stderr[-3000:])
+  assert not os.path.exists(tmp_path / 'w7')  # refused before the workdir is touched
   p = run_launch(data_dir, *short, f'--workdir={as_file}', '--debug', check=False)
   assert p.returncode == 1 and 'Traceback' in p.stderr
 

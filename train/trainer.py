@@ -303,6 +303,7 @@ def train(cfg, workdir: str) -> dict:
   process per workdir (a lock); nothing is written before the config, the checkpoint and the
   data are known to fit together."""
   config_lib.validate(cfg)
+  evals.Evaluators(cfg, cfg.family)  # config.evals is checked before the workdir is touched
   workdir = storage.check_workdir(workdir)  # scheme, bucket and credentials before anything
   lock = _lock(workdir)
   try:
