@@ -6,6 +6,11 @@ and its presets. Configs are the only home of hyperparameters.
 import ml_collections
 
 
+def _evaluator(kind: str, every: int, **options) -> ml_collections.ConfigDict:
+  """One `config.evals` entry: its type, when it runs, its options."""
+  return ml_collections.ConfigDict({'type': kind, 'every': every, **options})
+
+
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.family = ''            # a module of train/families/ (e.g. 'lm', 'hat')
@@ -56,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   o.weight_decay = 0.1
   o.clip_norm = 1.0
 
-  # Evaluation (--mode=eval) -------------------------------------------------------
+  # Evaluation options (the robustness and next_word evaluators) ---------------------
   c.eval = e = ml_collections.ConfigDict()
   e.robustness = 'caps,permute,delete,replace'  # '' to skip; see data/perturb.py
   e.noise_frac = 0.1         # fraction of characters per word permuted/deleted/replaced
@@ -64,6 +69,18 @@ def get_config() -> ml_collections.ConfigDict:
   e.next_word = True         # next-word accuracy (train/evals/next_word.py; families with text)
   e.next_word_bytes = 200    # ... on windows of N bytes of the validation text
   e.next_word_texts = 32     # ... this many of them, evenly spread (0: all)
+
+  # Evaluators (train/evals/__init__.py) -----------------------------------------------
+  # name -> {type: a module of train/evals/ with an Evaluator class, every, options...}.
+  # every > 0: in the training loop every N steps and at the last step; -1: every
+  # train.eval_every steps and at the last step; 0: not in the loop. --mode=eval runs every
+  # entry, --mode=evaluator those with every != 0. Results: eval/<metric> (flat types) or
+  # eval/<name>/<metric> in TensorBoard, eval_metrics.jsonl, evaluator.jsonl, eval_step{N}.json.
+  c.evals = v = ml_collections.ConfigDict()
+  v.validation = _evaluator('validation', every=-1)     # loss, bits per byte
+  v.robustness = _evaluator('robustness', every=0)      # eval.robustness kinds
+  v.next_word = _evaluator('next_word', every=0)        # eval.next_word*
+  v.family_suite = _evaluator('family_suite', every=0)  # the family's own eval_suite
 
   # Parallelism --------------------------------------------------------------
   c.mesh = m = ml_collections.ConfigDict()

@@ -146,3 +146,47 @@ def test_load_saved_run_from_before_layer_scan(monkeypatch, tmp_path):
   assert back.model.attention_block_q == 512
   from models import layers
   assert layers.AttentionConfig.from_model_config(back.model).impl == 'auto'
+
+
+def test_evaluators_are_checked_by_name(cfg, monkeypatch):
+  """config.evals: an unknown evaluator type, or one for a family it does not apply to, is one
+  ConfigError naming the entry, when the evaluators are built (a run's start), not after."""
+  import sys
+  import types
+  from train import evals
+  built = evals.Evaluators(cfg, 'lm')
+  assert [e.name for e in built] == ['validation', 'robustness', 'next_word', 'family_suite']
+  assert [e.name for e in built.due(7, 0)] == [] and [e.name for e in built.due(7, 0, True)] == [
+      'validation']
+  bad = copy.deepcopy(cfg)
+  config_lib.override(bad, {'evals.next_word.type': 'next_wrd'})
+  with pytest.raises(config_lib.ConfigError, match=r"evals.next_word: unknown evaluator type "
+                     r"'next_wrd'; types: family_suite, next_word, robustness, validation"):
+    evals.Evaluators(bad, 'lm')
+  config_lib.override(bad, {'evals.next_word.type': 'report'})  # a helper module, no Evaluator
+  with pytest.raises(config_lib.ConfigError, match="unknown evaluator type 'report'"):
+    evals.Evaluators(bad, 'lm')
+  bad = copy.deepcopy(cfg)
+  config_lib.override(bad, {'evals.robustness.every': -2})
+  with pytest.raises(config_lib.ConfigError, match=r'evals.robustness.every=-2'):
+    evals.Evaluators(bad, 'lm')
+  # a new evaluator is one module of train/evals/ (here put in place without a file)
+  module = types.ModuleType('train.evals.only_hat')
+
+  class OnlyHat(evals.Evaluator):
+    families = ('hat',)
+
+    def run(self, setup, params, workdir, step, earlier):
+      return {'x': 1.0}
+  module.Evaluator = OnlyHat
+  monkeypatch.setitem(sys.modules, 'train.evals.only_hat', module)
+  mine = copy.deepcopy(cfg)
+  with mine.unlocked():
+    mine.evals.mine = {'type': 'only_hat', 'every': 5}
+  assert [e.name for e in evals.Evaluators(mine, 'hat').due(10, 0)] == ['mine']
+  with pytest.raises(config_lib.ConfigError, match=r"evals.mine: evaluator type 'only_hat' does "
+                     r"not apply to family 'lm' \(it applies to hat\)"):
+    evals.Evaluators(mine, 'lm')
+  assert evals.scalars({'step': 3, 'bpb': 1.5, 'mine': {'x': 1.0, 'name': 'a'},
+                        'r': {'caps': {'bpb': 2.0}}}) == {'bpb': 1.5, 'mine/x': 1.0,
+                                                          'r/caps/bpb': 2.0}

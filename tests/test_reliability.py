@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, run_launch
 from data import corpus
 from train import checkpoint as ckpt_lib
-from train import config_lib, families, storage, trainer
+from train import config_lib, families, optim, storage, trainer
 
 SMALL = {'data.max_docs': 400, 'train.batch_size': 8, 'data.seq_len': 64,
          'train.eval_batches': 2, 'sample.max_new_tokens': 8, 'train.log_every': 10,
@@ -116,13 +116,13 @@ def test_a_bpe_run_records_its_tokenizer(data_dir, tmp_path):
 
 def test_a_nonfinite_update_is_never_applied(data_dir, monkeypatch):
   """Finite loss and gradients, but an update that overflows: skipped and counted."""
-  make = trainer.make_optimizer
+  make = optim.make_optimizer
 
   def overflowing(cfg_optim, total_steps):
     tx, schedule = make(cfg_optim, total_steps)
     return optax.chain(tx, optax.scale(np.float32(3e38)), optax.scale(np.float32(3e38))), schedule
 
-  monkeypatch.setattr(trainer, 'make_optimizer', overflowing)
+  monkeypatch.setattr(optim, 'make_optimizer', overflowing)
   cfg = _cfg(**{'train.nan_policy': 'skip'})
   setup = trainer.Setup(cfg)
   state = setup.init_state()
@@ -190,11 +190,14 @@ def test_user_mistakes_end_in_one_message(data_dir, tmp_path):
       ([f'--workdir={tmp_path / "w5"}', f'--config.data.source=text:{tmp_path}'], 1,
        'is a directory: list its files'),
       ([f'--workdir={tmp_path / "w6"}', '--mode=launch', '--nodes=0'], 2, '--nodes=0: must be'),
+      ([f'--workdir={tmp_path / "w7"}', '--config.evals.robustness.type=robustnes'], 2,
+       "evals.robustness: unknown evaluator type 'robustnes'; types: "),
   ]
   for args, code, words in cases:
     p = run_launch(data_dir, *short, *args, check=False)
     assert p.returncode == code and words in p.stderr, (args, p.returncode, p.stderr[-1500:])
     assert 'Traceback' not in p.stderr, (args, p.stderr[-3000:])
+  assert not os.path.exists(tmp_path / 'w7')  # refused before the workdir is touched
   p = run_launch(data_dir, *short, f'--workdir={as_file}', '--debug', check=False)
   assert p.returncode == 1 and 'Traceback' in p.stderr
 

@@ -179,3 +179,56 @@ def test_bad_text_lines_are_counted_in_run_log(data_dir, tmp_path):
   assert 'docs_cut=1' in p.stdout
   summary = json.load(open(tmp_path / 'run' / 'train_summary.json'))
   assert summary['data']['skipped_invalid_utf8'] == 1 and summary['data']['skipped_nul'] == 1
+
+
+def _flat(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}/'))
+    elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != 'step':
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def test_evaluators_in_the_loop_match_eval_and_evaluator(data_dir, tmp_path):
+  """Evaluators listed with every=N run in the training loop at those steps (and at the last),
+  and write the keys and values that --mode=eval and --mode=evaluator write for that step."""
+  wd = str(tmp_path / 'run')
+  args = [CONFIG, f'--workdir={wd}', '--config.train.steps=20', '--config.ckpt.every=10', *SMALL,
+          '--config.evals.robustness.every=10', '--config.eval.robustness=caps',
+          '--config.evals.next_word.every=20', '--config.eval.next_word_texts=4']
+  run_launch(data_dir, *args)
+  loop = {}
+  with open(os.path.join(wd, 'eval_metrics.jsonl')) as f:
+    for line in f:
+      r = json.loads(line)
+      loop[r.pop('step')] = r
+  assert sorted(loop) == [10, 20]
+  assert set(loop[10]) == {'robustness/caps/bpb', 'robustness/caps/loss', 'robustness/caps/n_bytes'}
+  assert {'bpb', 'loss', 'robustness/caps/bpb', 'next_word/accuracy'} <= set(loop[20])
+  assert os.path.exists(os.path.join(wd, 'robustness_step10.md'))
+  summary = json.load(open(os.path.join(wd, 'train_summary.json')))
+  assert summary['eval']['robustness']['caps']['bpb'] == loop[20]['robustness/caps/bpb']
+
+  def same(a, b):  # next-word timing aside, the same keys and values
+    a, b = ({k: v for k, v in x.items() if k != 'next_word/seconds'} for x in (a, b))
+    assert set(a) == set(b)
+    for k in a:
+      assert a[k] == pytest.approx(b[k], abs=1e-6), k
+
+  for s in (10, 20):
+    run_launch(data_dir, *args, '--mode=eval', f'--step={s}')
+    ev = _flat(json.load(open(os.path.join(wd, f'eval_step{s}.json'))))
+    same(loop[s], {k: v for k, v in ev.items() if k in loop[s]})
+    assert 'next_word/accuracy' in ev and 'bpb' in ev  # --mode=eval runs every evaluator
+  p = run_launch(data_dir, *args, '--mode=evaluator', '--poll_seconds=0.2',
+                 '--max_idle_seconds=120')
+  record = {}
+  with open(os.path.join(wd, 'evaluator.jsonl')) as f:
+    for line in f:
+      r = json.loads(line)
+      record[r.pop('step')] = r
+  assert sorted(record) == [10, 20], p.stdout[-2000:]
+  same(loop[20], record[20])  # the evaluator job runs what the loop runs (every != 0)
+  same({k: v for k, v in record[10].items() if k.startswith('robustness/')}, loop[10])

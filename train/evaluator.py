@@ -2,10 +2,12 @@
 checkpoint once, on this process's own devices and mesh.
 
 The evaluator polls the checkpoint directory for finalized steps (an orbax manager of its own,
-read-only: the training job's manager is never shared), restores each new one, runs the same
-validation as `--mode=eval` and appends `{'step', 'loss', 'bpb', ...}` to
-`workdir/evaluator.jsonl` (flushed and fsynced: that file is the record of what was evaluated)
-and to TensorBoard under `eval/` beside the training curves. A restarted evaluator reads the
+read-only: the training job's manager is never shared), restores each new one, runs the evaluators
+`config.evals` runs in the training loop (every != 0; by default validation loss and bits per
+byte) -- the same evaluator objects `--mode=eval` runs -- and appends `{'step', 'loss', 'bpb',
+..., '<name>/<metric>', ...}` to `workdir/evaluator.jsonl` (flushed and fsynced: that file is
+the record of what was evaluated) and to TensorBoard under `eval/` beside the training curves,
+under the keys the training loop writes. A restarted evaluator reads the
 record and skips what it holds; a restarted training job only adds checkpoints. It exits once
 the final step (`train.steps`, resolved from `train.flops_budget` like the trainer does) is
 evaluated, or after `max_idle_seconds` without a new checkpoint (0: wait forever). A checkpoint
@@ -20,7 +22,7 @@ import jax
 
 from train import checkpoint as ckpt_lib
 from train import metrics as metrics_lib
-from train import storage, trainer
+from train import evals, storage, trainer
 from train.metrics import log0
 
 RECORD = 'evaluator.jsonl'
@@ -44,17 +46,16 @@ def evaluated_steps(workdir: str) -> list[int]:
 def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float = 0.0) -> dict:
   workdir = storage.check_workdir(workdir)  # it may start before the training does
   setup = trainer.Setup(cfg, workdir=workdir)
-  fam = setup.family
   final = int(setup.cfg.train.steps)
   ckpt_dir = storage.join(workdir, 'checkpoints')
   done = set(evaluated_steps(workdir))
   record = storage.JsonlLog(storage.join(workdir, RECORD)) if jax.process_index() == 0 else None
   primary = jax.process_index() == 0
   writer = metrics_lib.Writer(workdir)
-  eval_batches = fam.eval_batches(jax.process_index(), jax.process_count(),
-                                  cfg.train.eval_batches)
-  eval_step = setup.make_eval_step()
-  log0(f'[evaluator] following {ckpt_dir} until step {final}; already evaluated: '
+  which = setup.evaluators.in_loop()
+  notes = setup.evaluators.prepare(setup, which)  # e.g. the validation batches, once
+  log0(f'[evaluator] following {ckpt_dir} until step {final} with evaluators '
+       f'{[e.name for e in which] or "none"} ({", ".join(notes) or "-"}); already evaluated: '
        f'{sorted(done) or "none"}')
   missed, evaluated = [], []
   idle_since = time.monotonic()
@@ -73,12 +74,11 @@ def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float =
         continue
       finally:
         ck.close()
-      ev = setup.evaluate(state['params'], eval_batches, eval_step)
+      ev = evals.scalars(setup.evaluators.run(which, setup, state['params'], workdir, restored))
       del state
-      ev = {'step': restored, **{k: v for k, v in ev.items() if not isinstance(v, dict)}}
-      if primary:
-        record.append(ev, sync=True)  # flushed (fsynced / uploaded): the record of what was done
-        writer.scalars(restored, {k: v for k, v in ev.items() if k != 'step'}, prefix='eval')
+      if primary:  # flushed (fsynced / uploaded): the record of what was done
+        record.append({'step': restored, **ev}, sync=True)
+        writer.scalars(restored, ev, prefix='eval')
         writer.flush()
       done.add(restored)
       evaluated.append(restored)

@@ -1,9 +1,10 @@
 """The one trainer: mesh, sharded state, a jitted step with donated state and gradient
-accumulation, AdamW with warmup + cosine and clipping, orbax checkpoints, evaluation.
+accumulation, the optimizer of train/optim.py, orbax checkpoints, evaluation.
 
 Family-agnostic: everything model-specific comes through the hooks of `train.families.Family`;
-the family's own evaluations (`eval_suite`) and the robustness suite (train/evals/) are
-dispatched from `evaluate`.
+evaluations are the evaluators `config.evals` lists (train/evals/: validation, robustness,
+next-word accuracy, the family's `eval_suite`, ...), run in the loop, by `evaluate` and by the
+evaluator job.
 Hot path: `nnx.split` once; the step is a pure function of (state, batch) where state =
 {'step', 'params' (pure dict), 'opt_state'}; metrics are fetched one step late so the host
 never waits for the device.
@@ -25,24 +26,11 @@ import optax
 from flax import nnx
 
 from train import checkpoint as ckpt_lib
-from train import config_lib, families, metrics as metrics_lib, partitioning, storage
-from train.evals import next_word, robustness
+from train import config_lib, families, metrics as metrics_lib, optim, partitioning, storage
+from train import evals
 from train.metrics import log0
 
 log = logging.getLogger(__name__)
-
-
-def make_optimizer(cfg_optim, total_steps: int):
-  warmup = min(cfg_optim.warmup_steps, max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg_optim.lr, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=cfg_optim.lr * cfg_optim.min_lr_ratio)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  tx = optax.chain(
-      optax.clip_by_global_norm(cfg_optim.clip_norm),
-      optax.adamw(schedule, b1=cfg_optim.b1, b2=cfg_optim.b2, eps=cfg_optim.eps,
-                  weight_decay=cfg_optim.weight_decay, mask=decay_mask))
-  return tx, schedule
 
 
 def _match_param_shardings(abstract_opt, abstract_params, param_sh, default):
@@ -117,8 +105,11 @@ class Setup:
     # the config with train.steps / eval_every resolved (a copy when they change)
     self.cfg, self.flops_per_step = resolve_steps(cfg, self.family)
     cfg = self.cfg
+    # the evaluators `config.evals` lists (an unknown type, or one for another family, is a
+    # ConfigError now, before anything runs); the same objects serve every mode
+    self.evaluators = evals.Evaluators(cfg, self.family.name)
     self.mesh = partitioning.make_mesh(cfg.mesh)
-    self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    self.tx, self.schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
     abstract_model = nnx.eval_shape(lambda: self.family.build_model(nnx.Rngs(cfg.seed)))
     # Trained state (`family.trainable()`, default every nnx.Param) vs frozen state: the frozen
     # part (e.g. a pretrained LM under a hypernetwork) comes from `family.frozen_params()`, is
@@ -334,6 +325,7 @@ def train(cfg, workdir: str) -> dict:
   process per workdir (a lock); nothing is written before the config, the checkpoint and the
   data are known to fit together."""
   config_lib.validate(cfg)
+  evals.Evaluators(cfg, cfg.family)  # config.evals is checked before the workdir is touched
   workdir = storage.check_workdir(workdir)  # scheme, bucket and credentials before anything
   lock = _lock(workdir)
   try:
@@ -368,13 +360,13 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
   else:
     log0(f'resumed from step {restored} ({checkpointer.directory})')
   writer = metrics_lib.Writer(workdir, resume_step=restored or 0)
-  eval_batches = fam.eval_batches(pid, pcount, cfg.train.eval_batches)
+  notes = setup.evaluators.prepare(setup, setup.evaluators.in_loop())  # e.g. the eval batches
   counted = {k: v for k, v in fam.data_stats().items() if v and ('skipped' in k or 'cut' in k
                                                                  or 'without' in k)}
-  log0(f'data: {len(eval_batches)} eval batches'
+  log0('data: ' + (', '.join(notes) or 'no evaluation in the loop')
        + (' | counted and skipped/cut: ' + ', '.join(f'{k}={v}' for k, v in
                                                      sorted(counted.items())) if counted else ''))
-  train_step, eval_step = setup.make_train_step(), setup.make_eval_step()
+  train_step = setup.make_train_step()
   cfg_dict = cfg.to_dict()
 
   step = int(jax.device_get(state['step']))
@@ -436,12 +428,13 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
       pending = (step, m)
       if step % cfg.ckpt.every == 0 or step == total or stop.requested:
         save(step)
-      if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
-        ev = setup.evaluate(state['params'], eval_batches, eval_step)
-        writer.scalars(step, ev, prefix='eval', jsonl='eval_metrics.jsonl')
-        log0(f'eval step {step}: loss {ev.get("loss", float("nan")):.4f}'
-             + (f' bpb {ev["bpb"]:.4f}' if 'bpb' in ev else '')
-             + ''.join(f' {label} {ev[k]:.4f}' for k, label in headline.items() if k in ev))
+      due = setup.evaluators.due(step, cfg.train.eval_every) if step < total else []
+      if due:
+        ev = run_evaluators(setup, due, state['params'], workdir, step, writer)
+        if evals.ran(due, 'validation'):
+          log0(f'eval step {step}: loss {ev.get("loss", float("nan")):.4f}'
+               + (f' bpb {ev["bpb"]:.4f}' if 'bpb' in ev else '')
+               + ''.join(f' {label} {ev[k]:.4f}' for k, label in headline.items() if k in ev))
       if stop.requested:
         break
     if pending is not None:
@@ -460,11 +453,12 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
     _close(checkpointer, writer, it)
     return {'preempted_at': step, 'signal': stop.name}
 
-  ev = setup.evaluate(state['params'], eval_batches, eval_step)
-  writer.scalars(step, ev, prefix='eval', jsonl='eval_metrics.jsonl')
-  log0(f'validation at step {step}: loss {ev.get("loss", float("nan")):.4f}'
-       + (f' | bits per byte {ev["bpb"]:.4f}' if 'bpb' in ev else '')
-       + ''.join(f' | {label} {ev[k]:.4f}' for k, label in headline.items() if k in ev))
+  due = setup.evaluators.due(step, cfg.train.eval_every, last=True)
+  ev = run_evaluators(setup, due, state['params'], workdir, step, writer)
+  if evals.ran(due, 'validation'):
+    log0(f'validation at step {step}: loss {ev.get("loss", float("nan")):.4f}'
+         + (f' | bits per byte {ev["bpb"]:.4f}' if 'bpb' in ev else '')
+         + ''.join(f' | {label} {ev[k]:.4f}' for k, label in headline.items() if k in ev))
   nonfinite = int(jax.device_get(state['nonfinite']))
   summary = {'step': step, 'train': result, 'eval': ev, 'train_seconds': train_time,
              'flops_per_step': setup.flops_per_step, 'train_flops': setup.flops_per_step * step,
@@ -487,6 +481,20 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
     writer.text(step, 'sample', s)
   _close(checkpointer, writer, it)
   return summary
+
+
+def run_evaluators(setup: Setup, which: list, params, workdir: str, step: int,
+                   writer: metrics_lib.Writer | None = None, jsonl: str = 'eval_metrics.jsonl'
+                   ) -> dict:
+  """Runs the evaluators `which` (of `setup.evaluators`) at `step`; their numbers go to
+  TensorBoard under `eval/` and, with `jsonl`, to that file: the training loop's and the
+  evaluator job's records, under the same keys (`evals.scalars`)."""
+  if not which:
+    return {}
+  ev = setup.evaluators.run(which, setup, params, workdir, step)
+  if writer is not None:
+    writer.scalars(step, evals.scalars(ev), prefix='eval', jsonl=jsonl)
+  return ev
 
 
 def _close(checkpointer, writer, it):
@@ -530,28 +538,18 @@ def restore(cfg, workdir: str, step: int | None = None, family: families.Family 
 
 
 def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
-  """Restores the latest (or `step`) checkpoint onto this process's mesh and evaluates:
-  validation loss / bits per byte, the robustness suite (`eval.robustness`), next-word accuracy
-  (`eval.next_word`, every family with a byte-level view) and the family's own `eval_suite`;
-  writes `eval_step{N}.json`."""
+  """Restores the latest (or `step`) checkpoint onto this process's mesh and runs every
+  evaluator `config.evals` lists (by default validation loss / bits per byte, the robustness
+  suite (`eval.robustness`), next-word accuracy (`eval.next_word`, every family with a
+  byte-level view) and the family's own `eval_suite`); writes `eval_step{N}.json`."""
   setup, state, s = restore(cfg, workdir, step)
   workdir = storage.check_workdir(workdir)  # results go there (a pretrained model's may be new)
-  fam = setup.family
-  ev = setup.evaluate(state['params'], fam.eval_batches(jax.process_index(),
-                                                        jax.process_count(),
-                                                        cfg.train.eval_batches))
+  ev = run_evaluators(setup, setup.evaluators.all, state['params'], workdir, s)
   ev['step'] = s
-  log0(f'eval of step {s}: loss {ev.get("loss", float("nan")):.4f}'
-       + (f' | bits per byte {ev["bpb"]:.4f}' if 'bpb' in ev else '')
-       + f' ({int(ev.get("n_tokens", 0))} tokens, {int(ev.get("n_bytes", 0))} bytes)')
-  kinds = [k for k in cfg.eval.robustness.split(',') if k]
-  if kinds:
-    ev['robustness'] = robustness.run(setup, state['params'], kinds, ev, workdir, s)
-  if cfg.eval.get('next_word', True):
-    nw = next_word.run(setup, state['params'], workdir, s)
-    if nw is not None:
-      ev['next_word'] = nw
-  ev.update(fam.eval_suite(setup, state['params'], workdir, s))
+  if evals.ran(setup.evaluators.all, 'validation'):
+    log0(f'eval of step {s}: loss {ev.get("loss", float("nan")):.4f}'
+         + (f' | bits per byte {ev["bpb"]:.4f}' if 'bpb' in ev else '')
+         + f' ({int(ev.get("n_tokens", 0))} tokens, {int(ev.get("n_bytes", 0))} bytes)')
   if jax.process_index() == 0:
     storage.write_json(os.path.join(workdir, f'eval_step{s}.json'), ev)
   return ev

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from data import corpus
+from train import evals
 from train.evals import report
 from train.metrics import log0
 
@@ -132,16 +133,17 @@ def _local_params(params):
   return multihost_utils.process_allgather(params, tiled=True)
 
 
-def run(setup, params, workdir: str, step: int) -> dict | None:
+def run(setup, params, workdir: str, step: int, texts=None) -> dict | None:
   """Next-word accuracy of the run's model (None for a family without a byte-level view);
-  writes `next_word_step{N}.md`."""
+  writes `next_word_step{N}.md`. `texts`: a function returning `eval_texts(setup.cfg)` (read
+  only for a family with a view); default: read them."""
   cfg, fam = setup.cfg, setup.family
   try:
     view = fam.byte_view(setup.model(_local_params(params)))
   except ValueError as e:
     log0(f'next-word accuracy: skipped ({e})')
     return None
-  res = score_view(view, eval_texts(cfg))
+  res = score_view(view, eval_texts(cfg) if texts is None else texts())
   table = report.markdown(
       ['model', 'next-word accuracy', 'byte accuracy in words', 'words', 'texts', 'seconds'],
       [[fam.name, f'{res["accuracy"]:.4f}', f'{res["byte_accuracy"]:.4f}', res['n_words'],
@@ -149,3 +151,26 @@ def run(setup, params, workdir: str, step: int) -> dict | None:
   log0(table.rstrip('\n'))
   report.write_text(os.path.join(workdir, f'next_word_step{step}.md'), table)
   return res
+
+
+class Evaluator(evals.Evaluator):
+  """Evaluator type 'next_word' (`eval.next_word`: False to skip; `eval.next_word_bytes`,
+  `eval.next_word_texts`): results under its name. Holds the validation windows across
+  calls."""
+
+  order = 20
+
+  def __init__(self, name, cfg, options):
+    super().__init__(name, cfg, options)
+    self.texts = None
+
+  def run(self, setup, params, workdir, step, earlier):
+    del earlier
+    if not self.cfg.eval.get('next_word', True):
+      return None
+    return run(setup, params, workdir, step, self._texts)
+
+  def _texts(self):
+    if self.texts is None:
+      self.texts = eval_texts(self.cfg)
+    return self.texts
