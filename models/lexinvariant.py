@@ -52,7 +52,7 @@ h . W_fix[k]`, like a Gaussian row):
   Gaussian row in the softmax is a competitor whose logit is noise (h . E_v ~ N(0, |h|^2) for a
   token the context does not support) that the model cannot suppress, since it cannot tell
   which random row belongs to a token that never occurs; 156 such rows of never-seen bytes
-  swamp the in-context evidence of a small model where the context is short (README: tiny
+  swamp the in-context evidence of a small model where the context is short (docs/lexinvariant.md: tiny
   byte model at 2000 steps, validation loss 3.685 -> 3.496 nats with both options). The output
   is still a distribution over *all* ids: each non-live id gets the 'other' logit, so the
   softmax normaliser counts that row n_other times (`+ log n_other`) and bits per byte stay
@@ -66,7 +66,7 @@ first layer's attention stays near uniform (the tiny byte preset at step 4000: e
 4.0-4.1 nats in every layer-0 head, no previous-token heads). A bias drawn N(0, I) gives every
 token a shared component of the same size as its random row from step 0; previous-token heads
 then form in layer 0 and induction (copying from earlier in the sequence) follows.
-`--mode=eval` reports both (the attention table and the Repeat probe); the README has the
+`--mode=eval` reports both (the attention table and the Repeat probe); docs/lexinvariant.md has the
 ablation.
 
 Keys: `draw(rng, B)` folds the row index b (the global example index within the step's batch)

@@ -1,6 +1,6 @@
 """Byte-level modes over finished runs: `--mode=sample --config.sample.byte_level=True`
 (trainer.sample_bytes), `--mode=ensemble` and `--mode=report` (train/cross_family.py), the
-N-member ensemble math (models/byte_level.py) and their bad inputs.
+N-member ensemble math (models/byte_level/ensembles.py) and their bad inputs.
 
 Two tiny runs (a byte LM and a BPE LM, 2 steps on a small text file) are trained in-process
 once; the launch.py subprocesses only check that bad input ends in one `error:` line."""

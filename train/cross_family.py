@@ -1,5 +1,5 @@
 """Modes over finished runs of any families, through their byte-level views
-(`Family.byte_view`, models/byte_level.py); config: configs/cross_family.py.
+(`Family.byte_view`, models/byte_level/); config: configs/cross_family.py.
 
   --mode=ensemble   cross-tokenizer ensembles of `ensemble.members` (two or more): each
                     member's next-byte distributions on the same validation pieces and text

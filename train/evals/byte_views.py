@@ -1,4 +1,4 @@
-"""Evaluations through the byte-level view of any text model (models/byte_level.py): bits per
+"""Evaluations through the byte-level view of any text model (models/byte_level/): bits per
 byte of texts, cross-tokenizer ensembles (mixture and product of experts, weights fitted on a
 held-out slice) and byte-level generation speed. Every member is seen only as a `ByteLM`, so
 models of any family and tokenizer compare and combine on the same bytes.

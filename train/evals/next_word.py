@@ -1,7 +1,7 @@
 """Next-word accuracy (Thawani et al. 2023, "Learn Your Tokens"): the share of words that greedy
 decoding produces exactly, given the text before them. One definition for every text model,
 whatever its units (bytes, BPE tokens, words), through its byte-level view
-(`Family.byte_view`, models/byte_level.py: exact next-byte distributions).
+(`Family.byte_view`, models/byte_level/: exact next-byte distributions).
 
 Definitions (the paper's whitespace words, on bytes):
   * a *word* is a maximal run of bytes that are not ASCII whitespace (space, tab, newline, CR,
@@ -41,7 +41,7 @@ from train.evals import report
 from train.metrics import log0
 
 WHITESPACE = b' \t\n\r\x0b\x0c'
-END = 256  # end of text in a next-byte distribution (models/byte_level.py)
+END = 256  # end of text in a next-byte distribution (models/byte_level/)
 _WORD = re.compile(rb'[^ \t\n\r\x0b\x0c]+')
 _BOUNDARY = np.zeros(257, bool)
 _BOUNDARY[list(WHITESPACE)] = True

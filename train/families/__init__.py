@@ -8,7 +8,7 @@ and nothing else (no attribute probing).
 
 Required hooks (abstract): `build_model`, `loss`, `train_iterator`, `eval_batches`,
 `flops_per_token`. Optional hooks have a documented default that suits a family training
-every parameter of a freshly initialized model. See README "Adding a family". Code outside the
+every parameter of a freshly initialized model. See docs/adding_a_family.md. Code outside the
 families reads only the hooks, `name`, `cfg`, `dtype` and the `encoder` attribute (a family's
 other attributes are its own: only its own tests and benchmarks look at them) and assigns
 nothing: a benchmark's synthetic-data stand-in is a subclass that overrides a hook (e.g.
@@ -162,8 +162,9 @@ class Family(abc.ABC):
     del cfg_sample
 
   def eval_suite(self, setup, params, workdir: str, step: int) -> dict:
-    """The family's own evaluations for `--mode=eval` (probes, generation metrics, plots into
-    `workdir`), merged into `eval_step{N}.json`; an optional `'row'` dict of headline
+    """The family's own evaluations (the `family_suite` evaluator of `config.evals`: by default
+    in `--mode=eval`, and in the training loop / `--mode=evaluator` when its `every` says so;
+    probes, generation metrics, plots into `workdir`), merged into `eval_step{N}.json`; an optional `'row'` dict of headline
     metrics goes into sweep summaries. `setup` is the trainer's `Setup` (mesh, model(params)).
     Default: none."""
     del setup, params, workdir, step
