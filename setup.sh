@@ -24,6 +24,12 @@ if [ ! -f .venv/.requirements.sha ] || [ "$(cat .venv/.requirements.sha)" != "$w
   echo "$want" > .venv/.requirements.sha
 fi
 
+# The linter (CI runs it beside the tests): its own pin, so changing it rebuilds nothing else.
+lint_want=$(cat requirements-lint.txt | grep -v '^#' | tr -d '[:space:]')
+if [ "$(.venv/bin/ruff --version 2>/dev/null | sed 's/ /==/')" != "$lint_want" ]; then
+  .venv/bin/python -m pip install -q -r requirements-lint.txt
+fi
+
 # The reference environment for comparison tests (CPython 3.11 + CPU torch + transformers).
 # Optional: without python3.11 or the torch CPU wheel those tests are skipped and say why.
 ref_want=$(sha256sum requirements-reference.txt | cut -d' ' -f1)

@@ -69,7 +69,6 @@ def _rss_mb() -> float:
 
 
 def stage(name: str, path: str, data_dir: str, batches: int) -> dict:
-  import ml_collections  # pylint: disable=unused-import
   from configs import byte_lm
   from data import corpus, encoders, pipeline
   cfg = byte_lm.get_config('tiny')

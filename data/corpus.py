@@ -569,7 +569,7 @@ def _bounded_tfds_writer():
   saved = shuffle.MAX_MEM_BUFFER_SIZE, shuffle.tf
   shuffle.MAX_MEM_BUFFER_SIZE = min(saved[0], _SHUFFLE_MEM_BYTES)
   try:
-    import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+    import tensorflow  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     shuffle.tf = _LocalGfile
   try:

@@ -822,7 +822,6 @@ def batch_words(inputs: np.ndarray, segment_ids: np.ndarray, splitter: Splitter 
   if ids.shape != seg.shape or ids.ndim != 2:
     raise ValueError(f'inputs {inputs.shape} and segment_ids {np.shape(segment_ids)} differ')
   nb, nt = ids.shape
-  n = nb * nt
   ids, seg = ids.reshape(-1), seg.reshape(-1)
   valid = seg > 0
   special = ids < byte_offset

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ class ZettIterator:
   byte iterator's state plus the step count (which fixes the warm-up and the sampler's
   randomness)."""
 
-  def __init__(self, inner: pipeline.TrainIterator, batcher: _Batcher, prefetch: int = 2):
+  def __init__(self, inner: pipeline.TrainIterator, batcher: Callable[[dict, int], dict], prefetch: int = 2):
     self.inner, self.batcher, self.prefetch = inner, batcher, prefetch
     self.step = 0
     self._state = {**inner.get_state(), 'zett_step': 0}
