@@ -299,6 +299,8 @@ def train(cfg, workdir: str) -> dict:
   process per workdir (a lock); nothing is written before the config, the checkpoint and the
   data are known to fit together."""
   config_lib.validate(cfg)
+  from train import preflight  # pylint: disable=import-outside-toplevel
+  preflight.check(cfg)  # batch and mesh against the devices present, before any data or compile
   workdir = storage.check_workdir(workdir)  # scheme, bucket and credentials before anything
   lock = _lock(workdir)
   try:
