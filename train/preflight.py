@@ -72,18 +72,19 @@ class Target:
   chip: str = ''
   platform: str = ''
   name: str = ''
+  chip_assumed: bool = False  # the chip kind is a guess (a SLURM job's GPUs): said with the time
 
   def describe(self) -> str:
     """'256 v5e chips (64 hosts) of v5litepod-256', '8 cpu devices of the devices present'."""
     if self.platform == 'tpu':
       what = f'{self.devices} {self.chip} chip{"s" if self.devices != 1 else ""}'
     elif self.platform == 'gpu':
-      what = f'{self.devices} GPU{"s" if self.devices != 1 else ""} ({self.chip or "?"})'
+      what = f'{self.devices} GPU{"s" if self.devices != 1 else ""}'
     else:
       what = f'{self.devices} {self.platform or ""} device{"s" if self.devices != 1 else ""}'
       what = what.replace('  ', ' ')
-    hosts = f' ({self.processes} hosts)' if self.processes > 1 else ''
-    return f'{what}{hosts}' + (f' of {self.name}' if self.name else '')
+    hosts = f', {self.processes} hosts' if self.processes > 1 else ''
+    return (f'{self.name}: ' if self.name else '') + f'{what}{hosts}'
 
 
 def tpu_target(accelerator_type: str) -> Target:
@@ -108,7 +109,8 @@ def slurm_target(nodes: int, gpus_per_node: int, chip: str = 'h100') -> Target:
   """A SLURM job: one process per node seeing its GPUs (train/launching.slurm_script). The GPU
   kind is not known from the flags; `chip` (default an H100) only sets the time estimate."""
   return Target(nodes * gpus_per_node, nodes, chip, 'gpu',
-                f'{nodes} node{"s" if nodes != 1 else ""} x {gpus_per_node} GPUs')
+                f'{nodes} node{"s" if nodes != 1 else ""} x {gpus_per_node} GPUs',
+                chip_assumed=True)
 
 
 def chip_of(device_kind: str) -> str:
@@ -188,8 +190,9 @@ class Plan:
     secs = self.seconds
     if secs is not None:
       peak = PEAK_BF16_FLOPS[t.chip]
+      assumed = '; assumed: the flags do not name the GPU' if t.chip_assumed else ''
       lines.append(f'  time      ~{_duration(secs)} at {MFU:.0%} MFU ({t.chip}: '
-                   f'{peak / 1e12:g} TFLOP/s bf16 peak per chip)')
+                   f'{peak / 1e12:g} TFLOP/s bf16 peak per chip{assumed})')
     else:
       lines.append(f'  time      no estimate (no peak FLOP/s known for {t.chip or "this device"})')
     return '\n'.join(lines)
@@ -219,7 +222,7 @@ def problems(cfg, target: Target, repo: str = '') -> list[str]:
   """Every reason `cfg` cannot run on `target`, one message each (empty: it can). `repo`: the
   repository the TPU launcher ships to the workers (checks the data a pod's workers read)."""
   out = []
-  n, where = target.devices, target.describe()
+  n = target.devices
   try:
     data, fsdp = partitioning.mesh_shape(cfg.mesh, n)
   except ValueError as e:
@@ -247,7 +250,7 @@ def problems(cfg, target: Target, repo: str = '') -> list[str]:
         f'device. Use --config.train.grad_accum in {fits} (divisors of {b} / {shards}), or '
         f'--config.train.batch_size={_multiples(b, shards * accum)} (a multiple of '
         f'{shards} x {accum})')
-  if target.processes > 1 and b % target.processes:
+  if not out and target.processes > 1 and b % target.processes:
     out.append(f'train.batch_size={b} over {target.processes} hosts: each host reads '
                f'batch_size / hosts rows; use a multiple of {target.processes}')
   if target.platform == 'tpu' and target.processes > 1:

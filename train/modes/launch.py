@@ -69,7 +69,7 @@ def _preflight(args, cfg) -> None:
     return
   job = preflight.plan(cfg, target, _flops_per_token(cfg),
                        repo=args.repo or launching.REPO)
-  print(f'# preflight: {args.config} on {target.describe()}: fits')
+  print(f'# preflight: {args.config} on {target.name}: fits')
   print('\n'.join('#' + line for line in job.summary().splitlines()))
 
 
