@@ -243,11 +243,10 @@ def problems(cfg, target: Target, repo: str = '') -> list[str]:
         f'split evenly. The rows of a step are split over data x fsdp, so mesh.fsdp cannot '
         f'help: use --config.train.batch_size={_multiples(b, shards)} (a multiple of {shards})')
   elif accum > 1 and b % accum == 0 and (b // accum) % shards:
-    fits = [d for d in _divisors(b // shards)]
     out.append(
         f'train.batch_size={b} / train.grad_accum={accum} = micro-batches of {b // accum} rows '
         f'over {shards} batch shards ({mesh}): each micro-batch is split over every '
-        f'device. Use --config.train.grad_accum in {fits} (divisors of {b} / {shards}), or '
+        f'device. Use --config.train.grad_accum in {_divisors(b // shards)} (divisors of {b} / {shards}), or '
         f'--config.train.batch_size={_multiples(b, shards * accum)} (a multiple of '
         f'{shards} x {accum})')
   if not out and target.processes > 1 and b % target.processes:
