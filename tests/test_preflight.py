@@ -169,6 +169,8 @@ def test_a_pod_reads_committed_files_or_the_embedded_corpus():
   assert preflight.problems(cfg, preflight.tpu_target('v5litepod-8'), repo=ROOT) == []
   cfg.data.source = 'text:/home/me/corpus.txt'                 # one host: its own disk
   assert preflight.problems(cfg, preflight.tpu_target('v5litepod-8'), repo=ROOT) == []
+  # on the workers (training start, no repository to ship): their own files are what they read
+  assert preflight.problems(cfg, pod) == []
 
 
 def test_a_batch_smaller_than_the_devices_ends_in_one_message(tmp_path):

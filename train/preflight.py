@@ -220,7 +220,9 @@ def _divisors(n: int) -> list[int]:
 
 def problems(cfg, target: Target, repo: str = '') -> list[str]:
   """Every reason `cfg` cannot run on `target`, one message each (empty: it can). `repo`: the
-  repository the TPU launcher ships to the workers (checks the data a pod's workers read)."""
+  repository the TPU launcher ships to the workers: when given (a launch), the files a pod's
+  workers would read are checked against it (on the workers themselves a missing file is
+  named when the data is opened)."""
   out = []
   n = target.devices
   try:
@@ -252,7 +254,7 @@ def problems(cfg, target: Target, repo: str = '') -> list[str]:
   if not out and target.processes > 1 and b % target.processes:
     out.append(f'train.batch_size={b} over {target.processes} hosts: each host reads '
                f'batch_size / hosts rows; use a multiple of {target.processes}')
-  if target.platform == 'tpu' and target.processes > 1:
+  if repo and target.platform == 'tpu' and target.processes > 1:  # a launch, not the workers
     out.extend(_pod_data_problems(cfg, target, repo))
   return out
 
