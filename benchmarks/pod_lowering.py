@@ -2,8 +2,13 @@
 kernels, collectives and per-device memory.
 
   python benchmarks/pod_lowering.py [--configs=configs/subword_lm.py:1b,configs/hat.py:1b]
-      [--data=64] [--fsdp=4] [--batch_size=256] [--compile=true] [--check=true]
+      [--data=64] [--fsdp=4] [--batch_size=0] [--compile=true] [--check=true]
       [--cpu_attention=blocked] [--compile_configs=SPEC,...]
+
+The job it checks by default is the one the README launches: `configs/hat.py:1b` on a
+v5litepod-256 slice with `--config.mesh.fsdp=4` (mesh data 64 x fsdp 4, the preset's own global
+batch: `--batch_size=0`), and the subword 1b preset on the same slice and mesh. Each job first
+passes the preflight (train/preflight.py) for the v5litepod slice of data x fsdp chips.
 
 Runs with `data x fsdp` fake CPU devices (`--xla_force_host_platform_device_count`, set here
 before JAX starts). For each config, with the TPU settings (mesh data x fsdp, bf16 compute,
@@ -37,7 +42,7 @@ from benchmarks import cli  # pylint: disable=wrong-import-position
 
 def parse(argv):
   opts = {'configs': 'configs/subword_lm.py:1b,configs/hat.py:1b', 'data': 64, 'fsdp': 4,
-          'batch_size': 256, 'compile': True, 'check': True, 'cpu_attention': 'blocked',
+          'batch_size': 0, 'compile': True, 'check': True, 'cpu_attention': 'blocked',
           'compile_configs': ''}
   opts = cli.parse_opts(argv, opts, __doc__)
   return opts
@@ -124,9 +129,14 @@ def cpu_compile(setup, batch_size: int):
 
 def run(spec: str, opts: dict) -> dict:
   from benchmarks import aot
-  base = {'mesh.data': opts['data'], 'mesh.fsdp': opts['fsdp'],
-          'train.batch_size': opts['batch_size'], 'train.compute_dtype': 'bfloat16'}
+  from train import preflight
+  base = {'mesh.data': opts['data'], 'mesh.fsdp': opts['fsdp'], 'train.compute_dtype': 'bfloat16'}
+  if opts['batch_size']:  # 0: the preset's own global batch (the job the README launches)
+    base['train.batch_size'] = opts['batch_size']
   cfg = aot.load_config(spec, {**base, 'model.attention_impl': 'splash'})
+  # the job must pass the preflight of the slice it stands for (a PreflightError says why not)
+  preflight.plan(cfg, preflight.tpu_target(f'v5litepod-{opts["data"] * opts["fsdp"]}'))
+  batch_size = int(cfg.train.batch_size)
   t0 = time.perf_counter()
   setup = aot.make_setup(cfg)
   row = {'config': spec, 'params_B': setup.n_params / 1e9, 'setup_s': time.perf_counter() - t0}
@@ -138,14 +148,14 @@ def run(spec: str, opts: dict) -> dict:
   fsdp = opts['fsdp']
   assert abs(p_dev - p_total / fsdp) / p_total < 0.01, (
       f'parameters per device {p_dev} vs total / fsdp {p_total / fsdp}')
-  _, row['export_s'], kernels = tpu_export(setup, opts['batch_size'])
+  _, row['export_s'], kernels = tpu_export(setup, batch_size)
   row.update(kernels)
   assert kernels['tpu_custom_call'] > 0, 'no splash kernel (tpu_custom_call) in the TPU module'
   assert kernels['shard_map'] > 0, 'the splash kernel is not inside a shard_map'
   assert kernels['devices'] == opts['data'] * fsdp
   if opts['compile'] and (not opts['compile_configs'] or spec in opts['compile_configs']):
     cfg = aot.load_config(spec, {**base, 'model.attention_impl': opts['cpu_attention']})
-    mem, collectives, row['compile_s'] = cpu_compile(aot.make_setup(cfg), opts['batch_size'])
+    mem, collectives, row['compile_s'] = cpu_compile(aot.make_setup(cfg), batch_size)
     row.update(collectives)
     row['temp_dev'] = mem.temp_size_in_bytes
     row['arg_dev'] = mem.argument_size_in_bytes
@@ -167,13 +177,15 @@ def main(argv):
   if jax.device_count() != n:
     raise SystemExit(f'{jax.device_count()} devices, expected data x fsdp = {n} (start a fresh '
                      'process: the device count is fixed when JAX starts)')
-  print(f'{n} CPU devices as a TPU pod: mesh data {opts["data"]} x fsdp {opts["fsdp"]}, global '
-        f'batch {opts["batch_size"]}, bf16 compute, splash attention', flush=True)
+  print(f'{n} CPU devices as a v5litepod-{n} slice: mesh data {opts["data"]} x fsdp '
+        f'{opts["fsdp"]}, global batch {opts["batch_size"] or "of each preset"}, bf16 compute, '
+        'splash attention', flush=True)
+  from train import preflight
   rows, failed = [], []
   for spec in opts['configs'].split(','):
     try:
       rows.append(run(spec, opts))
-    except AssertionError as e:
+    except (AssertionError, preflight.PreflightError) as e:
       failed.append(f'{spec}: {e}')
       print(f'FAILED {spec}: {e}', flush=True)
       continue

@@ -39,7 +39,12 @@ def get_config(preset: str = 'tiny'):
     m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = (
         2048, 16, 16, 16, 128, 5632)
     m.scan_layers = True
-    c.train.batch_size, c.train.steps, c.optim.lr = 64, 50_000, 3e-4
+    # The batch is global (rows per optimizer step: the experiment, the same on any slice) and
+    # is split over every device (mesh data x fsdp), so it must be a multiple of the device
+    # count: 256 rows run on the 256 chips of the v5litepod-256 slice the README launches (one
+    # 8192-byte row per chip) and on 4 nodes x 8 GPUs; train/preflight.py refuses any other
+    # slice it does not divide, with the fix.
+    c.train.batch_size, c.train.steps, c.optim.lr = 256, 50_000, 3e-4
   c.sample.prompt = 'def '
   c.sample.max_new_tokens = 120
   return c

@@ -76,13 +76,15 @@ def test_two_processes_from_slurm_variables(data_dir, tmp_path):
 def test_launch_scripts(tmp_path, capsys):
   wd = str(tmp_path / 'big')
   assert launch.main([CONFIG, f'--workdir={wd}', '--mode=launch', '--launcher=slurm',
-                      '--nodes=4', '--gpus_per_node=8', '--partition=gpu', '--time=2:00:00',
+                      '--nodes=4', '--gpus_per_node=4', '--partition=gpu', '--time=2:00:00',
                       '--config.optim.lr=0.001', '--repo=/shared/notoklm']) == 0
   text = open(os.path.join(wd, 'launch', 'train.sbatch')).read()
-  assert text == capsys.readouterr().out.split('# written to')[0]
+  out = capsys.readouterr().out  # the preflight's summary (16 rows on 16 GPUs), then the script
+  assert '# preflight: configs/byte_lm.py:tiny on 4 nodes x 4 GPUs: fits' in out, out
+  assert out.split('# written to')[0].endswith(text)
   lines = text.splitlines()
   assert lines[0] == '#!/bin/bash'
-  for want in ('#SBATCH --nodes=4', '#SBATCH --ntasks-per-node=1', '#SBATCH --gpus-per-node=8',
+  for want in ('#SBATCH --nodes=4', '#SBATCH --ntasks-per-node=1', '#SBATCH --gpus-per-node=4',
                '#SBATCH --partition=gpu', '#SBATCH --time=2:00:00', 'cd /shared/notoklm'):
     assert want in lines, (want, text)
   srun = shlex.split([l for l in lines if l.startswith('srun')][0])

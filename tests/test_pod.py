@@ -220,7 +220,7 @@ def test_tpu_launch_ships_sets_up_starts_and_restarts(gcs, tmp_path, monkeypatch
   monkeypatch.chdir(tmp_path)
   config = f'--config={ROOT}/configs/byte_lm.py:tiny'  # run from elsewhere (cwd = tmp_path)
   argv = [config, f'--workdir={wd}', '--mode=launch', '--launcher=tpu', '--tpu=pod-v5e-256',
-          '--zone=us-west4-a', '--project=lab', '--spot', '--accelerator_type=v5litepod-256',
+          '--zone=us-west4-a', '--project=lab', '--spot', '--accelerator_type=v5litepod-16',
           '--runtime_version=v2-alpha-tpuv5-lite', '--config.train.steps=5', '--allow_dirty',
           '--restart_backoff=0', '--max_restarts=3']
   assert launch.main([*argv, '--dry']) == 0
@@ -233,7 +233,7 @@ def test_tpu_launch_ships_sets_up_starts_and_restarts(gcs, tmp_path, monkeypatch
   assert kinds == ['qr-describe', 'qr-create', 'qr-describe', 'scp', 'ssh', 'ssh',
                    'qr-describe', 'scp', 'ssh', 'ssh'], kinds
   create = rec[1]
-  assert '--spot' in create and '--accelerator-type=v5litepod-256' in create
+  assert '--spot' in create and '--accelerator-type=v5litepod-16' in create
   scp, setup, start = rec[3], rec[4], rec[5]
   assert '--worker=all' in scp and scp[5] == 'pod-v5e-256:~/' and '--project=lab' in scp
   archive = scp[4]

@@ -19,13 +19,20 @@ RULES = {
 }
 
 
-def make_mesh(cfg_mesh) -> jax.sharding.Mesh:
-  n = jax.device_count()
+def mesh_shape(cfg_mesh, n: int) -> tuple[int, int]:
+  """(data, fsdp) of the mesh `make_mesh` builds on `n` devices (`mesh.data=-1`: every device
+  not used by fsdp); a ValueError when they do not multiply to `n`. The preflight
+  (train/preflight.py) asks it for a slice that is not this machine."""
   fsdp = cfg_mesh.fsdp
   data = cfg_mesh.data if cfg_mesh.data > 0 else n // max(fsdp, 1)
   if data * fsdp != n:
     raise ValueError(f'mesh data={cfg_mesh.data} x fsdp={fsdp} does not match the {n} devices '
                      f'available (set --config.mesh.data / --config.mesh.fsdp)')
+  return data, fsdp
+
+
+def make_mesh(cfg_mesh) -> jax.sharding.Mesh:
+  data, fsdp = mesh_shape(cfg_mesh, jax.device_count())
   auto = jax.sharding.AxisType.Auto
   return jax.make_mesh((data, fsdp), ('data', 'fsdp'), axis_types=(auto, auto))
 

@@ -326,6 +326,8 @@ def train(cfg, workdir: str) -> dict:
   data are known to fit together."""
   config_lib.validate(cfg)
   evals.Evaluators(cfg, cfg.family)  # config.evals is checked before the workdir is touched
+  from train import preflight  # pylint: disable=import-outside-toplevel
+  preflight.check(cfg)  # batch and mesh against the devices present, before any data or compile
   workdir = storage.check_workdir(workdir)  # scheme, bucket and credentials before anything
   lock = _lock(workdir)
   try:

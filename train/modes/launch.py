@@ -38,6 +38,7 @@ class Mode(modes.Mode):
   def run(self, args, cfg, module, overrides) -> int:
     if _jobs.check_counts(args):
       return 2
+    _preflight(args, cfg)  # before anything is written: a job that cannot run is refused
     where = _jobs.place(args)
     run_args = launching.launch_args(args.config, where.workdir, overrides)
     steps = None if cfg.train.flops_budget > 0 else int(cfg.train.steps)
@@ -46,6 +47,43 @@ class Mode(modes.Mode):
     text = launching.slurm_script(run_args, where.name, args.nodes, args.gpus_per_node,
                                   args.time, args.partition, where.repo, log_dir=where.log_dir)
     return _jobs.write_script(args, where.out_dir, 'train.sbatch', text)
+
+
+def _preflight(args, cfg) -> None:
+  """The job checked on the devices it is written for (train/preflight.py) and its summary
+  printed; a PreflightError (exit 1) when it cannot run there. tpu: the slice of
+  --accelerator_type; slurm: --nodes x --gpus_per_node; local: checked when training starts
+  (finding this machine's devices here would claim the accelerator the job is about to use)."""
+  from train import preflight  # pylint: disable=import-outside-toplevel
+  if args.launcher == 'tpu':
+    if not args.accelerator_type:
+      print('# preflight: the slice\'s size is not known here (pass --accelerator_type=..., e.g. '
+            'v5litepod-256, to check the batch and mesh against it); checked when training '
+            'starts')
+      return
+    target = preflight.tpu_target(args.accelerator_type)
+  elif args.launcher == 'slurm':
+    target = preflight.slurm_target(args.nodes, args.gpus_per_node)
+  else:
+    print('# preflight: checked against this machine\'s devices when training starts')
+    return
+  job = preflight.plan(cfg, target, _flops_per_token(cfg),
+                       repo=args.repo or launching.REPO)
+  print(f'# preflight: {args.config} on {target.name}: fits')
+  print('\n'.join('#' + line for line in job.summary().splitlines()))
+
+
+def _flops_per_token(cfg) -> float | None:
+  """The family's training FLOPs per position (its own accounting), or None when the family
+  cannot be built on this machine (e.g. pretrained weights that only the workers have)."""
+  from train import families  # pylint: disable=import-outside-toplevel
+  c = cfg.copy_and_resolve_references()
+  c.train.compute_dtype = 'float32'  # 'auto' would start this machine's accelerator
+  try:
+    return float(families.get(c).flops_per_token())
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'# preflight: no FLOPs ({type(e).__name__}: {e})')
+    return None
 
 
 def _controlled_job(args, run_args, workdir, steps, out_dir, repo) -> int:
