@@ -13,6 +13,7 @@ Distributed start-up (`init_distributed`), first match wins:
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 import time
@@ -193,7 +194,13 @@ def code_archive(out_dir: str, repo: str = REPO, allow_dirty: bool = False) -> t
     if not allow_dirty:
       raise ValueError(f'{repo} has uncommitted changes: commit them (the workers run exactly '
                        'a commit), or pass --allow_dirty to ship them as a stash commit')
-    commit = git('stash', 'create').stdout.strip() or commit
+    stash = git('stash', 'create')
+    if stash.returncode or (stash.stdout.strip() and
+                            not re.fullmatch(r'[0-9a-f]{40}', stash.stdout.strip())):
+      raise ValueError(f'{repo}: the uncommitted changes cannot be shipped as a stash commit '
+                       f'(git stash create: {(stash.stderr or stash.stdout).strip()[:300]}); '
+                       'finish the merge or commit them')
+    commit = stash.stdout.strip() or commit
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f'notoklm-{commit[:12]}.tar.gz')
   r = git('archive', '--format=tar.gz', '-o', path, commit)
