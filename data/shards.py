@@ -272,6 +272,7 @@ class ShardSource:
     self.stats: dict[str, Any] = {'shard_files': fp['files'], 'shard_bytes': fp['bytes']}
     self._fp = fp
     self._first_checked = False
+    self._corrupt = _corruption_errors()
 
   # -- records --------------------------------------------------------------------------------
   def fingerprint(self) -> dict[str, Any]:
@@ -391,7 +392,7 @@ class ShardSource:
           if piece.strip():
             n += 1
             yield seg, piece
-    except _corruption_errors() as e:
+    except self._corrupt as e:
       self.stats['skipped_corrupt_shards'] = self.stats.get('skipped_corrupt_shards', 0) + 1
       self._warn(f'skipped the rest of corrupt or truncated shard {shard.url} '
                  f'({type(e).__name__}: {str(e)[:160]}); '
