@@ -19,6 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Data -------------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
   d.source = 'python_docs'   # 'python_docs' (embedded) | 'text:PATH[,PATH...]' | 'tfds:NAME[/CONFIG]'
+                             # | 'shards:GLOB[,GLOB...]' (parquet/jsonl[.gz]/txt, local or gs://;
+                             # streamed, each host its share: data/shards.py)
+  d.eval_source = ''         # shards: only: validation files 'GLOB[,GLOB...]' ('' = a held-out
+                             # 2 % of the documents, by a stable hash of their text)
+  d.shuffle_buffer = 1024    # shards: only: documents shuffled together (held in memory)
+  d.bpe_sample_bytes = 64_000_000  # shards: only: seeded sample a BPE is trained on
   d.data_dir = ''            # TFDS data dir; '' -> $NOTOKLM_DATA_DIR or ~/.cache/notoklm/tfds
   d.train_split = 'train'
   d.eval_split = 'validation'

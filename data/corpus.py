@@ -1,6 +1,6 @@
 """Document sources: TFDS builders and a random-access `DocSource`.
 
-Three kinds of `data.source`:
+Four kinds of `data.source`:
 
 * ``'python_docs'`` — an embedded corpus that needs no download, built from text every
   CPython install carries: `pydoc_data.topics`, module docstrings (read with `ast` from
@@ -10,6 +10,8 @@ Three kinds of `data.source`:
 * ``'text:PATH[,PATH...]'`` — local `.txt` / `.jsonl` files, prepared by `LocalText` into a
   config named by a hash of (absolute path, size, mtime) of every file and the reading
   options, so a changed file re-prepares.
+* ``'shards:GLOB[,GLOB...]'`` — parquet / jsonl[.gz] / txt shards, local or in a bucket,
+  streamed with each host reading its share (data/shards.py; nothing is prepared).
 * ``'tfds:NAME[/CONFIG]'`` — any registered TFDS dataset (`tfds:python_docs` included),
   prepared with `file_format='array_record'`, field `data.text_key`.
 
@@ -311,8 +313,16 @@ def local_text_config(paths, txt_split='paragraph', text_key='text',
 _PIECE_BYTES = 1 << 20  # longer lines are read in pieces of at most this many bytes
 
 
-def _read_lines(path: str) -> Iterator[bytes]:
-  with open(path, 'rb') as f:
+def _binary(path):
+  """`open(path, 'rb')`, or `path` itself when it is already a binary file object (a shard
+  streamed by data/shards.py; its owner closes it)."""
+  if isinstance(path, (str, os.PathLike)):
+    return open(path, 'rb')  # pylint: disable=consider-using-with
+  return contextlib.nullcontext(path)
+
+
+def _read_lines(path) -> Iterator[bytes]:
+  with _binary(path) as f:
     yield from f
 
 
@@ -330,7 +340,7 @@ def _read_pieces(path: str, size: int = _PIECE_BYTES) -> Iterator[tuple[bytes, b
   """(bytes, ends_a_line) pieces of a file: whole lines, except that a line longer than `size`
   bytes comes in pieces of at most about `size` bytes, never cut inside a UTF-8 character."""
   carry = b''
-  with open(path, 'rb') as f:
+  with _binary(path) as f:
     while True:
       raw = f.readline(size)
       if not raw:
@@ -805,8 +815,30 @@ def _get_source(cfg_data, split: str) -> DocSource:
     builder = prepare(lambda: tfds.builder(name, data_dir=data_dir, file_format='array_record'),
                       data_dir)
     return _builder_source(builder, split, cfg_data.get('text_key', 'text'), max_docs)
-  raise ValueError(f"unknown data.source {src!r}: expected 'python_docs', 'text:PATH[,PATH...]' "
-                   "or 'tfds:NAME[/CONFIG]'")
+  if src.startswith('shards:'):
+    return _shard_source(cfg_data, src[len('shards:'):], split)
+  raise ValueError(f"unknown data.source {src!r}: expected 'python_docs', 'text:PATH[,PATH...]', "
+                   "'shards:GLOB[,GLOB...]' or 'tfds:NAME[/CONFIG]'")
+
+
+def _shard_source(cfg_data, spec: str, split: str):
+  """`shards:GLOB[,GLOB...]`: sharded files streamed from a local disk or a bucket
+  (data/shards.py; the `text:` reading rules are passed in)."""
+  import types  # pylint: disable=import-outside-toplevel
+  from data import shards  # pylint: disable=import-outside-toplevel
+  for key in ('doc_filter', 'char_map'):
+    if cfg_data.get(key, ''):
+      raise ValueError(f'data.{key} is not supported with data.source=shards: (streamed)')
+  rules = types.SimpleNamespace(txt_documents=_txt_documents, jsonl_documents=_jsonl_documents,
+                                cut=_cut, stable_bucket=stable_bucket)
+  evals = str(cfg_data.get('eval_source', '') or '')
+  return shards.ShardSource(
+      [p for p in spec.split(',') if p], split, rules=rules,
+      text_key=cfg_data.get('text_key', 'text'), txt_split=cfg_data.get('txt_split', 'paragraph'),
+      max_doc_chars=int(cfg_data.get('max_doc_chars', 100_000)),
+      eval_patterns=[p for p in evals.removeprefix('shards:').split(',') if p],
+      shuffle_buffer=int(cfg_data.get('shuffle_buffer', 1024)),
+      train_split=cfg_data.get('train_split', 'train'))
 
 
 def describe(source: DocSource) -> dict[str, Any]:

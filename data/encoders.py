@@ -229,15 +229,20 @@ def _budgeted(source: corpus.DocSource, max_chars: int, name_filter: str = ''):
 
 
 def train_bpe(source: corpus.DocSource, vocab_size: int, data_dir: str, split: str,
-              max_docs: int = 0, kind: str = 'bpe', name_filter: str = '') -> BPEEncoder:
+              max_docs: int = 0, kind: str = 'bpe', name_filter: str = '',
+              sample_bytes: int = 0, seed: int = 0) -> BPEEncoder:
   """Trains (or loads the cached) byte-level BPE (or `kind='unigram'` UnigramLM) on `source`,
   optionally only on documents whose name matches the regex `name_filter`; safe across
-  processes."""
+  processes. A streamed source (data/shards.py) gives a seeded sample of `sample_bytes`
+  UTF-8 bytes (default `BPE_TRAIN_MAX_CHARS`) instead."""
+  streamed = getattr(source, 'streamed', False)
+  sample_bytes = int(sample_bytes) or BPE_TRAIN_MAX_CHARS
   if vocab_size <= BYTE_IDS:
     raise ValueError(f'data.vocab_size must exceed {BYTE_IDS} for byte-level BPE, got '
                      f'{vocab_size}')
   key = json.dumps([source.name, split, int(max_docs), int(vocab_size), BPE_TRAIN_MAX_CHARS]
-                   + ([kind, name_filter] if kind != 'bpe' or name_filter else []))
+                   + ([kind, name_filter] if kind != 'bpe' or name_filter else [])
+                   + ([sample_bytes, int(seed)] if streamed else []))
   digest = hashlib.sha1(key.encode()).hexdigest()[:16]
   out_dir = os.path.join(data_dir, 'notoklm_tokenizers', f'{kind}{vocab_size}-{digest}')
   path = os.path.join(out_dir, 'tokenizer.json')
@@ -245,7 +250,8 @@ def train_bpe(source: corpus.DocSource, vocab_size: int, data_dir: str, split: s
   if not os.path.exists(path):
     with corpus.file_lock(os.path.join(data_dir, '.locks', f'{name}.lock')):
       if not os.path.exists(path):
-        texts = _budgeted(source, BPE_TRAIN_MAX_CHARS, name_filter)
+        texts = (source.bpe_sample(sample_bytes, seed) if streamed else
+                 _budgeted(source, BPE_TRAIN_MAX_CHARS, name_filter))
         tok = _train_tokenizer(texts, vocab_size, kind)
         os.makedirs(out_dir, exist_ok=True)
         tmp = f'{path}.tmp{os.getpid()}'
@@ -264,7 +270,8 @@ def get_encoder(cfg_data) -> Encoder:
   if kind == 'bpe':
     source = corpus.get_source(cfg_data, cfg_data.train_split)
     return train_bpe(source, int(cfg_data.vocab_size), corpus.default_data_dir(
-        cfg_data.get('data_dir', '')), cfg_data.train_split, int(cfg_data.get('max_docs', 0)))
+        cfg_data.get('data_dir', '')), cfg_data.train_split, int(cfg_data.get('max_docs', 0)),
+                     sample_bytes=int(cfg_data.get('bpe_sample_bytes', 0)))
   if kind.startswith('tokenizer:'):
     return BPEEncoder.load(kind[len('tokenizer:'):])
   raise ValueError(f"unknown data.encoder {kind!r}: expected 'bytes', 'bpe' or 'tokenizer:PATH'")

@@ -65,10 +65,18 @@ class PerturbedSource:
     self.source, self.kind, self.frac, self.seed = source, kind, frac, seed
     self.name = f'{source.name}[{kind}]'
     self.stats = getattr(source, 'stats', {})
+    self.streamed = getattr(source, 'streamed', False)  # read in order (data/shards.py)
 
   def __len__(self):
     return len(self.source)
 
-  def __getitem__(self, i: int) -> str:
+  def _perturb(self, i: int, text: str) -> str:
     rng = np.random.default_rng([self.seed, int(i), KINDS.index(self.kind)])
-    return perturb(self.source[i], self.kind, self.frac, rng)
+    return perturb(text, self.kind, self.frac, rng)
+
+  def __getitem__(self, i: int) -> str:
+    return self._perturb(i, self.source[i])
+
+  def __iter__(self):
+    texts = iter(self.source) if self.streamed else (self.source[i] for i in range(len(self)))
+    return (self._perturb(i, t) for i, t in enumerate(texts))

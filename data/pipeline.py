@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import functools
 import queue
 import threading
 from typing import Any, Iterator
@@ -105,6 +106,11 @@ def document_tokens(encoder: encoders.Encoder, text: str,
   out = np.empty(len(ids) + 2, np.int32)
   out[0], out[1:-1], out[-1] = encoder.bos_id, ids, encoder.eos_id
   return out
+
+
+def tokenize_documents(encoder: encoders.Encoder, texts: list[str]) -> list[np.ndarray]:
+  """`document_tokens` of each text, encoded together (the encoder's thread pool)."""
+  return [document_tokens(encoder, t, ids) for t, ids in zip(texts, encoder.encode_batch(texts))]
 
 
 class _Stream(abc.ABC):
@@ -271,7 +277,8 @@ class TrainIterator:
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index {process_index} not in [0, {process_count})')
     self.transform = transform
-    if len(source) < process_count:
+    self.streamed = bool(getattr(source, 'streamed', False))  # data/shards.py
+    if not self.streamed and len(source) < process_count:
       raise ValueError(f'{source.name} has {len(source)} documents, fewer than the '
                        f'{process_count} hosts that shard it')
     self.source, self.encoder = source, encoder
@@ -281,11 +288,13 @@ class TrainIterator:
     self._thread = None
     self._queue: queue.Queue | None = None
     self._stop = threading.Event()
-    self.set_state(state or {'epoch': 0, 'cursor': 0, 'offset': 0})
+    self.set_state(state or ({} if self.streamed else {'epoch': 0, 'cursor': 0, 'offset': 0}))
 
   def _meta(self) -> dict[str, Any]:
     # What gives (epoch, cursor, offset) its meaning; seq_len and batch size may change.
-    return {'seed': self.seed, 'shuffle': self.shuffle, 'num_docs': len(self.source),
+    size = (self.source.state_meta(self.process_count) if self.streamed
+            else {'num_docs': len(self.source)})
+    return {'seed': self.seed, 'shuffle': self.shuffle, **size,
             'process_index': self.process_index, 'process_count': self.process_count}
 
   def get_state(self) -> dict[str, Any]:
@@ -299,11 +308,17 @@ class TrainIterator:
     if bad:
       raise ValueError(f'iterator state does not match this iterator (saved, now): {bad}')
     self.close()
-    self._state = {k: int(state[k]) for k in ('epoch', 'cursor', 'offset')}
-    self._stream = _TrainStream(self.source, self.encoder, self.seed, self.process_index,
-                                self.process_count, self.shuffle, self._state)
-    if self._state['cursor'] >= len(self._stream.shard()):
-      raise ValueError(f'iterator state cursor {self._state["cursor"]} beyond the shard')
+    if self.streamed:  # a streamed source makes its own stream (data/shards.py)
+      self._stream = self.source.train_stream(
+          functools.partial(tokenize_documents, self.encoder), self.seed, self.process_index,
+          self.process_count, self.shuffle, {k: v for k, v in state.items() if k not in meta})
+      self._state = self._stream.state()
+    else:
+      self._state = {k: int(state[k]) for k in ('epoch', 'cursor', 'offset')}
+      self._stream = _TrainStream(self.source, self.encoder, self.seed, self.process_index,
+                                  self.process_count, self.shuffle, self._state)
+      if self._state['cursor'] >= len(self._stream.shard()):
+        raise ValueError(f'iterator state cursor {self._state["cursor"]} beyond the shard')
     if self.prefetch > 0:
       self._stop = threading.Event()
       self._queue = queue.Queue(maxsize=self.prefetch)
@@ -371,10 +386,15 @@ class _EvalStream(_Stream):
   def __init__(self, source, encoder):
     self.source, self.encoder, self.i, self.offset = source, encoder, 0, 0
     self._doc = None
+    # a streamed source (data/shards.py) is read in order, as far as the batches need
+    self._texts = (iter(source) if getattr(source, 'streamed', False)
+                   else (source[i] for i in range(len(source))))
 
   def tokens(self):
-    if self._doc is None and self.i < len(self.source):
-      self._doc = document_tokens(self.encoder, self.source[self.i])
+    if self._doc is None:
+      text = next(self._texts, None)
+      if text is not None:
+        self._doc = document_tokens(self.encoder, text)
     return self._doc
 
   def consume(self, n):

@@ -83,8 +83,8 @@ def eval_texts(cfg) -> list[tuple[bytes, bool]]:
   source = corpus.get_source(cfg.data, cfg.data.eval_split)
   n_bytes = int(cfg.eval.get('next_word_bytes', 200))
   windows = []
-  for i in range(len(source)):
-    data = source[i].encode('utf-8')
+  for doc in source:  # (in order; a streamed source has no random access)
+    data = doc.encode('utf-8')
     while data:
       text = utf8_prefix(data, n_bytes) or data[:n_bytes]
       data = data[len(text):]
