@@ -88,6 +88,22 @@ def get_config() -> ml_collections.ConfigDict:
   v.next_word = _evaluator('next_word', every=0)        # eval.next_word*
   v.family_suite = _evaluator('family_suite', every=0)  # the family's own eval_suite
 
+  # Standard benchmarks (--mode=lm_eval, evaluator type lm_eval; train/evals/lm_eval.py) -------
+  c.lm_eval = le = ml_collections.ConfigDict()
+  le.tasks = ''              # comma-separated lm-eval task (or group) names
+  le.include_path = ''       # a folder of task YAMLs beside lm-eval's own (e.g. tests/data/lm_eval)
+  le.num_fewshot = -1        # -1: each task's own default
+  le.limit = ml_collections.config_dict.placeholder(float)  # items per task (<1: a fraction)
+  le.batch_size = 8          # rows per padded batch (token-level scoring)
+  le.scoring = 'tokens'      # 'tokens' (lm-eval's HF conventions) or 'bytes' (exact byte-level);
+                             # byte-level families are always scored over bytes
+  le.max_length = 0          # the token window (0: data.seq_len); contexts truncated on the left
+  le.max_bytes = 0           # byte-level scoring: contexts cut to their last N bytes (0: whole)
+  le.add_bos = True          # documents start after the begin token (as the runs were trained)
+  le.bootstrap_iters = 1000  # lm-eval's bootstrap for standard errors (0: none)
+  le.seed = 0                # few-shot sampling and lm-eval's random seeds
+  le.model = ''              # '': the run in --workdir; else a run workdir or pretrained:SOURCE
+
   # Parallelism --------------------------------------------------------------
   c.mesh = m = ml_collections.ConfigDict()
   m.data = -1                # -1: all devices not used by fsdp

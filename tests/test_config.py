@@ -161,7 +161,7 @@ def test_evaluators_are_checked_by_name(cfg, monkeypatch):
   bad = copy.deepcopy(cfg)
   config_lib.override(bad, {'evals.next_word.type': 'next_wrd'})
   with pytest.raises(config_lib.ConfigError, match=r"evals.next_word: unknown evaluator type "
-                     r"'next_wrd'; types: family_suite, next_word, robustness, validation"):
+                     r"'next_wrd'; types: family_suite, lm_eval, next_word, robustness, validation"):
     evals.Evaluators(bad, 'lm')
   config_lib.override(bad, {'evals.next_word.type': 'report'})  # a helper module, no Evaluator
   with pytest.raises(config_lib.ConfigError, match="unknown evaluator type 'report'"):
