@@ -64,6 +64,11 @@ def main(argv=None) -> int:
       raise
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except KeyboardInterrupt as e:  # Ctrl-C outside a training loop (which checkpoints itself)
+    if debug:
+      raise
+    print(f'interrupted (SIGINT){": " + str(e) if str(e) else ""}', file=sys.stderr, flush=True)
+    return 130
   except _user_errors() as e:
     if debug:
       raise
