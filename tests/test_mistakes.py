@@ -93,13 +93,19 @@ def test_an_empty_workdir_is_refused(data_dir, tmp_path):
   assert not os.listdir(cwd)
 
 
-def test_files_that_are_not_config_files_and_none_overrides(tmp_path):
+def test_a_markdown_file_is_not_a_config_file(tmp_path):
   md = tmp_path / 'notes.md'
   md.write_text('# Notes\n\nTrained *two* runs.\n')
   with pytest.raises(config_lib.ConfigError, match='notes.md: not a config file'):
     config_lib.load(str(md))
+
+
+def test_a_config_file_without_presets_is_named():
   with pytest.raises(config_lib.ConfigError, match=r'get_config\(\) takes no preset'):
     config_lib.load('configs/base.py')
+
+
+def test_none_on_a_typed_key_is_refused():
   for key, want in (('train.steps', 'int'), ('optim.lr', 'float'),
                     ('sample.temperature', 'float')):
     cfg, _ = config_lib.load('configs/byte_lm.py:tiny')
@@ -138,8 +144,11 @@ def test_ctrl_c_during_eval_says_nothing_was_written(swept, monkeypatch, capsys)
     raise KeyboardInterrupt
 
   monkeypatch.setattr(trainer, 'run_evaluators', interrupted)
-  code = launch.main(['--config=configs/byte_lm.py:tiny', f'--workdir={wd}', '--mode=eval',
-                      *[f'--config.{k}={v}' for k, v in SMALL.items()]])
+  try:
+    code = launch.main(['--config=configs/byte_lm.py:tiny', f'--workdir={wd}', '--mode=eval',
+                        *[f'--config.{k}={v}' for k, v in SMALL.items()]])
+  except KeyboardInterrupt:  # not handled: it would end the test session
+    pytest.fail('Ctrl-C during --mode=eval escaped launch.main as a traceback')
   err = capsys.readouterr().err
   assert code == 130 and 'interrupted (SIGINT)' in err and 'nothing was written' in err, err
   assert 'eval_step2.json' in err and not os.path.exists(os.path.join(wd, 'eval_step2.json'))
@@ -158,11 +167,14 @@ def test_report_keeps_an_lcm_runs_recorded_columns(tmp_path):
 
 
 # -- 9: silent or misleading ---------------------------------------------------------------------
-def test_a_failed_sweep_point_exits_nonzero_and_stays_in_the_report(swept, data_dir, caplog):
+def test_a_failed_sweep_point_exits_nonzero(swept):
   wd, code, out = swept
   assert code == 1 and out.strip().splitlines()[-1].startswith(
       '1 of 2 sweep points failed: broken'), out
-  assert not os.path.exists(os.path.join(wd, 'broken'))  # failed before its first step
+
+
+def test_failed_and_unfinished_runs_are_marked_in_the_report(swept, data_dir, caplog):
+  wd = swept[0]
   cfg, _ = config_lib.load('configs/cross_family.py')
   # an unfinished copy of the finished point
   shutil.copytree(os.path.join(wd, 'ok'), os.path.join(wd, 'partial'))
@@ -178,13 +190,17 @@ def test_a_failed_sweep_point_exits_nonzero_and_stays_in_the_report(swept, data_
   assert 'sweep point broken has no run' in caplog.text
   md = open(os.path.join(wd, '..', 'report', 'report.md')).read()
   assert 'broken' in md and 'unfinished' in md
-  # the same run twice in an ensemble: refused before anything loads
+  assert cross_family.unfinished(os.path.join(wd, 'partial')).startswith('unfinished')
+  assert cross_family.unfinished(os.path.join(wd, 'ok')) == ''
+
+
+def test_the_same_run_twice_is_no_ensemble(swept):
+  wd = swept[0]
+  cfg, _ = config_lib.load('configs/cross_family.py')
   ok = os.path.join(wd, 'ok')
   config_lib.override(cfg, {'ensemble.members': f'{ok},{ok}/'})
   with pytest.raises(ValueError, match='names .*ok twice'):
     cross_family.ensemble(cfg, os.path.join(wd, '..', 'ens'))
-  assert cross_family.unfinished(os.path.join(wd, 'partial')).startswith('unfinished')
-  assert cross_family.unfinished(ok) == ''
 
 
 def test_sweep_summary_refuses_a_workdir_that_is_not_the_sweep(swept, tmp_path):
@@ -198,7 +214,10 @@ def test_sweep_summary_refuses_a_workdir_that_is_not_the_sweep(swept, tmp_path):
   with pytest.raises(FileNotFoundError, match='holds none of the 2 points of this sweep'):
     sweep.gather(cfg, points, str(empty))
   assert not os.listdir(empty) and not os.path.exists(os.path.join(run, 'summary.md'))
-  # an invalid point is named, and nothing is created
+
+
+def test_an_invalid_sweep_point_is_named(tmp_path):
+  cfg, _ = config_lib.load('configs/byte_lm.py:tiny')
   bad = [{'optim.lr': 1e-3}, {'name': 'too_few', 'train.steps': -1}]
   with pytest.raises(config_lib.ConfigError, match='sweep point too_few: train.steps=-1'):
     sweep.run(cfg, bad, str(tmp_path / 'never'))
@@ -214,7 +233,7 @@ def test_a_flop_budget_under_one_step_warns(data_dir, tmp_path, caplog):
   assert f'train.flops_budget={per_step / 10:.3g} is less than the FLOPs of one step' in caplog.text
 
 
-def test_failures_leave_no_directories_behind(swept, data_dir, tmp_path):
+def test_a_run_failing_before_its_first_step_leaves_nothing(data_dir, tmp_path):
   # a run failing before its first step, in a workdir it created: nothing left
   wd = str(tmp_path / 'new_run')
   with pytest.raises(FileNotFoundError, match='missing.txt'):
@@ -225,18 +244,23 @@ def test_failures_leave_no_directories_behind(swept, data_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match='missing.txt'):
     trainer.train(_cfg(**{'data.source': f'text:{tmp_path}/missing.txt'}), wd)
   assert os.path.isdir(wd)
-  # an export the family cannot write: no empty export/hf_stepN/
+
+
+def test_a_failed_export_leaves_no_directory(swept):
   run = os.path.join(swept[0], 'ok')
   with pytest.raises(ValueError, match='--mode=export needs a token LM'):
     trainer.export_hf(_cfg(), run)
   assert not os.path.exists(os.path.join(run, 'export'))
 
 
-def test_data_source_mistakes_are_explained(data_dir, tmp_path):
+def test_an_unknown_tfds_name_names_the_closest(data_dir, tmp_path):
   cfg = _cfg(**{'data.source': 'tfds:lm1bb', 'data.data_dir': str(tmp_path / 'tfds')})
   with pytest.raises(ValueError, match=r"no TFDS dataset 'lm1bb'; did you mean 'lm1b'\?") as e:
     corpus.get_source(cfg.data, 'train')
   assert len(str(e.value)) < 300  # not the whole catalogue
+
+
+def test_a_comma_in_a_data_path_is_explained(data_dir, tmp_path):
   (tmp_path / 'a,b.txt').write_text('one\n\ntwo\n\nthree\n')
   cfg = _cfg(**{'data.source': f'text:{tmp_path}/a,b.txt'})
   with pytest.raises(FileNotFoundError, match='splits on commas, so it named 2 files'):
