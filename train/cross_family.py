@@ -233,7 +233,7 @@ def _expand(spec: str) -> list[tuple[str, str]]:
               for r in csv.DictReader(io.StringIO(storage.read_text(summary)))}
   subs = sorted(d for d in storage.listdir(spec)
                 if storage.exists(storage.join(spec, d, 'config.json')))
-  if not subs:
+  if not subs and not status:
     raise FileNotFoundError(f'report.runs: {spec} is neither a run (no config.json) nor a '
                             'sweep with finished points')
   subs = [d for d in status if d in subs or status[d] != 'done'] + [
