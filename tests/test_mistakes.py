@@ -265,3 +265,21 @@ def test_a_comma_in_a_data_path_is_explained(data_dir, tmp_path):
   cfg = _cfg(**{'data.source': f'text:{tmp_path}/a,b.txt'})
   with pytest.raises(FileNotFoundError, match='splits on commas, so it named 2 files'):
     corpus.get_source(cfg.data, 'train')
+
+
+def test_an_unfinished_ensemble_member_is_named(swept, tmp_path, monkeypatch, caplog):
+  ok = os.path.join(swept[0], 'ok')
+  partial = str(tmp_path / 'partial')
+  shutil.copytree(ok, partial)
+  os.remove(os.path.join(partial, 'train_summary.json'))
+
+  def stop(cfg):
+    raise RuntimeError('stopped before scoring')
+
+  monkeypatch.setattr(cross_family, '_texts', stop)  # the warning comes before any scoring
+  cfg, _ = config_lib.load('configs/cross_family.py')
+  config_lib.override(cfg, {'ensemble.members': f'{ok},{partial}'})
+  with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match='before scoring'):
+    cross_family.ensemble(cfg, str(tmp_path / 'ens'))
+  assert f'{partial} is unfinished (latest checkpoint: step 2 of 2' in caplog.text
+  assert ok not in caplog.text.replace(partial, '')
