@@ -233,7 +233,7 @@ def test_a_flop_budget_under_one_step_warns(data_dir, tmp_path, caplog):
   assert f'train.flops_budget={per_step / 10:.3g} is less than the FLOPs of one step' in caplog.text
 
 
-def test_a_run_failing_before_its_first_step_leaves_nothing(data_dir, tmp_path):
+def test_a_run_failing_before_its_first_step_leaves_nothing(data_dir, tmp_path, monkeypatch):
   # a run failing before its first step, in a workdir it created: nothing left
   wd = str(tmp_path / 'new_run')
   with pytest.raises(FileNotFoundError, match='missing.txt'):
@@ -244,6 +244,14 @@ def test_a_run_failing_before_its_first_step_leaves_nothing(data_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match='missing.txt'):
     trainer.train(_cfg(**{'data.source': f'text:{tmp_path}/missing.txt'}), wd)
   assert os.path.isdir(wd)
+  # a run that stopped after some steps, before its first checkpoint, keeps its record
+  import fault_injection  # pylint: disable=import-outside-toplevel
+  for k, v in fault_injection.environment('3').items():
+    monkeypatch.setenv(k, v)
+  stopped = str(tmp_path / 'stopped')
+  with pytest.raises(FloatingPointError, match='step 3'):
+    trainer.train(_cfg(**{'train.steps': 6, 'ckpt.every': 100}), stopped)
+  assert os.path.getsize(os.path.join(stopped, 'metrics.jsonl'))
 
 
 def test_a_failed_export_leaves_no_directory(swept):

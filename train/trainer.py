@@ -342,14 +342,25 @@ def train(cfg, workdir: str) -> dict:
       _remove_unstarted(workdir)
 
 
+# what a run writes in its workdir before its first step's metrics
+_BEFORE_FIRST_STEP = {storage.WorkdirLock.NAME, 'checkpoints', 'config.json', 'artifacts', 'tb',
+                      'metrics.jsonl', 'eval_metrics.jsonl'}
+
+
 def _remove_unstarted(workdir: str) -> None:
-  """A run that failed before its first checkpoint in a workdir it created itself leaves
-  nothing behind (no directory holding only a lock file and an empty checkpoints/)."""
+  """A run that failed before its first step in a workdir it created itself leaves nothing
+  behind (no directory holding only a lock file and an empty checkpoints/). Kept: anything
+  with a checkpoint, a metrics line, or a file the run does not write before its first step."""
   if ckpt_lib.complete_steps(os.path.join(workdir, 'checkpoints')):
     return
+  if not set(os.listdir(workdir)) <= _BEFORE_FIRST_STEP:
+    return
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(metrics) and os.path.getsize(metrics):
+    return
   storage.rmtree(workdir)
-  log.warning('the run failed before its first checkpoint; removed the workdir it had '
-              'created (%s)', workdir)
+  log.warning('the run failed before its first step; removed the workdir it had created (%s)',
+              workdir)
 
 
 def check_sample_early(cfg) -> None:
