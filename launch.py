@@ -36,6 +36,9 @@ def parse(argv):
                  if 'NOTOKLM_PROCESS_ID' in os.environ else None)
   modes.add_flags(p)  # --mode and every mode's own flags
   args = p.parse_args(rest)
+  if not args.workdir.strip():  # '' would be the current directory: the run's files land there
+    raise config_lib.ConfigError(f'--workdir={args.workdir!r} is empty: name the run\'s '
+                                 'directory (e.g. --workdir=runs/byte_tiny)')
   return args, overrides
 
 
@@ -61,6 +64,11 @@ def main(argv=None) -> int:
       raise
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except KeyboardInterrupt as e:  # Ctrl-C outside a training loop (which checkpoints itself)
+    if debug:
+      raise
+    print(f'interrupted (SIGINT){": " + str(e) if str(e) else ""}', file=sys.stderr, flush=True)
+    return 130
   except _user_errors() as e:
     if debug:
       raise

@@ -295,7 +295,10 @@ def local_text_config(paths, txt_split='paragraph', text_key='text',
       raise ValueError(f'data source {p!r} is a directory: list its files '
                        "(data.source='text:a.txt,b.jsonl')")
     if not os.path.isfile(a):
-      raise FileNotFoundError(f'data source file not found: {p!r} ({a})')
+      commas = (f"; data.source='text:...' splits on commas, so it named {len(paths)} files "
+                f'{list(paths)} (a file name holding a comma: rename it or link it)'
+                if len(paths) > 1 else '')
+      raise FileNotFoundError(f'data source file not found: {p!r} ({a}){commas}')
     if not a.endswith(('.txt', '.jsonl')):
       raise ValueError(f'unsupported data file {a!r}: expected .txt or .jsonl')
     absolute.append(a)
@@ -812,8 +815,11 @@ def _get_source(cfg_data, split: str) -> DocSource:
     return _builder_source(builder, split, 'text', max_docs)
   if src.startswith('tfds:'):
     name = src[len('tfds:'):]
-    builder = prepare(lambda: tfds.builder(name, data_dir=data_dir, file_format='array_record'),
-                      data_dir)
+    try:
+      builder = prepare(lambda: tfds.builder(name, data_dir=data_dir,
+                                             file_format='array_record'), data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+      raise _unknown_tfds(name) from None
     return _builder_source(builder, split, cfg_data.get('text_key', 'text'), max_docs)
   if src.startswith('shards:'):
     return _shard_source(cfg_data, src[len('shards:'):], split)
@@ -839,6 +845,18 @@ def _shard_source(cfg_data, spec: str, split: str):
       eval_patterns=[p for p in evals.removeprefix('shards:').split(',') if p],
       shuffle_buffer=int(cfg_data.get('shuffle_buffer', 1024)),
       train_split=cfg_data.get('train_split', 'train'))
+
+
+def _unknown_tfds(name: str) -> ValueError:
+  """The error for an unknown `tfds:NAME`, naming the closest registered datasets (TFDS's own
+  error lists its whole catalogue)."""
+  import difflib  # pylint: disable=import-outside-toplevel
+  base = name.split('/')[0].split(':')[0]
+  close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False),
+                                    n=3, cutoff=0.6)
+  return ValueError(f'data.source=tfds:{name}: no TFDS dataset {base!r}'
+                   + (f'; did you mean {" or ".join(repr(c) for c in close)}?' if close else '')
+                   + ' (tensorflow_datasets.list_builders() lists them all)')
 
 
 def describe(source: DocSource) -> dict[str, Any]:

@@ -274,6 +274,17 @@ def test_lcm_trains_evaluates_and_samples(runs, variant):
       fam.cfg.lcm[key] = 1.1
 
 
+def test_report_gives_an_lcm_run_its_recorded_row(runs, tmp_path):
+  """--mode=report over an LCM run: the row of what it recorded, `view: none (...)` (it has no
+  byte-level view), no bytes seen (it models no bytes)."""
+  from train import cross_family  # pylint: disable=import-outside-toplevel
+  cfg, _ = config_lib.load('configs/cross_family.py')
+  config_lib.override(cfg, {'report.runs': runs['base'][1], 'report.byte_eval': False})
+  (row,) = cross_family.report(cfg, str(tmp_path / 'report'))
+  assert row['family'] == 'lcm' and row['view'].startswith('none (') and row['steps'] == 3
+  assert row['status'] == 'finished' and row['bytes_seen'] is None and row['tokens_seen'] > 0
+
+
 def test_sentence_batches_resume_exactly(runs):
   cfg, _, _, _ = runs['base']
   space = sd.load_space(cfg.data, 'train', 'minilm')

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib.machinery
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -24,15 +26,38 @@ class ConfigError(ValueError):
 
 
 def import_config_module(path: str):
+  """The config file `path` imported as a module. A file that is not Python (a Markdown file,
+  a JSON file), or Python that fails to import, is a ConfigError naming it."""
   if not os.path.isfile(path):
     raise ConfigError(f'config file not found: {path!r}')
   name = 'notoklm_config_' + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
+  # a loader for any file name: spec_from_file_location finds none for a name not ending .py
+  loader = importlib.machinery.SourceFileLoader(name, path)
+  spec = importlib.util.spec_from_file_location(name, path, loader=loader)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f'--config={path}: not a config file (a Python file defining '
+                      f'get_config(preset), e.g. configs/byte_lm.py:tiny); line {e.lineno}: '
+                      f'{e.msg}') from None
+  except Exception as e:  # pylint: disable=broad-except  # the user's file failed to import
+    raise ConfigError(f'--config={path}: importing the config file failed: '
+                      f'{type(e).__name__}: {e}') from e
+  if not callable(getattr(module, 'get_config', None)):
     raise ConfigError(f'{path!r} defines no get_config(preset)')
   return module
+
+
+def _takes_preset(fn) -> bool:
+  """Whether `get_config` accepts one positional argument (the preset)."""
+  try:
+    inspect.signature(fn).bind('preset')
+  except TypeError:
+    return False
+  except ValueError:  # no signature (a builtin): let the call decide
+    return True
+  return True
 
 
 def load(spec: str) -> tuple[ml_collections.ConfigDict, Any]:
@@ -45,7 +70,14 @@ def load(spec: str) -> tuple[ml_collections.ConfigDict, Any]:
     close = difflib.get_close_matches(preset, presets, n=3)
     raise ConfigError(f'unknown preset {preset!r} in {path!r}; presets: {list(presets)}'
                       + (f' (did you mean {close[0]!r}?)' if close else ''))
+  if not _takes_preset(module.get_config):
+    raise ConfigError(f'--config={spec}: its get_config() takes no preset, so it is not a '
+                      'config to launch (a launchable config file defines get_config(preset), '
+                      'e.g. configs/byte_lm.py:tiny; configs/base.py is what they build on)')
   cfg = module.get_config(preset)
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f'--config={spec}: get_config({preset!r}) returned '
+                      f'{type(cfg).__name__}, not an ml_collections.ConfigDict')
   cfg.config_file = path  # provenance, kept in the saved config
   cfg.preset = preset
   cfg.lock()
@@ -171,6 +203,9 @@ def _parse_value(key: str, raw: Any, current: Any) -> Any:
         return raw
       raise ConfigError(f'--config.{key}={raw!r}: expected {type(current).__name__}, '
                         f'got a value that does not parse') from None
+  if value is None and current is not None and isinstance(raw, str):
+    raise ConfigError(f'--config.{key}={raw!r}: expected {type(current).__name__}, not None '
+                      f'(the default is {current!r})')
   if current is None or value is None:
     return value
   if isinstance(current, bool):

@@ -21,16 +21,19 @@ from __future__ import annotations
 import csv
 import gc
 import io
+import logging
 import os
 import re
 
 from data import corpus
+from train import checkpoint as ckpt_lib
 from train import config_lib, launching, runs, storage, trainer
 from train.evals import byte_views
 from train.evals import report as tables
 from train.metrics import log0
 
 PRETRAINED = 'pretrained:'
+log = logging.getLogger(__name__)
 
 
 # -- members -------------------------------------------------------------------------------------
@@ -81,6 +84,40 @@ class Member:
     self.view = self.family.byte_view(model)  # ValueError for a family without text
     self.view.name = self.name
     self.info['view'] = type(self.view).__name__
+
+
+def unfinished(spec: str) -> str:
+  """'' for a finished run (or a pretrained model), else what is unfinished about it: no
+  train_summary.json (stopped, failed or still training), or a summary of an earlier step
+  than its config's train.steps (resumed to train longer and not finished)."""
+  if _pretrained_source(spec) is not None:
+    return ''
+  try:
+    steps = storage.read_json(storage.join(spec, 'config.json'))['train']['steps']
+  except (OSError, ValueError, KeyError, TypeError):
+    steps = None
+  latest = ckpt_lib.complete_steps(storage.join(spec, 'checkpoints'))
+  at = f'latest checkpoint: step {latest[-1] if latest else "none"}' + (
+      f' of {steps}' if steps else '')
+  path = storage.join(spec, 'train_summary.json')
+  if not storage.exists(path):
+    return f'unfinished ({at}; no train_summary.json)'
+  done = storage.read_json(path).get('step')
+  if steps and done is not None and done < steps:
+    return f'unfinished (trained to step {done} of {steps}; {at})'
+  return ''
+
+
+def _same_member(specs: list[str], key: str) -> None:
+  """Refuses a model named twice (the same workdir or pretrained source, however spelled)."""
+  seen = {}
+  for spec in specs:
+    src = _pretrained_source(spec)
+    ident = f'{PRETRAINED}{src}' if src is not None else storage.canonical(spec).rstrip('/')
+    if ident in seen:
+      raise ValueError(f'{key} names {ident} twice ({seen[ident]!r} and {spec!r}): an '
+                       'ensemble of a model with itself measures nothing; name each model once')
+    seen[ident] = spec
 
 
 def _specs(text: str, key: str) -> list[str]:
@@ -147,6 +184,11 @@ def ensemble(cfg, workdir: str) -> dict:
   for spec in specs:  # before anything is read or loaded
     if _pretrained_source(spec) is None and not storage.isdir(spec):
       raise FileNotFoundError(f'ensemble.members: no run directory {spec}')
+  _same_member(specs, 'ensemble.members')
+  partial = {spec: why for spec in specs if (why := unfinished(spec))}
+  for spec, why in partial.items():
+    log.warning('ensemble.members: %s is %s; its latest checkpoint is used, and the table '
+                'marks it', spec, why)
   workdir = storage.check_workdir(workdir)
   fit, val, text, info = _texts(cfg)
   names, scored = [], {'fit': [], 'validation': [], 'text': []}
@@ -155,6 +197,8 @@ def ensemble(cfg, workdir: str) -> dict:
     if m.name in names:
       m.name = m.view.name = f'{m.name}#{len(names)}'
     names.append(m.name)
+    if spec in partial:
+      m.info['status'] = partial[spec]
     info[f'member {m.name}'] = ', '.join(f'{k} {v}' for k, v in m.info.items())
     for key, items in (('fit', fit), ('validation', val), ('text', text)):
       if items:
@@ -173,23 +217,29 @@ def ensemble(cfg, workdir: str) -> dict:
 
 
 # -- --mode=report --------------------------------------------------------------------------------
-def _expand(spec: str) -> list[str]:
-  """A sweep workdir stands for its points (in summary.csv's order when there is one)."""
+def _expand(spec: str) -> list[tuple[str, str]]:
+  """A sweep workdir stands for its points (in summary.csv's order when there is one):
+  [(workdir, the sweep's status of the point: '' for a run given directly or a point the
+  sweep finished)]. A point the sweep's summary lists without a run (it failed before its
+  config was written, or never started) is kept, with its status, so the table shows it."""
   if _pretrained_source(spec) is not None or storage.exists(storage.join(spec, 'config.json')):
-    return [spec]
+    return [(spec, '')]
   if not storage.isdir(spec):
     raise FileNotFoundError(f'report.runs: no run directory {spec}')
-  order = []
+  status = {}
   summary = storage.join(spec, 'summary.csv')
   if storage.exists(summary):
-    order = [r['run'] for r in csv.DictReader(io.StringIO(storage.read_text(summary)))]
+    status = {r['run']: r.get('status') or ''
+              for r in csv.DictReader(io.StringIO(storage.read_text(summary)))}
   subs = sorted(d for d in storage.listdir(spec)
                 if storage.exists(storage.join(spec, d, 'config.json')))
-  subs = [d for d in order if d in subs] + [d for d in subs if d not in order]
-  if not subs:
+  if not subs and not status:
     raise FileNotFoundError(f'report.runs: {spec} is neither a run (no config.json) nor a '
                             'sweep with finished points')
-  return [storage.join(spec, d) for d in subs]
+  subs = [d for d in status if d in subs or status[d] != 'done'] + [
+      d for d in subs if d not in status]
+  return [(storage.join(spec, d), '' if status.get(d, 'done') == 'done' else status[d])
+          for d in subs]
 
 
 def _recorded(spec: str) -> dict:
@@ -213,7 +263,7 @@ def _recorded(spec: str) -> dict:
   if summary.get('step'):
     tokens = summary['step'] * cfg['train']['batch_size'] * cfg['data']['seq_len']
     out['tokens_seen'] = tokens
-    if ev.get('n_tokens'):
+    if ev.get('n_tokens') and ev.get('n_bytes'):  # a family that models no bytes has none
       out['bytes_seen'] = tokens * ev['n_bytes'] / ev['n_tokens']
   if ev:
     out['val_bpb'] = ev.get('bpb')
@@ -230,8 +280,15 @@ def report(cfg, workdir: str) -> list[dict]:
   workdir = storage.check_workdir(workdir)
   _, val, text, info = _texts(cfg) if cfg.report.byte_eval else ([], [], [], {})
   rows = []
-  for spec in specs:
+  for spec, swept in specs:
     row = {'run': _name(spec)}
+    if not storage.exists(storage.join(spec, 'config.json')) and _pretrained_source(spec) is None:
+      rows.append({**row, 'status': swept})  # a sweep point without a run: failed early
+      log.warning('report.runs: sweep point %s has no run: %s', row['run'], swept)
+      continue
+    row['status'] = swept or unfinished(spec) or 'finished'
+    if row['status'] != 'finished':
+      log.warning('report.runs: %s is %s; the table marks it', spec, row['status'])
     rec = _recorded(spec)
     try:
       m = Member(spec, 'report.runs')
@@ -239,6 +296,12 @@ def report(cfg, workdir: str) -> list[dict]:
       family = ('pretrained' if _pretrained_source(spec) is not None else
                 storage.read_json(storage.join(spec, 'config.json')).get('family'))
       row.update(family=family, view=f'none ({e})')
+      rows.append({**row, **rec})
+      continue
+    except FileNotFoundError as e:  # a run without a checkpoint (a point that failed early)
+      if row['status'] == 'finished':
+        raise
+      row.update(view=f'none ({e})')
       rows.append({**row, **rec})
       continue
     row.update(family=m.info['family'], view=m.info['view'])
@@ -256,7 +319,7 @@ def report(cfg, workdir: str) -> list[dict]:
     rows.append(row)
     del m
     gc.collect()
-  order = ['run', 'family', 'view', 'params', 'train_flops', 'steps', 'tokens_seen',
+  order = ['run', 'status', 'family', 'view', 'params', 'train_flops', 'steps', 'tokens_seen',
            'bytes_seen', 'val_bpb', 'val_bpb_byte_view', 'text_bpb', 'caps_bpb', 'permute_bpb',
            'delete_bpb', 'replace_bpb', 'gen_bytes_per_s']
   rows = [{**{k: r.get(k) for k in order}, **{k: v for k, v in r.items() if k not in order}}

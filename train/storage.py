@@ -11,8 +11,10 @@ is (`os.path.abspath('gs://b/r')` would have made it `<cwd>/gs:/b/r`).
   * `JsonlLog`: append-only logs (metrics, the evaluator's record). Local: appended lines.
     Remote: objects cannot be appended to, so the log is kept in memory and the object
     rewritten, at most every `flush_secs` and on `flush()`.
-  * `WorkdirLock`: one training process per workdir. Local: an OS file lock (released when the
-    holder dies). gs://: a lock object created with `ifGenerationMatch=0`, renewed with the
+  * `WorkdirLock`: one training process per workdir. Local: the kernel's advisory lock
+    (flock) on the workdir directory, held through an open descriptor for the run's life
+    (released when the holder dies; deleting `.train.lock`, which names the holder, cannot
+    break it). gs://: a lock object created with `ifGenerationMatch=0`, renewed with the
     generation it holds (a lease: a crashed holder's lock frees itself after
     `NOTOKLM_LOCK_LEASE_S`, default 120 s), removed on release; a second run is refused naming
     the holder and when its lease ends.
@@ -358,6 +360,8 @@ class WorkdirLock:
     self.workdir = canonical(workdir)
     self.file = join(self.workdir, self.NAME)
     self._fd = None
+    self._dfd = None
+    self._info = None
     self._gcs = None
     self.lost = False
 
@@ -370,40 +374,89 @@ class WorkdirLock:
       log.warning('workdir %s: the one-writer lock is not enforced on this store (no '
                   'conditional writes); make sure no other training uses it', self.workdir)
       return
+    # The kernel's lock is on the workdir directory itself, held through an open descriptor
+    # for the run's life: deleting (or replacing) .train.lock cannot break it, and a killed
+    # holder never leaves it stuck. .train.lock names the holder (host, pid, start).
+    dfd = os.open(self.workdir, os.O_RDONLY)
+    try:
+      fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(dfd)
+      raise _busy(self.workdir, self._holder()) from None
+    except OSError:  # a filesystem without directory locks (NFS): the file's lock below
+      os.close(dfd)
+      dfd = None
+    self._dfd = dfd
     fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      holder = os.pread(fd, 4096, 0).decode(errors='replace').strip()
       os.close(fd)
-      try:
-        h = json.loads(holder)
-        who = f'pid {h["pid"]} on {h["host"]}, started {h["since"]}'
-      except (ValueError, KeyError, TypeError):
-        who = 'another process'
-      raise _busy(self.workdir, who) from None
+      self.release()
+      raise _busy(self.workdir, self._holder()) from None
+    self._info = _holder_info()
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(_holder_info()).encode(), 0)
+    os.pwrite(fd, json.dumps(self._info).encode(), 0)
     self._fd = fd
 
+  def _holder(self) -> str:
+    """Who holds the lock: .train.lock's record, else (that file deleted) the process the
+    kernel lists in /proc/locks for the workdir on this host."""
+    try:
+      with builtins.open(self.file, 'rb') as f:
+        h = json.loads(f.read(4096).decode(errors='replace'))
+      return f'pid {h["pid"]} on {h["host"]}, started {h["since"]}'
+    except (OSError, ValueError, KeyError, TypeError):
+      pass
+    pid = _flock_pid(self.workdir)
+    if pid:
+      return (f'pid {pid} on {socket.gethostname()} (its {self.NAME}, which names the holder, '
+              'was deleted)')
+    return 'another process'
   @property
   def held(self) -> bool:
     return self._fd is not None or (self._gcs is not None and not self._gcs.lost)
 
   def check(self) -> None:
     """Raises WorkdirError if a remote lease was lost (someone took the workdir over)."""
+    if self._fd is not None and not os.path.exists(self.file):
+      # .train.lock was deleted: the directory's lock still holds; name the holder again
+      try:
+        write_text(self.file, json.dumps(self._info))
+      except OSError:
+        pass
     if self._gcs is not None and self._gcs.lost:
       raise WorkdirError(f'workdir {self.workdir}: this run lost its lock ({self._gcs.lost}); '
                          'stopping without writing more')
 
   def release(self) -> None:
-    if self._fd is not None:
-      fcntl.flock(self._fd, fcntl.LOCK_UN)
-      os.close(self._fd)
-      self._fd = None
+    for attr in ('_fd', '_dfd'):
+      fd = getattr(self, attr)
+      if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        setattr(self, attr, None)
     if self._gcs is not None:
       self._gcs.release()
       self._gcs = None
+
+
+def _flock_pid(path: str) -> int | None:
+  """The pid /proc/locks gives for a FLOCK on `path`'s inode (Linux), else None."""
+  try:
+    st = os.stat(path)
+    with builtins.open('/proc/locks') as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return None
+  for line in lines:
+    parts = line.split()
+    if len(parts) > 5 and parts[1] == 'FLOCK' and parts[5].split(':')[-1] == str(st.st_ino):
+      try:
+        return int(parts[4])
+      except ValueError:
+        return None
+  return None
 
 
 class _GcsLease:

@@ -29,16 +29,19 @@ def run_name(point: dict) -> str:
 def _point_config(cfg, point: dict, cli_overrides: dict):
   """The config of one sweep point. A point may name its own config file with the key
   'config' ('configs/x.py:preset'); the command line's overrides then apply to it too."""
-  point = dict(point)
+  original, point = point, dict(point)
   point.pop('name', None)
   spec = point.pop('config', None)
-  if spec is None:
-    sub = copy.deepcopy(cfg)
-  else:
-    sub, _ = config_lib.load(spec)
-    config_lib.override(sub, cli_overrides)
-  config_lib.override(sub, point)
-  config_lib.validate(sub)
+  try:
+    if spec is None:
+      sub = copy.deepcopy(cfg)
+    else:
+      sub, _ = config_lib.load(spec)
+      config_lib.override(sub, cli_overrides)
+    config_lib.override(sub, point)
+    config_lib.validate(sub)
+  except config_lib.ConfigError as e:
+    raise config_lib.ConfigError(f'sweep point {run_name(original)}: {e}') from None
   return sub
 
 
@@ -49,8 +52,8 @@ def run(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None
   stopped by SIGTERM / SIGINT (checkpointed) ends the sweep there: its row says 'stopped by
   SIGTERM at step N' and later points are 'not started'; rerunning the command resumes."""
   cli_overrides = cli_overrides or {}
-  workdir = storage.check_workdir(workdir)
   subs = [_point_config(cfg, p, cli_overrides) for p in points]  # bad keys fail before training
+  workdir = storage.check_workdir(workdir)
   rows, stopped = [], None
   for point, sub in zip(points, subs):
     name = run_name(point)
@@ -129,7 +132,18 @@ def job_commands(config_spec: str, points: list[dict], workdir: str, cli_overrid
 def gather(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None) -> list[dict]:
   """The summary of a sweep whose points ran as separate jobs, read from their workdirs: a point
   without a finished run is marked 'missing' (never started) or 'incomplete' (started, no
-  final summary; e.g. failed or still running). Writes the same files as `run`."""
+  final summary; e.g. failed or still running). Writes the same files as `run`. A workdir
+  that is a run, or holds none of the points, is not this sweep's: a FileNotFoundError, and
+  nothing is written there."""
+  names = [run_name(p) for p in points]
+  if storage.exists(storage.join(workdir, 'config.json')):
+    raise FileNotFoundError(f'--mode=sweep_summary: {workdir} is a run (it holds config.json), '
+                            'not a sweep; give the workdir the sweep was run in')
+  if not any(storage.isdir(storage.join(workdir, n)) for n in names):
+    raise FileNotFoundError(
+        f'--mode=sweep_summary: {workdir} holds none of the {len(names)} points of this sweep '
+        f'({", ".join(names[:4])}{", ..." if len(names) > 4 else ""}): not this sweep\'s '
+        'workdir, or its jobs have not started (check --workdir, --config and its overrides)')
   rows = []
   for point in points:
     name = run_name(point)

@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -328,12 +329,70 @@ def train(cfg, workdir: str) -> dict:
   evals.Evaluators(cfg, cfg.family)  # config.evals is checked before the workdir is touched
   from train import preflight  # pylint: disable=import-outside-toplevel
   preflight.check(cfg)  # batch and mesh against the devices present, before any data or compile
+  check_sample_early(cfg)  # the end-of-run sample's prompt, before the family is built
+  created = not storage.is_remote(workdir) and not os.path.exists(storage.canonical(workdir))
   workdir = storage.check_workdir(workdir)  # scheme, bucket and credentials before anything
   lock = _lock(workdir)
+  failed = True
   try:
-    return _train(cfg, workdir, lock)
+    out = _train(cfg, workdir, lock)
+    failed = False
+    return out
   finally:
     lock.release()
+    if failed and created and jax.process_index() == 0:
+      _remove_unstarted(workdir)
+
+
+# what a run writes in its workdir before its first step's metrics
+_BEFORE_FIRST_STEP = {storage.WorkdirLock.NAME, 'checkpoints', 'config.json', 'artifacts', 'tb',
+                      'metrics.jsonl', 'eval_metrics.jsonl'}
+
+
+def _remove_unstarted(workdir: str) -> None:
+  """A run that failed before its first step in a workdir it created itself leaves nothing
+  behind (no directory holding only a lock file and an empty checkpoints/). Kept: anything
+  with a checkpoint, a metrics line, or a file the run does not write before its first step."""
+  if ckpt_lib.complete_steps(os.path.join(workdir, 'checkpoints')):
+    return
+  if not set(os.listdir(workdir)) <= _BEFORE_FIRST_STEP:
+    return
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(metrics) and os.path.getsize(metrics):
+    return
+  storage.rmtree(workdir)
+  log.warning('the run failed before its first step; removed the workdir it had created (%s)',
+              workdir)
+
+
+def check_sample_early(cfg) -> None:
+  """The checks of `config.sample` that need no family built (`check_sample_config`, and for
+  a family that samples, a prompt that is text): a bad prompt fails at once, not after an
+  LCM's sentence embedding or a whole training run."""
+  cls = families.family_class(cfg)
+  cls.check_sample_config(cfg)
+  if cls.sample is not families.Family.sample and not cfg.sample.get('byte_level', False):
+    text_prompt(cfg.sample.prompt)
+
+
+def text_prompt(prompt: str) -> str:
+  """`sample.prompt` for plain (token-level) sampling, which encodes it as text: a ValueError
+  naming the first byte that is not UTF-8 (bytes that are not UTF-8 on the command line
+  reach the prompt as surrogate escapes)."""
+  try:
+    str(prompt).encode('utf-8')
+    return prompt
+  except UnicodeEncodeError:
+    pass
+  raw = str(prompt).encode('utf-8', 'surrogateescape')
+  try:
+    raw.decode('utf-8')
+    at = ''
+  except UnicodeDecodeError as e:
+    at = f': byte {e.start} (0x{raw[e.start]:02x}) is not valid UTF-8'
+  raise ValueError(f'sample.prompt {raw!r}{at}. Plain sampling encodes the prompt as text; '
+                   'sample.byte_level=True samples from bytes through the byte-level view '
+                   '(the byte LM and HAT continue any bytes)')
 
 
 def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
@@ -341,6 +400,10 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
   cfg = setup.cfg  # train.steps resolved from train.flops_budget: what config.json records
   fam = setup.family
   fam.check_sample(cfg.sample)  # what the end of the run needs, before any training
+  if 0 < cfg.train.flops_budget < setup.flops_per_step:
+    log.warning('train.flops_budget=%.3g is less than the FLOPs of one step (%.3g): the run '
+                'trains 1 step, over the budget; raise the budget or lower train.batch_size / '
+                'data.seq_len', cfg.train.flops_budget, setup.flops_per_step)
   _announce(setup)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.ckpt.keep,
                                        cfg.ckpt.async_save)
@@ -546,7 +609,13 @@ def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
   byte-level view) and the family's own `eval_suite`); writes `eval_step{N}.json`."""
   setup, state, s = restore(cfg, workdir, step)
   workdir = storage.check_workdir(workdir)  # results go there (a pretrained model's may be new)
-  ev = run_evaluators(setup, setup.evaluators.all, state['params'], workdir, s)
+  try:
+    ev = run_evaluators(setup, setup.evaluators.all, state['params'], workdir, s)
+  except KeyboardInterrupt:
+    raise KeyboardInterrupt(
+        f'the evaluation of step {s} was interrupted before every evaluator finished: '
+        f'nothing was written ({storage.join(workdir, f"eval_step{s}.json")} holds only whole '
+        'evaluations); rerun --mode=eval') from None
   ev['step'] = s
   if evals.ran(setup.evaluators.all, 'validation'):
     log0(f'eval of step {s}: loss {ev.get("loss", float("nan")):.4f}'
@@ -563,6 +632,8 @@ def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
   byte_level = bool(cfg.sample.byte_level)
   if byte_level:
     prompt_bytes(cfg.sample.prompt)  # bad prompts fail before anything is restored
+  else:
+    check_sample_early(cfg)
   setup, state, s = restore(cfg, workdir, step)
   if byte_level:
     return sample_bytes(setup.family, setup.model(state['params']), cfg.sample, s)
@@ -621,7 +692,22 @@ def export_hf(cfg, workdir: str, step: int | None = None, out_dir: str = '') -> 
   --config.model.source=DIR` for evaluation)."""
   setup, state, s = restore(cfg, workdir, step)
   out_dir = out_dir or storage.join(storage.canonical(workdir), 'export', f'hf_step{s}')
-  with storage.local_dir(out_dir) as local:  # a bucket: written locally, then uploaded
-    setup.family.export_hf(setup.model(state['params']), local)
+  new = [] if storage.is_remote(out_dir) else _missing_dirs(out_dir)
+  try:
+    with storage.local_dir(out_dir) as local:  # a bucket: written locally, then uploaded
+      setup.family.export_hf(setup.model(state['params']), local)
+  except BaseException:
+    for d in new:  # a failed export leaves no directory it created (e.g. an empty hf_stepN/)
+      shutil.rmtree(d, ignore_errors=True)
+    raise
   log0(f'exported step {s} to {out_dir}')
   return out_dir
+
+
+def _missing_dirs(path: str) -> list[str]:
+  """`path` and its parents that do not exist yet, innermost first."""
+  out, p = [], os.path.abspath(path)
+  while p and not os.path.exists(p):
+    out.append(p)
+    p = os.path.dirname(p)
+  return out

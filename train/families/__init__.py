@@ -161,6 +161,13 @@ class Family(abc.ABC):
     after its last step. Default: no check."""
     del cfg_sample
 
+  @classmethod
+  def check_sample_config(cls, cfg) -> None:
+    """What `check_sample` checks that the config alone decides, before the family is built
+    (building may take long: an LCM embeds its training sentences first); the trainer and
+    `--mode=sample` call it first. Default: no check."""
+    del cfg
+
   def eval_suite(self, setup, params, workdir: str, step: int) -> dict:
     """The family's own evaluations (the `family_suite` evaluator of `config.evals`: by default
     in `--mode=eval`, and in the training loop / `--mode=evaluator` when its `every` says so;
@@ -266,6 +273,11 @@ def names() -> list[str]:
 
 def get(cfg, workdir: str | None = None) -> Family:
   """The family `cfg.family`, constructed from `cfg` for the run in `workdir` (None: no run)."""
+  return family_class(cfg)(cfg, workdir)
+
+
+def family_class(cfg) -> type[Family]:
+  """The class of the family `cfg.family` (not constructed)."""
   name = str(cfg.family)
   known = names()
   if name not in known:
@@ -275,7 +287,7 @@ def get(cfg, workdir: str | None = None) -> Family:
   if not (isinstance(cls, type) and issubclass(cls, Family)):
     raise TypeError(f'{module.__name__} must define a `Family` subclass of '
                     f'train.families.Family')
-  return cls(cfg, workdir)
+  return cls
 
 
 def compute_dtype(cfg):

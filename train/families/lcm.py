@@ -148,6 +148,10 @@ class LCMFamily(families.Family):
   def check_sample(self, cfg_sample) -> None:
     sd.prompt_sentences(self.cfg, cfg_sample)
 
+  @classmethod
+  def check_sample_config(cls, cfg) -> None:
+    sd.prompt_sentences(cfg, cfg.sample)  # before the sentence space is embedded
+
   def sample(self, model, cfg_sample) -> list[str]:
     """Continues `sample.prompt` sentence by sentence (see `generate`)."""
     graphdef, params = nnx.split(model)

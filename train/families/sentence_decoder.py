@@ -138,6 +138,10 @@ class SentenceDecoderFamily(families.Family):
   def check_sample(self, cfg_sample) -> None:
     prompt_sentences(self.cfg, cfg_sample)
 
+  @classmethod
+  def check_sample_config(cls, cfg) -> None:
+    prompt_sentences(cfg, cfg.sample)  # before the sentence space is embedded
+
   def sample(self, model, cfg_sample):
     """The prompt's sentences through the sentence space and back (a round trip)."""
     sents = prompt_sentences(self.cfg, cfg_sample)

@@ -29,8 +29,15 @@ class Mode(modes.Mode):
     if _jobs.check_sweep(args, module):
       return 2
     from train import sweep  # pylint: disable=import-outside-toplevel
-    _, stopped = sweep.run(cfg, module.get_sweep(cfg), args.workdir, overrides)
-    return modes.signal_status(stopped)
+    rows, stopped = sweep.run(cfg, module.get_sweep(cfg), args.workdir, overrides)
+    if stopped:
+      return modes.signal_status(stopped)
+    failed = [r['run'] for r in rows if str(r['status']).startswith('failed')]
+    if failed:
+      print(f'{len(failed)} of {len(rows)} sweep points failed: {", ".join(failed)} (their '
+            'status in summary.md says why)', flush=True)
+      return 1
+    return 0
 
 
 def _write_jobs(args, cfg, module, overrides) -> int:
