@@ -83,7 +83,8 @@ def test_a_resume_with_changed_hyperparameters_is_refused(data_dir, tmp_path, ca
   """Defect: `--config.optim.lr=0.05` or `--config.train.batch_size=4` on a finished run
   continued training and overwrote config.json."""
   wd = str(tmp_path / 'run')
-  args = [SPEC, f'--workdir={wd}', *[f'--config.{k}={v}' for k, v in SMALL.items()]]
+  args = [SPEC, f'--workdir={wd}', '--config.ckpt.every=1',
+          *[f'--config.{k}={v}' for k, v in SMALL.items()]]
   trainer.train(_cfg(**{'train.steps': 2, 'ckpt.every': 1}), wd)
   config_json = _read(os.path.join(wd, 'config.json'))
   with pytest.raises(config_lib.ConfigError, match=r'optim\.lr \(0\.003 -> 0\.05\), '

@@ -26,7 +26,8 @@ import jax
 
 from train import checkpoint as ckpt_lib
 from train import metrics as metrics_lib
-from train import evals, record, storage, trainer
+from train import evals, storage, trainer
+from train import record as run_record
 from train.metrics import log0
 
 RECORD = 'evaluator.jsonl'
@@ -52,7 +53,7 @@ def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float =
   setup = trainer.Setup(cfg, workdir=workdir)
   # the run's own train.steps (its record), not a preset's; re-read when reached (a resume
   # may have extended the run)
-  final = record.recorded_steps(workdir) or int(setup.cfg.train.steps)
+  final = run_record.recorded_steps(workdir) or int(setup.cfg.train.steps)
   ckpt_dir = storage.join(workdir, 'checkpoints')
   done = set(evaluated_steps(workdir))
   record = storage.JsonlLog(storage.join(workdir, RECORD)) if jax.process_index() == 0 else None
@@ -92,7 +93,7 @@ def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float =
       log0(f'[evaluator] step {restored}: loss {ev.get("loss", float("nan")):.4f} '
            f'bpb {ev.get("bpb", float("nan")):.4f}')
     if final in done:
-      final = max(final, record.recorded_steps(workdir) or final)
+      final = max(final, run_record.recorded_steps(workdir) or final)
       if final in done:
         break
     if max_idle_seconds and time.monotonic() - idle_since > max_idle_seconds:
