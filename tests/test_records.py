@@ -10,7 +10,7 @@ import launch
 from conftest import run_launch
 from test_reliability import SMALL, _cfg
 from train import checkpoint as ckpt_lib
-from train import config_lib, record, trainer
+from train import config_lib, trainer
 
 SPEC = '--config=configs/byte_lm.py:tiny'
 
@@ -20,6 +20,18 @@ def _docs(tmp_path, n=40):
   text.write_text('\n\n'.join(f'document {i}: ' + 'words and more words. ' * 30
                               for i in range(n)))
   return text
+
+
+def _history(wd):
+  """config_history.jsonl: one row per changed key of a resume (train/record.py)."""
+  path = os.path.join(wd, 'config_history.jsonl')
+  return [json.loads(l) for l in _read(path).splitlines()] if os.path.exists(path) else []
+
+
+def _seconds_at(wd, step):
+  """train_time.jsonl: the accumulated training seconds at each checkpoint."""
+  rows = [json.loads(l) for l in _read(os.path.join(wd, 'train_time.jsonl')).splitlines()]
+  return [r['train_seconds'] for r in rows if r['step'] == step][-1]
 
 
 def _read(path):
@@ -66,16 +78,16 @@ def test_a_finished_run_keeps_its_record(data_dir, tmp_path):
   before = {f: _read(os.path.join(wd, f)) for f in files}
   for over in ({'train.steps': 2, 'ckpt.every': 1}, {'train.steps': 1, 'train.eval_batches': 1}):
     out = trainer.train(_cfg(**over), wd)
-    assert out['nothing_to_do'] and out['step'] == 2
     assert {f: _read(os.path.join(wd, f)) for f in files} == before
-  assert not os.path.exists(os.path.join(wd, record.HISTORY))
+    assert out['nothing_to_do'] and out['step'] == 2
+  assert not _history(wd)
   first = json.loads(before['train_summary.json'])['train_seconds']
-  at_2 = record.train_seconds_at(wd, 2)
+  at_2 = _seconds_at(wd, 2)
   assert 0 < at_2 <= first
   trainer.train(_cfg(**{'train.steps': 3, 'ckpt.every': 1}), wd)  # extended: accumulates
   summary = json.loads(_read(os.path.join(wd, 'train_summary.json')))
   assert summary['step'] == 3 and summary['train_seconds'] > at_2
-  assert record.history(wd) == [{'step': 2, 'key': 'train.steps', 'old': 2, 'new': 3,
+  assert _history(wd) == [{'step': 2, 'key': 'train.steps', 'old': 2, 'new': 3,
                                  'explicit': False}]
 
 
@@ -98,7 +110,7 @@ def test_a_resume_with_changed_hyperparameters_is_refused(data_dir, tmp_path, ca
   # asked for explicitly: trained on, and the change is in the history with its step
   assert launch.main([*args, '--config.train.steps=3', '--config.optim.lr=0.05',
                       '--allow_config_change=optim.lr']) == 0
-  assert record.history(wd) == [
+  assert _history(wd) == [
       {'step': 2, 'key': 'optim.lr', 'old': 0.003, 'new': 0.05, 'explicit': True},
       {'step': 2, 'key': 'train.steps', 'old': 2, 'new': 3, 'explicit': False}]
   assert json.loads(_read(os.path.join(wd, 'config.json')))['optim']['lr'] == 0.05
@@ -112,14 +124,14 @@ def test_data_edited_in_place_is_refused_on_resume(data_dir, tmp_path):
   over = {'data.source': f'text:{text}', 'data.max_docs': 0, 'ckpt.every': 1}
   wd = str(tmp_path / 'run')
   trainer.train(_cfg(**over, **{'train.steps': 2}), wd)
-  run = json.loads(_read(os.path.join(wd, 'run.json')))
-  assert run['data']['files'][0]['path'] == str(text) and run['code']
   text.write_text(_read(text).replace('words', 'wordz'))  # same size, same documents
   with pytest.raises(ckpt_lib.CheckpointError, match=r'docs\.txt: content changed'):
     trainer.train(_cfg(**over, **{'train.steps': 3}), wd)
   assert ckpt_lib.complete_steps(os.path.join(wd, 'checkpoints'))[-1] == 2
+  run = json.loads(_read(os.path.join(wd, 'run.json')))
+  assert run['data']['files'][0]['path'] == str(text) and run['code']
   trainer.train(_cfg(**over, **{'train.steps': 3}), wd, allow_changes=['data.fingerprint'])
-  assert [h['key'] for h in record.history(wd)] == ['train.steps', 'data.fingerprint']
+  assert [h['key'] for h in _history(wd)] == ['train.steps', 'data.fingerprint']
 
 
 def test_the_evaluator_follows_the_runs_record(data_dir, tmp_path):
