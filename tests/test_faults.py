@@ -86,7 +86,7 @@ def test_truncated_checkpoint_falls_back_and_mismatch_is_named(data_dir, tmp_pat
   p = run_launch(data_dir, *args, f'--workdir={wd}', '--config.model.mlp_dim=256', check=False)
   assert p.returncode == 2 and 'model.mlp_dim (384 -> 256)' in p.stderr, p.stderr[-2000:]
   p = run_launch(data_dir, *args, f'--workdir={wd}', '--config.model.mlp_dim=256',
-                 '--allow_config_change=model.mlp_dim', check=False)
+                 '--config.train.steps=30', '--allow_config_change=model.mlp_dim', check=False)
   assert p.returncode == 1 and 'does not match the model' in p.stderr, p.stderr[-2000:]
   # a checkpoint of another model shape: named, not mistaken for corruption
   assert ('params/transformer/layers/0/mlp/down/kernel: checkpoint shape (384, 128) != model '

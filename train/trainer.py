@@ -353,17 +353,19 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock, allow: tuple = ()) -> d
   except BaseException:
     checkpointer.close()
     raise
-  done = None if saved is None else record.finished(workdir, latest, cfg.train.steps)
-  if done is not None:
-    checkpointer.close()
-    log0(f'run finished at step {done["step"]} (train.steps={cfg.train.steps}); nothing to do; '
-         f'extend with --config.train.steps=N (N > {done["step"]})')
-    return {**done, 'nothing_to_do': True}
   _announce(setup)
   pid, pcount = jax.process_index(), jax.process_count()
   it = fam.train_iterator(pid, pcount)
   try:
     state, data_state, restored = restore_or_init(setup, checkpointer, move_aside=True)
+    # (the step restored: an unreadable newest checkpoint is not a finished run)
+    done = None if saved is None else record.finished(workdir, restored, cfg.train.steps)
+    if done is not None:
+      log0(f'run finished at step {done["step"]} (train.steps={cfg.train.steps}); nothing to '
+           f'do; extend with --config.train.steps=N (N > {done["step"]})')
+      it.close()
+      checkpointer.close()
+      return {**done, 'nothing_to_do': True}
     if data_state is not None:
       _resume_data(it, data_state, cfg)
     from data import fingerprint  # pylint: disable=import-outside-toplevel
