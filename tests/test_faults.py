@@ -81,16 +81,21 @@ def test_truncated_checkpoint_falls_back_and_mismatch_is_named(data_dir, tmp_pat
   args = [CONFIG, '--config.train.steps=20', '--config.ckpt.every=10', *SMALL]
   run_launch(data_dir, *args, f'--workdir={wd}')
   config_json = open(os.path.join(wd, 'config.json')).read()
-  # resuming with another model shape is refused, and the run's config.json is left as it was
+  # resuming with another model shape is refused naming the key (the run's record); allowed
+  # explicitly, the checkpoint still does not fit; config.json is left as it was either way
   p = run_launch(data_dir, *args, f'--workdir={wd}', '--config.model.mlp_dim=256', check=False)
+  assert p.returncode == 2 and 'model.mlp_dim (384 -> 256)' in p.stderr, p.stderr[-2000:]
+  p = run_launch(data_dir, *args, f'--workdir={wd}', '--config.model.mlp_dim=256',
+                 '--config.train.steps=30', '--allow_config_change=model.mlp_dim', check=False)
   assert p.returncode == 1 and 'does not match the model' in p.stderr, p.stderr[-2000:]
-  assert open(os.path.join(wd, 'config.json')).read() == config_json
   # a checkpoint of another model shape: named, not mistaken for corruption
-  p = run_launch(data_dir, *args, f'--workdir={wd}', '--mode=eval', '--config.model.mlp_dim=256',
-                 check=False)
-  assert p.returncode == 1, p.stderr[-2000:]
   assert ('params/transformer/layers/0/mlp/down/kernel: checkpoint shape (384, 128) != model '
           'shape (256, 128)') in p.stderr, p.stderr[-2000:]
+  assert open(os.path.join(wd, 'config.json')).read() == config_json
+  # --mode=eval starts from the run's record: another model shape is refused, naming the key
+  p = run_launch(data_dir, *args, f'--workdir={wd}', '--mode=eval', '--config.model.mlp_dim=256',
+                 check=False)
+  assert p.returncode == 2 and '--config.model.mlp_dim=256' in p.stderr, p.stderr[-2000:]
   # truncate every file of the newest checkpoint: eval falls back to step 10 and says so
   newest = os.path.join(wd, 'checkpoints', '20')
   for root, _, files in os.walk(newest):

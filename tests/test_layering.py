@@ -5,8 +5,8 @@ no set of modules may import each other in a cycle.
 Layers, lowest first (a module may import its own layer and those below):
   data/ < models/ < train/ < configs/, benchmarks/, launch.py, tests/
 Inside train/, by rank (the same rule):
-  0  config_lib, partitioning, metrics, checkpoint, launching, storage, optim, preflight
-     (foundations)
+  0  config_lib, partitioning, metrics, checkpoint, launching, storage, optim, preflight,
+     record (foundations)
   1  families (the Family contract, train/families/__init__.py), evals/*
   2  trainer                                                     (the one loop)
   3  runs                                                        (finished runs as inputs)
@@ -26,8 +26,8 @@ from conftest import ROOT
 PACKAGE_RANK = {'data': 0, 'models': 1, 'train': 2, 'configs': 3, 'benchmarks': 3,
                 'launch': 3, 'tests': 3}
 TRAIN_RANK = {'config_lib': 0, 'partitioning': 0, 'metrics': 0, 'checkpoint': 0, 'storage': 0,
-              'launching': 0, 'optim': 0, 'preflight': 0, 'families': 1, 'evals': 1,
-              'trainer': 2, 'runs': 3,
+              'launching': 0, 'optim': 0, 'preflight': 0, 'record': 0, 'families': 1,
+              'evals': 1, 'trainer': 2, 'runs': 3,
               'sweep': 5, 'evaluator': 5, 'transfer': 5, 'cross_family': 5, 'dynamic': 5,
               'modes': 6}
 WHY = {
@@ -36,7 +36,7 @@ WHY = {
     'configs': 'a config file only declares values (it may read models/ for their defaults); '
                'steps, FLOPs and families are resolved by the trainer',
     'train': 'inside train/ the ranks are: foundations (config_lib, partitioning, metrics, storage, '
-             'checkpoint, launching, optim, preflight) < the Family contract and evals/ < trainer < runs < '
+             'checkpoint, launching, optim, preflight, record) < the Family contract and evals/ < trainer < runs < '
              'families/<name> < sweep, evaluator, transfer, cross_family < modes (the dispatcher and '
              'the modes, train/modes/)',
 }

@@ -10,7 +10,11 @@ the record of what was evaluated) and to TensorBoard under `eval/` beside the tr
 under the keys the training loop writes. A restarted evaluator reads the
 record and skips what it holds; a restarted training job only adds checkpoints. It exits once
 the final step (`train.steps`, resolved from `train.flops_budget` like the trainer does) is
-evaluated, or after `max_idle_seconds` without a new checkpoint (0: wait forever). A checkpoint
+evaluated, or after `max_idle_seconds` without a new checkpoint (0: wait forever); the final step
+is the run's recorded `train.steps` (config.json, read again when reached: a resume may extend
+the run), whatever the command line's config says. It reads a run: a workdir without one is an
+error after `max_idle_seconds` (default 120 s) of waiting for a training to start there, and is
+never created. A checkpoint
 deleted by the trainer's keep-N policy before it could be read is counted as missed.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ import jax
 from train import checkpoint as ckpt_lib
 from train import metrics as metrics_lib
 from train import evals, storage, trainer
+from train import record as run_record
 from train.metrics import log0
 
 RECORD = 'evaluator.jsonl'
@@ -44,9 +49,11 @@ def evaluated_steps(workdir: str) -> list[int]:
 
 
 def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float = 0.0) -> dict:
-  workdir = storage.check_workdir(workdir)  # it may start before the training does
+  workdir = storage.check_workdir(workdir, create=False)  # a reader creates nothing
   setup = trainer.Setup(cfg, workdir=workdir)
-  final = int(setup.cfg.train.steps)
+  # the run's own train.steps (its record), not a preset's; re-read when reached (a resume
+  # may have extended the run)
+  final = run_record.recorded_steps(workdir) or int(setup.cfg.train.steps)
   ckpt_dir = storage.join(workdir, 'checkpoints')
   done = set(evaluated_steps(workdir))
   record = storage.JsonlLog(storage.join(workdir, RECORD)) if jax.process_index() == 0 else None
@@ -86,7 +93,9 @@ def run(cfg, workdir: str, poll_seconds: float = 30.0, max_idle_seconds: float =
       log0(f'[evaluator] step {restored}: loss {ev.get("loss", float("nan")):.4f} '
            f'bpb {ev.get("bpb", float("nan")):.4f}')
     if final in done:
-      break
+      final = max(final, run_record.recorded_steps(workdir) or final)
+      if final in done:
+        break
     if max_idle_seconds and time.monotonic() - idle_since > max_idle_seconds:
       writer.close()
       if record is not None:

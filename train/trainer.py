@@ -27,7 +27,8 @@ import optax
 from flax import nnx
 
 from train import checkpoint as ckpt_lib
-from train import config_lib, families, metrics as metrics_lib, optim, partitioning, storage
+from train import config_lib, families, metrics as metrics_lib, optim, partitioning, record
+from train import storage
 from train import evals
 from train.metrics import log0
 
@@ -321,10 +322,13 @@ def _lock(workdir: str):
   return lock
 
 
-def train(cfg, workdir: str) -> dict:
+def train(cfg, workdir: str, allow_changes=()) -> dict:
   """Trains (resuming from the workdir's latest checkpoint), evaluates, samples. One training
   process per workdir (a lock); nothing is written before the config, the checkpoint and the
-  data are known to fit together."""
+  data are known to fit together. A resume checks the config and the data against the run's
+  record (train/record.py): `allow_changes` are the keys (and `data.fingerprint`) the user
+  allows to change explicitly (`--allow_config_change`). A finished run with nothing to do
+  writes nothing and returns its summary with `nothing_to_do`."""
   config_lib.validate(cfg)
   evals.Evaluators(cfg, cfg.family)  # config.evals is checked before the workdir is touched
   from train import preflight  # pylint: disable=import-outside-toplevel
@@ -335,7 +339,7 @@ def train(cfg, workdir: str) -> dict:
   lock = _lock(workdir)
   failed = True
   try:
-    out = _train(cfg, workdir, lock)
+    out = _train(cfg, workdir, lock, tuple(allow_changes))
     failed = False
     return out
   finally:
@@ -346,7 +350,8 @@ def train(cfg, workdir: str) -> dict:
 
 # what a run writes in its workdir before its first step's metrics
 _BEFORE_FIRST_STEP = {storage.WorkdirLock.NAME, 'checkpoints', 'config.json', 'artifacts', 'tb',
-                      'metrics.jsonl', 'eval_metrics.jsonl'}
+                      'metrics.jsonl', 'eval_metrics.jsonl', 'run.json', 'config_history.jsonl',
+                      'train_time.jsonl'}
 
 
 def _remove_unstarted(workdir: str) -> None:
@@ -395,7 +400,7 @@ def text_prompt(prompt: str) -> str:
                    '(the byte LM and HAT continue any bytes)')
 
 
-def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
+def _train(cfg, workdir: str, lock: storage.WorkdirLock, allow: tuple = ()) -> dict:
   setup = Setup(cfg, workdir=workdir)
   cfg = setup.cfg  # train.steps resolved from train.flops_budget: what config.json records
   fam = setup.family
@@ -404,26 +409,53 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
     log.warning('train.flops_budget=%.3g is less than the FLOPs of one step (%.3g): the run '
                 'trains 1 step, over the budget; raise the budget or lower train.batch_size / '
                 'data.seq_len', cfg.train.flops_budget, setup.flops_per_step)
-  _announce(setup)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.ckpt.keep,
                                        cfg.ckpt.async_save)
+  latest = checkpointer.latest_step()
+  # a run with a checkpoint is resumed on what it recorded; without one, it starts anew
+  saved = None if latest is None else record.saved_config(workdir)
+  try:
+    changes = [] if saved is None else record.check_resume(workdir, saved, cfg, allow)
+  except BaseException:
+    checkpointer.close()
+    raise
+  _announce(setup)
   pid, pcount = jax.process_index(), jax.process_count()
   it = fam.train_iterator(pid, pcount)
   try:
     state, data_state, restored = restore_or_init(setup, checkpointer, move_aside=True)
+    # (the step restored: an unreadable newest checkpoint is not a finished run)
+    done = None if saved is None else record.finished(workdir, restored, cfg.train.steps)
+    if done is not None:
+      log0(f'run finished at step {done["step"]} (train.steps={cfg.train.steps}); nothing to '
+           f'do; extend with --config.train.steps=N (N > {done["step"]})')
+      it.close()
+      checkpointer.close()
+      return {**done, 'nothing_to_do': True}
     if data_state is not None:
       _resume_data(it, data_state, cfg)
+    from data import fingerprint  # pylint: disable=import-outside-toplevel
+    data_fp = fingerprint.source(cfg.data)
+    if restored is not None:
+      changes += record.check_data(workdir, data_fp, allow)
   except BaseException:
     it.close()
     checkpointer.close()
     raise
   # the config, the checkpoint and the data agree: only now is anything written
   if pid == 0:
-    config_lib.save(cfg, workdir)
+    if saved is None or changes:
+      config_lib.save(cfg, workdir)
+    record.append_history(workdir, restored or 0, changes)
   if restored is None:
     families.write_artifacts(fam, workdir)
   else:
-    log0(f'resumed from step {restored} ({checkpointer.directory})')
+    log0(f'resumed from step {restored} ({checkpointer.directory})'
+         + ''.join(f'; {c["key"]}: {c["old"]!r} -> {c["new"]!r}' for c in changes))
+  if pid == 0:
+    record.write_run(workdir, cfg, data_fp, restored or 0,  # the run's identity, once
+                     new=restored is None)
+  seconds_before = record.train_seconds_at(workdir, restored)
   writer = metrics_lib.Writer(workdir, resume_step=restored or 0)
   notes = setup.evaluators.prepare(setup, setup.evaluators.in_loop())  # e.g. the eval batches
   counted = {k: v for k, v in fam.data_stats().items() if v and ('skipped' in k or 'cut' in k
@@ -449,6 +481,8 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
     if last_saved != s:
       lock.check()  # a bucket lease taken over by another run: stop before writing
       checkpointer.save(s, state, it.get_state(), cfg_dict, force=force)
+      if pid == 0:  # the training time up to this checkpoint, accumulated across resumes
+        record.log_train_time(workdir, s, seconds_before + time.perf_counter() - t_start)
       if pending is not None and pending[0] <= s:  # step s's own metrics line, written one
         p, pending = pending, None                 # step late otherwise: a run killed right
         flush(p)                                   # after this save would resume without it
@@ -511,7 +545,7 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock) -> dict:
   stop.restore()
   writer.flush()
   checkpointer.wait()
-  train_time = time.perf_counter() - t_start
+  train_time = seconds_before + time.perf_counter() - t_start
 
   if stop.requested and step < total:
     log0(f'stopped by {stop.name} at step {step}; checkpoint of step {last_saved} saved')
@@ -621,8 +655,12 @@ def evaluate(cfg, workdir: str, step: int | None = None) -> dict:
     log0(f'eval of step {s}: loss {ev.get("loss", float("nan")):.4f}'
          + (f' | bits per byte {ev["bpb"]:.4f}' if 'bpb' in ev else '')
          + f' ({int(ev.get("n_tokens", 0))} tokens, {int(ev.get("n_bytes", 0))} bytes)')
-  if jax.process_index() == 0:
-    storage.write_json(os.path.join(workdir, f'eval_step{s}.json'), ev)
+  if jax.process_index() == 0:  # which data, batches and overrides; never over a larger one
+    ev['record'] = record.eval_record(workdir, setup.cfg)
+    path = record.write_eval(workdir, s, ev)
+    if not path.endswith(f'eval_step{s}.json'):
+      log0(f'written to {path} (eval_step{s}.json holds a larger evaluation of the run\'s own '
+           'data, or this one is of other data)')
   return ev
 
 

@@ -15,6 +15,11 @@ What a mode declares (class attributes, read by the dispatcher):
               then enables the compilation cache and starts jax.distributed from the
               environment or --coordinator/--num_processes/--process_id first. A mode that
               only writes files or reads finished runs' records says False.
+  `reads_run` whether it reads the run in --workdir (eval, sample, evaluator, export; default
+              False): the dispatcher then gives it the run's recorded config (config.json)
+              with the command line's overrides on top, an override of the model's shape
+              refused (train/record.py `later_config`; `record_wait(args)`: seconds to wait
+              for the record of a run that is starting).
 
 Hooks (all but `run` optional):
   `add_flags(flags)`         its own command-line flags (`flags.add_argument`, as argparse's),
@@ -56,6 +61,7 @@ class Mode:
 
   families: tuple[str, ...] | None = None
   devices: bool = True
+  reads_run: bool = False
 
   @property
   def name(self) -> str:
@@ -81,6 +87,11 @@ class Mode:
     """Why the family of `cfg` is refused, beyond the accepted names. Default: ''."""
     del cfg
     return ''
+
+  def record_wait(self, args: argparse.Namespace) -> float:
+    """Seconds a `reads_run` mode waits for the run's record to appear. Default: 0."""
+    del args
+    return 0.0
 
   def needs_devices(self, args: argparse.Namespace) -> bool:
     """Whether this run uses the accelerators (and jax.distributed). Default: `devices`."""
@@ -171,6 +182,9 @@ def run(args: argparse.Namespace, cfg, module, overrides: dict) -> int:
   """The dispatcher: the mode `args.mode`, its family check, the devices if it needs them,
   then its `run`; returns the exit status."""
   mode = get(args.mode)
+  if mode.reads_run:  # the run's recorded config, the command line's overrides on top
+    from train import record  # pylint: disable=import-outside-toplevel
+    cfg = record.later_config(args.workdir, cfg, overrides, mode.name, mode.record_wait(args))
   check_family(mode, cfg)
   if mode.needs_devices(args):
     from train import launching  # pylint: disable=import-outside-toplevel

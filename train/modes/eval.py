@@ -11,6 +11,7 @@ from train.modes import _dynamic, _flags
 
 
 class Mode(modes.Mode):
+  reads_run = True
 
   def add_flags(self, flags) -> None:
     _flags.step(flags)

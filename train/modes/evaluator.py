@@ -7,6 +7,11 @@ from train.modes import _flags
 
 
 class Mode(modes.Mode):
+  reads_run = True
+
+  def record_wait(self, args) -> float:
+    # started beside its training, the run's record may be seconds away
+    return args.max_idle_seconds or 120.0
 
   def add_flags(self, flags) -> None:
     _flags.poll_seconds(flags)

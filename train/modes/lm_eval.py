@@ -49,6 +49,8 @@ def load(cfg, workdir: str, step: int | None) -> Loaded:
 
 class Mode(modes.Mode):
 
+  reads_run = True  # a run in --workdir is scored on its recorded config
+
   def add_flags(self, flags) -> None:
     _flags.step(flags)
 
