@@ -1,7 +1,10 @@
 """Shared test setup: CPU only, the persistent compilation cache (the same one runs use), one
 TFDS data dir per test session (the embedded corpus is prepared once, also when pytest-xdist
 runs the files in several worker processes), and helpers to run launch.py in a subprocess."""
+import fcntl
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -77,6 +80,70 @@ def run_launch(data_dir, *args, devices=1, timeout=600, check=True, **extra_env)
   return p
 
 
+def _shared_tmp(tmp_path_factory, name):
+  """A directory all xdist workers of this session share (beside their own base temp dirs)."""
+  base = tmp_path_factory.getbasetemp()
+  d = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / name
+  os.makedirs(d, exist_ok=True)
+  return d
+
+
+@pytest.fixture(scope='session')
+def reference_run(data_dir, tmp_path_factory):
+  """`reference_run(*launch_args)` -> the workdir of an uninterrupted launch.py run with these
+  arguments, made once per test session: the tests that compare an interrupted run against the
+  same uninterrupted one share it (file-locked, so xdist workers share it too). Treat it as
+  read-only."""
+  root = _shared_tmp(tmp_path_factory, 'reference_runs')
+
+  def run(*args, devices=1):
+    key = hashlib.sha1(repr((args, devices)).encode()).hexdigest()[:16]
+    wd = root / key
+    with open(root / f'{key}.lock', 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      try:
+        if not (wd / 'train_summary.json').exists():
+          shutil.rmtree(wd, ignore_errors=True)  # a run that failed part-way
+          run_launch(data_dir, *args, f'--workdir={wd}', devices=devices)
+      finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return str(wd)
+
+  return run
+
+
+# Scheduling for the suite command `pytest -n 2 --dist loadgroup tests`. Most of the time goes to
+# a few tests that run launch.py in subprocesses; with whole files per worker (--dist loadfile)
+# the heaviest files decided the wall time. Here each test of the files in PER_TEST is its own
+# unit of work (their module fixtures are cheap), every other file stays one unit (its tests
+# share module fixtures and in-process compilations), and the units go out heaviest first, so
+# light ones fill in at the end. COST: seconds per unit (a file, or one test of a PER_TEST file,
+# each of its parameters alike) measured cold on 2 cores (`--durations=0`); a guide for the
+# order only, a unit not listed counts as 1 s.
+PER_TEST = {'test_faults.py', 'test_ops.py', 'test_pod.py', 'test_reliability.py',
+            'test_train.py'}
+COST = {}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+  if config.getoption('dist', 'no') != 'loadgroup':
+    return
+  units = {}
+  for item in items:
+    fname = os.path.basename(str(item.fspath))
+    if fname in PER_TEST:
+      key = f'{fname}::{item.originalname}'
+      units[item.nodeid] = (COST.get(key, 1.0), [item])
+    else:
+      item.add_marker(pytest.mark.xdist_group(fname))
+      units.setdefault(fname, (COST.get(fname, 1.0), []))[1].append(item)
+  order = sorted(units.values(), key=lambda u: -u[0])  # stable: ties keep the file order
+  items[:] = [item for _, unit in order for item in unit]
+
+
 def pytest_configure(config):
   config.addinivalue_line('markers', 'device_suite: the device suite dry run, a subset '
                           '(alone: pytest -m device_suite tests)')
+  if getattr(config.option, 'dist', 'no') == 'loadgroup':
+    config.option.loadscopereorder = False  # keep the heaviest-first order above
