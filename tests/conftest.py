@@ -122,7 +122,39 @@ def reference_run(data_dir, tmp_path_factory):
 # order only, a unit not listed counts as 1 s.
 PER_TEST = {'test_faults.py', 'test_ops.py', 'test_pod.py', 'test_reliability.py',
             'test_train.py'}
-COST = {}
+COST = {
+    'test_lexinvariant.py': 350, 'test_lcm.py': 250, 'test_hat.py': 250,
+    'test_pretrained.py': 250, 'test_zett.py': 200, 'test_words.py': 150,
+    'test_cross_family.py': 80, 'test_token_lm.py': 80, 'test_data.py': 60,
+    'test_pod_lowering.py': 60, 'test_byte_level.py': 40, 'test_hypernet.py': 40,
+    'test_layers.py': 40, 'test_attention.py': 40, 'test_device_suite.py': 30,
+    'test_next_word.py': 20, 'test_perturb.py': 10, 'test_config.py': 10,
+    'test_pod.py::test_two_processes_on_a_bucket_resume_bitwise_and_a_third_evaluates': 200,
+    'test_pod.py::test_local_restart_loop_resumes_after_kill': 40,
+    'test_pod.py::test_sweep_on_a_bucket': 40,
+    'test_pod.py::test_restart_loop_stops_on_a_user_error': 25,
+    'test_pod.py::test_bad_workdir_urls_fail_before_training': 10,
+    'test_faults.py::test_family_resumes_exactly_after_kill9_and_sigterm': 150,
+    'test_faults.py::test_truncated_checkpoint_falls_back_and_mismatch_is_named': 120,
+    'test_faults.py::test_injected_nan_skip_and_stop': 90,
+    'test_faults.py::test_full_disk_while_checkpointing': 70,
+    'test_faults.py::test_kill9_during_checkpoint_write': 40,
+    'test_train.py::test_train_eval_sample': 90,
+    'test_train.py::test_8_devices_match_1_device': 80,
+    'test_train.py::test_two_processes_train_and_checkpoint': 70,
+    'test_train.py::test_resume_is_exact': 60,
+    'test_train.py::test_sweep_writes_summary': 40,
+    'test_train.py::test_bad_text_lines_are_counted_in_run_log': 20,
+    'test_train.py::test_bad_config_and_data_fail_clearly': 15,
+    'test_ops.py::test_evaluator_follows_training_across_restarts': 80,
+    'test_ops.py::test_two_processes_from_slurm_variables': 50,
+    'test_ops.py::test_sweep_as_jobs_and_gathered_summary': 30,
+    'test_reliability.py::test_user_mistakes_end_in_one_message': 60,
+    'test_reliability.py::test_one_training_per_workdir_and_failed_extras_keep_the_record': 25,
+    'test_reliability.py::test_a_bpe_run_records_its_tokenizer': 20,
+    'test_reliability.py::test_data_that_changed_before_a_resume_is_named': 20,
+    'test_reliability.py::test_a_nonfinite_update_is_never_applied': 15,
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
