@@ -112,7 +112,8 @@ def reference_run(data_dir, tmp_path_factory):
   return run
 
 
-# Scheduling for the suite command `pytest -n 2 --dist loadgroup tests`. Most of the time goes to
+# Scheduling for the suite command `pytest -n 2 --dist loadgroup tests` (the units below replace
+# xdist_group marks; see pytest_xdist_make_scheduler). Most of the time goes to
 # a few tests that run launch.py in subprocesses; with whole files per worker (--dist loadfile)
 # the heaviest files decided the wall time. Here each test of the files in PER_TEST is its own
 # unit of work (their module fixtures are cheap), every other file stays one unit (its tests
@@ -157,19 +158,35 @@ COST = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def _unit(nodeid):
+  """The unit of work a test belongs to: itself in a PER_TEST file, else its file."""
+  fname = os.path.basename(nodeid.split('::')[0])
+  return nodeid if fname in PER_TEST else fname
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """--dist loadgroup with the units above (xdist's own reading of `xdist_group` marks relies
+  on renaming test ids, which this pytest no longer allows)."""
+  if config.getvalue('dist') != 'loadgroup':
+    return None
+  from xdist.scheduler import LoadGroupScheduling  # pylint: disable=import-outside-toplevel
+
+  class Units(LoadGroupScheduling):
+    def _split_scope(self, nodeid):
+      return _unit(nodeid)
+
+  return Units(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-  if config.getoption('dist', 'no') != 'loadgroup':
+  if not config.getoption('loadgroup', False):  # set by xdist in its workers under loadgroup
     return
   units = {}
   for item in items:
-    fname = os.path.basename(str(item.fspath))
-    if fname in PER_TEST:
-      key = f'{fname}::{item.originalname}'
-      units[item.nodeid] = (COST.get(key, 1.0), [item])
-    else:
-      item.add_marker(pytest.mark.xdist_group(fname))
-      units.setdefault(fname, (COST.get(fname, 1.0), []))[1].append(item)
+    unit = _unit(item.nodeid)
+    cost = COST.get(unit if unit.endswith('.py') else f'{unit.split("::")[0].split("/")[-1]}::'
+                    f'{item.originalname}', 1.0)
+    units.setdefault(unit, (cost, []))[1].append(item)
   order = sorted(units.values(), key=lambda u: -u[0])  # stable: ties keep the file order
   items[:] = [item for _, unit in order for item in unit]
 
@@ -179,3 +196,5 @@ def pytest_configure(config):
                           '(alone: pytest -m device_suite tests)')
   if getattr(config.option, 'dist', 'no') == 'loadgroup':
     config.option.loadscopereorder = False  # keep the heaviest-first order above
+
+
