@@ -118,9 +118,9 @@ def reference_run(data_dir, tmp_path_factory):
 # the heaviest files decided the wall time. Here each test of the files in PER_TEST is its own
 # unit of work (their module fixtures are cheap), every other file stays one unit (its tests
 # share module fixtures and in-process compilations), and the units go out heaviest first, so
-# light ones fill in at the end. COST: seconds per unit (a file, or one test of a PER_TEST file,
-# each of its parameters alike) measured cold on 2 cores (`--durations=0`); a guide for the
-# order only, a unit not listed counts as 1 s.
+# light ones fill in at the end. COST: rough seconds per unit (a file, or one test of a PER_TEST
+# file, each of its parameters alike), cold on 2 cores, estimated from the launch.py runs each
+# makes (refresh from `--durations=0`); a guide for the order only, a unit not listed counts 1 s.
 PER_TEST = {'test_faults.py', 'test_ops.py', 'test_pod.py', 'test_reliability.py',
             'test_train.py'}
 COST = {
