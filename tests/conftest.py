@@ -1,7 +1,10 @@
 """Shared test setup: CPU only, the persistent compilation cache (the same one runs use), one
 TFDS data dir per test session (the embedded corpus is prepared once, also when pytest-xdist
 runs the files in several worker processes), and helpers to run launch.py in a subprocess."""
+import fcntl
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -77,6 +80,121 @@ def run_launch(data_dir, *args, devices=1, timeout=600, check=True, **extra_env)
   return p
 
 
+def _shared_tmp(tmp_path_factory, name):
+  """A directory all xdist workers of this session share (beside their own base temp dirs)."""
+  base = tmp_path_factory.getbasetemp()
+  d = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / name
+  os.makedirs(d, exist_ok=True)
+  return d
+
+
+@pytest.fixture(scope='session')
+def reference_run(data_dir, tmp_path_factory):
+  """`reference_run(*launch_args)` -> the workdir of an uninterrupted launch.py run with these
+  arguments, made once per test session: the tests that compare an interrupted run against the
+  same uninterrupted one share it (file-locked, so xdist workers share it too). Treat it as
+  read-only."""
+  root = _shared_tmp(tmp_path_factory, 'reference_runs')
+
+  def run(*args, devices=1):
+    key = hashlib.sha1(repr((args, devices)).encode()).hexdigest()[:16]
+    wd = root / key
+    with open(root / f'{key}.lock', 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      try:
+        if not (wd / 'train_summary.json').exists():
+          shutil.rmtree(wd, ignore_errors=True)  # a run that failed part-way
+          run_launch(data_dir, *args, f'--workdir={wd}', devices=devices)
+      finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return str(wd)
+
+  return run
+
+
+# Scheduling for the suite command `pytest -n 2 --dist loadgroup tests` (the units below replace
+# xdist_group marks; see pytest_xdist_make_scheduler). Most of the time goes to
+# a few tests that run launch.py in subprocesses; with whole files per worker (--dist loadfile)
+# the heaviest files decided the wall time. Here each test of the files in PER_TEST is its own
+# unit of work (their module fixtures are cheap), every other file stays one unit (its tests
+# share module fixtures and in-process compilations), and the units go out heaviest first, so
+# light ones fill in at the end. COST: rough seconds per unit (a file, or one test of a PER_TEST
+# file, each of its parameters alike), cold on 2 cores, estimated from the launch.py runs each
+# makes (refresh from `--durations=0`); a guide for the order only, a unit not listed counts 1 s.
+PER_TEST = {'test_faults.py', 'test_ops.py', 'test_pod.py', 'test_reliability.py',
+            'test_train.py'}
+COST = {
+    'test_lexinvariant.py': 350, 'test_lcm.py': 250, 'test_hat.py': 250,
+    'test_pretrained.py': 250, 'test_zett.py': 200, 'test_words.py': 150,
+    'test_cross_family.py': 80, 'test_token_lm.py': 80, 'test_data.py': 60,
+    'test_pod_lowering.py': 60, 'test_byte_level.py': 40, 'test_hypernet.py': 40,
+    'test_layers.py': 40, 'test_attention.py': 40, 'test_device_suite.py': 30,
+    'test_next_word.py': 20, 'test_perturb.py': 10, 'test_config.py': 10,
+    'test_pod.py::test_two_processes_on_a_bucket_resume_bitwise_and_a_third_evaluates': 200,
+    'test_pod.py::test_local_restart_loop_resumes_after_kill': 40,
+    'test_pod.py::test_sweep_on_a_bucket': 40,
+    'test_pod.py::test_restart_loop_stops_on_a_user_error': 25,
+    'test_pod.py::test_bad_workdir_urls_fail_before_training': 10,
+    'test_faults.py::test_family_resumes_exactly_after_kill9_and_sigterm': 150,
+    'test_faults.py::test_truncated_checkpoint_falls_back_and_mismatch_is_named': 120,
+    'test_faults.py::test_injected_nan_skip_and_stop': 90,
+    'test_faults.py::test_full_disk_while_checkpointing': 70,
+    'test_faults.py::test_kill9_during_checkpoint_write': 40,
+    'test_train.py::test_train_eval_sample': 90,
+    'test_train.py::test_8_devices_match_1_device': 80,
+    'test_train.py::test_two_processes_train_and_checkpoint': 70,
+    'test_train.py::test_resume_is_exact': 60,
+    'test_train.py::test_sweep_writes_summary': 40,
+    'test_train.py::test_bad_text_lines_are_counted_in_run_log': 20,
+    'test_train.py::test_bad_config_and_data_fail_clearly': 15,
+    'test_ops.py::test_evaluator_follows_training_across_restarts': 80,
+    'test_ops.py::test_two_processes_from_slurm_variables': 50,
+    'test_ops.py::test_sweep_as_jobs_and_gathered_summary': 30,
+    'test_reliability.py::test_user_mistakes_end_in_one_message': 60,
+    'test_reliability.py::test_one_training_per_workdir_and_failed_extras_keep_the_record': 25,
+    'test_reliability.py::test_a_bpe_run_records_its_tokenizer': 20,
+    'test_reliability.py::test_data_that_changed_before_a_resume_is_named': 20,
+    'test_reliability.py::test_a_nonfinite_update_is_never_applied': 15,
+}
+
+
+def _unit(nodeid):
+  """The unit of work a test belongs to: itself in a PER_TEST file, else its file."""
+  fname = os.path.basename(nodeid.split('::')[0])
+  return nodeid if fname in PER_TEST else fname
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """--dist loadgroup with the units above (xdist's own reading of `xdist_group` marks relies
+  on renaming test ids, which this pytest no longer allows)."""
+  if config.getvalue('dist') != 'loadgroup':
+    return None
+  from xdist.scheduler import LoadGroupScheduling  # pylint: disable=import-outside-toplevel
+
+  class Units(LoadGroupScheduling):
+    def _split_scope(self, nodeid):
+      return _unit(nodeid)
+
+  return Units(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+  if not config.getoption('loadgroup', False):  # set by xdist in its workers under loadgroup
+    return
+  units = {}
+  for item in items:
+    unit = _unit(item.nodeid)
+    cost = COST.get(unit if unit.endswith('.py') else f'{unit.split("::")[0].split("/")[-1]}::'
+                    f'{item.originalname}', 1.0)
+    units.setdefault(unit, (cost, []))[1].append(item)
+  order = sorted(units.values(), key=lambda u: -u[0])  # stable: ties keep the file order
+  items[:] = [item for _, unit in order for item in unit]
+
+
 def pytest_configure(config):
   config.addinivalue_line('markers', 'device_suite: the device suite dry run, a subset '
                           '(alone: pytest -m device_suite tests)')
+  if getattr(config.option, 'dist', 'no') == 'loadgroup':
+    config.option.loadscopereorder = False  # keep the heaviest-first order above
+
+

@@ -12,7 +12,7 @@ import pytest
 
 import launch
 from conftest import ROOT, launch_cmd, run_launch, subprocess_env
-from test_train import CONFIG, SMALL, _wait_for_step, curve
+from test_train import CONFIG, RESUME, SMALL, _wait_for_step, curve
 from train import launching
 
 SLURM_PORT_BASE = 65535 - 2**12 + 1  # JAX's SLURM coordinator port: base + job id % 4096
@@ -53,7 +53,7 @@ def test_detect_environment(monkeypatch):
 def test_two_processes_from_slurm_variables(data_dir, tmp_path):
   wd = str(tmp_path / 'slurm')
   job = _free_slurm_job_id()
-  args = [CONFIG, f'--workdir={wd}', '--config.train.steps=12', '--config.ckpt.every=6', *SMALL]
+  args = [CONFIG, f'--workdir={wd}', '--config.train.steps=16', '--config.ckpt.every=8', *SMALL]
   procs = []
   for i in range(2):
     env = subprocess_env(data_dir, devices=2, SLURM_JOB_ID=str(job),
@@ -69,8 +69,8 @@ def test_two_processes_from_slurm_variables(data_dir, tmp_path):
   assert 'devices 4' in outs[0] and 'bits per byte' in outs[0]
   assert 'bits per byte' not in outs[1]  # only process 0 reports
   steps = sorted(int(s) for s in os.listdir(os.path.join(wd, 'checkpoints')) if s.isdigit())
-  assert steps == [6, 12]
-  assert sorted(curve(wd)) == list(range(1, 13))
+  assert steps == [8, 16]
+  assert sorted(curve(wd)) == list(range(1, 17))
 
 
 def test_launch_scripts(tmp_path, capsys):
@@ -114,7 +114,8 @@ def test_launch_scripts(tmp_path, capsys):
 
 def test_sweep_as_jobs_and_gathered_summary(data_dir, tmp_path, capsys):
   wd = str(tmp_path / 'sweep')
-  over = ['--config.train.steps=6', '--config.ckpt.every=100', '--config.eval.robustness=', *SMALL]
+  over = ['--config.train.steps=20', '--config.ckpt.every=100', '--config.eval.robustness=',
+          *SMALL]
   assert launch.main([CONFIG, f'--workdir={wd}', '--mode=sweep', '--sweep_jobs=print', *over]) == 0
   cmds = [l for l in capsys.readouterr().out.splitlines() if l and not l.startswith('#')]
   assert len(cmds) == 2 and all('launch.py' in c for c in cmds)
@@ -151,8 +152,7 @@ def test_evaluator_follows_training_across_restarts(data_dir, tmp_path):
   evaluator too: every checkpoint is evaluated exactly once, and the evaluator exits after
   the final step."""
   wd = str(tmp_path / 'run')
-  args = [CONFIG, f'--workdir={wd}', '--config.train.steps=40', '--config.ckpt.every=5',
-          '--config.ckpt.keep=50', *SMALL]
+  args = [*RESUME, f'--workdir={wd}', '--config.ckpt.keep=50']  # 60 steps, a checkpoint every 5
   ev_args = [*args, '--mode=evaluator', '--poll_seconds=0.2', '--max_idle_seconds=300']
   env = subprocess_env(data_dir)
 
@@ -180,8 +180,8 @@ def test_evaluator_follows_training_across_restarts(data_dir, tmp_path):
   steps = _evaluated(wd)
   saved = sorted(int(s) for s in os.listdir(os.path.join(wd, 'checkpoints')) if s.isdigit())
   assert sorted(steps) == saved and len(steps) == len(set(steps)), (steps, saved)
-  assert saved[-1] == 40 and 'evaluator] done' in out_e
+  assert saved[-1] == 60 and 'evaluator] done' in out_e
   # the final evaluation equals the trainer's own end-of-run validation
   final = [json.loads(l) for l in open(os.path.join(wd, 'evaluator.jsonl'))][-1]
   summary = json.load(open(os.path.join(wd, 'train_summary.json')))
-  assert final['step'] == 40 and final['bpb'] == pytest.approx(summary['eval']['bpb'], abs=1e-6)
+  assert final['step'] == 60 and final['bpb'] == pytest.approx(summary['eval']['bpb'], abs=1e-6)

@@ -18,7 +18,7 @@ import pytest
 
 import launch
 from conftest import ROOT, launch_cmd, run_launch, subprocess_env
-from test_train import CONFIG, SMALL, _free_port
+from test_train import CONFIG, RESUME, SMALL, _free_port
 from train import launching, storage
 
 
@@ -161,13 +161,13 @@ def test_two_processes_on_a_bucket_resume_bitwise_and_a_third_evaluates(gcs, dat
 
 def test_sweep_on_a_bucket(gcs, data_dir):
   wd = f'{gcs}/sweep'
-  run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sweep', '--config.train.steps=3',
+  run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sweep', '--config.train.steps=20',
              '--config.ckpt.every=100', '--config.eval.robustness=', *SMALL)
   md = storage.read_text(f'{wd}/summary.md')
   assert md.count('| done |') == 2, md
   assert storage.exists(f'{wd}/curves_loss.png') and storage.exists(f'{wd}/bpb_vs_flops.png')
   p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sweep_summary',
-                 '--config.train.steps=3', *SMALL)
+                 '--config.train.steps=20', *SMALL)
   assert '2 of 2 points done' in p.stdout
 
 
@@ -254,12 +254,11 @@ def test_tpu_launch_ships_sets_up_starts_and_restarts(gcs, tmp_path, monkeypatch
   subprocess.run(['bash', '-n', script], check=True)
 
 
-def test_local_restart_loop_resumes_after_kill(data_dir, tmp_path):
+def test_local_restart_loop_resumes_after_kill(data_dir, reference_run, tmp_path):
   """--launcher=local --submit re-runs the command until the run has finished: the training
   process killed -9 under it is restarted, resumes, and the curve equals an uninterrupted run's."""
-  args = [CONFIG, '--config.train.steps=40', '--config.ckpt.every=5', *SMALL]
-  ref = str(tmp_path / 'ref')
-  run_launch(data_dir, *args, f'--workdir={ref}')
+  args = RESUME  # 60 steps, a checkpoint every 5
+  ref = reference_run(*args)
   wd = str(tmp_path / 'run')
   wrapper = subprocess.Popen(
       launch_cmd(*args, f'--workdir={wd}', '--mode=launch', '--launcher=local', '--submit',
@@ -280,7 +279,7 @@ def test_local_restart_loop_resumes_after_kill(data_dir, tmp_path):
   assert killed and wrapper.returncode == 0, out[-3000:]
   assert 'restarting' in out and 'resumed from step' in out, out[-3000:]
   a, b = _curve(ref), _curve(wd)
-  assert sorted(a) == sorted(b) == list(range(1, 41))
+  assert sorted(a) == sorted(b) == list(range(1, 61))
   assert all(a[s] == b[s] for s in a)
   assert np.isfinite(json.load(open(os.path.join(wd, 'train_summary.json')))['eval']['bpb'])
 

@@ -15,6 +15,9 @@ CONFIG = '--config=configs/byte_lm.py:tiny'
 SMALL = ['--config.data.max_docs=400', '--config.train.batch_size=8', '--config.data.seq_len=64',
          '--config.train.eval_batches=4', '--config.sample.max_new_tokens=16',
          '--config.train.log_every=10']
+# one run for the interrupt-and-resume tests here and in test_faults.py, test_ops.py and
+# test_pod.py: they share its compiled programs and its uninterrupted reference (reference_run)
+RESUME = [CONFIG, '--config.train.steps=60', '--config.ckpt.every=5', *SMALL]
 
 
 def curve(workdir, key='loss'):
@@ -34,28 +37,28 @@ def last_eval_bpb(workdir):
 
 def test_train_eval_sample(data_dir, tmp_path):
   wd = str(tmp_path / 'run')
-  p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--config.train.steps=30',
-                 '--config.ckpt.every=10', *SMALL)
+  p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--config.train.steps=20',
+                 '--config.ckpt.every=5', *SMALL)
   assert 'bits per byte' in p.stdout and 'sample 0' in p.stdout, p.stdout
   assert os.path.exists(os.path.join(wd, 'config.json'))
   assert any(f.startswith('events') for f in os.listdir(os.path.join(wd, 'tb')))
   losses = curve(wd)
-  assert sorted(losses) == list(range(1, 31))
-  assert losses[30] < losses[1]
+  assert sorted(losses) == list(range(1, 21))
+  assert losses[20] < losses[1]
   steps = sorted(int(s) for s in os.listdir(os.path.join(wd, 'checkpoints')) if s.isdigit())
-  assert steps[-1] == 30 and len(steps) <= 3
+  assert steps[-1] == 20 and len(steps) <= 3  # ckpt.keep=3 of the 4 saved
   # eval restores the last checkpoint and reproduces the bpb training reported
-  p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=eval', '--config.train.steps=30',
+  p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=eval', '--config.train.steps=20',
                  *SMALL)
-  ev = json.load(open(os.path.join(wd, 'eval_step30.json')))
+  ev = json.load(open(os.path.join(wd, 'eval_step20.json')))
   assert ev['bpb'] == pytest.approx(last_eval_bpb(wd), abs=1e-6)
   assert f'{ev["bpb"]:.4f}' in p.stdout
   # ... also onto 8 devices
-  run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=eval', '--step=20',
-             '--config.train.steps=30', *SMALL, devices=8)
-  ev20 = json.load(open(os.path.join(wd, 'eval_step20.json')))
-  assert ev20['step'] == 20 and ev20['bpb'] > ev['bpb'] - 0.5
-  p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sample', '--config.train.steps=30',
+  run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=eval', '--step=10',
+             '--config.train.steps=20', *SMALL, devices=8)
+  ev10 = json.load(open(os.path.join(wd, 'eval_step10.json')))
+  assert ev10['step'] == 10 and ev10['bpb'] > ev['bpb'] - 0.5
+  p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sample', '--config.train.steps=20',
                  '--config.sample.prompt=import ', *SMALL)
   assert 'import ' in p.stdout and '--- sample 0' in p.stdout
 
@@ -76,18 +79,17 @@ def _wait_for_step(wd, step, proc, timeout=300):
 
 
 @pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGINT])
-def test_resume_is_exact(data_dir, tmp_path, sig):
+def test_resume_is_exact(data_dir, reference_run, tmp_path, sig):
   """kill -9, or Ctrl-C (SIGINT: checkpoint and exit 130, like SIGTERM's 143, which
   tests/test_faults.py covers for the other families), then resume: the loss curve equals an
   uninterrupted run's bitwise, and the logs hold every step once."""
-  args = [CONFIG, '--config.train.steps=240', '--config.ckpt.every=20', *SMALL]
-  ref = str(tmp_path / 'ref')
-  run_launch(data_dir, *args, f'--workdir={ref}')
+  args = RESUME
+  ref = reference_run(*args)
   wd = str(tmp_path / 'killed')
   proc = subprocess.Popen(launch_cmd(*args, f'--workdir={wd}'), cwd=ROOT,
                           env=subprocess_env(data_dir), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
-  _wait_for_step(wd, 50, proc)
+  _wait_for_step(wd, 23, proc)
   proc.send_signal(sig)
   out = proc.communicate(timeout=120)[0]
   if sig == signal.SIGINT:
@@ -96,15 +98,15 @@ def test_resume_is_exact(data_dir, tmp_path, sig):
   else:
     assert proc.returncode == -signal.SIGKILL
   stopped_at = max(curve(wd))
-  assert stopped_at < 240, 'the run finished before it was interrupted'
+  assert stopped_at < 60, 'the run finished before it was interrupted'
   p = run_launch(data_dir, *args, f'--workdir={wd}')
   assert 'resumed from step' in p.stdout
   a, b = curve(ref), curve(wd)
-  assert sorted(a) == sorted(b) == list(range(1, 241))
+  assert sorted(a) == sorted(b) == list(range(1, 61))
   assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]][:5]
   assert last_eval_bpb(ref) == last_eval_bpb(wd)
   with open(os.path.join(wd, 'metrics.jsonl')) as f:  # the killed run's extra steps were dropped
-    assert len(f.read().splitlines()) == 240
+    assert len(f.read().splitlines()) == 60
 
 
 def test_8_devices_match_1_device(data_dir, tmp_path):
@@ -131,8 +133,8 @@ def _free_port():
 def test_two_processes_train_and_checkpoint(data_dir, tmp_path):
   wd = str(tmp_path / 'dist')
   port = _free_port()
-  args = [CONFIG, f'--workdir={wd}', '--config.train.steps=12', '--config.ckpt.every=6', *SMALL,
-          f'--coordinator=localhost:{port}', '--num_processes=2']
+  args = [CONFIG, f'--workdir={wd}', '--config.train.steps=16', '--config.ckpt.every=8', *SMALL,
+          f'--coordinator=localhost:{port}', '--num_processes=2']  # the shapes of test_pod.py's
   procs = [subprocess.Popen(launch_cmd(*args, f'--process_id={i}'), cwd=ROOT,
                             env=subprocess_env(data_dir, devices=2), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -142,15 +144,15 @@ def test_two_processes_train_and_checkpoint(data_dir, tmp_path):
   assert 'devices 4' in outs[0] and '2 process(es)' in outs[0]
   assert 'bits per byte' in outs[0]
   steps = sorted(int(s) for s in os.listdir(os.path.join(wd, 'checkpoints')) if s.isdigit())
-  assert steps == [6, 12]
+  assert steps == [8, 16]
   # the 2-process checkpoint restores for eval in a single process
-  run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=eval', '--config.train.steps=12', *SMALL)
-  assert json.load(open(os.path.join(wd, 'eval_step12.json')))['step'] == 12
+  run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=eval', '--config.train.steps=16', *SMALL)
+  assert json.load(open(os.path.join(wd, 'eval_step16.json')))['step'] == 16
 
 
 def test_sweep_writes_summary(data_dir, tmp_path):
   wd = str(tmp_path / 'sweep')
-  p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sweep', '--config.train.steps=8',
+  p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sweep', '--config.train.steps=20',
                  '--config.ckpt.every=100', *SMALL)
   for f in ('summary.csv', 'summary.md', 'curves_loss.png'):
     assert os.path.getsize(os.path.join(wd, f)) > 0
