@@ -312,7 +312,7 @@ def test_loaded_tokenizer_gets_specials(tmp_path):
 def _check_packed(docs, b):
   """Every target of every document appears once, in order; segments/positions/weights."""
   T = b['inputs'].shape[1]
-  got, cur = [], None
+  got = []
   for r in range(b['inputs'].shape[0]):
     seg = b['segment_ids'][r]
     real = seg > 0

@@ -399,3 +399,12 @@ def test_readme_is_short_and_links_every_page():
       sorted(set(pages) - linked_readme - {'README.md'}))
   assert not set(pages) - linked_index - {'README.md'}, 'docs/README.md does not link ' + str(
       sorted(set(pages) - linked_index - {'README.md'}))
+
+
+def test_ci_runs_the_readmes_test_command():
+  """CI (.ci/run) calls the README's command 2 verbatim: a change to one is a change to both."""
+  ci = [ln for ln in open(os.path.join(ROOT, '.ci', 'run')).read().splitlines()
+        if ln.startswith('bash setup.sh')]
+  assert len(ci) == 1, ci
+  assert ci[0] in open(os.path.join(ROOT, 'README.md')).read().splitlines(), (
+      f'.ci/run runs {ci[0]!r}, which is not a line of README.md (command 2)')

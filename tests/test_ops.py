@@ -11,7 +11,7 @@ import time
 import pytest
 
 import launch
-from conftest import ROOT, launch_cmd, run_launch, subprocess_env
+from conftest import ROOT, launch_cmd, subprocess_env
 from test_train import CONFIG, RESUME, SMALL, _wait_for_step, curve
 from train import launching
 

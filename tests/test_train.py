@@ -152,8 +152,8 @@ def test_two_processes_train_and_checkpoint(data_dir, tmp_path):
 
 def test_sweep_writes_summary(data_dir, tmp_path):
   wd = str(tmp_path / 'sweep')
-  p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sweep', '--config.train.steps=20',
-                 '--config.ckpt.every=100', *SMALL)
+  run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sweep', '--config.train.steps=20',
+             '--config.ckpt.every=100', *SMALL)
   for f in ('summary.csv', 'summary.md', 'curves_loss.png'):
     assert os.path.getsize(os.path.join(wd, f)) > 0
   md = open(os.path.join(wd, 'summary.md')).read()
