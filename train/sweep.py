@@ -104,9 +104,9 @@ def read_spec(workdir: str) -> dict | None:
   return storage.read_json(path) if storage.exists(path) else None
 
 
-def record_spec(workdir: str, spec: dict) -> None:
-  """Writes `spec` ({'sweep', 'seeds', 'file_sweep', ...}) as the sweep's `sweep.json`; a
-  workdir that recorded another spec is refused (its summary would mix two sweeps)."""
+def check_spec(workdir: str, spec: dict) -> None:
+  """A ConfigError when `workdir` recorded another sweep spec than `spec` ({'sweep', 'seeds',
+  'file_sweep', ...}): its summary would mix two sweeps."""
   old = read_spec(workdir)
   keys = ('sweep', 'seeds', 'file_sweep')
   if old is not None and any(old.get(k) != spec.get(k) for k in keys):
@@ -114,7 +114,14 @@ def record_spec(workdir: str, spec: dict) -> None:
     now = ' '.join(f'--{k}={spec.get(k)!r}' for k in keys)
     raise config_lib.ConfigError(f'{workdir} holds a sweep recorded as {was} ({SPEC_FILE}); '
                                  f'this command gives {now}: use another --workdir')
-  if old is None:
+
+
+def record_spec(workdir: str, spec: dict | None) -> None:
+  """Writes `spec` as the sweep's `sweep.json` (refused as `check_spec` says)."""
+  if spec is None:
+    return
+  check_spec(workdir, spec)
+  if read_spec(workdir) is None and jax_process_zero():
     storage.makedirs(workdir)
     storage.write_json(storage.join(workdir, SPEC_FILE), spec)
 
@@ -144,15 +151,18 @@ def _point_config(cfg, point: dict, cli_overrides: dict):
   return sub
 
 
-def run(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None) -> list[dict]:
+def run(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None,
+        spec: dict | None = None) -> list[dict]:
   """Trains every point in `workdir/<point name>` (resuming finished or interrupted runs),
   evaluates it (validation bits per byte and, unless eval.robustness is '', the robustness
   suite), and writes summary.csv / summary.md / curves_loss.png / bpb_vs_flops.png. A point
   stopped by SIGTERM / SIGINT (checkpointed) ends the sweep there: its row says 'stopped by
-  SIGTERM at step N' and later points are 'not started'; rerunning the command resumes."""
+  SIGTERM at step N' and later points are 'not started'; rerunning the command resumes.
+  `spec`: the command-line sweep, recorded as `sweep.json` once the points are checked."""
   cli_overrides = cli_overrides or {}
   subs = [_point_config(cfg, p, cli_overrides) for p in points]  # bad keys fail before training
   workdir = storage.check_workdir(workdir)
+  record_spec(workdir, spec)
   rows, stopped = [], None
   for point, sub in zip(points, subs):
     name = run_name(point)

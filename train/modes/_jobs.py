@@ -64,8 +64,8 @@ def add_sweep_flags(flags) -> None:
 def check_sweep(args, module, recorded: bool = False) -> int:
   """0, or 2 after the message when the config file defines no get_sweep(config) and the
   command line gives no --sweep / --seeds (nor is a command-line sweep `recorded`)."""
-  if (not hasattr(module, 'get_sweep') and not _cli_spec(args)['sweep'] and not args.seeds
-      and not recorded):
+  spec = _cli_spec(args)
+  if not hasattr(module, 'get_sweep') and not spec['sweep'] and not spec['seeds'] and not recorded:
     print(f'error: {args.config} defines no get_sweep(config); give the points on the command '
           "line with --sweep='KEY=V1,V2 ...' (and/or --seeds=N)", file=sys.stderr)
     return 2
@@ -73,15 +73,15 @@ def check_sweep(args, module, recorded: bool = False) -> int:
 
 
 def _cli_spec(args) -> dict:
-  return {'sweep': ' '.join(args.sweep.split()), 'seeds': args.seeds,
-          'file_sweep': args.file_sweep}
+  return {'sweep': ' '.join(getattr(args, 'sweep', '').split()),
+          'seeds': getattr(args, 'seeds', 0), 'file_sweep': getattr(args, 'file_sweep', 'product')}
 
 
-def sweep_points(args, cfg, module, workdir: str, record: bool = True) -> list[dict]:
-  """The sweep's points from the config file's get_sweep and the command line's --sweep /
-  --seeds / --file_sweep. `record`: write them to WORKDIR/sweep.json (a workdir that recorded
-  another spec is refused); else (sweep_summary) a command line without them takes the
-  recorded ones."""
+def sweep_points(args, cfg, module, workdir: str, record: bool = True) -> tuple[list[dict], dict]:
+  """(points, spec): the sweep's points from the config file's get_sweep and the command line's
+  --sweep / --seeds / --file_sweep, and the spec to record (`train/sweep.py` `record_spec`,
+  once the points are checked). `record`: a workdir that recorded another spec is refused; else
+  (sweep_summary) a command line without them takes the recorded ones."""
   from train import config_lib, sweep  # pylint: disable=import-outside-toplevel
   spec = _cli_spec(args)
   if spec['seeds'] < 0:
@@ -96,9 +96,9 @@ def sweep_points(args, cfg, module, workdir: str, record: bool = True) -> list[d
   cli = bool(axes or spec['seeds'])
   use_file = hasattr(module, 'get_sweep') and not (cli and spec['file_sweep'] == 'off')
   points = sweep.points(module.get_sweep(cfg) if use_file else None, axes, spec['seeds'])
+  full = {**spec, 'config': args.config, 'axes': {k: list(v) for k, v in axes.items()}}
   if record:
-    sweep.record_spec(workdir, {**spec, 'config': args.config,
-                                'axes': {k: list(v) for k, v in axes.items()}})
+    sweep.check_spec(workdir, full)
   elif given:
     old = sweep.read_spec(workdir)
     if old is not None and any(old.get(k) != v for k, v in spec.items()):
@@ -107,7 +107,7 @@ def sweep_points(args, cfg, module, workdir: str, record: bool = True) -> list[d
           f'--seeds={old.get("seeds")} --file_sweep={old.get("file_sweep")}; this command gives '
           f'--sweep={spec["sweep"]!r} --seeds={spec["seeds"]} --file_sweep='
           f'{spec["file_sweep"]} (leave them out to use the recorded sweep)')
-  return points
+  return points, full
 
 
 def place(args) -> Place:

@@ -31,9 +31,8 @@ class Mode(modes.Mode):
     if _jobs.check_sweep(args, module):
       return 2
     from train import storage, sweep  # pylint: disable=import-outside-toplevel
-    workdir = storage.check_workdir(args.workdir)
-    points = _jobs.sweep_points(args, cfg, module, workdir)
-    rows, stopped = sweep.run(cfg, points, workdir, overrides)
+    points, spec = _jobs.sweep_points(args, cfg, module, storage.canonical(args.workdir))
+    rows, stopped = sweep.run(cfg, points, args.workdir, overrides, spec)
     if stopped:
       return modes.signal_status(stopped)
     failed = [r['run'] for r in rows if str(r['status']).startswith('failed')]
@@ -52,8 +51,9 @@ def _write_jobs(args, cfg, module, overrides) -> int:
   if _jobs.check_sweep(args, module):
     return 2
   from train import sweep  # pylint: disable=import-outside-toplevel
-  points = _jobs.sweep_points(args, cfg, module, where.workdir)
+  points, spec = _jobs.sweep_points(args, cfg, module, where.workdir)
   cmds = sweep.job_commands(args.config, points, where.workdir, overrides, where.repo, cfg=cfg)
+  sweep.record_spec(where.workdir, spec)  # what --mode=sweep_summary reads
   os.makedirs(where.out_dir, exist_ok=True)
   path = os.path.join(where.out_dir, 'sweep_commands.txt')
   with open(path, 'w') as f:

@@ -18,11 +18,11 @@ class Mode(modes.Mode):
   def run(self, args, cfg, module, overrides) -> int:
     from train import sweep  # pylint: disable=import-outside-toplevel
     workdir = storage.canonical(args.workdir)
+    recorded = sweep.read_spec(workdir) or {}
     if _jobs.check_counts(args) or _jobs.check_sweep(
-        args, module, recorded=bool((sweep.read_spec(workdir) or {}).get('sweep')
-                                    or (sweep.read_spec(workdir) or {}).get('seeds'))):
+        args, module, recorded=bool(recorded.get('sweep') or recorded.get('seeds'))):
       return 2
-    points = _jobs.sweep_points(args, cfg, module, workdir, record=False)
+    points, _ = _jobs.sweep_points(args, cfg, module, workdir, record=False)
     rows = sweep.gather(cfg, points, workdir, overrides)
     missing = [r['run'] for r in rows if r['status'] != 'done']
     print(f'{len(rows) - len(missing)} of {len(rows)} points done'
