@@ -155,7 +155,7 @@ def plot_seeds(summary: dict, workdir: str) -> str:
     if vals:
       jitter = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else [0.0]
       ax.scatter(i + np.asarray(jitter), vals, s=18, color='C0', alpha=0.6,
-                 label='one seed' if i == 0 else None)
+                 label='each seed' if i == 0 else None)
     if g['mean'] is not None:
       ax.errorbar(i, g['mean'], yerr=g['std'] if g['n'] > 1 else None, fmt='_', color='C3',
                   markersize=18, capsize=6, lw=1.5,
