@@ -60,7 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 3e-3
   o.warmup_steps = 10
-  o.min_lr_ratio = 0.1       # cosine decays to lr * min_lr_ratio
+  o.min_lr_ratio = 0.1       # the schedule decays to lr * min_lr_ratio
+  o.schedule = 'cosine'      # 'cosine' | 'wsd' (warmup-stable-decay: extendable; train/optim.py)
+  o.decay_frac = 0.2         # wsd: the final decay's fraction of train.steps
   o.b1 = 0.9
   o.b2 = 0.95
   o.eps = 1e-8

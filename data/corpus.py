@@ -95,6 +95,14 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def code_path(cls):
     return None
 
+  def _log_download_bytes(self) -> None:
+    # TFDS's line says "Downloading ... Unknown size" even for a local file: say what happens
+    print(f'preparing {self.name} from its source into {self.data_dir} (once; later runs '
+          'reuse it)', flush=True)
+
+  def _log_download_done(self) -> None:
+    pass
+
 
 def _features():
   return tfds.features.FeaturesDict({'text': tfds.features.Text(), 'name': tfds.features.Text()})

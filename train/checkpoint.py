@@ -117,6 +117,20 @@ def complete_steps(directory: str) -> list[int]:
     return []
 
 
+class _ReadOnlyNotes(logging.Filter):
+  """Drops orbax's notes that a reader's checkpoint directory is read-only (said on every eval,
+  sample and evaluator look; read-only is what the reader asked for)."""
+
+  def filter(self, record):
+    msg = str(record.msg)
+    return not (msg.startswith('Given directory is read only')
+                or msg.startswith('CheckpointManagerOptions.read_only=True'))
+
+
+if not any(isinstance(f, _ReadOnlyNotes) for f in logging.getLogger('absl').filters):
+  logging.getLogger('absl').addFilter(_ReadOnlyNotes())
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
@@ -125,8 +139,10 @@ class Checkpointer:
     if keep < 1:
       raise ValueError(f'ckpt.keep={keep}: at least the newest checkpoint must be kept (>= 1)')
     self.directory = storage.canonical(directory)  # a gs:// URL stays one (orbax writes there)
+    # a reader passes what orbax would otherwise reset, warning, on every eval and sample
     opts = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
+        max_to_keep=None if read_only else keep, create=not read_only,
+        save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save,
         read_only=read_only)
     self.manager = ocp.CheckpointManager(
         self.directory, options=opts, item_names=('state', 'data', 'config'))

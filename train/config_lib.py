@@ -116,6 +116,8 @@ RANGES = {
     'optim.lr': (lambda v: _num(v) and v >= 0, 'finite and >= 0'),
     'optim.warmup_steps': (lambda v: v >= 0, '>= 0'),
     'optim.min_lr_ratio': (lambda v: _num(v) and 0 <= v <= 1, 'in [0, 1]'),
+    'optim.schedule': (lambda v: v in ('cosine', 'wsd'), "'cosine' or 'wsd'"),
+    'optim.decay_frac': (lambda v: _num(v) and 0 < v <= 1, 'in (0, 1]'),
     'optim.b1': (lambda v: _num(v) and 0 <= v < 1, 'in [0, 1)'),
     'optim.b2': (lambda v: _num(v) and 0 <= v < 1, 'in [0, 1)'),
     'optim.eps': (lambda v: _num(v) and v > 0, 'finite and > 0'),

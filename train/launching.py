@@ -161,10 +161,15 @@ def slurm_script(args: list[str], job_name: str, nodes: int, gpus_per_node: int,
 # -- shipping the code and restarting preempted jobs ---------------------------------------------
 def launch_dir(workdir: str) -> str:
   """Where generated job files go (on this machine): WORKDIR/launch for a local workdir, else
-  ./runs/launch/<the URL's path> (a script runs here, not in a bucket)."""
+  a cache folder named after the URL, `$NOTOKLM_CACHE` (default `~/.cache/notoklm`)
+  `/launch/<the URL's path>` (a script runs here, not in a bucket; and never in the checkout,
+  where the TPU job's code archive would land in the next archive's working tree)."""
   if not storage.is_remote(workdir):
     return os.path.join(workdir, 'launch')
-  return os.path.join(os.getcwd(), 'runs', 'launch', workdir.replace('://', '_').replace('/', '_'))
+  cache = os.environ.get('NOTOKLM_CACHE') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser(os.path.join('~', '.cache')),
+      'notoklm')
+  return os.path.join(cache, 'launch', workdir.replace('://', '_').replace('/', '_'))
 
 
 def repo_relative(arg: str, repo: str = REPO) -> str:

@@ -1,11 +1,14 @@
 """Sweeps declared in the config file: `get_sweep(config)` returns a list of override dicts
-(write grids with `grid(...)`). Each point trains in its own sub-workdir (resuming if it was
-interrupted); a summary of final metrics is written as CSV and Markdown, and the runs'
-training curves as a PNG."""
+(write grids with `grid(...)`), or on the command line (`--sweep='optim.lr=1e-3,3e-3
+model.num_layers=2,4'`, `--seeds=N`: `parse_spec`, `points`). Each point trains in its own
+sub-workdir (resuming if it was interrupted); a summary of final metrics is written as CSV and
+Markdown (with mean +- std across seeds when the sweep has a seed axis), and the runs' training
+curves as a PNG."""
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 import re
 import shlex
 
@@ -18,6 +21,109 @@ def grid(**axes) -> list[dict]:
   """grid(**{'optim.lr': [1e-3, 3e-3], 'model.num_layers': [2, 4]}) -> product of overrides."""
   keys = list(axes)
   return [dict(zip(keys, vals)) for vals in itertools.product(*(axes[k] for k in keys))]
+
+
+SPEC_FILE = 'sweep.json'
+SEED_KEY = 'seed'
+
+
+def _split_values(key: str, text: str) -> list[str]:
+  """'1e-3,3e-3' -> ['1e-3', '3e-3']; commas inside brackets or parentheses stay (a tuple)."""
+  out, depth, cur = [], 0, ''
+  for ch in text:
+    depth += (ch in '([{') - (ch in ')]}')
+    if ch == ',' and depth == 0:
+      out.append(cur)
+      cur = ''
+    else:
+      cur += ch
+  out.append(cur)
+  out = [v.strip() for v in out]
+  if not text.strip() or any(not v for v in out):
+    raise config_lib.ConfigError(f'--sweep: {key}={text!r}: an empty value; give a comma-'
+                                 f'separated list, e.g. {key}=1,2')
+  return out
+
+
+def parse_spec(cfg, spec: str) -> dict[str, list]:
+  """`--sweep='KEY=V1,V2 KEY2=V3,V4'` -> {KEY: [V1, V2], KEY2: [V3, V4]}, each value parsed to
+  the key's type as a `--config.KEY=V` override is. An unknown key, a value that does not
+  parse or is out of range, an empty list or a key given twice is a ConfigError naming the key."""
+  axes = {}
+  for item in spec.split():
+    key, eq, values = item.partition('=')
+    if not eq or not key:
+      raise config_lib.ConfigError(f'--sweep: {item!r} is not KEY=V1,V2,...')
+    if key in axes:
+      raise config_lib.ConfigError(f'--sweep: {key} is given twice')
+    probe = copy.deepcopy(cfg)
+    parsed = []
+    for raw in _split_values(key, values):
+      try:
+        config_lib.override(probe, {key: raw})
+        config_lib.validate(probe)
+      except config_lib.ConfigError as e:
+        raise config_lib.ConfigError(f'--sweep: {key}={raw!r}: {e}') from None
+      node = probe
+      for part in key.split('.'):
+        node = node[part]
+      parsed.append(node)
+    axes[key] = parsed
+  return axes
+
+
+def points(file_points: list[dict] | None, axes: dict[str, list], seeds: int = 0) -> list[dict]:
+  """The sweep's points: the config file's points (None: not used) times the grid of `axes`
+  times `seeds` seeds (seed=0..N-1; 0: no seed axis). A key swept both by the config file and
+  the command line, or `--seeds` with a seed key, is a ConfigError naming it."""
+  axes = dict(axes)
+  if seeds:
+    if SEED_KEY in axes:
+      raise config_lib.ConfigError(f'--seeds={seeds} and --sweep with {SEED_KEY}=...: give the '
+                                   'seeds one way')
+    axes[SEED_KEY] = list(range(seeds))
+  base = file_points if file_points is not None else [{}]
+  for key in axes:
+    if any(key in p for p in base):
+      raise config_lib.ConfigError(
+          f'--sweep: {key} is swept by the config file\'s get_sweep too: drop it from the '
+          'command line, or pass --file_sweep=off to sweep only the command line\'s keys')
+  out = []
+  for p in base:
+    for extra in grid(**axes):
+      q = {**p, **extra}
+      if 'name' in p and extra:
+        q['name'] = p['name'] + ',' + ','.join(f'{k}={v}' for k, v in extra.items())
+      out.append(q)
+  return out
+
+
+def read_spec(workdir: str) -> dict | None:
+  """The recorded command-line sweep of a sweep workdir (`sweep.json`), or None."""
+  path = storage.join(workdir, SPEC_FILE)
+  return storage.read_json(path) if storage.exists(path) else None
+
+
+def check_spec(workdir: str, spec: dict) -> None:
+  """A ConfigError when `workdir` recorded another sweep spec than `spec` ({'sweep', 'seeds',
+  'file_sweep', ...}): its summary would mix two sweeps."""
+  old = read_spec(workdir)
+  keys = ('sweep', 'seeds', 'file_sweep')
+  if old is not None and any(old.get(k) != spec.get(k) for k in keys):
+    was = ' '.join(f'--{k}={old.get(k)!r}' for k in keys)
+    now = ' '.join(f'--{k}={spec.get(k)!r}' for k in keys)
+    raise config_lib.ConfigError(f'{workdir} holds a sweep recorded as {was} ({SPEC_FILE}); '
+                                 f'this command gives {now}: use another --workdir')
+
+
+def record_spec(workdir: str, spec: dict | None) -> None:
+  """Writes `spec` as the sweep's `sweep.json` (refused as `check_spec` says)."""
+  if spec is None:
+    return
+  check_spec(workdir, spec)
+  if read_spec(workdir) is None and jax_process_zero():
+    storage.makedirs(workdir)
+    storage.write_json(storage.join(workdir, SPEC_FILE), spec)
 
 
 def run_name(point: dict) -> str:
@@ -45,15 +151,18 @@ def _point_config(cfg, point: dict, cli_overrides: dict):
   return sub
 
 
-def run(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None) -> list[dict]:
+def run(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None,
+        spec: dict | None = None) -> list[dict]:
   """Trains every point in `workdir/<point name>` (resuming finished or interrupted runs),
   evaluates it (validation bits per byte and, unless eval.robustness is '', the robustness
   suite), and writes summary.csv / summary.md / curves_loss.png / bpb_vs_flops.png. A point
   stopped by SIGTERM / SIGINT (checkpointed) ends the sweep there: its row says 'stopped by
-  SIGTERM at step N' and later points are 'not started'; rerunning the command resumes."""
+  SIGTERM at step N' and later points are 'not started'; rerunning the command resumes.
+  `spec`: the command-line sweep, recorded as `sweep.json` once the points are checked."""
   cli_overrides = cli_overrides or {}
   subs = [_point_config(cfg, p, cli_overrides) for p in points]  # bad keys fail before training
   workdir = storage.check_workdir(workdir)
+  record_spec(workdir, spec)
   rows, stopped = [], None
   for point, sub in zip(points, subs):
     name = run_name(point)
@@ -101,9 +210,89 @@ def _row(name, point, sub, out: dict, ev: dict, status: str) -> dict:
 
 def _write_all(rows: list[dict], workdir: str) -> None:
   log0(report.write_rows(rows, workdir, 'summary').rstrip('\n'))
+  seeds = seed_summary(rows)
+  if seeds:
+    report.write_rows(seeds['rows'], workdir, 'summary_seeds', formats=('csv',))
+    text = (f'\n## Across seeds ({seeds["metric"]}: mean +- std, then each seed)\n\n'
+            + report.markdown(list(seeds['rows'][0]), [[report.fmt_general(v) for v in r.values()]
+                                                        for r in seeds['rows']])
+            + f'\n{seeds["verdict"]}\n')
+    if jax_process_zero():
+      path = storage.join(workdir, 'summary.md')
+      storage.write_text(path, storage.read_text(path) + text)
+    log0(text.rstrip('\n'))
+    report.plot_seeds(seeds, workdir)
   names = [r['run'] for r in rows if storage.isdir(storage.join(workdir, r['run']))]
   report.plot_curves(names, workdir)
   report.plot_eval_vs_flops(names, workdir)
+
+
+def jax_process_zero() -> bool:
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.process_index() == 0
+
+
+def _point_keys(row: dict) -> list[str]:
+  """A summary row's swept keys: those between 'status' and 'family' (see `_row`)."""
+  keys = list(row)
+  if 'status' not in keys or 'family' not in keys:
+    return [k for k in keys if k not in ('run', 'status')]
+  return keys[keys.index('status') + 1:keys.index('family')]
+
+
+def seed_summary(rows: list[dict], metric: str = 'val_bpb') -> dict | None:
+  """Rows grouped by their point without the seed: for each group its swept values, the number
+  of finished seeds, `metric` as 'mean +- std' (sample std; '' with one seed) and each seed's
+  value; and `verdict`, a sentence that names the best point only when its mean +- std range
+  lies below every other's (lower is better), else says the spread does not separate them.
+  None when no row has a seed key."""
+  if not any(SEED_KEY in r for r in rows):
+    return None
+  point_keys = [k for k in dict.fromkeys(k for r in rows for k in _point_keys(r))
+                if k != SEED_KEY]
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    groups.setdefault(tuple(str(r.get(k)) for k in point_keys), []).append(r)
+  out, stats = [], []
+  for members in groups.values():
+    vals = [(r.get(SEED_KEY), r.get(metric)) for r in members]
+    done = [v for _, v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+    mean = sum(done) / len(done) if done else None
+    std = (math.sqrt(sum((v - mean) ** 2 for v in done) / (len(done) - 1))
+           if len(done) > 1 else None)
+    label = ','.join(f'{k}={members[0].get(k)}' for k in point_keys
+                     if members[0].get(k) is not None) or 'base'
+    row = {k: members[0].get(k) for k in point_keys}
+    row['seeds'] = len(done)
+    row[f'{metric} mean'] = mean
+    row[f'{metric} std'] = std
+    row[metric] = ('' if mean is None else f'{mean:.4f}' + (f' +- {std:.4f}' if std is not None
+                                                           else ' (one seed)'))
+    row['per seed'] = ' '.join(f'{s}:{v:.4f}' if isinstance(v, float) else f'{s}:-'
+                               for s, v in vals)
+    out.append(row)
+    stats.append({'label': label, 'mean': mean, 'std': std or 0.0, 'n': len(done),
+                  'values': [(s, v) for s, v in vals if isinstance(v, (int, float))]})
+  return {'metric': metric, 'rows': out, 'groups': stats, 'verdict': verdict(stats, metric)}
+
+
+def verdict(stats: list[dict], metric: str) -> str:
+  """Names a winner (lowest mean) only beyond the spread: its mean + std below every other
+  point's mean - std."""
+  ok = sorted((g for g in stats if g['mean'] is not None), key=lambda g: g['mean'])
+  if len(ok) < 2:
+    return 'One point: no comparison.'
+  best, rest = ok[0], ok[1:]
+  if best['n'] < 2:
+    return (f'Lowest mean {metric}: {best["label"]} ({best["mean"]:.4f}), from a single seed: '
+            'no spread to compare against (add seeds: --seeds=3).')
+  if all(best['mean'] + best['std'] < g['mean'] - g['std'] for g in rest):
+    return (f'Winner beyond the spread: {best["label"]} ({metric} {best["mean"]:.4f} +- '
+            f'{best["std"]:.4f}; next {rest[0]["label"]} {rest[0]["mean"]:.4f} +- '
+            f'{rest[0]["std"]:.4f}).')
+  close = [g['label'] for g in rest if best['mean'] + best['std'] >= g['mean'] - g['std']]
+  return (f'No winner: the lowest mean {metric} ({best["label"]}, {best["mean"]:.4f} +- '
+          f'{best["std"]:.4f}) is within the seeds\' spread of {", ".join(close)}.')
 
 
 # -- sweeps as independent jobs ------------------------------------------------------------------

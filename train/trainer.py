@@ -438,6 +438,10 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock, allow: tuple = ()) -> d
     data_fp = fingerprint.source(cfg.data)
     if restored is not None:
       changes += record.check_data(workdir, data_fp, allow)
+    note = None if restored is None or not changes else optim.extension_note(saved, cfg, restored)
+    if note is not None:  # what the resume does to the learning rate, said and recorded
+      log0(f'resuming at step {restored}: {note["note"]}')
+      changes.append(note)
   except BaseException:
     it.close()
     checkpointer.close()

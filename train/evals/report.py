@@ -144,6 +144,37 @@ def plot_eval_vs_flops(names: list[str], workdir: str) -> str:
   return path
 
 
+def plot_seeds(summary: dict, workdir: str) -> str:
+  """The spread across seeds (train/sweep.py `seed_summary`): each point of the sweep on the x
+  axis, every seed's value as a dot and the mean +- std as an error bar."""
+  plt = _pyplot()
+  groups = summary['groups']
+  fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(groups) + 2), 4.5))
+  for i, g in enumerate(groups):
+    vals = [v for _, v in g['values']]
+    if vals:
+      jitter = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else [0.0]
+      ax.scatter(i + np.asarray(jitter), vals, s=18, color='C0', alpha=0.6,
+                 label='each seed' if i == 0 else None)
+    if g['mean'] is not None:
+      ax.errorbar(i, g['mean'], yerr=g['std'] if g['n'] > 1 else None, fmt='_', color='C3',
+                  markersize=18, capsize=6, lw=1.5,
+                  label='mean +- std' if i == 0 else None)
+  ax.set_xticks(range(len(groups)), [g['label'] for g in groups], rotation=20, ha='right',
+                fontsize=8)
+  ax.set_xlim(-0.6, len(groups) - 0.4)
+  ax.set_ylabel(f"{summary['metric']} (validation bits per byte; lower is better)"
+                if summary['metric'] == 'val_bpb' else summary['metric'])
+  ax.set_title('spread across seeds')
+  ax.grid(alpha=0.3, axis='y')
+  ax.legend(fontsize=8)
+  path = storage.join(workdir, f"seeds_{summary['metric']}.png")
+  fig.tight_layout()
+  save_png(fig, path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def plot_ppl_by_position(path: str, per_pos: dict, count: np.ndarray, names: list[str],
                          title: str) -> None:
   """Perplexity against the context position for each model, and (two models) their ratio."""

@@ -1,4 +1,5 @@
-"""Run every point of the config file's get_sweep(config) in its own sub-workdir, summarized.
+"""Run every point of the config file's get_sweep(config) and/or the command line's --sweep
+and --seeds in its own sub-workdir, summarized (the spec is recorded in WORKDIR/sweep.json).
 
 With --sweep_jobs=print or slurm, write one independent job per point instead (no devices
 used here; WORKDIR/launch/sweep_commands.txt, and for slurm a job array sweep.sbatch) and
@@ -19,6 +20,7 @@ class Mode(modes.Mode):
                        help='write the points as independent jobs (print: their commands; '
                             'slurm: a job array) instead of running them here')
     _jobs.add_flags(flags)
+    _jobs.add_sweep_flags(flags)
 
   def needs_devices(self, args) -> bool:
     return not args.sweep_jobs
@@ -28,8 +30,9 @@ class Mode(modes.Mode):
       return _write_jobs(args, cfg, module, overrides)
     if _jobs.check_sweep(args, module):
       return 2
-    from train import sweep  # pylint: disable=import-outside-toplevel
-    rows, stopped = sweep.run(cfg, module.get_sweep(cfg), args.workdir, overrides)
+    from train import storage, sweep  # pylint: disable=import-outside-toplevel
+    points, spec = _jobs.sweep_points(args, cfg, module, storage.canonical(args.workdir))
+    rows, stopped = sweep.run(cfg, points, args.workdir, overrides, spec)
     if stopped:
       return modes.signal_status(stopped)
     failed = [r['run'] for r in rows if str(r['status']).startswith('failed')]
@@ -48,8 +51,9 @@ def _write_jobs(args, cfg, module, overrides) -> int:
   if _jobs.check_sweep(args, module):
     return 2
   from train import sweep  # pylint: disable=import-outside-toplevel
-  cmds = sweep.job_commands(args.config, module.get_sweep(cfg), where.workdir, overrides,
-                            where.repo, cfg=cfg)
+  points, spec = _jobs.sweep_points(args, cfg, module, where.workdir)
+  cmds = sweep.job_commands(args.config, points, where.workdir, overrides, where.repo, cfg=cfg)
+  sweep.record_spec(where.workdir, spec)  # what --mode=sweep_summary reads
   os.makedirs(where.out_dir, exist_ok=True)
   path = os.path.join(where.out_dir, 'sweep_commands.txt')
   with open(path, 'w') as f:
