@@ -233,7 +233,7 @@ def test_concurrent_prepare(tmp_path):
   assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
   assert outs[0][0].split()[-1] == outs[1][0].split()[-1]
   assert 90 < int(outs[0][0].split()[-1]) < 100
-  assert sum('Downloading and preparing' in o[0] for o in outs) == 1  # prepared once
+  assert sum('(once; later runs reuse it)' in o[0] for o in outs) == 1  # prepared once
 
 
 # --------------------------------------------------------------------------------------

@@ -22,10 +22,12 @@ def _docs(tmp_path, n=40):
   return text
 
 
-def _history(wd):
-  """config_history.jsonl: one row per changed key of a resume (train/record.py)."""
+def _history(wd, notes=False):
+  """config_history.jsonl: one row per changed key of a resume (train/record.py); `notes`:
+  also the learning-rate schedule notes a resume adds (key `optim.schedule@step`)."""
   path = os.path.join(wd, 'config_history.jsonl')
-  return [json.loads(l) for l in _read(path).splitlines()] if os.path.exists(path) else []
+  rows = [json.loads(l) for l in _read(path).splitlines()] if os.path.exists(path) else []
+  return [r for r in rows if notes or not r['key'].endswith('@step')]
 
 
 def _seconds_at(wd, step):
@@ -89,6 +91,9 @@ def test_a_finished_run_keeps_its_record(data_dir, tmp_path):
   assert summary['step'] == 3 and summary['train_seconds'] > at_2
   assert _history(wd) == [{'step': 2, 'key': 'train.steps', 'old': 2, 'new': 3,
                                  'explicit': False}]
+  # the cosine decay re-stretched over 3 steps: the learning rate at step 2 changes, noted
+  note = [r for r in _history(wd, notes=True) if r['key'] == 'optim.schedule@step']
+  assert len(note) == 1 and note[0]['step'] == 2 and note[0]['new'] > note[0]['old']
 
 
 def test_a_resume_with_changed_hyperparameters_is_refused(data_dir, tmp_path, capsys):

@@ -238,6 +238,9 @@ def later_config(workdir: str, cfg, overrides: dict, mode: str, wait_seconds: fl
   if not storage.exists(path):
     return cfg
   run_cfg = config_lib.load_saved(workdir)
+  # the device layout is this process's own (an eval on 1 device of a run trained on 8): the
+  # mesh comes from the command line, never from the record
+  config_lib.override(run_cfg, {f'mesh.{k}': v for k, v in cfg.mesh.items()})
   applied = copy.deepcopy(run_cfg)
   try:
     config_lib.override(applied, overrides)
@@ -276,7 +279,8 @@ def eval_record(workdir: str, cfg) -> dict:
   from data import fingerprint  # pylint: disable=import-outside-toplevel
   data = fingerprint.source(cfg.data)
   saved = saved_config(workdir)
-  overrides = {k: v[1] for k, v in diff(saved, cfg).items()} if saved is not None else {}
+  overrides = ({k: v[1] for k, v in diff(saved, cfg).items() if not k.startswith('mesh.')}
+               if saved is not None else {})
   run_data = read_run(workdir).get('data')
   own = (not any(k.startswith('data.') and not matches(k, _DATA_NEUTRAL) for k in overrides)
          and (not run_data or not fingerprint.differences(run_data, data)))
