@@ -291,3 +291,35 @@ def test_an_unfinished_ensemble_member_is_named(swept, tmp_path, monkeypatch, ca
     cross_family.ensemble(cfg, str(tmp_path / 'ens'))
   assert f'{partial} is unfinished (latest checkpoint: step 2 of 2' in caplog.text
   assert ok not in caplog.text.replace(partial, '')
+
+
+def test_dynamic_tokenization_outside_its_modes_is_refused(tmp_path):
+  """config.dynamic in a mode that does not read it (training a pretrained LM: a run tokenized
+  as usual, exit 0) is refused by the dispatcher, before the mode runs."""
+  from train import modes  # pylint: disable=import-outside-toplevel
+  from train.modes import _dynamic  # pylint: disable=import-outside-toplevel
+  cfg, _ = config_lib.load('configs/pretrained.py:smollm2')
+  config_lib.override(cfg, {'dynamic': 'merges:8'})
+  wd = tmp_path / 'dyn'
+  for mode in ('train', 'lm_eval', 'export'):
+    with pytest.raises(ValueError, match=f"config.dynamic='merges:8' is read by --mode=eval, "
+                                         f".*--mode={mode} would ignore it"):
+      modes.run(argparse.Namespace(mode=mode, workdir=str(wd)), cfg, None, {})
+  assert not wd.exists()
+  for mode in _dynamic.MODES:
+    _dynamic.check_mode(mode, cfg)
+
+
+def test_submit_without_its_tool_says_so(tmp_path, monkeypatch, capsys):
+  """--submit where sbatch / gcloud is not installed: what is missing and where the job is,
+  not 'No such file or directory: sbatch'."""
+  from train import launching  # pylint: disable=import-outside-toplevel
+  from train.modes import _jobs  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv('PATH', str(tmp_path))  # neither sbatch nor gcloud
+  out = tmp_path / 'launch'
+  with pytest.raises(FileNotFoundError, match='--submit runs sbatch, which is not on PATH here'
+                                              ".*submit it with sbatch .*train.sbatch"):
+    _jobs.write_script(argparse.Namespace(submit=True), str(out), 'train.sbatch', '#!/bin/bash\n')
+  assert (out / 'train.sbatch').exists()
+  with pytest.raises(FileNotFoundError, match='--submit runs gcloud, which is not on PATH'):
+    launching._run(['gcloud', 'compute', 'tpus', 'list'])  # pylint: disable=protected-access
