@@ -323,3 +323,25 @@ def test_submit_without_its_tool_says_so(tmp_path, monkeypatch, capsys):
   assert (out / 'train.sbatch').exists()
   with pytest.raises(FileNotFoundError, match='--submit runs gcloud, which is not on PATH'):
     launching._run(['gcloud', 'compute', 'tpus', 'list'])  # pylint: disable=protected-access
+
+
+def test_an_unreachable_bucket_is_named_by_later_modes(monkeypatch):
+  """--mode=eval (any mode reading a run), report.runs and ensemble.members on a bucket that
+  cannot be reached: the key, the URL and the credentials, not the transport's bare error."""
+  from train import record  # pylint: disable=import-outside-toplevel
+
+  class Offline:
+    def exists(self, path):
+      raise OSError('Cannot connect to host storage.googleapis.com:443')
+
+  monkeypatch.setattr(storage, '_fs', lambda p: (Offline(), p.split('://', 1)[1]))
+  cfg, _ = config_lib.load('configs/cross_family.py')
+  with pytest.raises(storage.WorkdirError, match=r"workdir gs://lab/run: cannot reach the "
+                                                 r"bucket 'lab'.*Credentials: gcloud auth"):
+    record.later_config('gs://lab/run', cfg, {}, 'eval')
+  config_lib.override(cfg, {'report.runs': 'gs://lab/run', 'report.byte_eval': False,
+                            'ensemble.members': 'gs://lab/a,gs://lab/b'})
+  with pytest.raises(storage.WorkdirError, match=r"report.runs: gs://lab/run: cannot reach"):
+    cross_family.report(cfg, '/nonexistent/never/created')
+  with pytest.raises(storage.WorkdirError, match=r"ensemble.members: gs://lab/a: cannot reach"):
+    cross_family.ensemble(cfg, '/nonexistent/never/created')
