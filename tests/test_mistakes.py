@@ -345,3 +345,12 @@ def test_an_unreachable_bucket_is_named_by_later_modes(monkeypatch):
     cross_family.report(cfg, '/nonexistent/never/created')
   with pytest.raises(storage.WorkdirError, match=r"ensemble.members: gs://lab/a: cannot reach"):
     cross_family.ensemble(cfg, '/nonexistent/never/created')
+
+
+def test_a_sweep_value_given_twice_is_refused():
+  """'optim.lr=1e-3,0.001' trained one point and listed it twice in the summary."""
+  for spec in ('optim.lr=1e-3,1e-3', 'optim.lr=1e-3,0.001,3e-3'):
+    with pytest.raises(config_lib.ConfigError, match=r"--sweep: optim.lr='(1e-3|0.001)': the "
+                                                     r"value 0.001 is given twice"):
+      sweep.parse_spec(_cfg(), spec)
+  assert sweep.parse_spec(_cfg(), 'optim.lr=1e-3,3e-3') == {'optim.lr': [1e-3, 3e-3]}
