@@ -354,3 +354,21 @@ def test_a_sweep_value_given_twice_is_refused():
                                                      r"value 0.001 is given twice"):
       sweep.parse_spec(_cfg(), spec)
   assert sweep.parse_spec(_cfg(), 'optim.lr=1e-3,3e-3') == {'optim.lr': [1e-3, 3e-3]}
+
+
+def test_a_report_ensemble_or_sweep_into_a_runs_workdir_is_refused(tmp_path):
+  """--workdir naming a finished run for --mode=report / ensemble / sweep mixed the report's
+  files (or the sweep's points) into that run's directory, exit 0."""
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'config.json').write_text('{"family": "lm"}')
+  for mode in ('report', 'ensemble', 'sweep'):
+    with pytest.raises(storage.WorkdirError, match=f'--workdir={run} holds a training run '
+                                                   rf'\(config.json\); --mode={mode} writes'):
+      storage.check_not_a_run(str(run), mode)
+  storage.check_not_a_run(str(tmp_path / 'report'), 'report')  # new or not a run: fine
+  cfg, _ = config_lib.load('configs/cross_family.py')
+  config_lib.override(cfg, {'report.runs': str(run), 'report.byte_eval': False})
+  with pytest.raises(storage.WorkdirError, match='--mode=report writes its own files'):
+    cross_family.report(cfg, str(run))
+  assert sorted(os.listdir(run)) == ['config.json']

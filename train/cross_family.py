@@ -192,6 +192,7 @@ def ensemble(cfg, workdir: str) -> dict:
     log.warning('ensemble.members: %s is %s; its latest checkpoint is used, and the table '
                 'marks it', spec, why)
   workdir = storage.check_workdir(workdir)
+  storage.check_not_a_run(workdir, 'ensemble')
   fit, val, text, info = _texts(cfg)
   names, scored = [], {'fit': [], 'validation': [], 'text': []}
   for spec in specs:
@@ -282,6 +283,7 @@ def report(cfg, workdir: str) -> list[dict]:
   _check(cfg, 'report')
   specs = [s for spec in _specs(cfg.report.runs, 'report.runs') for s in _expand(spec)]
   workdir = storage.check_workdir(workdir)
+  storage.check_not_a_run(workdir, 'report')
   _, val, text, info = _texts(cfg) if cfg.report.byte_eval else ([], [], [], {})
   rows = []
   for spec, swept in specs:

@@ -269,6 +269,15 @@ def check_workdir(workdir, create: bool = True) -> str:
   return wd
 
 
+def check_not_a_run(workdir: str, mode: str) -> None:
+  """A WorkdirError when `workdir` holds a training run (its config.json): a mode that writes its
+  own files (a report, an ensemble, a sweep's points) would mix them into that run."""
+  if exists(join(canonical(workdir), 'config.json')):
+    raise WorkdirError(f'--workdir={workdir} holds a training run (config.json); --mode={mode} '
+                       'writes its own files there: give it a workdir of its own (the runs it '
+                       'reads are named by the config, not by --workdir)')
+
+
 def check_bucket(url: str, what: str):
   """(filesystem, path) of the bucket URL `url` after one look at its bucket: a WorkdirError
   beginning with `what` (e.g. 'workdir gs://b/run') when the bucket cannot be reached (no

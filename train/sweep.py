@@ -166,6 +166,7 @@ def run(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None
   cli_overrides = cli_overrides or {}
   subs = [_point_config(cfg, p, cli_overrides) for p in points]  # bad keys fail before training
   workdir = storage.check_workdir(workdir)
+  storage.check_not_a_run(workdir, 'sweep')
   record_spec(workdir, spec)
   rows, stopped = [], None
   for point, sub in zip(points, subs):
