@@ -274,8 +274,9 @@ def check_not_a_run(workdir: str, mode: str) -> None:
   own files (a report, an ensemble, a sweep's points) would mix them into that run."""
   if exists(join(canonical(workdir), 'config.json')):
     raise WorkdirError(f'--workdir={workdir} holds a training run (config.json); --mode={mode} '
-                       'writes its own files there: give it a workdir of its own (the runs it '
-                       'reads are named by the config, not by --workdir)')
+                       'writes its own files there: give it a workdir of its own '
+                       + ('(its points train in folders under it)' if mode == 'sweep' else
+                          '(the runs it reads are named by the config, not by --workdir)'))
 
 
 def check_bucket(url: str, what: str):
