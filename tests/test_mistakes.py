@@ -291,3 +291,84 @@ def test_an_unfinished_ensemble_member_is_named(swept, tmp_path, monkeypatch, ca
     cross_family.ensemble(cfg, str(tmp_path / 'ens'))
   assert f'{partial} is unfinished (latest checkpoint: step 2 of 2' in caplog.text
   assert ok not in caplog.text.replace(partial, '')
+
+
+def test_dynamic_tokenization_outside_its_modes_is_refused(tmp_path):
+  """config.dynamic in a mode that does not read it (training a pretrained LM: a run tokenized
+  as usual, exit 0) is refused by the dispatcher, before the mode runs."""
+  from train import modes  # pylint: disable=import-outside-toplevel
+  from train.modes import _dynamic  # pylint: disable=import-outside-toplevel
+  cfg, _ = config_lib.load('configs/pretrained.py:smollm2')
+  config_lib.override(cfg, {'dynamic': 'merges:8'})
+  wd = tmp_path / 'dyn'
+  for mode in ('train', 'lm_eval', 'export'):
+    with pytest.raises(ValueError, match=f"config.dynamic='merges:8' is read by --mode=eval, "
+                                         f".*--mode={mode} would ignore it"):
+      modes.run(argparse.Namespace(mode=mode, workdir=str(wd)), cfg, None, {})
+  assert not wd.exists()
+  for mode in _dynamic.MODES:
+    _dynamic.check_mode(mode, cfg)
+
+
+def test_submit_without_its_tool_says_so(tmp_path, monkeypatch, capsys):
+  """--submit where sbatch / gcloud is not installed: what is missing and where the job is,
+  not 'No such file or directory: sbatch'."""
+  from train import launching  # pylint: disable=import-outside-toplevel
+  from train.modes import _jobs  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv('PATH', str(tmp_path))  # neither sbatch nor gcloud
+  out = tmp_path / 'launch'
+  with pytest.raises(FileNotFoundError, match='--submit runs sbatch, which is not on PATH here'
+                                              ".*submit it with sbatch .*train.sbatch"):
+    _jobs.write_script(argparse.Namespace(submit=True), str(out), 'train.sbatch', '#!/bin/bash\n')
+  assert (out / 'train.sbatch').exists()
+  with pytest.raises(FileNotFoundError, match='--submit runs gcloud, which is not on PATH'):
+    launching._run(['gcloud', 'compute', 'tpus', 'list'])  # pylint: disable=protected-access
+
+
+def test_an_unreachable_bucket_is_named_by_later_modes(monkeypatch):
+  """--mode=eval (any mode reading a run), report.runs and ensemble.members on a bucket that
+  cannot be reached: the key, the URL and the credentials, not the transport's bare error."""
+  from train import record  # pylint: disable=import-outside-toplevel
+
+  class Offline:
+    def exists(self, path):
+      raise OSError('Cannot connect to host storage.googleapis.com:443')
+
+  monkeypatch.setattr(storage, '_fs', lambda p: (Offline(), p.split('://', 1)[1]))
+  cfg, _ = config_lib.load('configs/cross_family.py')
+  with pytest.raises(storage.WorkdirError, match=r"workdir gs://lab/run: cannot reach the "
+                                                 r"bucket 'lab'.*Credentials: gcloud auth"):
+    record.later_config('gs://lab/run', cfg, {}, 'eval')
+  config_lib.override(cfg, {'report.runs': 'gs://lab/run', 'report.byte_eval': False,
+                            'ensemble.members': 'gs://lab/a,gs://lab/b'})
+  with pytest.raises(storage.WorkdirError, match=r"report.runs: gs://lab/run: cannot reach"):
+    cross_family.report(cfg, '/nonexistent/never/created')
+  with pytest.raises(storage.WorkdirError, match=r"ensemble.members: gs://lab/a: cannot reach"):
+    cross_family.ensemble(cfg, '/nonexistent/never/created')
+
+
+def test_a_sweep_value_given_twice_is_refused():
+  """'optim.lr=1e-3,0.001' trained one point and listed it twice in the summary."""
+  for spec in ('optim.lr=1e-3,1e-3', 'optim.lr=1e-3,0.001,3e-3'):
+    with pytest.raises(config_lib.ConfigError, match=r"--sweep: optim.lr='(1e-3|0.001)': the "
+                                                     r"value 0.001 is given twice"):
+      sweep.parse_spec(_cfg(), spec)
+  assert sweep.parse_spec(_cfg(), 'optim.lr=1e-3,3e-3') == {'optim.lr': [1e-3, 3e-3]}
+
+
+def test_a_report_ensemble_or_sweep_into_a_runs_workdir_is_refused(tmp_path):
+  """--workdir naming a finished run for --mode=report / ensemble / sweep mixed the report's
+  files (or the sweep's points) into that run's directory, exit 0."""
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'config.json').write_text('{"family": "lm"}')
+  for mode in ('report', 'ensemble', 'sweep'):
+    with pytest.raises(storage.WorkdirError, match=f'--workdir={run} holds a training run '
+                                                   rf'\(config.json\); --mode={mode} writes'):
+      storage.check_not_a_run(str(run), mode)
+  storage.check_not_a_run(str(tmp_path / 'report'), 'report')  # new or not a run: fine
+  cfg, _ = config_lib.load('configs/cross_family.py')
+  config_lib.override(cfg, {'report.runs': str(run), 'report.byte_eval': False})
+  with pytest.raises(storage.WorkdirError, match='--mode=report writes its own files'):
+    cross_family.report(cfg, str(run))
+  assert sorted(os.listdir(run)) == ['config.json']

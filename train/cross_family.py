@@ -182,6 +182,8 @@ def ensemble(cfg, workdir: str) -> dict:
     raise config_lib.ConfigError(f'ensemble.kinds: unknown {bad}; expected some of '
                                  f'{list(byte_views.KINDS)}')
   for spec in specs:  # before anything is read or loaded
+    if storage.is_remote(spec):  # the bucket and the credentials first, in one message
+      storage.check_bucket(spec, f'ensemble.members: {spec}')
     if _pretrained_source(spec) is None and not storage.isdir(spec):
       raise FileNotFoundError(f'ensemble.members: no run directory {spec}')
   _same_member(specs, 'ensemble.members')
@@ -190,6 +192,7 @@ def ensemble(cfg, workdir: str) -> dict:
     log.warning('ensemble.members: %s is %s; its latest checkpoint is used, and the table '
                 'marks it', spec, why)
   workdir = storage.check_workdir(workdir)
+  storage.check_not_a_run(workdir, 'ensemble')
   fit, val, text, info = _texts(cfg)
   names, scored = [], {'fit': [], 'validation': [], 'text': []}
   for spec in specs:
@@ -222,6 +225,8 @@ def _expand(spec: str) -> list[tuple[str, str]]:
   [(workdir, the sweep's status of the point: '' for a run given directly or a point the
   sweep finished)]. A point the sweep's summary lists without a run (it failed before its
   config was written, or never started) is kept, with its status, so the table shows it."""
+  if storage.is_remote(spec):  # the bucket and the credentials first, in one message
+    storage.check_bucket(spec, f'report.runs: {spec}')
   if _pretrained_source(spec) is not None or storage.exists(storage.join(spec, 'config.json')):
     return [(spec, '')]
   if not storage.isdir(spec):
@@ -278,6 +283,7 @@ def report(cfg, workdir: str) -> list[dict]:
   _check(cfg, 'report')
   specs = [s for spec in _specs(cfg.report.runs, 'report.runs') for s in _expand(spec)]
   workdir = storage.check_workdir(workdir)
+  storage.check_not_a_run(workdir, 'report')
   _, val, text, info = _texts(cfg) if cfg.report.byte_eval else ([], [], [], {})
   rows = []
   for spec, swept in specs:

@@ -330,9 +330,24 @@ class LocalJob:
     return self.run(self.cmd).returncode
 
 
+_TOOL_HINTS = {'sbatch': 'Slurm\'s client, on a cluster\'s login node',
+               'gcloud': 'the Google Cloud CLI, https://cloud.google.com/sdk'}
+
+
+def missing_tool(tool: str, written: str = '') -> str:
+  """The message for a --submit whose command line tool is not on PATH."""
+  hint = _TOOL_HINTS.get(tool, '')
+  return (f'--submit runs {tool}, which is not on PATH here' + (f' ({hint})' if hint else '')
+          + (f'; the job is written: {written}' if written else '')
+          + '; without --submit the job is only written')
+
+
 def _run(cmd: list[str], capture: bool = False):
+  import shutil  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   print('# running: ' + ' '.join(shlex.quote(c) for c in cmd), flush=True)
+  if os.sep not in cmd[0] and shutil.which(cmd[0]) is None:
+    raise FileNotFoundError(missing_tool(cmd[0]))
   return subprocess.run(cmd, capture_output=capture, text=True)
 
 

@@ -227,6 +227,8 @@ def later_config(workdir: str, cfg, overrides: dict, mode: str, wait_seconds: fl
   config.json: a pretrained model evaluated in a new workdir, a path that holds no run), `cfg`
   as given: the mode itself then says what is missing. `wait_seconds`: how long to wait for a
   run that is starting (the evaluator beside its training)."""
+  if storage.is_remote(workdir):  # the bucket and the credentials first, in one message
+    storage.check_bucket(storage.canonical(workdir), f'workdir {workdir}')
   path = storage.join(storage.canonical(workdir), 'config.json')
   deadline = time.monotonic() + wait_seconds
   while wait_seconds and not storage.exists(path):

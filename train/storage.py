@@ -263,21 +263,39 @@ def check_workdir(workdir, create: bool = True) -> str:
     if not os.access(wd, os.W_OK | os.X_OK):
       raise WorkdirError(f'workdir {workdir} is not writable')
     return wd
-  fs, path = _fs(wd)
+  fs, path = check_bucket(wd, f'workdir {workdir}')
+  if not create and not fs.exists(path):
+    raise FileNotFoundError(f'workdir {workdir} does not exist')
+  return wd
+
+
+def check_not_a_run(workdir: str, mode: str) -> None:
+  """A WorkdirError when `workdir` holds a training run (its config.json): a mode that writes its
+  own files (a report, an ensemble, a sweep's points) would mix them into that run."""
+  if exists(join(canonical(workdir), 'config.json')):
+    raise WorkdirError(f'--workdir={workdir} holds a training run (config.json); --mode={mode} '
+                       'writes its own files there: give it a workdir of its own '
+                       + ('(its points train in folders under it)' if mode == 'sweep' else
+                          '(the runs it reads are named by the config, not by --workdir)'))
+
+
+def check_bucket(url: str, what: str):
+  """(filesystem, path) of the bucket URL `url` after one look at its bucket: a WorkdirError
+  beginning with `what` (e.g. 'workdir gs://b/run') when the bucket cannot be reached (no
+  credentials, no network) or does not exist."""
+  fs, path = _fs(url)
   bucket = path.split('/')[0]
   try:
     found = fs.exists(bucket)
   except Exception as e:  # pylint: disable=broad-except  # auth and transport errors vary
-    raise WorkdirError(f'workdir {workdir}: cannot reach the bucket {bucket!r} '
+    raise WorkdirError(f'{what}: cannot reach the bucket {bucket!r} '
                        f'({type(e).__name__}: {str(e)[:200]}). Credentials: gcloud auth '
                        'application-default login, or GOOGLE_APPLICATION_CREDENTIALS') from e
   if not found:
-    raise WorkdirError(f'workdir {workdir}: the bucket {bucket!r} does not exist (or these '
+    raise WorkdirError(f'{what}: the bucket {bucket!r} does not exist (or these '
                        'credentials cannot see it); create it first (gcloud storage buckets '
                        f'create gs://{bucket})')
-  if not create and not fs.exists(path):
-    raise FileNotFoundError(f'workdir {workdir} does not exist')
-  return wd
+  return fs, path
 
 
 # -- logs ---------------------------------------------------------------------------------------

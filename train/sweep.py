@@ -48,7 +48,8 @@ def _split_values(key: str, text: str) -> list[str]:
 def parse_spec(cfg, spec: str) -> dict[str, list]:
   """`--sweep='KEY=V1,V2 KEY2=V3,V4'` -> {KEY: [V1, V2], KEY2: [V3, V4]}, each value parsed to
   the key's type as a `--config.KEY=V` override is. An unknown key, a value that does not
-  parse or is out of range, an empty list or a key given twice is a ConfigError naming the key."""
+  parse or is out of range, an empty list, a key or a value given twice is a ConfigError naming
+  the key."""
   axes = {}
   for item in spec.split():
     key, eq, values = item.partition('=')
@@ -67,6 +68,9 @@ def parse_spec(cfg, spec: str) -> dict[str, list]:
       node = probe
       for part in key.split('.'):
         node = node[part]
+      if node in parsed:  # '1e-3,0.001': one point twice, trained once, listed twice
+        raise config_lib.ConfigError(f'--sweep: {key}={raw!r}: the value {node!r} is given '
+                                     'twice; give each value once')
       parsed.append(node)
     axes[key] = parsed
   return axes
@@ -162,6 +166,7 @@ def run(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None
   cli_overrides = cli_overrides or {}
   subs = [_point_config(cfg, p, cli_overrides) for p in points]  # bad keys fail before training
   workdir = storage.check_workdir(workdir)
+  storage.check_not_a_run(workdir, 'sweep')
   record_spec(workdir, spec)
   rows, stopped = [], None
   for point, sub in zip(points, subs):

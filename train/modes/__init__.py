@@ -186,6 +186,8 @@ def run(args: argparse.Namespace, cfg, module, overrides: dict) -> int:
     from train import record  # pylint: disable=import-outside-toplevel
     cfg = record.later_config(args.workdir, cfg, overrides, mode.name, mode.record_wait(args))
   check_family(mode, cfg)
+  from train.modes import _dynamic  # pylint: disable=import-outside-toplevel
+  _dynamic.check_mode(mode.name, cfg)
   if mode.needs_devices(args):
     from train import launching  # pylint: disable=import-outside-toplevel
     launching.enable_compile_cache()

@@ -3,6 +3,7 @@ it runs on a pretrained language model only."""
 from __future__ import annotations
 
 FAMILIES = ('pretrained',)
+MODES = ('eval', 'sample', 'transfer')  # the modes that read config.dynamic
 
 
 def on(cfg) -> bool:
@@ -20,3 +21,13 @@ def refusal(cfg) -> str:
           + ('; a zett run is given to it as --config.transfer.hypernet_workdir'
              if cfg.get('family', '') == 'zett' else ''))
 
+
+
+def check_mode(mode: str, cfg) -> None:
+  """A ValueError when `cfg` asks for dynamic tokenization in a mode that does not read it
+  (training, for one, would silently tokenize as usual)."""
+  if on(cfg) and mode not in MODES:
+    raise ValueError(f'config.dynamic={cfg.dynamic!r} is read by '
+                     f'{", ".join("--mode=" + m for m in MODES)} only (dynamic tokenization of '
+                     f'a pretrained LM, train/dynamic.py); --mode={mode} would ignore it: drop '
+                     'the override')

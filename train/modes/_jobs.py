@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -131,5 +132,7 @@ def write_script(args, out_dir: str, file_name: str, text: str) -> int:
   if args.submit:
     cmd = ['sbatch', script]
     print('# running: ' + ' '.join(shlex.quote(c) for c in cmd), flush=True)
+    if shutil.which('sbatch') is None:
+      raise FileNotFoundError(launching.missing_tool('sbatch', f'submit it with sbatch {script}'))
     return subprocess.call(cmd)
   return 0
