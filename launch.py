@@ -36,6 +36,7 @@ def parse(argv):
                  if 'NOTOKLM_PROCESS_ID' in os.environ else None)
   modes.add_flags(p)  # --mode and every mode's own flags
   args = p.parse_args(rest)
+  modes.check_flags(args)  # another mode's flag would be silently ignored
   if not args.workdir.strip():  # '' would be the current directory: the run's files land there
     raise config_lib.ConfigError(f'--workdir={args.workdir!r} is empty: name the run\'s '
                                  'directory (e.g. --workdir=runs/byte_tiny)')

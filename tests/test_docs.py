@@ -321,15 +321,15 @@ def test_the_checker_catches_a_stale_command():
       'python launch.py --config=configs/hat.py:tiny --workdir=w --config.train.steps=many',
       'python launch.py --config=configs/hat.py:tiny --workdir=w --mode=evaluate',
       'python launch.py --config=configs/hat.py:tiny --workdir=w --nodez=2 --config.seed=$S',
-      'python launch.py ... --submit [--max_restarts=20]',
+      'python launch.py ... --mode=launch --submit [--max_restarts=20]',
       '```',
   ])
   cmds, _ = commands_in(doc, 'x.md')
   assert [c.line for c in cmds] == [5, 5, 8, 9, 10, 11, 12]
   assert cmds[0].args[-2:] == ['--config.train.steps=5', '--config.optim.lr=1e-3']
   assert cmds[5].skipped == ['the value of --config.seed']
-  assert cmds[6].skipped == ['an elided "..."'] and cmds[6].args == ['--submit',
-                                                                     '--max_restarts=20']
+  assert cmds[6].skipped == ['an elided "..."'] and cmds[6].args == [
+      '--mode=launch', '--submit', '--max_restarts=20']
   modes = known_modes()
   errors = [check(c, modes) for c in cmds]
   assert errors[0] == [] and errors[6] == []

@@ -106,3 +106,19 @@ def test_a_mode_refuses_another_family_in_one_message(data_dir, tmp_path):
   assert ("error: --mode=transfer accepts family pretrained, not family 'lm' (config.family)"
           in p.stderr), p.stderr[-2000:]
   assert 'Traceback' not in p.stderr and not os.path.exists(tmp_path / 'w')
+
+
+def test_another_modes_flag_is_refused_not_ignored():
+  """`--submit` or `--sweep` under --mode=train (and `--step` under train) would be silently
+  ignored: refused, naming the modes that read the flag; a mode's own flags still pass."""
+  from train import config_lib  # pylint: disable=import-outside-toplevel
+  base = ['--config=configs/byte_lm.py:tiny', '--workdir=unused']
+  for flag in ('--submit', "--sweep=optim.lr=1e-3,3e-3", '--step=3'):
+    with pytest.raises(config_lib.ConfigError, match=rf'{flag.split("=")[0]} is read by '
+                       r'--mode=.*not by --mode=train'):
+      launch.parse([*base, flag])
+  assert launch.parse([*base, '--mode=eval', '--step=3'])[0].step == 3
+  assert launch.parse([*base, '--mode=launch', '--submit', '--dry'])[0].submit
+  p = run_launch('', *base, '--submit', check=False)
+  assert p.returncode == 2 and '--submit is read by --mode=launch' in p.stderr
+  assert 'Traceback' not in p.stderr

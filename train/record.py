@@ -231,6 +231,10 @@ def later_config(workdir: str, cfg, overrides: dict, mode: str, wait_seconds: fl
     storage.check_bucket(storage.canonical(workdir), f'workdir {workdir}')
   path = storage.join(storage.canonical(workdir), 'config.json')
   deadline = time.monotonic() + wait_seconds
+  if wait_seconds and not storage.exists(path):
+    from train.metrics import log0  # pylint: disable=import-outside-toplevel
+    log0(f'--mode={mode}: waiting up to {wait_seconds:.0f} s for a run in {workdir} (no '
+         'config.json yet; --max_idle_seconds sets the wait)')
   while wait_seconds and not storage.exists(path):
     if time.monotonic() > deadline:
       where = 'does not exist' if not storage.exists(workdir) else 'holds no run (no config.json)'

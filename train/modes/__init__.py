@@ -155,9 +155,22 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   declared: dict = {}
   for mode in known:
     mode.add_flags(Flags(parser, mode, declared))
+  parser.set_defaults(_mode_flags={a.dest: (owners, names[0], a.default)
+                                   for owners, names, _, a, _ in declared.values()})
   width = max(len(m.name) for m in known)
   lines = [f'  {m.name:<{width}}  {m.summary}' for m in known]
   parser.epilog = '\n'.join(filter(None, [parser.epilog, 'modes (train/modes/NAME.py):', *lines]))
+
+
+def check_flags(args: argparse.Namespace) -> None:
+  """A ConfigError when a mode's own flag is given to a mode that does not read it (e.g.
+  `--submit` or `--sweep` with --mode=train), which would otherwise be silently ignored."""
+  from train import config_lib  # pylint: disable=import-outside-toplevel
+  for dest, (owners, flag, default) in getattr(args, '_mode_flags', {}).items():
+    if args.mode not in owners and getattr(args, dest, default) != default:
+      raise config_lib.ConfigError(
+          f'{flag} is read by --mode={" / --mode=".join(owners)}, not by --mode={args.mode}: '
+          'it would be ignored; drop it or pick the mode that reads it')
 
 
 def check_family(mode: Mode, cfg) -> None:

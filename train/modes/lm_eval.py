@@ -79,12 +79,19 @@ class Mode(modes.Mode):
                                 'first, or name a model: --config.lm_eval.model=RUN_WORKDIR or '
                                 'pretrained:smollm2)')
     got = load(cfg, args.workdir, args.step)
+    from train import cross_family  # pylint: disable=import-outside-toplevel
+    run_dir = (spec if spec and not spec.startswith('pretrained:') else
+               args.workdir if storage.exists(storage.join(args.workdir, 'config.json')) else '')
+    status = cross_family.unfinished(run_dir) if run_dir else ''
+    if status:  # scored all the same, and the result says so
+      log0(f'WARNING --mode=lm_eval: {run_dir} is {status}: the scores are of step {got.step}')
     le.check_family(got.family, tasks, f'{got.identity} (family {got.family.name!r})')
     lm = le.make_lm(got.family, got.model, lm_cfg, window=got.window, mesh=got.mesh)
     log0(f'[lm_eval] {got.identity}: {", ".join(tasks)}; {lm.describe}')
     res = le.evaluate(lm, lm_cfg, specs, tm)
     if jax.process_index() == 0:
       md = le.write(res, lm_cfg, storage.join(args.workdir, 'lm_eval'), got.step,
-                    {'model': got.identity, 'family': got.family.name})
+                    {'model': got.identity, 'family': got.family.name,
+                     'status': status or 'finished'})
       log0(md.rstrip('\n'))
     return 0
