@@ -242,7 +242,10 @@ def test_dynamic_tokenization(tiny, tmp_path, capsys):
     assert r['tokens_per_byte'] < plain['tokens_per_byte'] and np.isfinite(r['bpb'])
     # a budget larger than the text allows: merged until no pair is left, counted
     big = rows[('merges:1000', method)]
-    assert big['batches_out_of_pairs'] >= 1 and 2 < big['merges_per_batch'] < 1000
+    # (how many pairs the validation text holds depends on which documents the split's hash
+    # of their path puts there, i.e. on the test's tmp path: at least the smaller budget's)
+    assert big['batches_out_of_pairs'] >= 1
+    assert r['merges_per_batch'] <= big['merges_per_batch'] < 1000
     assert big['token_reduction'] > r['token_reduction']
   assert 'no pair was left to merge' in capsys.readouterr().out
   assert out['cache']['fvt']['cache_hits'] > 0  # rows reused across batches and settings
