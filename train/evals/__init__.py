@@ -24,6 +24,7 @@ keys: `eval/<metric>` for a flat evaluator (validation: `eval/bpb`, as always), 
 """
 from __future__ import annotations
 
+import abc
 import importlib
 import numbers
 import pkgutil
@@ -42,7 +43,7 @@ DEFAULTS = {
 }
 
 
-class Evaluator:
+class Evaluator(abc.ABC):
   """Base class of every evaluator type: one instance per `config.evals` entry, built once per
   process (by the trainer's `Setup`) and kept, so it may hold state across calls (batches, a
   compiled step, a loaded task).
@@ -75,13 +76,13 @@ class Evaluator:
     del setup
     return ''
 
+  @abc.abstractmethod
   def run(self, setup, params, workdir: str, step: int, earlier: dict) -> dict | None:
     """Evaluates `params` (the trained state, sharded as the trainer's `Setup` says) at
     `step`: a dict of results (scalars, nested dicts of scalars; other values go into
     `eval_step{N}.json` only) and any files written into `workdir` (named with the step).
     `earlier`: the results of the evaluators that ran before it for this step (e.g. the
     validation figures to compare with). None: nothing to report (skipped)."""
-    raise NotImplementedError
 
 
 def lookup(kind: str) -> type[Evaluator]:

@@ -8,6 +8,7 @@ sentence encoder base: sampled WordPiece vocabularies, sentence-embedding cosine
 """
 from __future__ import annotations
 
+import abc
 import queue
 import threading
 from typing import Callable
@@ -152,17 +153,21 @@ class ZettBase(families.Family):
                         else self._new_eval_tokenizer())
     return self._eval_tok
 
+  @abc.abstractmethod
   def _new_eval_tokenizer(self):
-    raise NotImplementedError
+    """The evaluation tokenizer sampled for this kind (recorded as an artifact)."""
 
+  @abc.abstractmethod
   def _batcher_for(self, seq_len: int):
-    raise NotImplementedError
+    """This kind's batcher of training rows of `seq_len`."""
 
+  @abc.abstractmethod
   def _piece_ids(self, strings: list[str], max_pieces: int) -> np.ndarray:
-    raise NotImplementedError
+    """`strings` split into base-vocabulary pieces ([N, max_pieces], padded) by this kind's rule."""
 
+  @abc.abstractmethod
   def _input_embeddings(self, model, pieces, shared, keep):
-    raise NotImplementedError
+    """The hypernetwork's input embeddings for `pieces` (this kind's base embeddings)."""
 
   def artifacts(self) -> dict[str, bytes]:
     return {'eval_tokenizer.json': self.eval_tokenizer().to_str().encode()}

@@ -48,6 +48,7 @@ foundations it needs to load a config and name a user's mistake (tests/test_laye
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import importlib
 import pkgutil
@@ -56,7 +57,7 @@ import sys
 DEFAULT = 'train'  # the mode of a launch.py command without --mode
 
 
-class Mode:
+class Mode(abc.ABC):
   """Base class of every mode (see the module docstring for the contract)."""
 
   families: tuple[str, ...] | None = None
@@ -98,9 +99,9 @@ class Mode:
     del args
     return self.devices
 
+  @abc.abstractmethod
   def run(self, args: argparse.Namespace, cfg, module, overrides: dict) -> int:
     """Does the mode's work; returns the exit status."""
-    raise NotImplementedError(f'mode {self.name!r} defines no run()')
 
 
 class Flags:

@@ -31,3 +31,4 @@ def check_mode(mode: str, cfg) -> None:
                      f'{", ".join("--mode=" + m for m in MODES)} only (dynamic tokenization of '
                      f'a pretrained LM, train/dynamic.py); --mode={mode} would ignore it: drop '
                      'the override')
+

@@ -6,27 +6,8 @@ set, the model (a pretrained LM) is evaluated under dynamic tokenization instead
 """
 from __future__ import annotations
 
-from train import modes
-from train.modes import _dynamic, _flags
+from train.modes import _checkpoint
 
 
-class Mode(modes.Mode):
-  reads_run = True
-
-  def add_flags(self, flags) -> None:
-    _flags.step(flags)
-
-  def accepts(self, cfg):
-    return _dynamic.accepts(cfg)
-
-  def refusal(self, cfg) -> str:
-    return _dynamic.refusal(cfg)
-
-  def run(self, args, cfg, module, overrides) -> int:
-    if _dynamic.on(cfg):
-      from train import dynamic  # pylint: disable=import-outside-toplevel
-      dynamic.run(cfg, args.workdir, step=args.step)
-    else:
-      from train import trainer  # pylint: disable=import-outside-toplevel
-      trainer.evaluate(cfg, args.workdir, step=args.step)
-    return 0
+class Mode(_checkpoint.CheckpointMode):
+  PLAIN, DYNAMIC = 'evaluate', 'run'  # train.trainer.evaluate / train.dynamic.run

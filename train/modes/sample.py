@@ -5,27 +5,8 @@ view; with config.dynamic set, a pretrained LM under dynamic tokenization (train
 """
 from __future__ import annotations
 
-from train import modes
-from train.modes import _dynamic, _flags
+from train.modes import _checkpoint
 
 
-class Mode(modes.Mode):
-  reads_run = True
-
-  def add_flags(self, flags) -> None:
-    _flags.step(flags)
-
-  def accepts(self, cfg):
-    return _dynamic.accepts(cfg)
-
-  def refusal(self, cfg) -> str:
-    return _dynamic.refusal(cfg)
-
-  def run(self, args, cfg, module, overrides) -> int:
-    if _dynamic.on(cfg):
-      from train import dynamic  # pylint: disable=import-outside-toplevel
-      dynamic.sample(cfg, args.workdir, step=args.step)
-    else:
-      from train import trainer  # pylint: disable=import-outside-toplevel
-      trainer.sample(cfg, args.workdir, step=args.step)
-    return 0
+class Mode(_checkpoint.CheckpointMode):
+  PLAIN, DYNAMIC = 'sample', 'sample'  # train.trainer.sample / train.dynamic.sample
