@@ -246,7 +246,7 @@ def test_dynamic_tokenization(tiny, tmp_path, capsys):
     # of their path puts there, i.e. on the test's tmp path: at least the smaller budget's)
     assert big['batches_out_of_pairs'] >= 1
     assert r['merges_per_batch'] <= big['merges_per_batch'] < 1000
-    assert big['token_reduction'] > r['token_reduction']
+    assert big['token_reduction'] >= r['token_reduction']  # equal when only 2 pairs exist
   assert 'no pair was left to merge' in capsys.readouterr().out
   assert out['cache']['fvt']['cache_hits'] > 0  # rows reused across batches and settings
 
