@@ -206,3 +206,21 @@ def test_launch_prints_the_summary_and_refuses_a_bad_batch(tmp_path):
   p = _run(['launch.py', '--config=configs/hat.py:1b', f'--workdir={tmp_path / "s"}',
             '--mode=launch', '--launcher=slurm', '--nodes=3', '--gpus_per_node=8'], 1)
   assert p.returncode == 1 and 'over 24 batch shards' in p.stderr, p.stderr[-3000:]
+
+
+def test_multi_host_jobs_warn_of_data_on_the_workers_own_disks():
+  from train import config_lib  # pylint: disable=import-outside-toplevel
+  from train.modes import launch as launch_mode  # pylint: disable=import-outside-toplevel
+  cfg, _ = config_lib.load('configs/byte_lm.py:tiny')
+  assert launch_mode._local_data(cfg) == []  # the embedded corpus (pylint: disable=protected-access)
+  config_lib.override(cfg, {'data.source': 'shards:gs://b/c/*.parquet,/mnt/c/*.parquet',
+                            'data.eval_source': 'gs://b/v/*.parquet'})
+  notes = launch_mode._local_data(cfg)  # pylint: disable=protected-access
+  assert len(notes) == 1 and 'data.source reads /mnt/c/*.parquet on each worker' in notes[0]
+  assert 'gs://b' not in notes[0] and 'gcsfuse' in notes[0]
+  config_lib.override(cfg, {'data.source': 'text:/home/me/corpus.txt', 'data.eval_source': ''})
+  assert 'data.source reads /home/me/corpus.txt' in launch_mode._local_data(cfg)[0]  # pylint: disable=protected-access
+  config_lib.override(cfg, {'data.source': 'tfds:c4/en', 'data.data_dir': '/data/tfds'})
+  assert 'data.data_dir=/data/tfds' in launch_mode._local_data(cfg)[0]  # pylint: disable=protected-access
+  config_lib.override(cfg, {'data.data_dir': 'gs://b/tfds'})
+  assert launch_mode._local_data(cfg) == []  # pylint: disable=protected-access

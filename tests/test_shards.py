@@ -203,6 +203,20 @@ def test_bad_input(tmp_path, monkeypatch):
     next(it)
   it.close()
   assert it.source.stats['skipped_corrupt_shards'] >= 1
+  # ... and the family's data stats (the run log and train_summary.json) count the stream's
+  # skips as they happen, not as they were when the iterator was made
+  from train import config_lib, families  # pylint: disable=import-outside-toplevel
+  cfg, _ = config_lib.load('configs/byte_lm.py:tiny')
+  config_lib.override(cfg, {'data.source': f'shards:{d}/*', 'train.batch_size': '3',
+                            'data.seq_len': '48', 'data.prefetch': '0'})
+  fam = families.get(cfg)
+  it = fam.train_iterator(0, 1)
+  assert 'skipped_corrupt_shards' not in fam.data_stats()
+  while it.get_state()['epoch'] == 0:
+    next(it)
+  it.close()
+  assert fam.data_stats()['skipped_corrupt_shards'] >= 1
+  assert fam.data_stats()['shards_without_documents'] >= 1
   # fewer units than processes
   with pytest.raises(ValueError, match='for 8 processes'):
     train_iter(cfg_data(f'shards:{d}/part-999.jsonl.gz'), pc=8)

@@ -75,6 +75,7 @@ class Family(abc.ABC):
     self.workdir = workdir
     self.dtype = compute_dtype(cfg)
     self._stats: dict[str, Any] = {}
+    self._sources: list = []  # data sources whose counts grow while they are read
     self._manifest = _read_manifest(workdir)
 
   @property
@@ -236,8 +237,17 @@ class Family(abc.ABC):
 
   def data_stats(self) -> dict:
     """Counted data skips / cuts and other data facts for the run log and train_summary.json
-    (keys with 'skipped', 'cut' or 'without' are printed at the start of a run)."""
-    return dict(self._stats)
+    (keys with 'skipped', 'cut' or 'without' are printed at the start of a run). The counts of
+    a streamed source (`shards:`) are read now, so the summary has those of the whole run (this
+    process's share)."""
+    out = dict(self._stats)
+    for source in self._sources:
+      out.update(dict(getattr(source, 'stats', None) or {}))
+    return out
+
+  def track_source(self, source) -> None:
+    """Reports `source.stats` in `data_stats` (read at each call, not copied now)."""
+    self._sources.append(source)
 
 
 def _read_manifest(workdir) -> dict | None:

@@ -42,7 +42,7 @@ class HATFamily(families.Family):
   def train_iterator(self, process_index: int, process_count: int):
     it = pipeline.make_train_iterator(self.cfg, self.encoder, process_index, process_count,
                                       transform=self.fields)
-    self._stats.update(it.source.stats or {})
+    self.track_source(it.source)
     return it
 
   def eval_batches(self, process_index: int, process_count: int, max_batches: int = 0,

@@ -88,7 +88,7 @@ class TokenLMFamily(families.Family):
 
   def train_iterator(self, process_index: int, process_count: int):
     it = pipeline.make_train_iterator(self.cfg, self.encoder, process_index, process_count)
-    self._stats.update(it.source.stats or {})  # counts for the whole prepared dataset
+    self.track_source(it.source)  # a prepared dataset's counts, or a stream's so far
     return it
 
   def eval_batches(self, process_index: int, process_count: int, max_batches: int = 0,

@@ -71,6 +71,34 @@ def _preflight(args, cfg) -> None:
                        repo=args.repo or launching.REPO)
   print(f'# preflight: {args.config} on {target.name}: fits')
   print('\n'.join('#' + line for line in job.summary().splitlines()))
+  if target.processes > 1:
+    for note in _local_data(cfg):
+      print(f'# warning: {note}')
+
+
+def _local_data(cfg) -> list[str]:
+  """What a multi-host job reads from each worker's own disk: the launchers ship the code, not
+  the data, so such a path must exist on every worker (a gcsfuse mount at the same path, or a
+  copy); a gs:// URL needs neither."""
+  d = cfg.data
+  out = []
+  for key in ('source', 'eval_source'):
+    spec = str(d.get(key, '') or '')
+    kind, _, rest = spec.partition(':')
+    if key == 'eval_source':  # patterns without a prefix
+      kind, rest = 'shards', spec
+    if kind not in ('shards', 'text') or not rest:
+      continue
+    local = [p for p in rest.split(',') if p and not storage.is_remote(p)]
+    if local:
+      out.append(f'data.{key} reads {", ".join(local)} on each worker\'s own disk: the job ships '
+                 'the code, not the data (mount the bucket with gcsfuse at that path on every '
+                 'worker, or use a gs:// URL)')
+  if str(d.get('data_dir', '') or '') and not storage.is_remote(d.data_dir) and \
+      str(d.get('source', '')).startswith('tfds:'):
+    out.append(f'data.data_dir={d.data_dir} is on each worker\'s own disk: every worker needs '
+               'the prepared dataset there (or a gs:// data_dir)')
+  return out
 
 
 def _flops_per_token(cfg) -> float | None:
