@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.text_key = 'text'        # feature / jsonl field holding the text
   d.txt_split = 'paragraph'  # local .txt files: 'file' | 'paragraph' (blank lines) | 'line'
   d.max_doc_chars = 100_000  # longer documents are cut into pieces (counted)
+  d.val_fraction = 0.02      # text: only: documents held out for validation (stable hash of each)
+  d.val_min_bytes = 0        # text: only: more documents (next by hash) until validation holds this
   d.max_docs = 0             # >0: use only the first N documents of each split (smoke runs)
   d.doc_filter = ''          # regex: only documents whose 'name' matches (e.g. the embedded
                              # corpus's prose '^(topic|docstring)/', its code '^src/')
@@ -89,6 +91,9 @@ def get_config() -> ml_collections.ConfigDict:
   v.robustness = _evaluator('robustness', every=0)      # eval.robustness kinds
   v.next_word = _evaluator('next_word', every=0)        # eval.next_word*
   v.family_suite = _evaluator('family_suite', every=0)  # the family's own eval_suite
+  # named sets scored like-for-like through the byte view ('NAME=FILE,...' or 'val'; '' = off):
+  # the same bytes, each piece of <= context_bytes bytes scored alone (train/evals/held_out.py)
+  v.held_out = _evaluator('held_out', every=0, sets='', context_bytes=512, max_bytes=0)
 
   # Standard benchmarks (--mode=lm_eval, evaluator type lm_eval; train/evals/lm_eval.py) -------
   c.lm_eval = le = ml_collections.ConfigDict()

@@ -109,29 +109,50 @@ def _features():
 
 
 class _SplitPlan:
-  """Hash split with at least one document per split (needs one pre-scan of the keys)."""
+  """Hash split with at least one document per split (needs one pre-scan of the keys).
 
-  def __init__(self, keys: Iterator[str]):
+  `fraction`: the documents whose stable hash falls below it are validation. `min_bytes` (needs
+  (key, bytes) pairs): while the validation documents hold fewer bytes, the next documents by
+  hash join them (always leaving one for training). Every choice depends only on the keys and
+  sizes, so it is the same on every host and every run over the same files."""
+
+  def __init__(self, keys: Iterator, fraction: float = VALIDATION_FRACTION, min_bytes: int = 0):
+    self.fraction = float(fraction)
     self.n = self.n_val = 0  # distinct keys (pieces of a document share its key, in a row)
+    sizes: dict[str, int] = {}
     lo = hi = prev = None
-    for k in keys:
+    for item in keys:
+      k, size = item if isinstance(item, tuple) else (item, 0)
+      if min_bytes > 0:
+        sizes[k] = sizes.get(k, 0) + size
       if k == prev:
         continue
       prev = k
       b = stable_bucket(k)
       self.n += 1
-      self.n_val += b < VALIDATION_FRACTION
+      self.n_val += b < self.fraction
       lo = (b, k) if lo is None or (b, k) < lo else lo
       hi = (b, k) if hi is None or (b, k) > hi else hi
     self.force_val = lo[1] if self.n >= 2 and self.n_val == 0 else None
     self.force_train = hi[1] if self.n >= 2 and self.n_val == self.n else None
+    self.extra_val: set[str] = set()
+    if min_bytes > 0 and self.n >= 2:
+      order = sorted(sizes, key=lambda k: (stable_bucket(k), k))
+      val = [k for k in order if self.split_of(k) == 'validation']
+      have = sum(sizes[k] for k in val)
+      for k in order[len(val):-1]:  # by hash, never the last one (training keeps a document)
+        if have >= min_bytes:
+          break
+        self.extra_val.add(k)
+        have += sizes[k]
+      self.n_val = len(val) + len(self.extra_val)
 
   def split_of(self, key: str) -> str:
-    if key == self.force_val:
+    if key == self.force_val or key in getattr(self, 'extra_val', ()):
       return 'validation'
     if key == self.force_train:
       return 'train'
-    return 'validation' if stable_bucket(key) < VALIDATION_FRACTION else 'train'
+    return 'validation' if stable_bucket(key) < self.fraction else 'train'
 
 
 def _cut(text: str, max_chars: int, stats: collections.Counter) -> list[str]:
@@ -289,13 +310,21 @@ class LocalTextConfig(tfds.core.BuilderConfig):
   txt_split: str = 'paragraph'
   text_key: str = 'text'
   max_doc_chars: int = 100_000
+  val_fraction: float = VALIDATION_FRACTION
+  val_min_bytes: int = 0
 
 
 def local_text_config(paths, txt_split='paragraph', text_key='text',
-                      max_doc_chars=100_000) -> LocalTextConfig:
+                      max_doc_chars=100_000, val_fraction=VALIDATION_FRACTION,
+                      val_min_bytes=0) -> LocalTextConfig:
   """Checks the paths and names a config by their (path, size, mtime) and the options."""
   if txt_split not in ('file', 'paragraph', 'line'):
     raise ValueError(f"data.txt_split must be 'file', 'paragraph' or 'line', got {txt_split!r}")
+  if not 0.0 < float(val_fraction) < 1.0:
+    raise ValueError(f'data.val_fraction={val_fraction!r}: must be between 0 and 1 (the share of '
+                     'documents held out for validation, by a stable hash)')
+  if int(val_min_bytes) < 0:
+    raise ValueError(f'data.val_min_bytes={val_min_bytes!r}: must be >= 0')
   absolute = []
   for p in paths:
     a = os.path.abspath(os.path.expanduser(p))
@@ -317,8 +346,11 @@ def local_text_config(paths, txt_split='paragraph', text_key='text',
     st = os.stat(a)
     h.update(f'{a}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
   h.update(f'{txt_split}\0{text_key}\0{max_doc_chars}'.encode())
+  if float(val_fraction) != VALIDATION_FRACTION or int(val_min_bytes):  # (default: names as before)
+    h.update(f'\0{float(val_fraction)!r}\0{int(val_min_bytes)}'.encode())
   return LocalTextConfig(name=f'h{h.hexdigest()[:16]}', paths=tuple(absolute),
-                         txt_split=txt_split, text_key=text_key, max_doc_chars=max_doc_chars)
+                         txt_split=txt_split, text_key=text_key, max_doc_chars=max_doc_chars,
+                         val_fraction=float(val_fraction), val_min_bytes=int(val_min_bytes))
 
 
 _PIECE_BYTES = 1 << 20  # longer lines are read in pieces of at most this many bytes
@@ -514,7 +546,8 @@ class LocalText(_Builder):
     del dl_manager
     cfg = self.builder_config
     scan = collections.Counter()
-    plan = _SplitPlan(k for k, _, _, _ in _local_documents(cfg, scan))
+    plan = _SplitPlan(((k, len(t.encode('utf-8'))) for k, _, _, t in _local_documents(cfg, scan)),
+                      cfg.val_fraction, cfg.val_min_bytes)
     if plan.n < 2:
       raise ValueError(f'only {plan.n} usable document in {", ".join(cfg.paths)}; need at least '
                        "2 (one for validation): add text or use data.txt_split='paragraph'/'line'")
@@ -526,6 +559,7 @@ class LocalText(_Builder):
                                                          collections.Counter()):
       if plan.split_of(key) == split:
         self.notoklm_stats[f'documents_{split}'] += 1
+        self.notoklm_stats[f'bytes_{split}'] += len(text.encode('utf-8'))
         yield example_key, {'text': text, 'name': name}
 
 
@@ -817,7 +851,9 @@ def _get_source(cfg_data, split: str) -> DocSource:
   if src.startswith('text:'):
     paths = [p for p in src[len('text:'):].split(',') if p]
     config = local_text_config(paths, cfg_data.get('txt_split', 'paragraph'),
-                               cfg_data.get('text_key', 'text'), max_chars)
+                               cfg_data.get('text_key', 'text'), max_chars,
+                               cfg_data.get('val_fraction', VALIDATION_FRACTION),
+                               cfg_data.get('val_min_bytes', 0))
     builder = prepare(lambda: LocalText(data_dir=data_dir, config=config,
                                         file_format='array_record'), data_dir)
     return _builder_source(builder, split, 'text', max_docs)

@@ -155,13 +155,15 @@ def test_evaluators_are_checked_by_name(cfg, monkeypatch):
   import types
   from train import evals
   built = evals.Evaluators(cfg, 'lm')
-  assert [e.name for e in built] == ['validation', 'robustness', 'next_word', 'family_suite']
+  assert [e.name for e in built] == ['validation', 'robustness', 'held_out', 'next_word',
+                                     'family_suite']
   assert [e.name for e in built.due(7, 0)] == [] and [e.name for e in built.due(7, 0, True)] == [
       'validation']
   bad = copy.deepcopy(cfg)
   config_lib.override(bad, {'evals.next_word.type': 'next_wrd'})
   with pytest.raises(config_lib.ConfigError, match=r"evals.next_word: unknown evaluator type "
-                     r"'next_wrd'; types: family_suite, lm_eval, next_word, robustness, validation"):
+                     r"'next_wrd'; types: family_suite, held_out, lm_eval, next_word, robustness, "
+                     r"validation"):
     evals.Evaluators(bad, 'lm')
   config_lib.override(bad, {'evals.next_word.type': 'report'})  # a helper module, no Evaluator
   with pytest.raises(config_lib.ConfigError, match="unknown evaluator type 'report'"):

@@ -174,3 +174,50 @@ def test_bad_input_one_error_line(data_dir, tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"ensemble.kinds: unknown \['geo'\]"):
     cross_family.ensemble(cfg, str(tmp_path / 'k'))  # launch.py: exit 2
   assert not os.path.exists(tmp_path / 'k')
+
+
+def test_held_out_sets_score_the_same_bytes_for_every_family(runs, tmp_path):
+  """Evaluator type 'held_out': a byte LM and a BPE LM score a named file and the validation
+  split on the same bytes with the same context in bytes, and each result says what it
+  measured; bad entries are one ConfigError naming them."""
+  from train.evals import held_out  # pylint: disable=import-outside-toplevel
+  play = tmp_path / 'play.txt'
+  play.write_text('ROMEO. But soft, what light through yonder window breaks?\n' * 12
+                  + 'Caf\u00e9 na\u00efve\n')
+  opts = {'type': 'held_out', 'every': 0, 'sets': f'play={play},val', 'context_bytes': 96,
+          'max_bytes': 0}
+  size = len(play.read_bytes())
+  got = {}
+  for name in ('bytes', 'bpe'):
+    _, wd, cfg = runs[name]
+    setup, state, _ = trainer.restore(cfg, wd)
+    ev = held_out.Evaluator('held_out', cfg, opts)
+    assert f'play {size} bytes' in ev.prepare(setup)
+    got[name] = ev.run(setup, state['params'], wd, 2, {})
+  a, b = got['bytes'], got['bpe']
+  assert a['play']['n_bytes'] == b['play']['n_bytes'] == size
+  for s in ('play', 'val'):
+    for k in ('n_bytes', 'n_pieces', 'sha1', 'context_bytes', 'source'):
+      assert a[s][k] == b[s][k], (s, k)
+    assert 0 < a[s]['bpb'] < 20 and 0 < b[s]['bpb'] < 20 and a[s]['bpb'] != b[s]['bpb']
+  assert a['play']['n_pieces'] >= size // 96 + 1  # the whole file, in pieces of <= 96 bytes
+  assert a['val']['source'] == 'val' and a['play']['context_bytes'] == 96
+  # the same numbers as scoring the pieces through the byte view by hand
+  _, wd, cfg = runs['bytes']
+  setup, state, _ = trainer.restore(cfg, wd)
+  view = setup.family.byte_view(setup.model(state['params']))
+  items = byte_views.pieces([play.read_bytes()], 96)
+  assert a['play']['bpb'] == pytest.approx(byte_views.score(view, items).bpb(), rel=1e-6)
+  # max_bytes spreads pieces over the set
+  few = held_out.Evaluator('h', cfg, {**opts, 'sets': f'play={play}', 'max_bytes': 200})
+  few.prepare(setup)
+  assert sum(len(p) for p, _ in few.items['play']) <= 300
+  for bad, match in (({'sets': 'play'}, "'play' has no file"),
+                     ({'sets': f'a={play},a={play}'}, "'a' is named twice"),
+                     ({'sets': 'x y=/f'}, 'NAME a plain word'),
+                     ({'context_bytes': 4}, r'evals.held_out.context_bytes=4'),
+                     ({'max_bytes': -1}, r'evals.held_out.max_bytes=-1')):
+    with pytest.raises(config_lib.ConfigError, match=match):
+      held_out.Evaluator('held_out', cfg, {**opts, **bad})
+  with pytest.raises(config_lib.ConfigError, match='nope.txt does not exist'):
+    held_out.Evaluator('held_out', cfg, {**opts, 'sets': f'p={tmp_path}/nope.txt'}).prepare(setup)

@@ -96,6 +96,29 @@ def test_local_txt_modes_and_jsonl(tmp_path):
   assert sorted(docs) == sorted([f'record {i} é' for i in range(50)] + [open(txt).read()])
 
 
+def test_validation_fraction_and_minimum_size_of_a_text_source(tmp_path):
+  paras = [f'paragraph {i}: ' + 'words of text ' * (1 + i % 7) for i in range(200)]
+  txt = _write(tmp_path / 'a.txt', '\n\n'.join(paras) + '\n')
+  size = lambda src: sum(len(t.encode()) for t in src)
+  got = {}
+  for frac, min_bytes in ((0.02, 0), (0.25, 0), (0.02, 3000)):
+    cfg = data_cfg(tmp_path / 'd', source=f'text:{txt}', val_fraction=frac,
+                   val_min_bytes=min_bytes)
+    tr, va = corpus.get_source(cfg, 'train'), corpus.get_source(cfg, 'validation')
+    assert sorted(list(tr) + list(va)) == sorted(paras)
+    assert va.stats['documents_validation'] == len(va) and va.stats['bytes_validation'] == size(va)
+    got[frac, min_bytes] = set(va)
+  small, large, sized = got[0.02, 0], got[0.25, 0], got[0.02, 3000]
+  assert 20 < len(large) < 80 and len(small) < 15 and small < large  # the same hash order
+  assert size(sized) >= 3000 and small < sized  # the 2 %, then the next documents by hash
+  assert size(sized) - max(len(t.encode()) for t in sized) < 3000  # no more than needed
+  for key, bad, match in (('val_fraction', 0.0, 'data.val_fraction=0.0: must be between 0 and 1'),
+                          ('val_fraction', 1.5, 'data.val_fraction=1.5'),
+                          ('val_min_bytes', -1, 'data.val_min_bytes=-1: must be >= 0')):
+    with pytest.raises(ValueError, match=match):
+      corpus.get_source(data_cfg(tmp_path / 'd', source=f'text:{txt}', **{key: bad}), 'train')
+
+
 def test_changed_file_reprepares(tmp_path):
   path = _write(tmp_path / 'a.txt', 'one\ntwo\nthree\n')
   cfg = data_cfg(tmp_path / 'd', source=f'text:{path}', txt_split='line')

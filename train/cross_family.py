@@ -147,6 +147,13 @@ def _texts(cfg) -> tuple[list, list, list, dict]:
           'fit': f'{byte_views.n_bytes(fit):,} bytes in {len(fit)} pieces of the same split, '
                  'interleaved with the validation pieces (every '
                  f'{every}th piece): the ensemble weights are fitted there'}
+  have = byte_views.n_bytes(chosen)
+  if b.val_bytes > 0 and have < b.val_bytes + b.fit_bytes:
+    info['warning'] = (f'byte_eval.val_bytes + fit_bytes = {b.val_bytes + b.fit_bytes:,} bytes '
+                       f'asked for, but the {cfg.data.eval_split} split holds {have:,}: both '
+                       'slices are smaller (a larger split: data.val_fraction / '
+                       'data.val_min_bytes for a text: source)')
+    print(f'warning: {info["warning"]}', flush=True)
   text = []
   if b.text_file:
     if not os.path.isfile(b.text_file):

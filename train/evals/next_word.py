@@ -92,6 +92,11 @@ def eval_texts(cfg) -> list[tuple[bytes, bool]]:
   n = int(cfg.eval.get('next_word_texts', 0))
   if 0 < n < len(windows):
     windows = [windows[int(i)] for i in np.linspace(0, len(windows) - 1, n).round()]
+  elif n > len(windows):
+    log0(f'next-word accuracy: warning: eval.next_word_texts={n} asked for more texts than the '
+         f'{cfg.data.eval_split} split holds ({len(windows)} of {n_bytes} bytes); scoring '
+         f'{len(windows)} (a larger split: data.val_fraction / data.val_min_bytes for a text: '
+         'source)')
   return windows
 
 

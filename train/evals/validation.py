@@ -21,10 +21,20 @@ class Evaluator(evals.Evaluator):
     self.step_fn = None
 
   def prepare(self, setup) -> str:
-    self.batches = setup.family.eval_batches(jax.process_index(), jax.process_count(),
-                                             self.cfg.train.eval_batches)
+    asked = int(self.cfg.train.eval_batches)
+    self.batches = setup.family.eval_batches(jax.process_index(), jax.process_count(), asked)
     self.step_fn = setup.make_eval_step()
-    return f'{len(self.batches)} eval batches'
+    note = f'{len(self.batches)} eval batches'
+    stats = setup.family.data_stats()
+    if 'documents_validation' in stats:
+      note += f' (validation split: {stats["documents_validation"]} documents' + (
+          f', {stats["bytes_validation"]:,} bytes)' if 'bytes_validation' in stats else ')')
+    if 0 < len(self.batches) < asked:
+      note += (f' -- warning: train.eval_batches={asked} asked for more than the split holds '
+               f'({len(self.batches)} batches); every run of this data is scored on the same '
+               f'{len(self.batches)} (a larger split: data.val_fraction / data.val_min_bytes for '
+               'a text: source)')
+    return note
 
   def run(self, setup, params, workdir, step, earlier):
     del workdir, step, earlier
