@@ -165,7 +165,7 @@ def test_sweep_on_a_bucket(gcs, data_dir):
              '--config.ckpt.every=100', '--config.eval.robustness=', *SMALL)
   md = storage.read_text(f'{wd}/summary.md')
   assert md.count('| done |') == 2, md
-  assert storage.exists(f'{wd}/curves_loss.png') and storage.exists(f'{wd}/bpb_vs_flops.png')
+  assert storage.exists(f'{wd}/curves_bpb.png') and storage.exists(f'{wd}/bpb_vs_flops.png')
   p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sweep_summary',
                  '--config.train.steps=20', *SMALL)
   assert '2 of 2 points done' in p.stdout

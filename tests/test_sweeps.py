@@ -102,6 +102,33 @@ def test_seed_summary_mean_std_and_verdict():
   assert sweep.seed_summary([{'run': 'a', 'status': 'done', 'family': 'x', 'val_bpb': 1.0}]) is None
 
 
+def test_plots_are_in_bits_per_byte_and_equal_flops_are_bars(tmp_path):
+  """The sweep's plots from fake finished runs: curves against bytes seen and FLOPs, bars at
+  equal FLOPs (one per point, its seeds together), the metric against each swept key."""
+  from train.evals import report  # pylint: disable=import-outside-toplevel
+  rows = []
+  for lr, vals in {1e-3: [3.0, 3.2], 1e-2: [2.0, 2.1]}.items():
+    for seed, v in enumerate(vals):
+      name = f'optim.lr={lr},seed={seed}'
+      d = tmp_path / name
+      d.mkdir()
+      (d / 'metrics.jsonl').write_text(''.join(json.dumps(
+          {'step': s, 'loss': 9.0 / s, 'bpb': 8.0 / s, 'n_bytes': 100.0}) + '\n'
+                                               for s in range(1, 21)))
+      (d / 'eval_metrics.jsonl').write_text(''.join(json.dumps({'step': s, 'bpb': v + 2 / s})
+                                                    + '\n' for s in (10, 20)))
+      (d / 'train_summary.json').write_text(json.dumps({'flops_per_step': 1e9}))
+      rows.append({'run': name, 'status': 'done', 'optim.lr': lr, 'seed': seed, 'family': 'lm',
+                   'train_flops': 2e10 * (1 + 0.01 * seed), 'val_bpb': v})
+  assert report._bytes_seen(str(tmp_path / rows[0]['run'] / 'metrics.jsonl'))[20] == 2000.0  # pylint: disable=protected-access
+  assert report.equal_flops(rows) and not report.equal_flops(
+      [{**rows[0], 'train_flops': 1e10}, rows[1]])
+  sweep._write_all(rows, str(tmp_path))  # pylint: disable=protected-access
+  for f in ('curves_bpb.png', 'bpb_vs_flops.png', 'val_bpb_vs_optim.lr.png', 'seeds_val_bpb.png'):
+    assert (tmp_path / f).stat().st_size > 10_000, f
+  assert not (tmp_path / 'val_bpb_vs_seed.png').exists()
+
+
 def test_cli_sweep_with_seeds_end_to_end(data_dir, tmp_path):
   wd = str(tmp_path / 'sw')
   over = ['--config.train.steps=8', '--config.ckpt.every=100', '--config.eval.robustness=',
@@ -112,6 +139,7 @@ def test_cli_sweep_with_seeds_end_to_end(data_dir, tmp_path):
   assert 'optim.lr=0.001,seed=0' in md and 'optim.lr=0.001,seed=1' in md, md
   assert md.count('| done |') == 2 and '## Across seeds' in md and ' +- ' in md, md
   assert os.path.getsize(os.path.join(wd, 'seeds_val_bpb.png')) > 0
+  assert '"n_bytes"' in open(os.path.join(wd, 'optim.lr=0.001,seed=0', 'metrics.jsonl')).read()
   assert 'val_bpb mean' in open(os.path.join(wd, 'summary_seeds.csv')).read()
   # gathered again from the runs, with the spec read from sweep.json
   p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sweep_summary', *over)

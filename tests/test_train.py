@@ -154,7 +154,7 @@ def test_sweep_writes_summary(data_dir, tmp_path):
   wd = str(tmp_path / 'sweep')
   run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sweep', '--config.train.steps=20',
              '--config.ckpt.every=100', *SMALL)
-  for f in ('summary.csv', 'summary.md', 'curves_loss.png'):
+  for f in ('summary.csv', 'summary.md', 'curves_bpb.png'):
     assert os.path.getsize(os.path.join(wd, f)) > 0
   md = open(os.path.join(wd, 'summary.md')).read()
   assert 'optim.lr=0.001' in md and 'optim.lr=0.003' in md and 'val_bpb' in md

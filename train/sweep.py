@@ -159,7 +159,8 @@ def run(cfg, points: list[dict], workdir: str, cli_overrides: dict | None = None
         spec: dict | None = None) -> list[dict]:
   """Trains every point in `workdir/<point name>` (resuming finished or interrupted runs),
   evaluates it (validation bits per byte and, unless eval.robustness is '', the robustness
-  suite), and writes summary.csv / summary.md / curves_loss.png / bpb_vs_flops.png. A point
+  suite), and writes summary.csv / summary.md / curves_bpb.png / bpb_vs_flops.png /
+  val_bpb_vs_<key>.png (report.py). A point
   stopped by SIGTERM / SIGINT (checkpointed) ends the sweep there: its row says 'stopped by
   SIGTERM at step N' and later points are 'not started'; rerunning the command resumes.
   `spec`: the command-line sweep, recorded as `sweep.json` once the points are checked."""
@@ -228,8 +229,10 @@ def _write_all(rows: list[dict], workdir: str) -> None:
     log0(text.rstrip('\n'))
     report.plot_seeds(seeds, workdir)
   names = [r['run'] for r in rows if storage.isdir(storage.join(workdir, r['run']))]
-  report.plot_curves(names, workdir)
-  report.plot_eval_vs_flops(names, workdir)
+  keys = list(dict.fromkeys(k for r in rows for k in _point_keys(r)))
+  report.plot_bpb_curves(names, workdir)
+  report.plot_eval_vs_flops(names, workdir, rows, [k for k in keys if k != SEED_KEY])
+  report.plot_metric_vs_keys(rows, keys, workdir)
 
 
 def jax_process_zero() -> bool:

@@ -509,8 +509,8 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock, allow: tuple = ()) -> d
       log.warning('non-finite loss/gradient/update at step %d: update skipped (nan_policy=skip)',
                   s)
     progress.add(d.get('n_tokens', 0.0), d.get('n_bytes', 0.0))
-    writer.scalars(s, {k: d[k] for k in ('loss', 'bpb', *headline, 'grad_norm', 'lr') if k in d},
-                   jsonl='metrics.jsonl')
+    writer.scalars(s, {k: d[k] for k in ('loss', 'bpb', *headline, 'grad_norm', 'lr', 'n_bytes')
+                       if k in d}, jsonl='metrics.jsonl')
     for k in ('loss', 'bpb', 'grad_norm', 'lr'):
       if k in d:
         window[k] = d[k]

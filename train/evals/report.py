@@ -100,48 +100,167 @@ def read_curve(path: str, key: str) -> tuple[list[int], list[float]]:
   return steps, [by_step[s] for s in steps]
 
 
-def plot_curves(names: list[str], workdir: str, key: str = 'loss') -> str:
-  """Training `key` of each run `workdir/<name>` against the step (log scale)."""
+def _bytes_seen(path: str) -> dict[int, float]:
+  """step -> UTF-8 bytes trained on up to that step (metrics.jsonl `n_bytes` summed); {} for a
+  run that did not log them."""
+  steps, vals = read_curve(path, 'n_bytes')
+  out, total = {}, 0.0
+  for s, v in zip(steps, vals):
+    total += v
+    out[s] = total
+  return out
+
+
+def plot_bpb_curves(names: list[str], workdir: str) -> str:
+  """Training and validation bits per byte of each run `workdir/<name>` -- a unit every family
+  shares, unlike its loss (nats per token, per byte or per word) -- against the bytes it has
+  trained on (left) and its training FLOPs (right). Training curves are thin lines (a running
+  mean over 1/20 of the run), validation points are markers of the same colour."""
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name in names:
-    steps, vals = read_curve(storage.join(workdir, name, 'metrics.jsonl'), key)
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+  for i, name in enumerate(names):
+    run = storage.join(workdir, name)
+    summary = storage.join(run, 'train_summary.json')
+    per_step = storage.read_json(summary).get('flops_per_step') if storage.exists(summary) else None
+    seen = _bytes_seen(storage.join(run, 'metrics.jsonl'))
+    steps, vals = read_curve(storage.join(run, 'metrics.jsonl'), 'bpb')
+    vsteps, vvals = read_curve(storage.join(run, 'eval_metrics.jsonl'), 'bpb')
+    color = f'C{i % 10}'
     if steps:
-      ax.plot(steps, vals, label=name)
-  ax.set_xlabel('step')
-  ax.set_ylabel(f'train {key}')
-  ax.set_yscale('log')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  path = storage.join(workdir, f'curves_{key}.png')
+      k = max(1, len(vals) // 20)
+      smooth = np.convolve(vals, np.ones(k) / k, mode='valid')
+      steps = steps[k - 1:]
+    for ax, x_of in ((axes[0], lambda s: seen.get(s)),
+                     (axes[1], lambda s: s * per_step if per_step else None)):
+      if steps:
+        pts = [(x_of(s), v) for s, v in zip(steps, smooth) if x_of(s)]
+        if pts:
+          ax.plot(*zip(*pts), color=color, lw=1, alpha=0.6, label=f'{name} (train)')
+      vpts = [(x_of(s), v) for s, v in zip(vsteps, vvals) if x_of(s)]
+      if vpts:
+        ax.plot(*zip(*vpts), color=color, marker='o', lw=1.5, label=f'{name} (validation)')
+  axes[0].set_xlabel('UTF-8 bytes trained on')
+  axes[1].set_xlabel('training FLOPs')
+  axes[0].set_ylabel('bits per byte (lower is better)')
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
+  for ax in axes:
+    ax.set_xscale('log')
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0))
+  fig.suptitle('bits per byte: training (thin, running mean) and validation (markers)',
+               fontsize=10)
+  path = storage.join(workdir, 'curves_bpb.png')
   fig.tight_layout()
   save_png(fig, path, dpi=120)
   plt.close(fig)
   return path
 
 
-def plot_eval_vs_flops(names: list[str], workdir: str) -> str:
-  """Validation bits per byte of each run against its training FLOPs so far."""
+def equal_flops(rows: list[dict], tolerance: float = 0.05) -> bool:
+  """Whether the finished rows' training FLOPs are all within `tolerance` of each other (an
+  equal-FLOP comparison: one x value, drawn as bars instead)."""
+  f = [r.get('train_flops') for r in rows if isinstance(r.get('train_flops'), (int, float))]
+  return len(f) >= 2 and max(f) <= (1 + tolerance) * min(f)
+
+
+def plot_eval_vs_flops(names: list[str], workdir: str, rows: list[dict] | None = None,
+                       group_keys: list[str] | None = None) -> str:
+  """Validation bits per byte of each run against its training FLOPs so far; when the runs
+  were given equal FLOPs (`rows`: the sweep's summary rows), bars of each point's final value
+  instead (rows equal in `group_keys`, i.e. the seeds of one point, share a bar: every seed a
+  dot, mean +- std), as one x value would hide them."""
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name in names:
-    summary = storage.join(workdir, name, 'train_summary.json')
-    if not storage.exists(summary):
-      continue
-    per_step = storage.read_json(summary)['flops_per_step']
-    steps, vals = read_curve(storage.join(workdir, name, 'eval_metrics.jsonl'), 'bpb')
-    if steps:
-      ax.plot([s * per_step for s in steps], vals, marker='o', label=name)
-  ax.set_xscale('log')
-  ax.set_xlabel('training FLOPs')
-  ax.set_ylabel('validation bits per byte')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  if rows is not None and equal_flops(rows):
+    groups: dict[str, list] = {}
+    for r in rows:
+      v = r.get('val_bpb')
+      if isinstance(v, (int, float)):
+        label = (','.join(f'{k}={r.get(k)}' for k in group_keys if r.get(k) is not None)
+                 if group_keys is not None else str(r['run']))
+        groups.setdefault(label or str(r['run']), []).append(v)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) + 2), 4.5))
+    for i, (label, vals) in enumerate(groups.items()):
+      mean = float(np.mean(vals))
+      ax.bar(i, mean, color=f'C{i % 10}', alpha=0.5,
+             yerr=float(np.std(vals, ddof=1)) if len(vals) > 1 else None, capsize=6)
+      ax.scatter([i] * len(vals), vals, color='k', s=14, zorder=3)
+    ax.set_xticks(range(len(groups)), list(groups), rotation=20, ha='right', fontsize=8)
+    lo = min(min(v) for v in groups.values()) if groups else 0
+    hi = max(max(v) for v in groups.values()) if groups else 1
+    ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 1e-9) - 0.05), hi + 0.15 * (hi - lo + 1e-9) + 0.05)
+    f = [r['train_flops'] for r in rows if isinstance(r.get('train_flops'), (int, float))]
+    ax.set_title(f'equal training FLOPs ({min(f):.3g})', fontsize=10)
+    ax.set_ylabel('validation bits per byte (lower is better)')
+    ax.grid(alpha=0.3, axis='y')
+  else:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+      summary = storage.join(workdir, name, 'train_summary.json')
+      if not storage.exists(summary):
+        continue
+      per_step = storage.read_json(summary)['flops_per_step']
+      steps, vals = read_curve(storage.join(workdir, name, 'eval_metrics.jsonl'), 'bpb')
+      if steps:
+        ax.plot([s * per_step for s in steps], vals, marker='o', label=name)
+    ax.set_xscale('log')
+    ax.set_xlabel('training FLOPs')
+    ax.set_ylabel('validation bits per byte')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
   path = storage.join(workdir, 'bpb_vs_flops.png')
   fig.tight_layout()
   save_png(fig, path, dpi=120)
   plt.close(fig)
   return path
+
+
+def plot_metric_vs_keys(rows: list[dict], keys: list[str], workdir: str,
+                        metric: str = 'val_bpb') -> list[str]:
+  """For each swept key: `metric` of every finished row against the key's value (other values
+  than numbers as categories); rows that
+  differ in other keys are separate lines (labelled by those keys), each seed a dot and the
+  mean a line. Numbers on a log axis when they span a factor of 3 or more. Writes
+  `<metric>_vs_<key>.png`; returns the paths."""
+  plt = _pyplot()
+  paths = []
+  for key in keys:
+    if key == 'seed':
+      continue
+    done = [r for r in rows if isinstance(r.get(metric), (int, float)) and key in r]
+    values = list(dict.fromkeys(r[key] for r in done))
+    if len(values) < 2:
+      continue
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    others = [k for k in keys if k not in (key, 'seed')]
+    lines: dict[str, dict] = {}
+    for r in done:
+      label = ', '.join(f'{k}={r.get(k)}' for k in others) or metric
+      lines.setdefault(label, {}).setdefault(r[key], []).append(r[metric])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pos = (lambda v: v) if numeric else (lambda v: values.index(v))
+    for i, (label, by_value) in enumerate(lines.items()):
+      xs = sorted(by_value, key=lambda v: pos(v))
+      color = f'C{i % 10}'
+      for x in xs:
+        ax.scatter([pos(x)] * len(by_value[x]), by_value[x], color=color, s=14, alpha=0.7)
+      ax.plot([pos(x) for x in xs], [float(np.mean(by_value[x])) for x in xs], color=color,
+              marker='s', markersize=4, label=f'{label} (mean; dots: each seed)')
+    if numeric and min(values) > 0 and max(values) / min(values) >= 3:
+      ax.set_xscale('log')
+    if not numeric:
+      ax.set_xticks(range(len(values)), [str(v) for v in values], rotation=20, ha='right',
+                    fontsize=8)
+    ax.set_xlabel(key)
+    ax.set_ylabel(f'{metric} (lower is better)' if metric.endswith('bpb') else metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path = storage.join(workdir, f'{metric}_vs_{key.replace("/", "_")}.png')
+    fig.tight_layout()
+    save_png(fig, path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+  return paths
 
 
 def plot_seeds(summary: dict, workdir: str) -> str:
