@@ -73,8 +73,18 @@ _SKIP_MODULES = ('antigravity', 'this', 'idlelib', 'tkinter', '_tkinter', 'turtl
 
 
 def default_data_dir(data_dir: str = '') -> str:
-  """`data_dir`, else $NOTOKLM_DATA_DIR, else ~/.cache/notoklm/tfds."""
+  """`data_dir`, else $NOTOKLM_DATA_DIR, else ~/.cache/notoklm/tfds. A bucket URL is refused
+  with the way to use it: TFDS's array_record files are read (by index, by every host) from a
+  local path, so a bucket is mounted (gcsfuse) and the mount point given."""
   d = data_dir or os.environ.get('NOTOKLM_DATA_DIR') or '~/.cache/notoklm/tfds'
+  if re.match(r'^[A-Za-z][A-Za-z0-9+.-]*://', d):
+    bucket = d.split('://', 1)[1].split('/', 1)[0]
+    raise ValueError(
+        f'data.data_dir={d}: TFDS datasets are read from a local path, not a bucket URL. Mount '
+        f'the bucket on every host (gcsfuse --implicit-dirs {bucket} /mnt/{bucket}) and set '
+        f'data.data_dir to the same folder under /mnt/{bucket}; a dataset prepared there once '
+        'is read by index by every host, nothing is copied. (Sharded parquet / jsonl corpora '
+        'stream from gs:// directly: data.source=shards:gs://...)')
   return os.path.abspath(os.path.expanduser(d))
 
 

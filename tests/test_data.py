@@ -119,6 +119,32 @@ def test_validation_fraction_and_minimum_size_of_a_text_source(tmp_path):
       corpus.get_source(data_cfg(tmp_path / 'd', source=f'text:{txt}', **{key: bad}), 'train')
 
 
+def test_a_prepared_data_dir_is_read_as_a_mount_and_a_bucket_url_is_refused(tmp_path):
+  """A dataset prepared once in a folder (a gcsfuse mount of a bucket stands for it) is read
+  by another host from that path without writing anything there; a bucket URL as data_dir is
+  refused with the way to mount it (it would otherwise become a local folder named 'gs:')."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  txt = _write(tmp_path / 'a.txt', '\n\n'.join(f'paragraph {i} of text' for i in range(30)))
+  prepared = tmp_path / 'prep'
+  cfg = data_cfg(prepared, source=f'text:{txt}')
+  want = list(corpus.get_source(cfg, 'train'))
+  mount = tmp_path / 'mnt' / 'bucket' / 'tfds'
+  shutil.copytree(prepared, mount, ignore=shutil.ignore_patterns('.locks'))
+  before = sorted(str(p.relative_to(mount)) + str(p.stat().st_mtime_ns) for p in mount.rglob('*'))
+  assert list(corpus.get_source(data_cfg(mount, source=f'text:{txt}'), 'train')) == want
+  after = sorted(str(p.relative_to(mount)) + str(p.stat().st_mtime_ns) for p in mount.rglob('*'))
+  assert before == after  # nothing written, not even a lock
+  cwd = os.getcwd()
+  os.chdir(tmp_path)
+  try:
+    with pytest.raises(ValueError, match=r'data.data_dir=gs://my-bucket/tfds: TFDS datasets are '
+                       r'read from a local path.*gcsfuse --implicit-dirs my-bucket /mnt/my-bucket'):
+      corpus.get_source(data_cfg('gs://my-bucket/tfds', source=f'text:{txt}'), 'train')
+  finally:
+    os.chdir(cwd)
+  assert not (tmp_path / 'gs:').exists()
+
+
 def test_changed_file_reprepares(tmp_path):
   path = _write(tmp_path / 'a.txt', 'one\ntwo\nthree\n')
   cfg = data_cfg(tmp_path / 'd', source=f'text:{path}', txt_split='line')

@@ -94,10 +94,10 @@ def _local_data(cfg) -> list[str]:
       out.append(f'data.{key} reads {", ".join(local)} on each worker\'s own disk: the job ships '
                  'the code, not the data (mount the bucket with gcsfuse at that path on every '
                  'worker, or use a gs:// URL)')
-  if str(d.get('data_dir', '') or '') and not storage.is_remote(d.data_dir) and \
-      str(d.get('source', '')).startswith('tfds:'):
+  if str(d.get('data_dir', '') or '') and str(d.get('source', '')).startswith('tfds:'):
     out.append(f'data.data_dir={d.data_dir} is on each worker\'s own disk: every worker needs '
-               'the prepared dataset there (or a gs:// data_dir)')
+               'the prepared dataset there (a gcsfuse mount of the bucket at that path, or a '
+               'copy)')
   return out
 
 
