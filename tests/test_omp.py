@@ -16,13 +16,17 @@ from train import config_lib, transfer
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory, data_dir):
   """A tiny Llama-architecture base in HF format with a byte-level BPE, and a jsonl corpus (the
-  shapes of tests/test_zett.py's, so the compilations are shared)."""
+  shapes of tests/test_zett.py's, so the compilations are shared). The corpus is other text than
+  the base tokenizer's, so a tokenizer trained on it has new tokens."""
   del data_dir
   root = tmp_path_factory.mktemp('omp')
   docs = [f'Document {i}: the tokenizer transfer hypernetwork reads pieces of token {i}. '
           f'Then the base model scores text {i * 7}.' for i in range(24)]
   corpus_path = root / 'docs.jsonl'
-  corpus_path.write_text(''.join(json.dumps({'text': t}) + '\n' for t in docs))
+  corpus = [f'Sentence {i}: orthogonal matching pursuit writes every new token from shared '
+            f'anchors of the tokenizer {i}. Transplanted vocabularies keep the model {i * 3}.'
+            for i in range(24)]
+  corpus_path.write_text(''.join(json.dumps({'text': t}) + '\n' for t in corpus))
   tok = encoders._train_tokenizer(docs, 420)  # pylint: disable=protected-access
   cfg = token_lm.default_model_config()
   cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim = 32, 2, 2, 1, 16
@@ -72,9 +76,9 @@ def test_omp_weights_and_bad_k():
   ids, coef = w[4]
   np.testing.assert_allclose(coef @ aux[[{0: 1, 1: 2, 2: 3}[j] for j in ids]], aux[4], atol=1e-6)
   for k in (0, -3):
-    with pytest.raises(config_lib.ConfigError, match=f'transfer.omp_k={k}: OMP needs'):
+    with pytest.raises(ValueError, match=f'transfer.omp_k={k}: OMP needs'):
       transfer.omp_weights(base_vocab, target_vocab, {'<s>'}, aux, k)
-  with pytest.raises(config_lib.ConfigError,
+  with pytest.raises(ValueError,
                      match=r'transfer.omp_k=4 is larger than the shared vocabulary: .* share 3'):
     transfer.omp_weights(base_vocab, target_vocab, {'<s>'}, aux, 4)
 
@@ -108,10 +112,9 @@ def test_transfer_command_writes_a_loadable_model(tiny, data_dir, tmp_path):
   # a donor with the target tokenizer: its embeddings are the auxiliary space
   cfg, _ = config_lib.load('configs/pretrained.py:smollm2')
   cfg.unlock()
-  config_lib.override(cfg, {**overrides, 'target_tokenizer': os.path.join(wd, 'omp',
-                                                                          'tokenizer.json'),
-                            'transfer.methods': 'omp', 'transfer.omp_k': 2,
-                            'transfer.omp_donor': os.path.join(wd, 'omp')})
+  config_lib.override(cfg, {**overrides, 'target_tokenizer': 'unigram:300',
+                            'transfer.text_filter': '', 'transfer.methods': 'omp',
+                            'transfer.omp_k': 2, 'transfer.omp_donor': os.path.join(wd, 'omp')})
   aux = transfer.auxiliary_space(cfg, moved.tokenizer, ['omp'])
   assert 'static' not in aux
   np.testing.assert_array_equal(aux['omp_aux'], e)
@@ -120,13 +123,13 @@ def test_transfer_command_writes_a_loadable_model(tiny, data_dir, tmp_path):
   assert all(len(ids) <= 2 for ids, _ in aux['omp'].values())
   # k larger than the shared vocabulary: refused before any evaluation
   cfg.transfer.omp_k = 10_000
-  with pytest.raises(config_lib.ConfigError, match='omp_k=10000 is larger than the shared'):
+  with pytest.raises(ValueError, match='omp_k=10000 is larger than the shared'):
     transfer.run(cfg, str(tmp_path / 'big_k'))
   # k <= 0 through launch.py: one message, exit 1
   p = run_launch(data_dir, *args, f'--workdir={tmp_path / "bad"}',
                  '--config.transfer.methods=omp', '--config.transfer.omp_k=0', check=False)
   assert p.returncode == 1, p.stderr[-2000:]
-  assert 'transfer.omp_k=0: OMP needs a whole number of at least 1' in p.stderr
+  assert 'transfer.omp_k=0: OMP needs a whole number of at least 1 anchor' in p.stderr
   assert 'Traceback' not in p.stderr
 
 

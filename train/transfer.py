@@ -58,7 +58,7 @@ import numpy as np
 
 from data import sentences, target_tokenizers
 from models import hypernet, pretrained
-from train import config_lib, dynamic, runs, storage, trainer
+from train import dynamic, runs, storage, trainer
 from train.evals import report
 from train.families.pretrained import load_source
 from train.metrics import log0
@@ -199,8 +199,8 @@ def omp_coefficients(anchors_NxA: np.ndarray, targets_MxA: np.ndarray,
 def check_omp_k(k) -> int:
   """`transfer.omp_k` as an int of at least 1, else a ConfigError."""
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-    raise config_lib.ConfigError(f'transfer.omp_k={k!r}: OMP needs a whole number of at least 1 '
-                                 'anchor per token')
+    raise ValueError(f'transfer.omp_k={k!r}: OMP needs a whole number of at least 1 anchor '
+                     'per token')
   return int(k)
 
 
@@ -213,7 +213,7 @@ def omp_weights(base_vocab: dict, target_vocab: dict, specials: set, aux: np.nda
   shared = {i: base_vocab[s] for s, i in target_vocab.items()
             if s not in specials and s in base_vocab}
   if k > len(shared):
-    raise config_lib.ConfigError(
+    raise ValueError(
         f'transfer.omp_k={k} is larger than the shared vocabulary: the base and target '
         f'tokenizers share {len(shared)} (non-special) tokens, the anchors OMP chooses from')
   norm = np.linalg.norm(aux, axis=-1)
@@ -223,7 +223,7 @@ def omp_weights(base_vocab: dict, target_vocab: dict, specials: set, aux: np.nda
   if not new:
     return {}
   if k > len(anchors):
-    raise config_lib.ConfigError(
+    raise ValueError(
         f'transfer.omp_k={k} is larger than the {len(anchors)} shared tokens that have an '
         f'auxiliary vector (of {len(shared)} shared), the anchors OMP chooses from')
   coef = omp_coefficients(aux[[i for i, _ in anchors]], aux[new], k)
@@ -251,9 +251,8 @@ def donor_embeddings(source: str, target_tok) -> np.ndarray:
       out[i] = e[donor_vocab[s]]
       hit += 1
   if not hit:
-    raise config_lib.ConfigError(f'transfer.omp_donor={source!r}: its vocabulary has none of the '
-                                 'target tokenizer\'s tokens: a donor must have the target '
-                                 'tokenizer')
+    raise ValueError(f'transfer.omp_donor={source!r}: its vocabulary has none of the target '
+                     'tokenizer\'s tokens: a donor must have the target tokenizer')
   log0(f'[transfer] OMP auxiliary space: donor {source} ({e.shape[1]} dimensions), '
        f'{hit} of {len(target_vocab)} target tokens found')
   return out
@@ -363,7 +362,9 @@ def auxiliary_space(cfg, target, methods, encoder: bool = False) -> dict:
 
 
 def solve_omp(aux: dict, base_tok, target, k: int) -> None:
-  """OMP's weights for `target` into `aux` ('omp', timed in 'omp_s')."""
+  """OMP's weights for `target` into `aux` ('omp', timed in 'omp_s', scikit-learn's import
+  excluded)."""
+  import sklearn.linear_model  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
   t0 = time.perf_counter()
   specials = {t.content for t in target.get_added_tokens_decoder().values() if t.special}
   aux['omp'] = omp_weights(base_tok.get_vocab(with_added_tokens=True),
