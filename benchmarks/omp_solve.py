@@ -1,0 +1,71 @@
+"""Time OMP transplantation's solve for one vocabulary: scikit-learn's two forms side by side.
+
+  python benchmarks/omp_solve.py --workdir=runs/omp_bpe:8192 [--k=8] [--gram_tokens=50]
+
+Reads a `--mode=transfer` run that wrote an `omp` model (its config.json and
+WORKDIR/omp/tokenizer.json), builds the auxiliary space as the transfer does
+(`transfer.auxiliary_space`), then times the whole vocabulary's solve in the form the transfer
+uses (`orthogonal_mp`, Cholesky, precompute=False: one [A, N] dictionary copy per token), and
+scikit-learn's Gram form (`orthogonal_mp_gram`, one [N, N] Gram copy per token) on the first
+`--gram_tokens` new tokens, extrapolated to the vocabulary; checks both give the same
+coefficients there.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv):
+  opts = {'workdir': '', 'k': 8, 'gram_tokens': 50}
+  for a in argv:
+    k, _, v = a.lstrip('-').partition('=')
+    if k not in opts:
+      raise SystemExit(f'unknown argument {a!r}\n{__doc__}')
+    opts[k] = type(opts[k])(v)
+  import numpy as np
+  from sklearn.linear_model import orthogonal_mp_gram
+  from tokenizers import Tokenizer
+  from train import config_lib, transfer
+  from train.families import pretrained
+  cfg = config_lib.load_saved(opts['workdir'])
+  target = Tokenizer.from_file(os.path.join(opts['workdir'], 'omp', 'tokenizer.json'))
+  base = pretrained.load_source(cfg.model.source)
+  t0 = time.perf_counter()
+  aux = transfer.auxiliary_space(cfg, target, ['omp'], encoder=base.meta.get('kind') == 'encoder')
+  aux_s = time.perf_counter() - t0
+  transfer.solve_omp(aux, base.tokenizer, target, opts['k'])
+  n_new = len(aux['omp'])
+  # the Gram form on the first new tokens, against the same anchors
+  base_vocab = base.tokenizer.get_vocab(with_added_tokens=True)
+  specials = {t.content for t in target.get_added_tokens_decoder().values() if t.special}
+  space = aux['omp_aux']
+  norm = np.linalg.norm(space, axis=-1)
+  vocab = target.get_vocab(with_added_tokens=True)
+  anchors = [i for s, i in vocab.items() if s not in specials and s in base_vocab and norm[i] > 0]
+  new = sorted(aux['omp'])[:opts['gram_tokens']]
+  unit = (space[anchors] / norm[anchors][:, None]).astype(np.float64)
+  t0 = time.perf_counter()
+  gram = unit @ unit.T
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', RuntimeWarning)
+    coef = orthogonal_mp_gram(gram, unit @ space[new].T.astype(np.float64),
+                              n_nonzero_coefs=opts['k']).reshape(len(anchors), -1)
+  gram_s = time.perf_counter() - t0
+  chol = transfer.omp_coefficients(space[anchors], space[new], opts['k']) * norm[anchors]
+  diff = float(np.abs(chol - coef.T).max())
+  print(f'{n_new} new tokens, {len(anchors)} anchors, {space.shape[1]} dimensions, k={opts["k"]}')
+  print(f'auxiliary space: {aux_s:.1f} s')
+  print(f'Cholesky form (the transfer\'s): {aux["omp_s"]:.1f} s for the vocabulary '
+        f'({1000 * aux["omp_s"] / max(n_new, 1):.1f} ms a token)')
+  print(f'Gram form: {gram_s:.1f} s for {len(new)} tokens ({1000 * gram_s / len(new):.1f} ms a '
+        f'token, {gram_s / len(new) * n_new:.0f} s for the vocabulary); max |coefficient '
+        f'difference| {diff:.1e}')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
