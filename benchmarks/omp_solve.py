@@ -1,10 +1,11 @@
 """Time OMP transplantation's solve for one vocabulary: scikit-learn's two forms side by side.
 
-  python benchmarks/omp_solve.py --workdir=runs/omp_bpe:8192 [--k=8] [--gram_tokens=50]
+  python benchmarks/omp_solve.py --workdir=runs/omp_bpe:8192 --target=bpe:8192 \
+      [--preset=smollm2] [--k=8] [--gram_tokens=50]
 
-Reads a `--mode=transfer` run that wrote an `omp` model (its config.json and
-WORKDIR/omp/tokenizer.json), builds the auxiliary space as the transfer does
-(`transfer.auxiliary_space`), then times the whole vocabulary's solve in the form the transfer
+Reads the target tokenizer a `--mode=transfer` run of configs/pretrained.py:PRESET with
+`--config.target_tokenizer=TARGET` wrote (WORKDIR/omp/tokenizer.json), builds the auxiliary space
+as that transfer does (`transfer.auxiliary_space`, the default config otherwise), then times the whole vocabulary's solve in the form the transfer
 uses (`orthogonal_mp`, Cholesky, precompute=False: one [A, N] dictionary copy per token), and
 scikit-learn's Gram form (`orthogonal_mp_gram`, one [N, N] Gram copy per token) on the first
 `--gram_tokens` new tokens, extrapolated to the vocabulary; checks both give the same
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv):
-  opts = {'workdir': '', 'k': 8, 'gram_tokens': 50}
+  opts = {'workdir': '', 'target': '', 'preset': 'smollm2', 'k': 8, 'gram_tokens': 50}
   for a in argv:
     k, _, v = a.lstrip('-').partition('=')
     if k not in opts:
@@ -32,7 +33,10 @@ def main(argv):
   from tokenizers import Tokenizer
   from train import config_lib, transfer
   from train.families import pretrained
-  cfg = config_lib.load_saved(opts['workdir'])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cfg, _ = config_lib.load(f'{root}/configs/pretrained.py:{opts["preset"]}')
+  cfg.unlock()
+  config_lib.override(cfg, {'target_tokenizer': opts['target']})
   target = Tokenizer.from_file(os.path.join(opts['workdir'], 'omp', 'tokenizer.json'))
   base = pretrained.load_source(cfg.model.source)
   t0 = time.perf_counter()
