@@ -9,7 +9,10 @@ as that transfer does (`transfer.auxiliary_space`, the default config otherwise)
 uses (`orthogonal_mp`, Cholesky, precompute=False: one [A, N] dictionary copy per token), and
 scikit-learn's Gram form (`orthogonal_mp_gram`, one [N, N] Gram copy per token) on the first
 `--gram_tokens` new tokens, extrapolated to the vocabulary; checks both give the same
-coefficients there.
+coefficients there. Then a held-out check of the auxiliary space: `--heldout` shared tokens are
+taken out of the anchors and rebuilt from the others, by OMP (k = 1, 2, 4, 8) and by FOCUS's
+sparsemax weights; printed: the mean cosine of each rebuilt base embedding to the token's true
+one, and the mean norm ratio (and the cosine of the base mean embedding, for scale).
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv):
-  opts = {'workdir': '', 'target': '', 'preset': 'smollm2', 'k': 8, 'gram_tokens': 50}
+  opts = {'workdir': '', 'target': '', 'preset': 'smollm2', 'k': 8, 'gram_tokens': 50,
+          'heldout': 200}
   for a in argv:
     k, _, v = a.lstrip('-').partition('=')
     if k not in opts:
@@ -69,6 +73,30 @@ def main(argv):
   print(f'Gram form: {gram_s:.1f} s for {len(new)} tokens ({1000 * gram_s / len(new):.1f} ms a '
         f'token, {gram_s / len(new) * n_new:.0f} s for the vocabulary); max |coefficient '
         f'difference| {diff:.1e}')
+  # held out: shared tokens rebuilt from the other shared tokens
+  e = np.asarray(base.model.words.embedding[...] if base.meta.get('kind') == 'encoder'
+                 else base.model.embed.embedding[...], np.float64)
+  pairs = [(i, base_vocab[s]) for s, i in vocab.items()
+           if s not in specials and s in base_vocab and norm[i] > 0]
+  pick = set(np.random.default_rng(0).choice(len(pairs), opts['heldout'], replace=False).tolist())
+  held = [p for n, p in enumerate(pairs) if n in pick]
+  keep = [p for n, p in enumerate(pairs) if n not in pick]
+  atoms, rows = space[[i for i, _ in keep]], e[[j for _, j in keep]]
+  want = e[[j for _, j in held]]
+
+  def report(name, got):
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    ratio = np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    print(f'held out ({len(held)} shared tokens): {name}: cosine {cos.mean():.3f}, norm ratio '
+          f'{ratio.mean():.2f}')
+
+  report('base mean embedding', np.tile(e.mean(0), (len(held), 1)))
+  for k in (1, 2, 4, 8):
+    report(f'OMP k={k}', transfer.omp_coefficients(atoms, space[[i for i, _ in held]], k) @ rows)
+  unit = atoms / np.linalg.norm(atoms, axis=1, keepdims=True)
+  y = space[[i for i, _ in held]]
+  report('FOCUS (sparsemax)',
+         transfer.sparsemax(y / np.linalg.norm(y, axis=1, keepdims=True) @ unit.T) @ rows)
 
 
 if __name__ == '__main__':
