@@ -1,18 +1,19 @@
-"""Time OMP transplantation's solve for one vocabulary: scikit-learn's two forms side by side.
+"""Time OMP transplantation's solve: scikit-learn's two forms side by side; and how well the
+auxiliary space rebuilds held-out shared tokens.
 
   python benchmarks/omp_solve.py --workdir=runs/omp_bpe:8192 --target=bpe:8192 \
-      [--preset=smollm2] [--k=8] [--gram_tokens=50]
+      [--preset=smollm2] [--k=8] [--tokens=200] [--heldout=200]
 
 Reads the target tokenizer a `--mode=transfer` run of configs/pretrained.py:PRESET with
-`--config.target_tokenizer=TARGET` wrote (WORKDIR/omp/tokenizer.json), builds the auxiliary space
-as that transfer does (`transfer.auxiliary_space`, the default config otherwise), then times the whole vocabulary's solve in the form the transfer
-uses (`orthogonal_mp`, Cholesky, precompute=False: one [A, N] dictionary copy per token), and
-scikit-learn's Gram form (`orthogonal_mp_gram`, one [N, N] Gram copy per token) on the first
-`--gram_tokens` new tokens, extrapolated to the vocabulary; checks both give the same
-coefficients there. Then a held-out check of the auxiliary space: `--heldout` shared tokens are
-taken out of the anchors and rebuilt from the others, by OMP (k = 1, 2, 4, 8) and by FOCUS's
-sparsemax weights; printed: the mean cosine of each rebuilt base embedding to the token's true
-one, and the mean norm ratio (and the cosine of the base mean embedding, for scale).
+`--config.target_tokenizer=TARGET` wrote (WORKDIR/omp/tokenizer.json) and builds the auxiliary
+space as that transfer does (`transfer.auxiliary_space`, the default config otherwise). Times the
+first `--tokens` new tokens' solve in the form the transfer uses (`orthogonal_mp`, Cholesky,
+precompute=False: one [A, N] dictionary copy per token) and in scikit-learn's Gram form
+(`orthogonal_mp_gram`, one [N, N] Gram copy per token), each extrapolated to all new tokens, and
+checks both give the same coefficients. Then `--heldout` shared tokens are taken out of the
+anchors and rebuilt from the others, by OMP (k = 1, 2, 4, 8) and by FOCUS's sparsemax weights:
+the mean cosine of each rebuilt base embedding to the token's true one and the mean norm ratio
+(and the base mean embedding's cosine, for scale).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv):
-  opts = {'workdir': '', 'target': '', 'preset': 'smollm2', 'k': 8, 'gram_tokens': 50,
+  opts = {'workdir': '', 'target': '', 'preset': 'smollm2', 'k': 8, 'tokens': 200,
           'heldout': 200}
   for a in argv:
     k, _, v = a.lstrip('-').partition('=')
@@ -46,16 +47,17 @@ def main(argv):
   t0 = time.perf_counter()
   aux = transfer.auxiliary_space(cfg, target, ['omp'], encoder=base.meta.get('kind') == 'encoder')
   aux_s = time.perf_counter() - t0
-  transfer.solve_omp(aux, base.tokenizer, target, opts['k'])
-  n_new = len(aux['omp'])
-  # the Gram form on the first new tokens, against the same anchors
   base_vocab = base.tokenizer.get_vocab(with_added_tokens=True)
   specials = {t.content for t in target.get_added_tokens_decoder().values() if t.special}
   space = aux['omp_aux']
   norm = np.linalg.norm(space, axis=-1)
   vocab = target.get_vocab(with_added_tokens=True)
   anchors = [i for s, i in vocab.items() if s not in specials and s in base_vocab and norm[i] > 0]
-  new = sorted(aux['omp'])[:opts['gram_tokens']]
+  all_new = [i for s, i in vocab.items() if s not in specials and s not in base_vocab and norm[i] > 0]
+  new = all_new[:opts['tokens']] if opts['tokens'] else all_new
+  t0 = time.perf_counter()
+  chol = transfer.omp_coefficients(space[anchors], space[new], opts['k']) * norm[anchors]
+  chol_s = time.perf_counter() - t0
   unit = (space[anchors] / norm[anchors][:, None]).astype(np.float64)
   t0 = time.perf_counter()
   gram = unit @ unit.T
@@ -64,15 +66,13 @@ def main(argv):
     coef = orthogonal_mp_gram(gram, unit @ space[new].T.astype(np.float64),
                               n_nonzero_coefs=opts['k']).reshape(len(anchors), -1)
   gram_s = time.perf_counter() - t0
-  chol = transfer.omp_coefficients(space[anchors], space[new], opts['k']) * norm[anchors]
   diff = float(np.abs(chol - coef.T).max())
-  print(f'{n_new} new tokens, {len(anchors)} anchors, {space.shape[1]} dimensions, k={opts["k"]}')
-  print(f'auxiliary space: {aux_s:.1f} s')
-  print(f'Cholesky form (the transfer\'s): {aux["omp_s"]:.1f} s for the vocabulary '
-        f'({1000 * aux["omp_s"] / max(n_new, 1):.1f} ms a token)')
-  print(f'Gram form: {gram_s:.1f} s for {len(new)} tokens ({1000 * gram_s / len(new):.1f} ms a '
-        f'token, {gram_s / len(new) * n_new:.0f} s for the vocabulary); max |coefficient '
-        f'difference| {diff:.1e}')
+  print(f'{len(all_new)} new tokens with an auxiliary vector, {len(anchors)} anchors, '
+        f'{space.shape[1]} dimensions, k={opts["k"]}; auxiliary space built in {aux_s:.1f} s')
+  for name, sec in (('Cholesky form (the transfer\'s)', chol_s), ('Gram form', gram_s)):
+    print(f'{name}: {sec:.1f} s for {len(new)} tokens ({1000 * sec / len(new):.1f} ms a token, '
+          f'{sec / len(new) * len(all_new):.0f} s for all new tokens)')
+  print(f'max |coefficient difference| between the two forms: {diff:.1e}')
   # held out: shared tokens rebuilt from the other shared tokens
   e = np.asarray(base.model.words.embedding[...] if base.meta.get('kind') == 'encoder'
                  else base.model.embed.embedding[...], np.float64)
