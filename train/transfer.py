@@ -175,9 +175,10 @@ def omp_coefficients(anchors_NxA: np.ndarray, targets_MxA: np.ndarray,
   coefficients returned apply to the anchors as given: target ~= coefficients @ anchors. A target
   that is exactly an anchor (or a combination of fewer than k) stops early with that exact fit.
 
-  scikit-learn solves one target at a time; its Gram form (`orthogonal_mp_gram`) copies the
-  [N, N] Gram matrix per target, its Cholesky form the [A, N] dictionary, which is far cheaper for
-  N in the thousands and A in the hundreds, so that is the form used (`precompute=False`)."""
+  scikit-learn solves one target at a time in either form; its Gram form (`orthogonal_mp_gram`)
+  copies the [N, N] Gram matrix per target, its Cholesky form the [A, N] dictionary, the smaller
+  copy for N in the thousands and A in the hundreds, so that form is used (`precompute=False`;
+  benchmarks/omp_solve.py times both)."""
   from sklearn.linear_model import orthogonal_mp  # pylint: disable=import-outside-toplevel
   n = anchors_NxA.shape[0]
   norms = np.linalg.norm(anchors_NxA.astype(np.float64), axis=-1)
