@@ -198,7 +198,8 @@ def omp_coefficients(anchors_NxA: np.ndarray, targets_MxA: np.ndarray,
 
 
 def check_omp_k(k) -> int:
-  """`transfer.omp_k` as an int of at least 1, else a ConfigError."""
+  """`transfer.omp_k` as an int of at least 1, else a ValueError (exit 1, like the other bad
+  transfer inputs)."""
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
     raise ValueError(f'transfer.omp_k={k!r}: OMP needs a whole number of at least 1 anchor '
                      'per token')
@@ -338,9 +339,8 @@ def transferred_model(base: pretrained.Pretrained, target_tok, method: str, pred
 def auxiliary_space(cfg, target, methods, encoder: bool = False) -> dict:
   """What the focus and omp methods among `methods` read: {'static': FOCUS's static embeddings
   of the target tokens (trained on the target text), 'omp_aux': OMP's space (those, or the
-  donor's embeddings with transfer.omp_donor), 'omp': OMP's weights, 'omp_s' / 'aux_s': seconds
-  spent solving them / building the spaces}. Bad OMP settings fail here, before any
-  evaluation."""
+  donor's embeddings with transfer.omp_donor), 'aux_s': seconds spent building them};
+  `solve_omp` adds OMP's weights. A bad transfer.omp_k fails here, before any evaluation."""
   out = {}
   if 'omp' in methods:
     check_omp_k(cfg.transfer.omp_k)
