@@ -41,8 +41,12 @@ def get_config(preset: str = 'smollm2'):
   # --mode=transfer (train/transfer.py): the new tokenizer and the initializations to compare
   c.target_tokenizer = ''        # PATH/tokenizer.json, bpe:N or unigram:N (trained on data.source)
   c.transfer = ml_collections.ConfigDict()
-  c.transfer.methods = 'lexical,fvt'  # + 'focus', + 'hypernet' with transfer.hypernet_workdir
+  c.transfer.methods = 'lexical,fvt'  # + 'focus', 'omp', + 'hypernet' with
+                                      # transfer.hypernet_workdir (encoders: no focus)
   c.transfer.focus_max_chars = 2_000_000  # target text read for FOCUS's static embeddings
+  c.transfer.omp_k = 8               # omp: shared-token anchors per new token (1..shared vocab)
+  c.transfer.omp_donor = ''          # omp: a model.source with the target tokenizer, whose
+                                     # embeddings are the auxiliary space ('' FOCUS's)
   c.transfer.hypernet_workdir = ''   # a trained configs/zett.py run
   c.transfer.hypernet_step = 0       # its checkpoint to use (0: the latest)
   c.transfer.base_eval = True        # evaluate the base model beside the transferred ones
