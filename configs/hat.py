@@ -24,8 +24,17 @@ def get_config(preset: str = 'tiny'):
   c = base.get_config()
   c.family = 'hat'
   c.data.encoder = 'bytes'
-  c.data.splitter = 'whitespace'   # whitespace | unicode | spacebyte | fixed:N
+  c.data.splitter = 'whitespace'   # whitespace | unicode | spacebyte | fixed:N | entropy
   c.data.max_word_bytes = 16       # Lw: longer words are cut at UTF-8 character boundaries
+  # data.splitter='entropy' (BLT's entropy patches; docs/hat.md): a unit starts where a byte
+  # LM's next-byte entropy is high. The patcher is a finished byte-LM run (configs/byte_lm.py),
+  # recorded in the run (artifacts/patcher.json) with the threshold it was trained with.
+  c.data.patcher = ''              # the byte-LM run's workdir
+  c.data.patch_rule = 'global'     # 'global': H(i) > threshold | 'relative': H(i) - H(i-1) >
+  c.data.patch_target_len = 4.0    # > 0: calibrate the threshold on the training split to this
+                                   # mean unit length (bytes); 0: use data.patch_threshold
+  c.data.patch_threshold = 0.0     # nats
+  c.data.patch_calib_rows = 64     # training rows the calibration reads
   bd, bh, bmlp, enc, dec, win, seq, words, backbone = _SIZES[preset]
   c.data.max_words = words         # W per row; bytes of further words get weight 0 (counted)
   # the word-level backbone and the trainer settings of the baselines' preset of that size
