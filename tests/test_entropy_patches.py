@@ -19,7 +19,7 @@ from flax import nnx
 from hypothesis import strategies as st
 
 from conftest import run_launch
-from data import encoders, hat_data, words
+from data import encoders, words
 from models import hat, hat_view, patcher, token_lm
 from train import config_lib, families
 
