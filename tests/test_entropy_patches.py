@@ -193,9 +193,9 @@ def runs(data_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp('entropy')
   lm_wd, hat_wd = str(root / 'byte_lm'), str(root / 'hat')
   run_launch(data_dir, '--config=configs/byte_lm.py:tiny', f'--workdir={lm_wd}',
-             '--config.train.steps=6', '--config.sample.max_new_tokens=4', *SMALL)
+             '--config.train.steps=6', '--config.sample.max_new_tokens=0', *SMALL)
   p = run_launch(data_dir, '--config=configs/hat.py:tiny', f'--workdir={hat_wd}',
-                 '--config.train.steps=2', '--config.sample.max_new_tokens=12',
+                 '--config.train.steps=2', '--config.sample.max_new_tokens=0',
                  '--config.data.splitter=entropy', f'--config.data.patcher={lm_wd}',
                  '--config.data.patch_target_len=3', '--config.data.max_word_bytes=8', *SMALL)
   return lm_wd, hat_wd, p.stdout
@@ -203,7 +203,7 @@ def runs(data_dir, tmp_path_factory):
 
 def test_the_patcher_is_a_recorded_artifact(runs):
   lm_wd, hat_wd, stdout = runs
-  assert 'HAT splitter entropy' in stdout and 'sample 0' in stdout
+  assert 'HAT splitter entropy' in stdout and 'patcher ' in stdout
   rec = json.load(open(os.path.join(hat_wd, 'artifacts', 'patcher.json')))
   assert rec['rule'] == 'global' and rec['calibrated_len'] == pytest.approx(3, rel=0.06)
   assert rec['patcher_config']['family'] == 'lm'
@@ -246,11 +246,23 @@ def _hat_cfg(**over):
     ({'data.patcher': 'x', 'data.patch_target_len': 0.0, 'data.patch_threshold': 9.0}, ValueError,
      r'data.patch_threshold=9 .*no text reaches it'),
     ({'data.patcher': 'x', 'data.patch_rule': 'max'}, ValueError, 'data.patch_rule'),
+    ({'data.patcher': 'sweep:byte_lm'}, ValueError, 'names a point of the sweep'),
 ], ids=['no-patcher', 'missing', 'boundary-tokens', 'target-below-1', 'target-over-cap',
-        'threshold', 'rule'])
+        'threshold', 'rule', 'sweep-point-outside-a-sweep'])
 def test_bad_input_before_anything_loads(over, error, match):
   with pytest.raises(error, match=match):
     families.get(_hat_cfg(**over))
+
+
+def test_a_sweep_point_as_patcher(runs):
+  """`data.patcher='sweep:NAME'`: the workdir of the point NAME beside this run's (configs/hat.py's
+  sweep trains its byte LM first)."""
+  lm_wd, _, _ = runs
+  cfg = _hat_cfg(**{'data.patcher': 'sweep:byte_lm', 'data.seq_len': 128,
+                    'data.max_word_bytes': 8, 'data.patch_calib_rows': 8})
+  fam = families.get(cfg, os.path.join(os.path.dirname(lm_wd), 'entropy'))
+  assert fam.patcher_record['workdir'] == os.path.realpath(lm_wd)
+  assert fam.patcher_record['calibrated_len'] == pytest.approx(4, rel=0.1)
 
 
 def test_a_patcher_that_is_no_byte_lm_is_refused(runs, tmp_path):

@@ -73,6 +73,12 @@ class HATFamily(families.Family):
     if not workdir:
       raise ValueError("data.splitter='entropy' needs data.patcher: the workdir of a finished "
                        'byte-LM run (configs/byte_lm.py) whose next-byte entropies cut the units')
+    if workdir.startswith('sweep:'):  # a point of the same sweep (trained before this one)
+      if not self.workdir:
+        raise ValueError(f'data.patcher={workdir!r} names a point of the sweep this run belongs '
+                         "to; outside a sweep give the byte-LM run's workdir")
+      workdir = storage.join(self.workdir.rstrip('/').rsplit('/', 1)[0],
+                             workdir[len('sweep:'):])
     if not storage.isdir(workdir):
       raise FileNotFoundError(f'data.patcher: no run directory {workdir} (the patcher is a '
                               'finished byte-LM run: train one with configs/byte_lm.py)')
