@@ -213,6 +213,10 @@ def test_the_patcher_is_a_recorded_artifact(runs):
   fam = families.get(config_lib.load_saved(hat_wd), hat_wd)
   assert fam.splitter.threshold == rec['threshold']
   assert fam.splitter.source.fingerprint == rec['fingerprint']
+  # the patcher's forward pass is charged to the HAT's training FLOPs
+  d = fam.cfg.data
+  assert fam.patcher_flops > 0 and fam.flops_per_token() == pytest.approx(hat.flops_per_byte(
+      fam.cfg.model, ENC.vocab_size, d.seq_len, d.max_words, fam.word_len) + fam.patcher_flops)
   summary = json.load(open(os.path.join(hat_wd, 'train_summary.json')))
   assert summary['data']['train_bytes_per_word'] > 1.5
   # weights that changed since training are refused

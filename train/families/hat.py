@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from data import encoders, hat_data, pipeline, words
-from models import hat, hat_view
+from models import hat, hat_view, token_lm
 from train import config_lib, families, runs, storage
 
 PATCHER_FILE = 'patcher.json'  # the entropy patcher a run was trained with (an artifact)
@@ -21,7 +21,7 @@ class HATFamily(families.Family):
       raise ValueError(f"family 'hat' reads bytes: data.encoder must be 'bytes', "
                        f'got {cfg.data.encoder!r}')
     d, m = cfg.data, cfg.model
-    self.patcher_record = None
+    self.patcher_record, self.patcher_flops = None, 0.0
     if str(d.splitter).strip() == 'entropy':
       self.splitter = self._entropy_splitter()
     else:
@@ -98,6 +98,9 @@ class HATFamily(families.Family):
                        f'ids (vocabulary {self.encoder_vocab()}); this run has '
                        f'{type(enc).__name__} with vocabulary {enc.vocab_size}')
     source = patcher.LMEntropy(run.model())
+    # its forward pass over every byte: a third of its training FLOPs per position
+    self.patcher_flops = token_lm.flops_per_token(run.cfg.model, enc.vocab_size,
+                                                  d.seq_len) / 3
     if rec is not None:
       if rec['fingerprint'] != source.fingerprint:
         raise ValueError(f'data.patcher={workdir} (step {run.step}) holds other weights than the '
@@ -174,7 +177,7 @@ class HATFamily(families.Family):
   def flops_per_token(self) -> float:
     d = self.cfg.data
     return hat.flops_per_byte(self.cfg.model, self.encoder.vocab_size, d.seq_len, d.max_words,
-                              self.word_len)
+                              self.word_len) + self.patcher_flops  # entropy patches: counted
 
   def data_stats(self) -> dict:
     out = super().data_stats()
