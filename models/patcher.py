@@ -35,25 +35,41 @@ def params_fingerprint(params) -> str:
   return h.hexdigest()[:16]
 
 
-class LMEntropy(words.EntropySource):
-  """Next-byte entropies of a trained TokenLM over ByteEncoder ids."""
+def windowed(model: token_lm.TokenLM, cfg_model, context: int
+             ) -> tuple[token_lm.TokenLM, int]:
+  """(`model` (built from `cfg_model`) reading at most `context` ids back, the window):
+  sliding-window attention (min with its own window) over the context it was trained on,
+  whatever the length of the text (RoPE makes attention depend on relative positions only).
+  Same weights."""
+  cfg = cfg_model.copy_and_resolve_references()
+  w = int(cfg.get('window', 0))
+  cfg.window = min(w, context) if w > 0 else int(context)
+  abstract = nnx.eval_shape(lambda: token_lm.TokenLM(cfg, model.vocab_size, model.dtype,
+                                                     rngs=nnx.Rngs(0)))
+  return nnx.merge(nnx.graphdef(abstract), nnx.state(model)), cfg.window
 
-  def __init__(self, model: token_lm.TokenLM, bucket: int = 64):
+
+class LMEntropy(words.EntropySource):
+  """Next-byte entropies of a trained TokenLM over ByteEncoder ids. With `window` (its
+  sliding-window attention, `windowed`) rows longer than `chunk` ids are computed in pieces
+  that overlap by `num_layers * window` ids (its receptive field), so memory stays bounded."""
+
+  def __init__(self, model: token_lm.TokenLM, bucket: int = 64, window: int = 0,
+               num_layers: int = 0, chunk: int = 2048):
     self.graphdef, self.params = nnx.split(model)
     self.vocab_size = int(model.vocab_size)
     self.bucket = int(bucket)
+    self.overlap = int(window) * int(num_layers)
+    self.chunk = max(int(chunk), 2 * self.overlap)
     self.fingerprint = params_fingerprint(self.params)
     graphdef = self.graphdef
 
     @jax.jit
-    def batch_entropies(params, ids_BxT, seg_BxT):
+    def batch_entropies(params, ids_BxT, pos_BxT, seg_BxT):
       m = nnx.merge(graphdef, params)
-      t = ids_BxT.shape[1]
-      col = jnp.arange(t, dtype=jnp.int32)
       new = jnp.concatenate([jnp.ones_like(seg_BxT[:, :1], bool),
                              seg_BxT[:, 1:] != seg_BxT[:, :-1]], axis=1)
-      pos = col - jax.lax.cummax(jnp.where(new, col, 0), axis=1)  # from 0 in each piece
-      logits, _ = m(ids_BxT, pos, seg_BxT)
+      logits, _ = m(ids_BxT, pos_BxT, seg_BxT)
       h = entropy(logits)  # [B, T]: of the id after each position
       h = jnp.concatenate([jnp.zeros_like(h[:, :1]), h[:, :-1]], axis=1)
       same = (seg_BxT > 0) & ~new
@@ -67,9 +83,26 @@ class LMEntropy(words.EntropySource):
     b, t = ids.shape
     if t == 0:
       return np.zeros((b, 0), np.float32)
+    col = np.arange(t, dtype=np.int32)
+    new = np.ones((b, t), bool)
+    new[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    pos = col - np.maximum.accumulate(np.where(new, col, 0), axis=1)  # from 0 in each piece
+    if self.overlap and t > self.chunk:  # pieces [a, a + step) read from a - overlap on
+      step = self.chunk - self.overlap
+      out = np.zeros((b, t), np.float32)
+      for a in range(0, t, step):
+        lo = max(a - self.overlap, 0)
+        sl = slice(lo, a + step)
+        part = self._entropies(ids[:, sl], pos[:, sl], seg[:, sl])
+        out[:, a:a + step] = part[:, a - lo:]  # (ids before a read their full context)
+      return out
+    return self._entropies(ids, pos, seg)
+
+  def _entropies(self, ids, pos, seg) -> np.ndarray:
+    t = ids.shape[1]
     size = -(-t // self.bucket) * self.bucket
     pad = ((0, 0), (0, size - t))
-    out = self._batch(self.params, jnp.asarray(np.pad(ids, pad)), jnp.asarray(np.pad(seg, pad)))
+    out = self._batch(self.params, *(jnp.asarray(np.pad(x, pad)) for x in (ids, pos, seg)))
     return np.asarray(out, np.float32)[:, :t]
 
   def device_args(self):

@@ -28,11 +28,29 @@ LW = 8
 TEXT = 'def f(x):\n    return x + 1  # the cat sat on the mat, said the docs.'
 
 
+def _byte_lm():
+  m = token_lm.default_model_config()
+  m.d_model, m.num_layers, m.mlp_dim, m.init_std = 32, 2, 64, 0.5  # spread-out entropies
+  return token_lm.TokenLM(m, ENC.vocab_size, rngs=nnx.Rngs(0)), m
+
+
 @pytest.fixture(scope='module')
 def source():
-  m = token_lm.default_model_config()
-  m.d_model, m.num_layers, m.mlp_dim, m.init_std = 32, 1, 64, 0.5  # spread-out entropies
-  return patcher.LMEntropy(token_lm.TokenLM(m, ENC.vocab_size, rngs=nnx.Rngs(0)))
+  """A patcher that reads 24 ids back (as if trained on rows of 24), in pieces of 64 ids: the
+  tests' texts are longer than both."""
+  model, window = patcher.windowed(*_byte_lm(), context=24)
+  return patcher.LMEntropy(model, window=window, num_layers=2, chunk=64)
+
+
+def test_long_rows_are_read_in_pieces_exactly(source):
+  """Pieces overlapping by the receptive field (layers x window) give the entropies of one
+  pass over the whole row, packed documents included."""
+  whole = patcher.LMEntropy(patcher.windowed(*_byte_lm(), context=24)[0])
+  ids = np.random.RandomState(0).randint(3, 259, (2, 300))
+  ids[:, 0] = ENC.bos_id
+  seg = np.ones_like(ids)
+  seg[1, 150:] = 2
+  np.testing.assert_allclose(source.entropies(ids, seg), whole.entropies(ids, seg), atol=1e-6)
 
 
 @pytest.fixture(scope='module')

@@ -97,7 +97,10 @@ class HATFamily(families.Family):
       raise ValueError(f'data.patcher={workdir}: the patcher must be a byte LM over the HAT\'s '
                        f'ids (vocabulary {self.encoder_vocab()}); this run has '
                        f'{type(enc).__name__} with vocabulary {enc.vocab_size}')
-    source = patcher.LMEntropy(run.model())
+    # it reads at most the context it was trained on (data.seq_len ids back)
+    context = int(run.cfg.data.seq_len)
+    model, window = patcher.windowed(run.model(), run.cfg.model, context)
+    source = patcher.LMEntropy(model, window=window, num_layers=int(run.cfg.model.num_layers))
     # its forward pass over every byte: a third of its training FLOPs per position
     self.patcher_flops = token_lm.flops_per_token(run.cfg.model, enc.vocab_size,
                                                   d.seq_len) / 3
