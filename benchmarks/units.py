@@ -6,7 +6,7 @@
 Texts: the first `--bytes` bytes of the embedded corpus's validation split ('normal'), the same
 with its spaces removed ('no spaces'), and optionally `--text_file` (e.g. a CJK text). Splitters:
 whitespace, unicode, spacebyte, and entropy patches (both rules) from the byte-LM run
-`--patcher`, each threshold calibrated on the training split (its first 64 rows) to
+`--patcher`, each threshold calibrated on the training split (its first 256 rows) to
 `--target_len` bytes per unit, as `data.splitter='entropy'` does. For each text and splitter:
 bytes per unit (mean, std, median, 90th percentile, max) and the share of units the
 `--max_word_bytes` cap cut; then a Markdown rendering of the start of each text with `|` before

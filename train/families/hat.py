@@ -115,7 +115,7 @@ class HATFamily(families.Family):
     splitter = words.EntropySplitter(source, rule, threshold if not target else 0.0, cap)
     reached = None
     if target:
-      rows_i, rows_s = self._calibration_rows(int(d.get('patch_calib_rows', 64)))
+      rows_i, rows_s = self._calibration_rows(int(d.get('patch_calib_rows', 256)))
       threshold, reached = words.calibrate_threshold(splitter, rows_i, rows_s, target)
       splitter = words.EntropySplitter(source, rule, threshold, cap)
     self.patcher_record = {
