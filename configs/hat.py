@@ -38,7 +38,8 @@ def get_config(preset: str = 'tiny'):
   c.data.patch_target_len = 4.0    # > 0: calibrate the threshold on the training split to this
                                    # mean unit length (bytes); 0: use data.patch_threshold
   c.data.patch_threshold = 0.0     # nats
-  c.data.patch_calib_rows = 256    # training rows the calibration reads
+  c.data.patch_calib_rows = 256    # windows of data.seq_len bytes spread over the training split
+                                   # that the calibration reads
   bd, bh, bmlp, enc, dec, win, seq, words, backbone = _SIZES[preset]
   c.data.max_words = words         # W per row; bytes of further words get weight 0 (counted)
   # the word-level backbone and the trainer settings of the baselines' preset of that size

@@ -115,7 +115,7 @@ class HATFamily(families.Family):
     splitter = words.EntropySplitter(source, rule, threshold if not target else 0.0, cap)
     reached = None
     if target:
-      rows_i, rows_s = self._calibration_rows(int(d.get('patch_calib_rows', 256)))
+      rows_i, rows_s = self._calibration_rows(d.get('patch_calib_rows', 256))
       threshold, reached = words.calibrate_threshold(splitter, rows_i, rows_s, target)
       splitter = words.EntropySplitter(source, rule, threshold, cap)
     self.patcher_record = {
@@ -130,17 +130,24 @@ class HATFamily(families.Family):
     return encoders.ByteEncoder().vocab_size
 
   def _calibration_rows(self, rows: int):
-    """The first `rows` packed rows of the training split (host 0's, the same on every host)."""
-    it = pipeline.make_train_iterator(self.cfg, encoders.ByteEncoder(), 0, 1)
-    ids, seg = [], []
-    try:
-      while sum(len(x) for x in ids) < max(rows, 1):
-        b = next(it)
-        ids.append(b['inputs'])
-        seg.append(b['segment_ids'])
-    finally:
-      it.close()
-    return np.concatenate(ids)[:max(rows, 1)], np.concatenate(seg)[:max(rows, 1)]
+    """`rows` windows of `data.seq_len` bytes spread over the training split (the k-th from
+    document k * n_docs // rows at a fixed pseudo-random offset), as packed rows that start
+    mid-document do: the same on every host and every run. (The pipeline's first rows would
+    come from one stretch of the corpus: its shuffle is local.)"""
+    from data import corpus  # pylint: disable=import-outside-toplevel
+    source = corpus.get_source(self.cfg.data, self.cfg.data.train_split)
+    n, t, enc = len(source), int(self.cfg.data.seq_len), encoders.ByteEncoder()
+    if not n:
+      raise ValueError('data.patch_target_len: the training split holds no documents')
+    rows = max(int(rows), 1)
+    ids = np.zeros((rows, t), np.int32)
+    seg = np.zeros((rows, t), np.int32)
+    for k in range(rows):
+      doc = np.concatenate([[enc.bos_id], enc.encode(source[k * n // rows]), [enc.eos_id]])
+      start = (k * 2654435761) % max(len(doc) - t + 1, 1)
+      piece = doc[start:start + t]
+      ids[k, :len(piece)], seg[k, :len(piece)] = piece, 1
+    return ids, seg
 
   def artifacts(self) -> dict[str, bytes]:
     if self.patcher_record is None:
