@@ -372,7 +372,8 @@ def generate(model: HAT, prompt_ids: list[int], splitter: words.Splitter, max_ne
   multi-byte whitespace character), and those decoder cache entries are overwritten. For
   splitters with a device rule (whitespace, spacebyte, fixed:N) the whole loop -- sampling
   included -- is one jitted `lax.while_loop` (the prompt prefilled in three batched calls);
-  `unicode` runs the same steps driven from the host. Equals uncached greedy decoding byte for
+  `unicode` runs the same steps driven from the host; entropy patches (`words.EntropySplitter`)
+  step their patcher, a byte LM with its own KV cache, beside the HAT in the same loop. Equals uncached greedy decoding byte for
   byte (tests/test_hat.py). Returns the new ids, up to and including `stop_id`. `forced`: ids
   emitted first, through the loop (teacher forcing; device path only), then sampling goes on.
   """
