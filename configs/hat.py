@@ -10,6 +10,9 @@ from configs import base, lm_presets
 from models import hat
 
 PRESETS = ('tiny', 'small', '1b')
+# the entropy model of the sweep's entropy-patch point: a byte LM much smaller than the HAT
+# (BLT's is ~100M parameters beside an 8B model)
+PATCHER_PRESET = {'tiny': 'tiny', 'small': 'tiny', '1b': 'small'}
 
 # name -> (byte_d, byte_heads, byte_mlp, enc_layers, dec_layers, byte_window, seq_len (bytes),
 #          max_words, backbone preset)
@@ -24,8 +27,19 @@ def get_config(preset: str = 'tiny'):
   c = base.get_config()
   c.family = 'hat'
   c.data.encoder = 'bytes'
-  c.data.splitter = 'whitespace'   # whitespace | unicode | spacebyte | fixed:N
+  c.data.splitter = 'whitespace'   # whitespace | unicode | spacebyte | fixed:N | entropy
   c.data.max_word_bytes = 16       # Lw: longer words are cut at UTF-8 character boundaries
+  # data.splitter='entropy' (BLT's entropy patches; docs/hat.md): a unit starts where a byte
+  # LM's next-byte entropy is high. The patcher is a finished byte-LM run (configs/byte_lm.py),
+  # recorded in the run (artifacts/patcher.json) with the threshold it was trained with.
+  c.data.patcher = ''              # the byte-LM run's workdir ('sweep:NAME': a point of
+                                   # the same sweep)
+  c.data.patch_rule = 'global'     # 'global': H(i) > threshold | 'relative': H(i) - H(i-1) >
+  c.data.patch_target_len = 4.0    # > 0: calibrate the threshold on the training split to this
+                                   # mean unit length (bytes); 0: use data.patch_threshold
+  c.data.patch_threshold = 0.0     # nats
+  c.data.patch_calib_rows = 256    # windows of data.seq_len bytes spread over the training split
+                                   # that the calibration reads
   bd, bh, bmlp, enc, dec, win, seq, words, backbone = _SIZES[preset]
   c.data.max_words = words         # W per row; bytes of further words get weight 0 (counted)
   # the word-level backbone and the trainer settings of the baselines' preset of that size
@@ -51,5 +65,8 @@ def get_config(preset: str = 'tiny'):
 
 
 def get_sweep(cfg):
-  """Word splitters on the same model."""
-  return [{'data.splitter': s} for s in ('whitespace', 'unicode', 'spacebyte', 'fixed:4')]
+  """Word splitters on the same model; last, entropy patches from a byte LM trained first as a
+  point of the sweep (`data.patcher='sweep:NAME'`: that point's workdir)."""
+  return [{'data.splitter': s} for s in ('whitespace', 'unicode', 'spacebyte', 'fixed:4')] + [
+      {'name': 'patcher', 'config': f'configs/byte_lm.py:{PATCHER_PRESET[cfg.preset]}'},
+      {'name': 'entropy', 'data.splitter': 'entropy', 'data.patcher': 'sweep:patcher'}]

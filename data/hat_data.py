@@ -148,6 +148,16 @@ class BoundaryWords:
   def host_starts(self, ids) -> list[int]:
     return boundary_word_starts(ids, self.boundary_id)
 
+  def device_args(self):  # no state beside the model's (words.Splitter.device_step)
+    return None
+
+  def device_init(self, args, prompt_1xP, size: int):
+    del args, prompt_1xP, size
+
+  def device_step(self, args, state, ids_S, t, cur_start, byte_offset: int = encoders.BYTE_OFFSET):
+    del args
+    return self.device_new_start(ids_S, t, cur_start, byte_offset), state
+
   def device_new_start(self, ids_S, t, cur_start, byte_offset: int = encoders.BYTE_OFFSET):
     """Traceable: t if id t opens a word (a boundary, a special, the id after a special, or a
     word over the cap: a safety net, generation masks bytes that would overflow), else -1."""

@@ -81,7 +81,7 @@ import unicodedata
 import numpy as np
 
 MIN_WORD_BYTES = 4
-SPLITTERS = ('whitespace', 'ascii_whitespace', 'unicode', 'spacebyte', 'fixed:N')
+SPLITTERS = ('whitespace', 'ascii_whitespace', 'unicode', 'spacebyte', 'fixed:N', 'entropy')
 
 # --- UTF-8 byte tables -------------------------------------------------------------------------
 
@@ -582,12 +582,42 @@ class Splitter(abc.ABC):
 
     x, prev = byte_at(t), byte_at(t - 1)
     s = jnp.where((x < 0) | (prev < 0), t, self._device_base_start(byte_at, t))
+    return self._device_capped(s, x, t, cur_start)
+
+  def _device_capped(self, s, x, t, cur_start):
+    """The uncapped decision `s` (a start <= t, or -1) with the `max_word_bytes` cap applied
+    (`x`: the byte at t, -1 for a special)."""
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     s = jnp.where(s > cur_start, s, -1)
     if self._cap:
       piece = jnp.where(s >= 0, s, cur_start)
       need = jnp.asarray(_NEED, jnp.int32)[jnp.clip(x, 0, 255)]
       s = jnp.where((s < 0) & (t - piece + need > self._cap), t, s)
     return s.astype(jnp.int32)
+
+  # Generation with a state beside the model's (entropy patches: the patcher's KV cache). The
+  # default has none: `device_step` is `device_new_start`.
+  def device_args(self):
+    """Arrays the device rule reads (passed into the jitted loop as arguments, never baked in
+    as constants); default None."""
+    return None
+
+  def device_init(self, args, prompt_1xP, size: int):
+    """Traceable: the rule's state after the prompt (ids [1, P]; room for `size` ids)."""
+    del args, prompt_1xP, size
+    return None
+
+  def device_step(self, args, state, ids_S, t, cur_start, byte_offset: int = 3):
+    """Traceable: (`device_new_start(ids_S, t, cur_start)`, the state after id t)."""
+    del args
+    return self.device_new_start(ids_S, t, cur_start, byte_offset), state
+
+  def row_starts(self, ids_BxT: np.ndarray, segment_ids_BxT: np.ndarray, buf: np.ndarray,
+                 run_start: np.ndarray) -> np.ndarray:
+    """Word starts (flat bool mask) of packed rows (`batch_words`); `buf`, `run_start`: their
+    flat bytes and runs. A text rule needs only the bytes: `flat_starts`."""
+    del ids_BxT, segment_ids_BxT
+    return self.flat_starts(buf, run_start)
 
   def _device_base_start(self, byte_at, t):
     """Uncapped rule: a start in [t-3, t] decided at byte t (inside one text), or -1."""
@@ -745,6 +775,193 @@ class FixedSplitter(Splitter):
     return run_start.copy()
 
 
+# --- Entropy patches (BLT) -----------------------------------------------------------------------
+
+PATCH_RULES = ('global', 'relative')
+
+
+class EntropySource(abc.ABC):
+  """Next-byte entropies of a byte LM over ByteEncoder ids, for `EntropySplitter` (the data layer
+  knows only this interface; models/patcher.py implements it on a trained byte LM, the HAT family
+  loads that run). Entropies are in nats, of the model's softmax over its `vocab_size` ids, so
+  they lie in [0, log vocab_size)."""
+  fingerprint: str   # identifies the weights (equal sources: equal fingerprints)
+  vocab_size: int
+
+  @abc.abstractmethod
+  def entropies(self, ids_BxT: np.ndarray, segment_ids_BxT: np.ndarray) -> np.ndarray:
+    """float32 [B, T]: at i, the entropy of the model's distribution of id i given the ids
+    before it in its segment (a piece of a packed row: segment id > 0, positions from 0); 0 at
+    a segment's first id and on padding."""
+
+  @abc.abstractmethod
+  def device_args(self):
+    """The weights as a pytree of arrays (an argument of the jitted generation loop)."""
+
+  @abc.abstractmethod
+  def device_init(self, args, prompt_1xP, size: int):
+    """Traceable: the state after the prompt: (KV cache, entropy of id P, entropy of id P-1)."""
+
+  @abc.abstractmethod
+  def device_push(self, args, state, x, t):
+    """Traceable: the state after id `x` at position `t` (the entropies shift by one)."""
+
+
+class EntropySplitter(Splitter):
+  """BLT's entropy patches: a unit (word) starts at byte i where the patcher's entropy H(i) of
+  byte i given the bytes before it exceeds `threshold` (`rule='global'`), or rises over the
+  previous byte's by more than `threshold` (`rule='relative'`: H(i) - H(i-1) > threshold; BLT's
+  approximate monotonicity rule). Specials and the bytes after them start units as for every
+  splitter, and `max_word_bytes` caps units (never inside a UTF-8 character). H(i) depends on
+  bytes < i only, so the decision at i is known before byte i arrives: causal byte by byte
+  (`byte_level`). The text API (`starts`, `split`) reads each text after a bos id, as a
+  document; `batch_words` reads the packed rows' own context (documents never mix)."""
+  byte_level = True
+
+  def __init__(self, source: EntropySource, rule: str, threshold: float, max_word_bytes: int):
+    if rule not in PATCH_RULES:
+      raise ValueError(f'data.patch_rule={rule!r}: expected one of {PATCH_RULES}')
+    if not 0 < max_word_bytes:
+      raise ValueError('entropy patches need a unit cap: data.max_word_bytes >= '
+                       f'{MIN_WORD_BYTES}, got {max_word_bytes}')
+    super().__init__('entropy', max_word_bytes)
+    self.source, self.rule, self.threshold = source, rule, float(threshold)
+    check_patch_threshold(rule, self.threshold, source.vocab_size)
+
+  def __repr__(self):
+    return (f'EntropySplitter({self.rule}, threshold={self.threshold:.4g}, max_word_bytes='
+            f'{self.max_word_bytes}, patcher={self.source.fingerprint})')
+
+  def __eq__(self, other):
+    return (type(self) is type(other) and self.rule == other.rule
+            and self.threshold == other.threshold and self.max_word_bytes == other.max_word_bytes
+            and self.source.fingerprint == other.source.fingerprint)
+
+  def __hash__(self):
+    return hash(('entropy', self.rule, self.threshold, self.max_word_bytes,
+                 self.source.fingerprint))
+
+  def _rule(self):
+    raise ValueError('entropy patches have no text-only rule (cursor): they need the patcher')
+
+  def cursor(self):
+    return self._rule()
+
+  def base_starts(self, h: np.ndarray, run_start: np.ndarray,
+                  threshold: float | None = None) -> np.ndarray:
+    """Uncapped starts (flat bool) from flat entropies `h` (threshold: default the splitter's)."""
+    thr = self.threshold if threshold is None else threshold
+    if self.rule == 'global':
+      return run_start | (h > thr)
+    prev = np.zeros_like(h)
+    prev[1:] = h[:-1]
+    return run_start | (h - prev > thr)
+
+  def row_starts(self, ids_BxT, segment_ids_BxT, buf, run_start):
+    h = self.source.entropies(ids_BxT, segment_ids_BxT).reshape(-1)
+    return _apply_cap(buf, self.base_starts(h, run_start), self._cap)
+
+  def flat_starts(self, buf, run_start):
+    """Each run read as a document after a bos id (one patcher call for all runs)."""
+    buf = np.asarray(buf, np.uint8).reshape(-1)
+    run_start = np.asarray(run_start, bool).reshape(-1)
+    if not buf.size:
+      return np.zeros(0, bool)
+    if not run_start[0]:
+      raise ValueError('run_start must be True at 0')
+    runs = np.cumsum(run_start)
+    pos = np.arange(buf.size) + runs        # each run shifted by its bos and earlier bos ids
+    ids = np.zeros(buf.size + runs[-1], np.int32)
+    seg = np.repeat(np.arange(1, runs[-1] + 1, dtype=np.int32),
+                    np.diff(np.append(np.flatnonzero(run_start), buf.size)) + 1)
+    ids[pos] = buf.astype(np.int32) + 3
+    ids[np.flatnonzero(run_start) + np.arange(runs[-1])] = 1  # bos
+    h = self.source.entropies(ids[None], seg[None])[0][pos]
+    return _apply_cap(buf, self.base_starts(h, run_start), self._cap)
+
+  # -- generation: the patcher's KV cache beside the model's --------------------------------------
+  def device_args(self):
+    return self.source.device_args()
+
+  def device_init(self, args, prompt_1xP, size: int):
+    return self.source.device_init(args, prompt_1xP, size)
+
+  def device_new_start(self, ids_S, t, cur_start, byte_offset: int = 3):
+    raise ValueError('entropy patches decide with the patcher state: device_step')
+
+  def device_step(self, args, state, ids_S, t, cur_start, byte_offset: int = 3):
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    _, h_t, h_prev = state  # entropies of ids t and t-1 (the state covers ids < t)
+    x_id, prev_id = ids_S[t], ids_S[jnp.maximum(t - 1, 0)]
+    x = jnp.where(x_id >= byte_offset, x_id - byte_offset, -1)
+    special = (x_id < byte_offset) | (prev_id < byte_offset)
+    rise = h_t if self.rule == 'global' else h_t - h_prev
+    s = jnp.where(special | (rise > self.threshold), t, -1)
+    return self._device_capped(s, x, t, cur_start), self.source.device_push(args, state, x_id, t)
+
+
+def check_patch_threshold(rule: str, threshold: float, vocab_size: int) -> None:
+  """A threshold some text can cross: entropies lie in [0, log V), their rises in
+  (-log V, log V)."""
+  top = float(np.log(vocab_size))
+  lo = 0.0 if rule == 'global' else -top
+  if not lo <= threshold < top:
+    raise ValueError(f'data.patch_threshold={threshold:g} ({rule} rule): no text reaches it; '
+                     f'next-byte entropies of a {vocab_size}-id patcher lie in [0, {top:.3f}) '
+                     f'nats{"" if rule == "global" else ", their rises in (-" + f"{top:.3f}, {top:.3f})"}'
+                     f': pick a threshold in [{lo:.3f}, {top:.3f}), or set data.patch_threshold '
+                     '= -1 to calibrate one to data.patch_target_len')
+
+
+def calibrate_threshold(splitter: EntropySplitter, ids_BxT: np.ndarray,
+                        segment_ids_BxT: np.ndarray, target: float,
+                        byte_offset: int = 3) -> tuple[float, float]:
+  """(threshold, mean bytes per unit reached): the threshold of `splitter.rule` whose mean unit
+  length (text bytes per unit that starts at a byte; specials are units of their own and not
+  counted) on these packed rows is closest to `target`, by bisection (the unit count only falls
+  as the threshold rises). A target outside what any threshold gives on these rows (1 byte per
+  unit up to the cap's length) is a ValueError naming `data.patch_target_len`."""
+  ids = np.asarray(ids_BxT)
+  seg = np.asarray(segment_ids_BxT)
+  nb, nt = ids.shape
+  flat, sflat = ids.reshape(-1), seg.reshape(-1)
+  valid = sflat > 0
+  special = (flat < byte_offset) & valid
+  run_start = special | ~valid
+  run_start[1:] |= (sflat[1:] != sflat[:-1]) | run_start[:-1]
+  run_start[::nt] = True
+  byte = valid & ~special
+  if not byte.any():
+    raise ValueError('data.patch_target_len: the calibration rows hold no text bytes')
+  buf = flat.astype(np.uint8) - np.uint8(byte_offset)
+  h = splitter.source.entropies(ids, seg).reshape(-1)
+  cap = splitter._cap  # pylint: disable=protected-access
+
+  def mean_len(thr):
+    st = _apply_cap(buf, splitter.base_starts(h, run_start, thr), cap)
+    return byte.sum() / max(int((st & byte).sum()), 1)
+
+  top = float(np.log(splitter.source.vocab_size))
+  lo, hi = (0.0, top) if splitter.rule == 'global' else (-top, top)
+  shortest, longest = mean_len(lo - 1.0), mean_len(hi)
+  if not shortest <= target <= longest:
+    raise ValueError(f'data.patch_target_len={target:g}: no threshold reaches it on the '
+                     f'training split (mean unit lengths from {shortest:.3f} bytes, every byte a '
+                     f'unit, to {longest:.3f}, only the cap data.max_word_bytes='
+                     f'{splitter.max_word_bytes} and the documents cutting): pick a target in '
+                     'that range, or raise data.max_word_bytes')
+  best = (abs(longest - target), hi, longest)
+  for _ in range(40):
+    mid = (lo + hi) / 2
+    m = mean_len(mid)
+    best = min(best, (abs(m - target), mid, m))
+    if m < target:
+      lo = mid
+    else:
+      hi = mid
+  return float(best[1]), float(best[2])
+
+
 def get_splitter(spec: str, max_word_bytes: int) -> Splitter:
   """'whitespace' | 'ascii_whitespace' | 'unicode' | 'spacebyte' | 'fixed:N', capped at `max_word_bytes` (>= 4; 0:
   no cap)."""
@@ -763,6 +980,9 @@ def get_splitter(spec: str, max_word_bytes: int) -> Splitter:
     return UnicodeSplitter(max_word_bytes)
   if spec == 'spacebyte':
     return SpaceByteSplitter(max_word_bytes)
+  if spec == 'entropy':
+    raise ValueError("data.splitter='entropy' cuts with a byte LM (data.patcher, a finished "
+                     'byte-LM run): the HAT family builds it (words.EntropySplitter)')
   if spec.startswith('fixed:'):
     arg = spec[len('fixed:'):]
     if not arg.isdigit() or int(arg) < MIN_WORD_BYTES:
@@ -833,7 +1053,7 @@ def batch_words(inputs: np.ndarray, segment_ids: np.ndarray, splitter: Splitter 
   run_start[::nt] = True
   if boundary_id is None:
     buf = ids.astype(np.uint8) - np.uint8(byte_offset)  # specials / padding: any value (run starts)
-    starts = splitter.flat_starts(buf, run_start)
+    starts = splitter.row_starts(ids.reshape(nb, nt), seg.reshape(nb, nt), buf, run_start)
   else:
     starts = run_start | (ids == boundary_id)
   starts &= valid

@@ -372,7 +372,8 @@ def generate(model: HAT, prompt_ids: list[int], splitter: words.Splitter, max_ne
   multi-byte whitespace character), and those decoder cache entries are overwritten. For
   splitters with a device rule (whitespace, spacebyte, fixed:N) the whole loop -- sampling
   included -- is one jitted `lax.while_loop` (the prompt prefilled in three batched calls);
-  `unicode` runs the same steps driven from the host. Equals uncached greedy decoding byte for
+  `unicode` runs the same steps driven from the host; entropy patches (`words.EntropySplitter`)
+  step their patcher, a byte LM with its own KV cache, beside the HAT in the same loop. Equals uncached greedy decoding byte for
   byte (tests/test_hat.py). Returns the new ids, up to and including `stop_id`. `forced`: ids
   emitted first, through the loop (teacher forcing; device path only), then sampling goes on.
   """
@@ -404,8 +405,8 @@ def generate(model: HAT, prompt_ids: list[int], splitter: words.Splitter, max_ne
       graphdef, state, jnp.asarray(prompt[None]), jnp.asarray(forced_N), jnp.asarray(starts_W),
       jnp.asarray(words.word_ids(starts, p)[None], jnp.int32), jnp.int32(len(starts)),
       jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p),
-      jnp.int32(-1 if stop_id is None else stop_id), splitter=splitter, lw=max_word_bytes,
-      max_new=max_new)
+      jnp.int32(-1 if stop_id is None else stop_id), splitter.device_args(), splitter=splitter,
+      lw=max_word_bytes, max_new=max_new)
   return np.asarray(out)[:int(n)].tolist()
 
 
@@ -449,9 +450,11 @@ def host_word_starts(splitter: words.Splitter, max_word_bytes: int, ids) -> list
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'splitter', 'lw', 'max_new'))
 def _generate_device(graphdef, state, prompt_1xP, forced_N, starts_W, word_ids_1xP, n_words, rng,
-                     temperature, top_p, stop_id, *, splitter, lw, max_new):
+                     temperature, top_p, stop_id, split_args, *, splitter, lw, max_new):
   """The jitted generation loop of `generate` (one row). `starts_W`: the prompt's word starts,
-  `n_words` of them (the last one is the current, unfinished word), zero padded."""
+  `n_words` of them (the last one is the current, unfinished word), zero padded. `split_args`:
+  what the splitter's device rule reads (entropy patches: the patcher's weights; its KV cache
+  rides in the loop's carry)."""
   model = nnx.merge(graphdef, state)
   p = prompt_1xP.shape[1]
   size = p + max_new
@@ -490,7 +493,8 @@ def _generate_device(graphdef, state, prompt_1xP, forced_N, starts_W, word_ids_1
     return (i < max_new) & ~done
 
   def body(c):
-    i, ids_S, h_1xSxD, ctx_WxD, starts_W, n, enc_c, bb_c, dec_c, logits_V, rng, out_N, _ = c
+    i, ids_S, h_1xSxD, ctx_WxD, starts_W, n, enc_c, bb_c, dec_c, split_c, logits_V, rng, out_N, \
+        _ = c
     t = p + i
     rng, key = jax.random.split(rng)
     allowed_V = model.allowed_ids(ids_S, t, starts_W[n - 1], splitter.word_cap - 1)
@@ -501,7 +505,8 @@ def _generate_device(graphdef, state, prompt_1xP, forced_N, starts_W, word_ids_1
     if not word_enc:
       h_1x1xD, enc_c = model.encode(at(x), at(t), ones(1), enc_c, t)
       h_1xSxD = jax.lax.dynamic_update_slice(h_1xSxD, h_1x1xD, (0, t, 0))
-    s = splitter.device_new_start(ids_S, t, starts_W[n - 1], BYTE_OFFSET)
+    s, split_c = splitter.device_step(split_args, split_c, ids_S, t, starts_W[n - 1],
+                                      BYTE_OFFSET)
 
     def finish_word(args):  # the word [starts[n-1], s) is complete: one backbone step
       ctx_WxD, starts_W, n, bb_c = args
@@ -524,11 +529,12 @@ def _generate_device(graphdef, state, prompt_1xP, forced_N, starts_W, word_ids_1
 
     dec_c, logits_V = jax.lax.fori_loop(jnp.where(s >= 0, s, t), t + 1, decode_at,
                                         (dec_c, logits_V))
-    return (i + 1, ids_S, h_1xSxD, ctx_WxD, starts_W, n, enc_c, bb_c, dec_c, logits_V, rng,
-            out_N.at[i].set(x), x == stop_id)
+    return (i + 1, ids_S, h_1xSxD, ctx_WxD, starts_W, n, enc_c, bb_c, dec_c, split_c, logits_V,
+            rng, out_N.at[i].set(x), x == stop_id)
 
   ids_S = jnp.zeros(size, jnp.int32).at[:p].set(prompt_1xP[0])
-  carry = (jnp.int32(0), ids_S, h_1xSxD, ctx_WxD, starts_W, n_words, enc_c, bb_c, dec_c,
+  split_c = splitter.device_init(split_args, prompt_1xP, size)
+  carry = (jnp.int32(0), ids_S, h_1xSxD, ctx_WxD, starts_W, n_words, enc_c, bb_c, dec_c, split_c,
            logits_1xPxV[0, -1], rng, jnp.zeros(max_new, jnp.int32), jnp.bool_(False))
   carry = jax.lax.while_loop(cond, body, carry)
   return carry[-2], carry[0]
