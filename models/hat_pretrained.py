@@ -92,7 +92,9 @@ def with_backbone(params: dict, backbone: dict, what: str) -> dict:
     diff = sorted(set(new.items()) ^ set(old.items()))[:4]
     raise ValueError(f'{what}: its transformer stack does not fit the HAT backbone '
                      f'(first differences: {diff})')
-  return {**params, 'backbone': jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), backbone)}
+  # host copies: the trainer donates its state, and the pretrained model's own arrays (cached
+  # by the family loader) must outlive the run
+  return {**params, 'backbone': jax.tree.map(lambda x: np.array(x, np.float32), backbone)}
 
 
 def content_hash(path: str) -> str:

@@ -83,12 +83,21 @@ class HATPretrainedFamily(hat_family.HATFamily):
                                         aux_vocab=self._aux_vocab(), rngs=rngs)
 
   def initial_params(self):
-    """A freshly initialized HAT (seed `config.seed`) with the pretrained stack as backbone."""
+    """A freshly initialized HAT (seed `config.seed`) with the pretrained stack as backbone;
+    None (the trainer's random initialization) with `pretrained.load_weights=False`: the same
+    architecture from scratch, the baseline of the conversion."""
+    if not self.cfg.pretrained.load_weights:
+      return None
     model = self.build_model(nnx.Rngs(self.cfg.seed))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     backbone = hat_pretrained.backbone_params(self.loaded.model,
                                               self.cfg.model.get('scan_layers', False))
     return hat_pretrained.with_backbone(params, backbone, self.source)
+
+  def has_own_weights(self) -> bool:
+    """--mode=eval on a workdir without checkpoints scores the converted model at step 0 (new
+    byte encoder / decoder, pretrained backbone)."""
+    return bool(self.cfg.pretrained.load_weights)
 
   def frozen_params(self):
     if not self.aux:
