@@ -74,6 +74,7 @@ def _from_pretrained(c):
   m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = (
       576, 30, 9, 3, 64, 1536)
   m.rope_base, m.norm_eps = 1e5, 1e-5
+  m.scan_layers = True      # lax.scan over the layers: compile time flat in the 30 layers
   m.byte_d_model, m.byte_heads, m.byte_mlp_dim = 128, 4, 384
   m.enc_layers, m.dec_layers, m.byte_window = 2, 2, 64
   c.data.seq_len, c.data.max_words = 256, 64

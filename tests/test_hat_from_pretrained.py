@@ -4,7 +4,8 @@ parameter bitwise unchanged, a resume across the stage switch is exact, the byte
 sums to 1, and bad inputs (a model that is not Llama-family, a width that does not fit the
 projections, a resume on another pretrained model) end in one message.
 
-One 6-step run is trained in-process and resumed once; one launch.py subprocess."""
+One 6-step run is trained in-process and resumed once; one launch.py subprocess; the device
+suite's item at these shapes (--dry)."""
 import json
 import os
 import shutil
@@ -13,38 +14,21 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 
+from benchmarks import device_suite
 from conftest import run_launch
-from models import hat_pretrained, pretrained, token_lm
+from models import hat_pretrained, pretrained, transformer
 from train import config_lib, families, optim, trainer
 
 WIDTH = 32
 OVERRIDES = {
-    'model.d_model': WIDTH, 'model.byte_d_model': 16, 'model.byte_heads': 2,
-    'model.byte_mlp_dim': 32, 'model.enc_layers': 1, 'model.dec_layers': 1,
-    'data.seq_len': 64, 'data.max_words': 16, 'data.max_docs': 200, 'train.batch_size': 4,
-    'train.steps': 6, 'train.eval_every': 0, 'train.eval_batches': 1, 'train.log_every': 1,
-    'optim.stages.freeze_steps': 3, 'optim.stages.warmup_steps': 1, 'ckpt.every': 2,
-    'ckpt.keep': 10, 'ckpt.async_save': False, 'sample.max_new_tokens': 0,
-    'eval.robustness': ''}
-
-
-def _tokenizer():
-  vocab = {c: i for i, c in enumerate(['<|endoftext|>'] + sorted(set(
-      pre_tokenizers.ByteLevel.alphabet())))}
-  tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=[]))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  return tok
+    **device_suite.HAT_PRETRAINED_DRY, 'train.eval_every': 0, 'train.eval_batches': 1,
+    'train.log_every': 1, 'ckpt.every': 2, 'ckpt.keep': 10, 'ckpt.async_save': False,
+    'sample.max_new_tokens': 0, 'eval.robustness': ''}
 
 
 def _write_lm(directory: str, seed: int) -> str:
-  c = token_lm.default_model_config()
-  c.d_model, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim = (
-      WIDTH, 2, 4, 2, 8, 64)
-  c.norm_eps, c.rope_base, c.tie_embeddings = 1e-5, 5e4, True
-  model = token_lm.TokenLM(c, 257, rngs=nnx.Rngs(seed))
-  return pretrained.save_hf(model, c, _tokenizer(), directory, eos_id=0)
+  return device_suite._tiny_llama(directory, seed, WIDTH)  # pylint: disable=protected-access
 
 
 def _cfg(lm: str, **over):
@@ -82,7 +66,8 @@ def test_preset_builds_with_the_pretrained_stack(run):
   assert (m.rope_base, m.norm_eps) == (5e4, 1e-5)  # read from the file into the config
   assert setup.cfg.pretrained.sha256 == hat_pretrained.content_hash(run['lm'])
   params = setup.init_state()['params']
-  want = nnx.to_pure_dict(nnx.state(p.model.transformer, nnx.Param))
+  want = transformer.convert_layer_layout(  # the preset scans the layers
+      nnx.to_pure_dict(nnx.state(p.model.transformer, nnx.Param)), scanned=True)
   assert jax.tree.structure(params['backbone']) == jax.tree.structure(want)
   assert all(np.array_equal(a, b) for a, b in zip(_bits(params['backbone']), _bits(want)))
   assert setup.frozen['aux_table'].shape == (257, WIDTH)  # the auxiliary loss's targets
@@ -100,7 +85,8 @@ def test_preset_builds_with_the_pretrained_stack(run):
 
 def test_stage1_freezes_the_backbone_bitwise_and_resume_is_exact(run):
   cfg, wd = _cfg(run['lm']), run['wd']
-  want = nnx.to_pure_dict(nnx.state(pretrained.load(run['lm']).model.transformer, nnx.Param))
+  want = transformer.convert_layer_layout(nnx.to_pure_dict(nnx.state(
+      pretrained.load(run['lm']).model.transformer, nnx.Param)), scanned=True)
   _, s2, _ = trainer.restore(cfg, wd, step=2)   # stage 1
   _, s4, _ = trainer.restore(cfg, wd, step=4)   # stage 2 began at step 3
   assert all(np.array_equal(a, b) for a, b in zip(_bits(s2['params']['backbone']), _bits(want)))
@@ -154,3 +140,15 @@ def test_bad_inputs(run, data_dir):
   assert p.returncode == 1, p.stderr[-2000:]
   assert 'Traceback' not in p.stderr and 'a different pretrained model' in p.stderr
   assert p.stderr.count('error:') == 1, p.stderr[-2000:]
+
+
+def test_device_suite_item_dry(data_dir, tmp_path):
+  """benchmarks/device_suite.py's hat_pretrained item at the tests' shapes (--dry)."""
+  del data_dir
+  suite = device_suite.Suite(device_suite.parse(['--dry', f'--out={tmp_path}']))
+  out, md = device_suite.item_hat_pretrained(suite)
+  assert [out['stages'][s]['steps'] for s in ('stage1', 'stage2')] == [3, 3]
+  assert list(out['bpb']) == ['step0', 'after_stage1', 'after_stage2']
+  assert all(np.isfinite(v) and v > 0 for v in out['bpb'].values())
+  assert out['convert_s'] > 0 and all(r['bytes_per_s'] > 0 for r in out['stages'].values())
+  assert '| stage | steps | step s | bytes/s | MFU |' in md
