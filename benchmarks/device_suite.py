@@ -25,6 +25,10 @@ out by --only):
   lcm             LCM small (Base and Two-Tower) sentences/s and MFU
   compare         HAT vs byte LM vs subword LM at small for the same training-FLOP budget on
                   the embedded corpus: validation bits per byte and ALL-CAPS bits per byte
+  hat_pretrained  the HAT built on SmolLM2-135M (configs/hat.py:from_smollm2) at batch 32 x 2048
+                  bytes: conversion seconds, stage 1 (backbone frozen) and stage 2 step time,
+                  bytes/s and MFU, validation bits per byte at step 0 / after stage 1 / at the
+                  end (each stage at most 80 s)
 Throughput items run the trainer's own step (`trainer.Setup.make_train_step`) on synthetic full
 rows, timed by `lm_throughput.time_steps` after compilation; MFU = training FLOPs per step (the
 families' MaxText-convention accounting) / step time / peak, where peak is --peak_tflops or the
@@ -49,7 +53,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ITEMS = ('attention', 'lm_mfu', 'hat_vs_subword', 'hat_generation', 'lexinv', 'zett', 'lcm',
-         'compare')
+         'compare', 'hat_pretrained')
 # dense bf16 peak TFLOP/s per chip, by jax device_kind prefix
 PEAK_TFLOPS = {'NVIDIA H100': 989.0, 'NVIDIA H200': 989.0, 'NVIDIA H800': 989.0,
                'NVIDIA A100': 312.0, 'NVIDIA L4': 121.0, 'NVIDIA B200': 2250.0,
@@ -441,6 +445,102 @@ def item_compare(suite):
     md.append(f"| {k} | {r['steps']} | {r['train_flops']:.3g} | {r['train_s']:.0f} | "
               f"{r['bpb']:.4f} | "
               f"{r['caps_bpb']:.4f} | {r['caps_ratio']:.3f}x |")
+  return out, md
+
+
+# the dry run's shapes: those of tests/test_hat_from_pretrained.py (compiled steps shared)
+HAT_PRETRAINED_DRY = {
+    'model.d_model': 32, 'model.byte_d_model': 16, 'model.byte_heads': 2,
+    'model.byte_mlp_dim': 32, 'model.enc_layers': 1, 'model.dec_layers': 1, 'data.seq_len': 64,
+    'data.max_words': 16, 'data.max_docs': 200, 'train.batch_size': 4, 'train.steps': 6,
+    'optim.stages.freeze_steps': 3, 'optim.stages.warmup_steps': 1}
+HAT_PRETRAINED = {'batch': 32, 'seq_len': 2048, 'max_words': 512, 'freeze_steps': 100,
+                  'steps': 200, 'stage_s': 80.0}
+
+
+def _tiny_llama(directory: str, seed: int = 0, d: int = 32) -> str:
+  """A tiny random Llama-family LM in HF format (byte-level tokenizer, no merges; also the
+  tests' pretrained model, tests/test_hat_from_pretrained.py)."""
+  from flax import nnx
+  from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+  from models import pretrained, token_lm
+  vocab = {c: i for i, c in enumerate(['<|endoftext|>'] + sorted(set(
+      pre_tokenizers.ByteLevel.alphabet())))}
+  tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  c = token_lm.default_model_config()
+  c.d_model, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim = (
+      d, 2, 4, 2, d // 4, 2 * d)
+  c.norm_eps, c.rope_base, c.tie_embeddings = 1e-5, 5e4, True
+  model = token_lm.TokenLM(c, len(vocab), rngs=nnx.Rngs(seed))
+  return pretrained.save_hf(model, c, tok, directory, eos_id=0)
+
+
+def item_hat_pretrained(suite):
+  """The HAT conversion of SmolLM2-135M (configs/hat.py:from_smollm2) at a real batch: the
+  conversion itself, then stage 1 (backbone frozen, auxiliary loss) and stage 2 (everything,
+  the backbone at a lower rate) on the embedded corpus, each for up to `stage_s` seconds;
+  validation bits per byte at step 0, after stage 1 and at the end."""
+  import jax
+  import numpy as np
+  from benchmarks import aot
+  from train import partitioning, trainer
+  dry, p = suite.dry, HAT_PRETRAINED
+  ov = {'train.eval_batches': 1 if dry else 8, 'ckpt.async_save': False}
+  if dry:
+    path = _tiny_llama(os.path.join(suite.opts['out'], 'hat_pretrained_lm'))
+    ov.update({**HAT_PRETRAINED_DRY, 'pretrained.path': path})
+    stage_s = float('inf')  # the few steps, whatever the CPU's load
+  else:
+    ov.update({'train.batch_size': p['batch'], 'data.seq_len': p['seq_len'],
+               'data.max_words': p['max_words'], 'train.steps': p['steps'],
+               'optim.stages.freeze_steps': p['freeze_steps']})
+    stage_s = p['stage_s']
+  cfg = aot.load_config('configs/hat.py:from_smollm2', ov)
+  t0 = time.perf_counter()
+  setup = trainer.Setup(cfg)
+  state = setup.init_state()
+  jax.block_until_ready(state)
+  convert_s = time.perf_counter() - t0
+  fam, freeze, total = setup.family, int(cfg.optim.stages.freeze_steps), int(cfg.train.steps)
+  val = fam.eval_batches(0, 1, int(cfg.train.eval_batches))
+  bpb = {'step0': setup.evaluate(state['params'], val)['bpb']}
+  it = fam.train_iterator(0, 1)
+  step = setup.make_train_step()
+  b, t = cfg.train.batch_size, cfg.data.seq_len
+  rows, compile_s, n = {}, 0.0, 0
+  for stage, end in (('stage1', freeze), ('stage2', total)):
+    times, losses, started = [], [], time.perf_counter()
+    while n < end and time.perf_counter() - started < stage_s:
+      batch = partitioning.global_batch(next(it), setup.mesh)
+      s0 = time.perf_counter()
+      state, m = step(state, batch)
+      losses.append(float(m['loss_mean']))  # blocks: the step's own time
+      times.append(time.perf_counter() - s0)
+      n += 1
+    if n == 1 or (stage == 'stage1' and times):
+      compile_s = max(compile_s, times[0])
+    steady = times[1:] if stage == 'stage1' and len(times) > 1 else times
+    dt = float(np.median(steady)) if steady else float('nan')
+    rows[stage] = {'steps': len(times), 'step_s': dt, 'bytes_per_s': b * t / dt,
+                   'mfu': suite.mfu(setup.flops_per_step / dt), 'first_loss': losses[:1],
+                   'last_loss': losses[-1:]}
+    bpb['after_' + stage] = setup.evaluate(state['params'], val)['bpb']
+    if n < end:  # out of time: stage 2 starts only after stage 1's steps
+      break
+  it.close()
+  out = {'source': fam.source, 'params_M': setup.n_params / 1e6, 'batch': [b, t],
+         'convert_s': convert_s, 'compile_s': compile_s, 'stages': rows, 'bpb': bpb,
+         'steps_done': n}
+  md = [f'backbone {os.path.basename(fam.source)}, {setup.n_params / 1e6:.1f}M parameters, '
+        f'batch {b} x {t} bytes; conversion {convert_s:.1f} s, first step (compile) '
+        f'{compile_s:.1f} s', '',
+        '| stage | steps | step s | bytes/s | MFU |', '|---|---|---|---|---|']
+  md += [f"| {k} | {r['steps']} | {r['step_s']:.3f} | {r['bytes_per_s']:.0f} | "
+         f"{r['mfu']:.1%} |" for k, r in rows.items()]
+  md += ['', '| validation bits per byte | ' + ' | '.join(bpb) + ' |',
+         '|---|' + '---|' * len(bpb), '| | ' + ' | '.join(f'{v:.4f}' for v in bpb.values())
+         + ' |']
   return out, md
 
 

