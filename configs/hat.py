@@ -25,6 +25,8 @@ def get_config(preset: str = 'tiny'):
   c.family = 'hat'
   c.data.encoder = 'bytes'
   c.data.splitter = 'whitespace'   # whitespace | unicode | spacebyte | fixed:N
+  # (model.chunking='learned': the model cuts its own units with a router, H-Net style, toward
+  # model.chunk_target bytes per unit; the splitter is then not read. docs/hat.md)
   c.data.max_word_bytes = 16       # Lw: longer words are cut at UTF-8 character boundaries
   bd, bh, bmlp, enc, dec, win, seq, words, backbone = _SIZES[preset]
   c.data.max_words = words         # W per row; bytes of further words get weight 0 (counted)
