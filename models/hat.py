@@ -92,7 +92,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.chunk_target = 6.0     # learned: the target mean bytes per unit (> 1)
   c.chunk_loss = 'ratio'   # learned: 'ratio' (H-Net's ratio loss, toward the target) |
                            # 'bounded' (FLEXITOKENS: a hinge, only on units shorter than it)
-  c.chunk_loss_weight = 0.03  # learned: the compression loss's weight beside the byte NLL
+  c.chunk_loss_weight = 1.0  # learned: the compression loss's weight beside the byte NLL
+                            # (H-Net's 0.03 lets the units swing between one per byte and one
+                            # per row in the tiny preset's short runs; docs/hat.md)
   c.rope_base = 10_000.0
   c.remat = 'none'
   c.scan_layers = False    # lax.scan over each stack's layers (compile time flat in depth)
@@ -127,7 +129,7 @@ def check_chunking(m: ml_collections.ConfigDict) -> str:
   if loss not in CHUNK_LOSSES:
     raise ValueError(f'model.chunk_loss={loss!r}: expected one of {CHUNK_LOSSES} (ratio: '
                      "H-Net's, toward the target; bounded: FLEXITOKENS', a hinge)")
-  weight = m.get('chunk_loss_weight', 0.03)
+  weight = m.get('chunk_loss_weight', 1.0)
   if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight < 0:
     raise ValueError(f'model.chunk_loss_weight={weight!r}: must be finite and >= 0')
   if m.pooling == 'boundary':
@@ -153,7 +155,7 @@ class HAT(nnx.Module):
       self.max_units, self.max_unit_bytes = max_units, max_unit_bytes
       self.chunk_target = float(m.get('chunk_target', 6.0))
       self.chunk_loss = m.get('chunk_loss', 'ratio')
-      self.chunk_loss_weight = float(m.get('chunk_loss_weight', 0.03))
+      self.chunk_loss_weight = float(m.get('chunk_loss_weight', 1.0))
     if m.pooling not in POOLINGS:
       raise ValueError(f'model.pooling={m.pooling!r}: expected one of {POOLINGS}')
     attention = m.get('encoder_attention', 'causal')
@@ -393,24 +395,6 @@ class HAT(nnx.Module):
                             scale_BxT=self.confidence_scale(p_BxT, b_BxT))
     return {'logits': logits, 'p': p_BxT, 'b': b_BxT, 'overflow': lay['overflow']}
 
-  def compression_loss(self, p_BxT: Array, b_BxT: Array, mask_BxT: Array) -> Array:
-    """The compression loss over the real positions (`mask`), target N bytes per unit:
-    'ratio' (H-Net): N/(N-1) ((N-1) F G + (1-F)(1-G)), F the fraction of hard boundaries and G
-    the mean probability (F is constant to the gradient; the minimum, 1, is at F = G = 1/N);
-    'bounded' (FLEXITOKENS): a hinge on each row's mean probability above 1/N, in units of 1/N
-    (zero when units are at least N bytes long on average: a bound, not a fixed rate)."""
-    n = self.chunk_target
-    m_BxT = mask_BxT.astype(jnp.float32)
-    if self.chunk_loss == 'ratio':
-      count = jnp.maximum(m_BxT.sum(), 1.0)
-      f = jnp.sum(b_BxT * m_BxT) / count
-      g = jnp.sum(p_BxT * m_BxT) / count
-      return n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))
-    count_B = m_BxT.sum(1)
-    rate_B = jnp.sum(p_BxT * m_BxT, 1) / jnp.maximum(count_B, 1.0)
-    excess_B = jax.nn.relu(rate_B - 1.0 / n) * n
-    return jnp.sum(excess_B * (count_B > 0)) / jnp.maximum(jnp.sum(count_B > 0), 1)
-
   def __call__(self, batch: dict[str, Array]) -> Array:
     """fp32 next-byte logits [B, T, V] for a packed HAT batch (see data/hat_data.py; with
     learned chunking only inputs, positions and segment ids are read)."""
@@ -428,6 +412,27 @@ class HAT(nnx.Module):
     return logits
 
 
+def compression_loss(p_BxT: Array, b_BxT: Array, mask_BxT: Array, target: float,
+                     kind: str = 'ratio') -> Array:
+  """The compression loss of learned chunking over the real positions (`mask`), target N
+  bytes per unit (`target`), `kind`:
+  'ratio' (H-Net): N/(N-1) ((N-1) F G + (1-F)(1-G)), F the fraction of hard boundaries and G
+  the mean probability (F is constant to the gradient; the minimum, 1, is at F = G = 1/N);
+  'bounded' (FLEXITOKENS): a hinge on each row's mean probability above 1/N, in units of 1/N
+  (zero when units are at least N bytes long on average: a bound, not a fixed rate)."""
+  n = float(target)
+  m_BxT = mask_BxT.astype(jnp.float32)
+  if kind == 'ratio':
+    count = jnp.maximum(m_BxT.sum(), 1.0)
+    f = jnp.sum(b_BxT * m_BxT) / count
+    g = jnp.sum(p_BxT * m_BxT) / count
+    return n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))
+  count_B = m_BxT.sum(1)
+  rate_B = jnp.sum(p_BxT * m_BxT, 1) / jnp.maximum(count_B, 1.0)
+  excess_B = jax.nn.relu(rate_B - 1.0 / n) * n
+  return jnp.sum(excess_B * (count_B > 0)) / jnp.maximum(jnp.sum(count_B > 0), 1)
+
+
 def hat_loss(model: HAT, batch: dict[str, Array], rng: Array | None = None):
   """(mean NLL over real targets, sums {'nll_sum', 'n_tokens', 'n_bytes'})."""
   del rng
@@ -436,11 +441,12 @@ def hat_loss(model: HAT, batch: dict[str, Array], rng: Array | None = None):
     out = model.chunked(batch)
     logits_BxTxV = out['logits']
     mask_BxT = batch['segment_ids'] > 0
-    chunk = model.compression_loss(out['p'], out['b'], mask_BxT)
+    chunk = compression_loss(out['p'], out['b'], mask_BxT, model.chunk_target,
+                             model.chunk_loss)
     aux = model.chunk_loss_weight * chunk
     m_BxT = mask_BxT.astype(jnp.float32)
     extra = {'chunk_units': jnp.sum(out['b'] * m_BxT), 'chunk_positions': jnp.sum(m_BxT),
-             'chunk_overflow': jnp.sum(out['overflow'] * m_BxT),
+             'chunk_overflow_sum': jnp.sum(out['overflow'] * m_BxT),
              'chunk_loss_sum': chunk, 'chunk_batches': jnp.float32(1.0)}
   else:
     logits_BxTxV = model(batch)
@@ -465,7 +471,7 @@ def chunk_metrics(sums: dict) -> dict:
   if sums.get('chunk_batches'):
     out['chunk_loss'] = sums['chunk_loss_sum'] / sums['chunk_batches']
   if sums.get('chunk_positions'):
-    out['chunk_overflow'] = sums['chunk_overflow'] / sums['chunk_positions']
+    out['chunk_overflow'] = sums['chunk_overflow_sum'] / sums['chunk_positions']
   return out
 
 
