@@ -41,6 +41,19 @@ decoder only through the pooled vectors of *completed* words (backbone output of
 for the bytes of word j), which depend on words < j alone. So byte t of word j still sees only
 bytes <= t and words < j (tests/test_hat.py, causality across the word hierarchy). In cached
 generation a word is encoded as one block when it is complete.
+
+Learned chunking (`chunking='learned'`; Hwang, Wang, Gu 2025, "H-Net"): the units are cut by
+the model instead of a splitter. A routing module on the causal encoder's states gives byte t
+the boundary probability p_t = (1 - cos(q(h_t), k(h_{t-1}))) / 2 (1 at a document's first
+byte); byte t starts a unit where p_t >= 1/2. The units of a row are gathered into W static
+slots (`max_units`; bytes of further units join the last slot's unit) and pooled like words;
+byte t of unit j reads the backbone output of unit j - 1, whose end was decided at unit j's
+first byte, so nothing later than byte t reaches it. Gradients pass the hard boundaries as in
+H-Net: a straight-through confidence (p_t at a boundary, 1 - p_t elsewhere; exactly 1 in the
+forward pass) scales what each byte reads of its context, and the backbone outputs are
+smoothed over units, o~_j = P_j o_j + (1 - P_j) o~_{j-1}. A compression loss holds the mean
+bytes per unit at `chunk_target` (`chunk_loss`: H-Net's ratio loss, or FLEXITOKENS' bound).
+Generation and the byte view decide each boundary from the same router as the byte arrives.
 """
 from __future__ import annotations
 
@@ -391,7 +404,14 @@ class HAT(nnx.Module):
     p_BxW = jnp.where(lay['segment_ids'] > 0, jnp.take_along_axis(
         p_BxT, jnp.minimum(lay['start'], seg.shape[1] - 1), axis=1), 1.0)
     c_BxWxD = self.previous_word_context(self.smooth(out_BxWxD, p_BxW), lay['segment_ids'])
-    logits, _ = self.decode(h_BxTxD, batch['positions'], seg, c_BxWxD, lay['unit_ids'],
+    # bytes of units past the row's last slot read that slot's context, or, from another
+    # document than that slot's, the first-unit vector (one more slot)
+    c_BxWxD = jnp.concatenate([c_BxWxD, jnp.broadcast_to(
+        self.first_word[...].astype(c_BxWxD.dtype), c_BxWxD[:, :1].shape)], 1)
+    unit_BxT = lay['unit_ids']
+    other_doc_BxT = seg != jnp.take_along_axis(lay['segment_ids'], unit_BxT, axis=1)
+    unit_BxT = jnp.where(lay['overflow'] & other_doc_BxT, w, unit_BxT)
+    logits, _ = self.decode(h_BxTxD, batch['positions'], seg, c_BxWxD, unit_BxT,
                             scale_BxT=self.confidence_scale(p_BxT, b_BxT))
     return {'logits': logits, 'p': p_BxT, 'b': b_BxT, 'overflow': lay['overflow']}
 
@@ -434,9 +454,11 @@ def compression_loss(p_BxT: Array, b_BxT: Array, mask_BxT: Array, target: float,
 
 
 def hat_loss(model: HAT, batch: dict[str, Array], rng: Array | None = None):
-  """(mean NLL over real targets, sums {'nll_sum', 'n_tokens', 'n_bytes'})."""
+  """(mean NLL over real targets, sums {'nll_sum', 'n_tokens', 'n_bytes'}); with learned
+  chunking the loss adds the weighted compression loss and the sums the chunk_* counts of
+  `chunk_metrics`."""
   del rng
-  extra, aux = {}, 0.0
+  extra = {}
   if model.learned:
     out = model.chunked(batch)
     logits_BxTxV = out['logits']
@@ -455,7 +477,10 @@ def hat_loss(model: HAT, batch: dict[str, Array], rng: Array | None = None):
   w_BxT = batch['weights'].astype(jnp.float32)
   nll_sum = jnp.sum((lse_BxT - tgt_BxT) * w_BxT)
   n = jnp.sum(w_BxT)
-  return nll_sum / jnp.maximum(n, 1.0) + aux, {
+  loss = nll_sum / jnp.maximum(n, 1.0)
+  if model.learned:
+    loss = loss + aux
+  return loss, {
       'nll_sum': nll_sum, 'n_tokens': n,
       'n_bytes': jnp.sum(batch['target_bytes'].astype(jnp.float32)), **extra}
 
@@ -491,7 +516,8 @@ def flops_per_byte(m: ml_collections.ConfigDict, vocab_size: int, seq_len: int,
   S(w) is the mean number of keys a query sees: T/2 causal, w*(1 - w/2T) for a window w < T;
   the intra-word encoder (`encoder_attention='word'`) sees at most the Lw bytes of its word.
   With `pooling='boundary'` the T positions include the boundary tokens and Lw = the word cap
-  + 1 (`max_word_bytes` here is the gather width).
+  + 1 (`max_word_bytes` here is the gather width). Learned chunking adds the router's two
+  projections per byte, 6 * 2*De^2 (W, Lw: the unit slots and the bytes pooled per unit).
   """
   de, fb, d = m.byte_d_model, m.byte_mlp_dim, m.d_model
   t, w = seq_len, max_words
