@@ -610,7 +610,7 @@ def generate(model: HAT, prompt_ids: list[int], splitter: words.Splitter, max_ne
   """
   if model.learned:  # the router cuts the units: no splitter
     return _generate_learned(model, prompt_ids, max_new, temperature, top_p, seed, stop_id,
-                             max_word_bytes, forced)
+                             forced)
   if (model.boundary_id is not None) != isinstance(splitter, hat_data.BoundaryWords):
     raise ValueError('a HAT with word-boundary tokens generates with hat_data.BoundaryWords '
                      '(and without them with a text splitter)')
@@ -911,11 +911,10 @@ def learned_row_batch(ids: list[int], size: int | None = None) -> dict:
 
 
 def _generate_learned(model: HAT, prompt_ids: list[int], max_new: int, temperature: float,
-                      top_p: float, seed: int, stop_id: int | None, max_word_bytes: int,
-                      forced) -> list[int]:
+                      top_p: float, seed: int, stop_id: int | None, forced) -> list[int]:
   """`generate` for learned chunking: the router decides each byte's boundary as it arrives
   (from its encoder state and the previous byte's); at a boundary the finished unit (its last
-  `max_word_bytes` bytes) is pooled, the backbone advances one step and the smoothing carries
+  `model.max_unit_bytes` bytes, as in training) is pooled, the backbone advances one step and the smoothing carries
   on, and the byte is decoded with the new context. No byte is decoded twice: the decision
   that ends a unit is made at the next unit's first byte, before it is decoded."""
   if max_new <= 0:
@@ -931,7 +930,7 @@ def _generate_learned(model: HAT, prompt_ids: list[int], max_new: int, temperatu
   out, n = _generate_learned_device(
       graphdef, state, jnp.asarray(prompt[None]), jnp.asarray(forced_N), jax.random.key(seed),
       jnp.float32(temperature), jnp.float32(top_p), jnp.int32(-1 if stop_id is None else stop_id),
-      lw=max_word_bytes, max_new=max_new)
+      lw=model.max_unit_bytes, max_new=max_new)
   return np.asarray(out)[:int(n)].tolist()
 
 

@@ -224,14 +224,15 @@ class HATBoundaryView(HATView):
 class HATLearnedView(HATView):
   """A HAT with learned chunking (`model.chunking='learned'`) one byte at a time: the router
   decides each byte's boundary as it arrives (from its encoder state and the previous
-  byte's), as `hat.generate` does; at a boundary the finished unit (its last `max_word_bytes`
-  bytes) goes through the backbone and the smoothing, and the byte is decoded with the new
-  context. No splitter is read. Equals the training-time forward of the whole text as long as
-  the text's units fit the training rows' `max_units`."""
+  byte's), as `hat.generate` does; at a boundary the finished unit (its last
+  `model.max_unit_bytes` bytes, as in training) goes through the backbone and the smoothing,
+  and the byte is decoded with the new context. No splitter is read. Equals the training-time
+  forward of the whole text as long as the text's units fit the training rows' `max_units`."""
 
   def __init__(self, model, splitter=None, max_word_bytes: int = 16, name: str = 'hat',
                bos_id: int = 1, eos_id: int = 2):
-    super().__init__(model, None, max_word_bytes, name, bos_id, eos_id)
+    del max_word_bytes  # the units are pooled from the model's max_unit_bytes, as in training
+    super().__init__(model, None, model.max_unit_bytes, name, bos_id, eos_id)
     graphdef, _ = nnx.split(model)
 
     @jax.jit
