@@ -35,6 +35,8 @@ def get_config(preset: str = 'tiny'):
   c.family = 'hat'
   c.data.encoder = 'bytes'
   c.data.splitter = 'whitespace'   # whitespace | unicode | spacebyte | fixed:N | entropy
+  # (model.chunking='learned': the model cuts its own units with a router, H-Net style, toward
+  # model.chunk_target bytes per unit; the splitter is then not read. docs/hat.md)
   c.data.max_word_bytes = 16       # Lw: longer words are cut at UTF-8 character boundaries
   # data.splitter='entropy' (BLT's entropy patches; docs/hat.md): a unit starts where a byte
   # LM's next-byte entropy is high. The patcher is a finished byte-LM run (configs/byte_lm.py),

@@ -41,6 +41,19 @@ decoder only through the pooled vectors of *completed* words (backbone output of
 for the bytes of word j), which depend on words < j alone. So byte t of word j still sees only
 bytes <= t and words < j (tests/test_hat.py, causality across the word hierarchy). In cached
 generation a word is encoded as one block when it is complete.
+
+Learned chunking (`chunking='learned'`; Hwang, Wang, Gu 2025, "H-Net"): the units are cut by
+the model instead of a splitter. A routing module on the causal encoder's states gives byte t
+the boundary probability p_t = (1 - cos(q(h_t), k(h_{t-1}))) / 2 (1 at a document's first
+byte); byte t starts a unit where p_t >= 1/2. The units of a row are gathered into W static
+slots (`max_units`; bytes of further units join the last slot's unit) and pooled like words;
+byte t of unit j reads the backbone output of unit j - 1, whose end was decided at unit j's
+first byte, so nothing later than byte t reaches it. Gradients pass the hard boundaries as in
+H-Net: a straight-through confidence (p_t at a boundary, 1 - p_t elsewhere; exactly 1 in the
+forward pass) scales what each byte reads of its context, and the backbone outputs are
+smoothed over units, o~_j = P_j o_j + (1 - P_j) o~_{j-1}. A compression loss holds the mean
+bytes per unit at `chunk_target` (`chunk_loss`: H-Net's ratio loss, or FLEXITOKENS' bound).
+Generation and the byte view decide each boundary from the same router as the byte arrives.
 """
 from __future__ import annotations
 
@@ -86,6 +99,15 @@ def default_model_config() -> ml_collections.ConfigDict:
                            # vocabulary, [259, 384); 0-2 are pad/bos/eos, 3-258 the bytes
   c.encoder_attention = 'causal'  # 'causal' (sliding window over the stream) | 'word'
                                   # (bidirectional within each word, never across words)
+  c.chunking = 'splitter'  # 'splitter': the units are data.splitter's words | 'learned': a
+                           # routing module on the byte encoder's states cuts them (H-Net; the
+                           # module doc, "Learned chunking")
+  c.chunk_target = 6.0     # learned: the target mean bytes per unit (> 1)
+  c.chunk_loss = 'ratio'   # learned: 'ratio' (H-Net's ratio loss, toward the target) |
+                           # 'bounded' (FLEXITOKENS: a hinge, only on units shorter than it)
+  c.chunk_loss_weight = 1.0  # learned: the compression loss's weight beside the byte NLL
+                            # (H-Net's 0.03 lets the units swing between one per byte and one
+                            # per row in the tiny preset's short runs; docs/hat.md)
   c.rope_base = 10_000.0
   c.remat = 'none'
   c.scan_layers = False    # lax.scan over each stack's layers (compile time flat in depth)
@@ -96,12 +118,57 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 POOLINGS = ('query', 'last', 'boundary')
 ENCODER_ATTENTION = ('causal', 'word')
+CHUNKINGS = ('splitter', 'learned')
+CHUNK_LOSSES = ('ratio', 'bounded')
+
+
+def check_chunking(m: ml_collections.ConfigDict) -> str:
+  """`model.chunking`, checked with the keys it reads (a ValueError naming the key): with
+  'learned', a compression target > 1 byte per unit, a known loss, and a HAT whose units the
+  router may cut (no boundary tokens, which come from a splitter; the causal encoder, since
+  the intra-word encoder needs the units before it runs)."""
+  chunking = m.get('chunking', 'splitter')
+  if chunking not in CHUNKINGS:
+    raise ValueError(f'model.chunking={chunking!r}: expected one of {CHUNKINGS}')
+  if chunking == 'splitter':
+    return chunking
+  target = m.get('chunk_target', 6.0)
+  if (not isinstance(target, (int, float)) or isinstance(target, bool)
+      or not np.isfinite(target) or target <= 1):
+    raise ValueError(f'model.chunk_target={target!r}: the compression target is the mean bytes '
+                     'per unit and must be a finite number > 1 (1 would make every byte a unit; '
+                     "H-Net's ratio loss divides by target - 1)")
+  loss = m.get('chunk_loss', 'ratio')
+  if loss not in CHUNK_LOSSES:
+    raise ValueError(f'model.chunk_loss={loss!r}: expected one of {CHUNK_LOSSES} (ratio: '
+                     "H-Net's, toward the target; bounded: FLEXITOKENS', a hinge)")
+  weight = m.get('chunk_loss_weight', 1.0)
+  if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight < 0:
+    raise ValueError(f'model.chunk_loss_weight={weight!r}: must be finite and >= 0')
+  if m.pooling == 'boundary':
+    raise ValueError("model.chunking='learned' with model.pooling='boundary': boundary tokens "
+                     "mark a splitter's words in the stream; learned units need pooling "
+                     "'query' or 'last'")
+  if m.get('encoder_attention', 'causal') != 'causal':
+    raise ValueError("model.chunking='learned' needs model.encoder_attention='causal': the "
+                     'router reads the causal encoder, and the intra-word encoder needs the '
+                     'units before it runs')
+  return chunking
 
 
 class HAT(nnx.Module):
 
   def __init__(self, m: ml_collections.ConfigDict, vocab_size: int, dtype: Any = jnp.float32,
-               *, rngs: nnx.Rngs):
+               *, rngs: nnx.Rngs, max_units: int | None = None, max_unit_bytes: int = 16):
+    """`max_units`, `max_unit_bytes` (learned chunking only): the units per row of a training
+    batch (data.max_words; None: one per byte) and the bytes a 'query' pooling reads of each
+    (the last ones; data.max_word_bytes)."""
+    self.learned = check_chunking(m) == 'learned'
+    if self.learned:
+      self.max_units, self.max_unit_bytes = max_units, max_unit_bytes
+      self.chunk_target = float(m.get('chunk_target', 6.0))
+      self.chunk_loss = m.get('chunk_loss', 'ratio')
+      self.chunk_loss_weight = float(m.get('chunk_loss_weight', 1.0))
     if m.pooling not in POOLINGS:
       raise ValueError(f'model.pooling={m.pooling!r}: expected one of {POOLINGS}')
     attention = m.get('encoder_attention', 'causal')
@@ -139,6 +206,11 @@ class HAT(nnx.Module):
                                m.byte_mlp_dim, window=m.byte_window, context_dim=d, **common)
     self.head = Dense(de, vocab_size, axes=('embed', 'vocab'), dtype=dtype,
                       init_std=m.init_std, rngs=rngs)
+    if self.learned:  # H-Net's routing module: q, k projections, initialized to the identity
+      self.router_q = Dense(de, de, axes=('embed', 'heads'), dtype=dtype, rngs=rngs)
+      self.router_k = Dense(de, de, axes=('embed', 'heads'), dtype=dtype, rngs=rngs)
+      self.router_q.kernel[...] = jnp.eye(de, dtype=jnp.float32)
+      self.router_k.kernel[...] = jnp.eye(de, dtype=jnp.float32)
 
   # -- pieces (also used one step at a time by cached generation) -------------------------------
   def encode(self, tokens_BxT, positions_BxT, segment_ids_BxT=None, cache=None, cache_index=None):
@@ -238,13 +310,116 @@ class HAT(nnx.Module):
     return jnp.where(same_BxW[..., None], prev_BxWxD, first_D)
 
   def decode(self, h_BxTxD, positions_BxT, segment_ids_BxT, context_BxWxD, word_ids_BxT,
-             cache=None, cache_index=None):
+             cache=None, cache_index=None, scale_BxT=None):
+    """`scale_BxT`: a factor on what each byte reads of its context (learned chunking's
+    straight-through confidence, 1 in the forward pass)."""
+    context = ((context_BxWxD, word_ids_BxT) if scale_BxT is None
+               else (context_BxWxD, word_ids_BxT, scale_BxT))
     y_BxTxD, cache = self.decoder(h_BxTxD, positions_BxT, segment_ids_BxT, cache, cache_index,
-                                  context=(context_BxWxD, word_ids_BxT))
+                                  context=context)
     return self.head(y_BxTxD, out_dtype=jnp.float32), cache
 
+  # -- learned chunking (H-Net) ----------------------------------------------------------------
+  def route(self, h_BxTxD: Array, h_prev_BxTxD: Array, start_BxT: Array) -> Array:
+    """fp32 boundary probabilities [B, T]: p_t = (1 - cos(q(h_t), k(h_{t-1}))) / 2 from the
+    encoder states of byte t and the byte before it (`h_prev`); 1 where `start` (a document's
+    first byte, always a boundary)."""
+    q_BxTxD = self.router_q(h_BxTxD, out_dtype=jnp.float32)
+    k_BxTxD = self.router_k(h_prev_BxTxD, out_dtype=jnp.float32)
+    cos_BxT = jnp.sum(q_BxTxD * k_BxTxD, -1) * jax.lax.rsqrt(
+        jnp.maximum(jnp.sum(q_BxTxD ** 2, -1) * jnp.sum(k_BxTxD ** 2, -1), 1e-12))
+    return jnp.where(start_BxT, 1.0, jnp.clip((1.0 - cos_BxT) / 2, 0.0, 1.0))
+
+  def boundaries(self, h_BxTxD: Array, segment_ids_BxT: Array) -> tuple[Array, Array]:
+    """(p [B, T] fp32, b [B, T] bool): the router over a row; b_t = p_t >= 1/2, byte t starts
+    a unit. Depends on bytes <= t only (the encoder is causal)."""
+    seg = segment_ids_BxT
+    start_BxT = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
+    h_prev_BxTxD = jnp.concatenate([jnp.zeros_like(h_BxTxD[:, :1]), h_BxTxD[:, :-1]], 1)
+    p_BxT = self.route(h_BxTxD, h_prev_BxTxD, start_BxT)
+    return p_BxT, p_BxT >= 0.5
+
+  def unit_layout(self, b_BxT: Array, segment_ids_BxT: Array, w: int, lw: int) -> dict:
+    """Static-shape units of a row from its boundaries: at most `w` per row (the bytes of
+    further units join unit w - 1, so they still read the context of a finished unit); each
+    unit is pooled from its last `lw` bytes at most. Returns unit_ids [B, T] (the unit of each
+    byte), gather [B, W, Lw] (-1: none; valid slots first), start [B, W] (T: no unit),
+    segment_ids and positions [B, W] (0: no unit; positions inside the document), overflow
+    [B, T] (bytes of units past w)."""
+    bsz, t = b_BxT.shape
+    raw_BxT = jnp.cumsum(b_BxT.astype(jnp.int32), axis=1) - 1
+    t_T = jnp.arange(t, dtype=jnp.int32)
+    rows = jnp.arange(bsz)[:, None]
+    start_BxW = jnp.full((bsz, w), t, jnp.int32).at[
+        rows, jnp.where(b_BxT, raw_BxT, w)].min(jnp.broadcast_to(t_T, (bsz, t)), mode='drop')
+    end_BxW = jnp.concatenate([start_BxW[:, 1:], jnp.full((bsz, 1), t, jnp.int32)], 1)
+    valid_BxW = start_BxW < t
+    first_BxW = jnp.maximum(start_BxW, end_BxW - lw)
+    pos_BxWxL = first_BxW[..., None] + jnp.arange(lw, dtype=jnp.int32)
+    gather_BxWxL = jnp.where((pos_BxWxL < end_BxW[..., None]) & valid_BxW[..., None], pos_BxWxL,
+                            -1)
+    useg_BxW = jnp.where(valid_BxW, jnp.take_along_axis(
+        segment_ids_BxT, jnp.minimum(start_BxW, t - 1), axis=1), 0)
+    j_W = jnp.arange(w, dtype=jnp.int32)
+    new_doc_BxW = jnp.concatenate([jnp.ones((bsz, 1), bool),
+                                   useg_BxW[:, 1:] != useg_BxW[:, :-1]], 1)
+    upos_BxW = j_W - jax.lax.cummax(jnp.where(new_doc_BxW, j_W, 0), axis=1)
+    return {'unit_ids': jnp.minimum(raw_BxT, w - 1), 'gather': gather_BxWxL, 'start': start_BxW,
+            'segment_ids': useg_BxW, 'positions': upos_BxW, 'overflow': raw_BxT >= w}
+
+  @staticmethod
+  def smooth(out_BxWxD: Array, p_BxW: Array) -> Array:
+    """H-Net's smoothing over units: o~_j = P_j o_j + (1 - P_j) o~_{j-1}, P_j the boundary
+    probability at unit j's first byte (1 at a document's first unit, which resets it). A
+    unit cut with little confidence leans on the one before; gradients reach P."""
+    a_BxWx1 = (1.0 - p_BxW)[..., None].astype(out_BxWxD.dtype)
+    b_BxWxD = p_BxW[..., None].astype(out_BxWxD.dtype) * out_BxWxD
+
+    def combine(x, y):
+      return x[0] * y[0], y[0] * x[1] + y[1]
+
+    return jax.lax.associative_scan(combine, (a_BxWx1, b_BxWxD), axis=1)[1]
+
+  @staticmethod
+  def confidence_scale(p_BxT: Array, b_BxT: Array) -> Array:
+    """H-Net's straight-through confidence: c_t = p_t at a boundary, 1 - p_t elsewhere; the
+    factor is exactly 1 in the forward pass and has the gradient of c_t."""
+    c_BxT = jnp.where(b_BxT, p_BxT, 1.0 - p_BxT)
+    return 1.0 + (c_BxT - jax.lax.stop_gradient(c_BxT))
+
+  def chunked(self, batch: dict[str, Array], max_units: int | None = None) -> dict:
+    """The learned-chunking forward: {'logits' [B, T, V] fp32, 'p' [B, T], 'b' [B, T],
+    'overflow' [B, T]}. Units per row: `max_units`, else the model's, else one per byte.
+
+    Byte t of unit j reads the (smoothed) backbone output of unit j - 1, the latest unit that
+    ended before it: unit j - 1 is pooled from its bytes, and its end is decided at byte t's
+    unit's first byte s_j <= t from bytes <= s_j. So logits at t depend on bytes <= t only."""
+    seg = batch['segment_ids']
+    h_BxTxD, _ = self.encode(batch['inputs'], batch['positions'], seg)
+    p_BxT, b_BxT = self.boundaries(h_BxTxD, seg)
+    w = max_units or self.max_units or seg.shape[1]
+    lay = self.unit_layout(b_BxT, seg, w, self.max_unit_bytes)
+    w_BxWxD = self.pool(h_BxTxD, lay['gather'])
+    out_BxWxD, _ = self.backbone(w_BxWxD, lay['positions'], lay['segment_ids'])
+    p_BxW = jnp.where(lay['segment_ids'] > 0, jnp.take_along_axis(
+        p_BxT, jnp.minimum(lay['start'], seg.shape[1] - 1), axis=1), 1.0)
+    c_BxWxD = self.previous_word_context(self.smooth(out_BxWxD, p_BxW), lay['segment_ids'])
+    # bytes of units past the row's last slot read that slot's context, or, from another
+    # document than that slot's, the first-unit vector (one more slot)
+    c_BxWxD = jnp.concatenate([c_BxWxD, jnp.broadcast_to(
+        self.first_word[...].astype(c_BxWxD.dtype), c_BxWxD[:, :1].shape)], 1)
+    unit_BxT = lay['unit_ids']
+    other_doc_BxT = seg != jnp.take_along_axis(lay['segment_ids'], unit_BxT, axis=1)
+    unit_BxT = jnp.where(lay['overflow'] & other_doc_BxT, w, unit_BxT)
+    logits, _ = self.decode(h_BxTxD, batch['positions'], seg, c_BxWxD, unit_BxT,
+                            scale_BxT=self.confidence_scale(p_BxT, b_BxT))
+    return {'logits': logits, 'p': p_BxT, 'b': b_BxT, 'overflow': lay['overflow']}
+
   def __call__(self, batch: dict[str, Array]) -> Array:
-    """fp32 next-byte logits [B, T, V] for a packed HAT batch (see data/hat_data.py)."""
+    """fp32 next-byte logits [B, T, V] for a packed HAT batch (see data/hat_data.py; with
+    learned chunking only inputs, positions and segment ids are read)."""
+    if self.learned:
+      return self.chunked(batch)['logits']
     if self.word_encoder:
       h_BxTxD = self.encode_words(batch['inputs'], batch['positions'], batch['word_ids'])
     else:
@@ -257,18 +432,72 @@ class HAT(nnx.Module):
     return logits
 
 
+def compression_loss(p_BxT: Array, b_BxT: Array, mask_BxT: Array, target: float,
+                     kind: str = 'ratio') -> Array:
+  """The compression loss of learned chunking over the real positions (`mask`), target N
+  bytes per unit (`target`), `kind`:
+  'ratio' (H-Net): N/(N-1) ((N-1) F G + (1-F)(1-G)), F the fraction of hard boundaries and G
+  the mean probability (F is constant to the gradient; the minimum, 1, is at F = G = 1/N);
+  'bounded' (FLEXITOKENS): a hinge on each row's mean probability above 1/N, in units of 1/N
+  (zero when units are at least N bytes long on average: a bound, not a fixed rate)."""
+  n = float(target)
+  m_BxT = mask_BxT.astype(jnp.float32)
+  if kind == 'ratio':
+    count = jnp.maximum(m_BxT.sum(), 1.0)
+    f = jnp.sum(b_BxT * m_BxT) / count
+    g = jnp.sum(p_BxT * m_BxT) / count
+    return n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))
+  count_B = m_BxT.sum(1)
+  rate_B = jnp.sum(p_BxT * m_BxT, 1) / jnp.maximum(count_B, 1.0)
+  excess_B = jax.nn.relu(rate_B - 1.0 / n) * n
+  return jnp.sum(excess_B * (count_B > 0)) / jnp.maximum(jnp.sum(count_B > 0), 1)
+
+
 def hat_loss(model: HAT, batch: dict[str, Array], rng: Array | None = None):
-  """(mean NLL over real targets, sums {'nll_sum', 'n_tokens', 'n_bytes'})."""
+  """(mean NLL over real targets, sums {'nll_sum', 'n_tokens', 'n_bytes'}); with learned
+  chunking the loss adds the weighted compression loss and the sums the chunk_* counts of
+  `chunk_metrics`."""
   del rng
-  logits_BxTxV = model(batch)
+  extra = {}
+  if model.learned:
+    out = model.chunked(batch)
+    logits_BxTxV = out['logits']
+    mask_BxT = batch['segment_ids'] > 0
+    chunk = compression_loss(out['p'], out['b'], mask_BxT, model.chunk_target,
+                             model.chunk_loss)
+    aux = model.chunk_loss_weight * chunk
+    m_BxT = mask_BxT.astype(jnp.float32)
+    extra = {'chunk_units': jnp.sum(out['b'] * m_BxT), 'chunk_positions': jnp.sum(m_BxT),
+             'chunk_overflow_sum': jnp.sum(out['overflow'] * m_BxT),
+             'chunk_loss_sum': chunk, 'chunk_batches': jnp.float32(1.0)}
+  else:
+    logits_BxTxV = model(batch)
   lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
   tgt_BxT = jnp.take_along_axis(logits_BxTxV, batch['targets'][..., None], axis=-1)[..., 0]
   w_BxT = batch['weights'].astype(jnp.float32)
   nll_sum = jnp.sum((lse_BxT - tgt_BxT) * w_BxT)
   n = jnp.sum(w_BxT)
-  return nll_sum / jnp.maximum(n, 1.0), {
+  loss = nll_sum / jnp.maximum(n, 1.0)
+  if model.learned:
+    loss = loss + aux
+  return loss, {
       'nll_sum': nll_sum, 'n_tokens': n,
-      'n_bytes': jnp.sum(batch['target_bytes'].astype(jnp.float32))}
+      'n_bytes': jnp.sum(batch['target_bytes'].astype(jnp.float32)), **extra}
+
+
+def chunk_metrics(sums: dict) -> dict:
+  """Learned chunking's metrics from `hat_loss`'s sums: bytes_per_unit (the compression
+  reached: real positions per unit, bos and eos included), chunk_loss (the compression loss,
+  mean over batches) and chunk_overflow (the fraction of positions in units past the row's
+  max_units, which read a stale context)."""
+  out = {}
+  if sums.get('chunk_units'):
+    out['bytes_per_unit'] = sums['chunk_positions'] / sums['chunk_units']
+  if sums.get('chunk_batches'):
+    out['chunk_loss'] = sums['chunk_loss_sum'] / sums['chunk_batches']
+  if sums.get('chunk_positions'):
+    out['chunk_overflow'] = sums['chunk_overflow_sum'] / sums['chunk_positions']
+  return out
 
 
 def flops_per_byte(m: ml_collections.ConfigDict, vocab_size: int, seq_len: int,
@@ -287,7 +516,8 @@ def flops_per_byte(m: ml_collections.ConfigDict, vocab_size: int, seq_len: int,
   S(w) is the mean number of keys a query sees: T/2 causal, w*(1 - w/2T) for a window w < T;
   the intra-word encoder (`encoder_attention='word'`) sees at most the Lw bytes of its word.
   With `pooling='boundary'` the T positions include the boundary tokens and Lw = the word cap
-  + 1 (`max_word_bytes` here is the gather width).
+  + 1 (`max_word_bytes` here is the gather width). Learned chunking adds the router's two
+  projections per byte, 6 * 2*De^2 (W, Lw: the unit slots and the bytes pooled per unit).
   """
   de, fb, d = m.byte_d_model, m.byte_mlp_dim, m.d_model
   t, w = seq_len, max_words
@@ -303,6 +533,8 @@ def flops_per_byte(m: ml_collections.ConfigDict, vocab_size: int, seq_len: int,
   byte += 6 * de * vocab_size
   if m.pooling == 'query':
     byte += 6 * 2 * de * de * min(1.0, w * max_word_bytes / t)
+  if m.get('chunking', 'splitter') == 'learned':  # the router's q and k projections
+    byte += 6 * 2 * de * de
   hk, gk = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
   word = 6 * m.num_layers * (d * hk + 2 * d * gk + hk * d + 3 * d * m.mlp_dim)
   word += 12 * m.num_layers * hk * s_eff(0, w)
@@ -377,6 +609,9 @@ def generate(model: HAT, prompt_ids: list[int], splitter: words.Splitter, max_ne
   byte (tests/test_hat.py). Returns the new ids, up to and including `stop_id`. `forced`: ids
   emitted first, through the loop (teacher forcing; device path only), then sampling goes on.
   """
+  if model.learned:  # the router cuts the units: no splitter
+    return _generate_learned(model, prompt_ids, max_new, temperature, top_p, seed, stop_id,
+                             forced)
   if (model.boundary_id is not None) != isinstance(splitter, hat_data.BoundaryWords):
     raise ValueError('a HAT with word-boundary tokens generates with hat_data.BoundaryWords '
                      '(and without them with a text splitter)')
@@ -624,7 +859,16 @@ def _check_prefix(done: list[int], starts: list[int]):
 def generate_uncached(model: HAT, prompt_ids: list[int], splitter: words.Splitter, max_new: int,
                       max_word_bytes: int = 16) -> list[int]:
   """Greedy reference: a full forward over the whole sequence for every new byte (padded to
-  one static shape, so it compiles once)."""
+  one static shape, so it compiles once). With learned chunking the splitter is not read."""
+  if model.learned:
+    ids = list(prompt_ids)
+    size = len(ids) + max_new
+    fwd = nnx.jit(lambda m, b, t: m.chunked(b, max_units=size)['logits'][0, t])
+    for _ in range(max_new):
+      logits = jnp.where(jnp.arange(model.vocab_size) < NUM_IDS,
+                         fwd(model, learned_row_batch(ids, size), len(ids) - 1), -jnp.inf)
+      ids.append(int(jnp.argmax(logits)))
+    return ids[len(prompt_ids):]
   split_ids = functools.partial(host_word_starts, splitter, max_word_bytes)
   ids = list(prompt_ids)
   size = len(ids) + max_new
@@ -660,3 +904,111 @@ def single_row_batch(ids: list[int], starts: list[int], max_word_bytes: int,
   return {'inputs': inputs, 'positions': np.arange(size, dtype=np.int32)[None],
           'segment_ids': seg, 'word_gather': gather, 'word_ids': word_ids,
           'word_segment_ids': wseg, 'word_positions': np.arange(size, dtype=np.int32)[None]}
+
+
+def learned_row_batch(ids: list[int], size: int | None = None) -> dict:
+  """A one-row batch (segment 1) of `ids` padded to `size`: all that a HAT with learned
+  chunking reads."""
+  t, size = len(ids), size or len(ids)
+  inputs = np.zeros((1, size), np.int32)
+  inputs[0, :t] = ids
+  return {'inputs': inputs, 'positions': np.arange(size, dtype=np.int32)[None],
+          'segment_ids': (np.arange(size) < t).astype(np.int32)[None]}
+
+
+def _generate_learned(model: HAT, prompt_ids: list[int], max_new: int, temperature: float,
+                      top_p: float, seed: int, stop_id: int | None, forced) -> list[int]:
+  """`generate` for learned chunking: the router decides each byte's boundary as it arrives
+  (from its encoder state and the previous byte's); at a boundary the finished unit (its last
+  `model.max_unit_bytes` bytes, as in training) is pooled, the backbone advances one step and the smoothing carries
+  on, and the byte is decoded with the new context. No byte is decoded twice: the decision
+  that ends a unit is made at the next unit's first byte, before it is decoded."""
+  if max_new <= 0:
+    return []
+  if len(forced) > max_new:
+    raise ValueError(f'{len(forced)} forced ids exceed max_new={max_new}')
+  prompt = np.asarray(prompt_ids, np.int32)
+  if not len(prompt):
+    raise ValueError('generation needs a prompt (at least bos)')
+  forced_N = np.full(max_new, -1, np.int32)
+  forced_N[:len(forced)] = forced
+  graphdef, state = nnx.split(model)
+  out, n = _generate_learned_device(
+      graphdef, state, jnp.asarray(prompt[None]), jnp.asarray(forced_N), jax.random.key(seed),
+      jnp.float32(temperature), jnp.float32(top_p), jnp.int32(-1 if stop_id is None else stop_id),
+      lw=model.max_unit_bytes, max_new=max_new)
+  return np.asarray(out)[:int(n)].tolist()
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'lw', 'max_new'))
+def _generate_learned_device(graphdef, state, prompt_1xP, forced_N, rng, temperature, top_p,
+                             stop_id, *, lw, max_new):
+  model = nnx.merge(graphdef, state)
+  p = prompt_1xP.shape[1]
+  size = p + max_new
+  ones = lambda n: jnp.ones((1, n), jnp.int32)
+  at = lambda i: jnp.reshape(i, (1, 1)).astype(jnp.int32)
+  slots_L = jnp.arange(lw, dtype=jnp.int32)
+  enc_c = model.encoder.init_cache(1, size)
+  bb_c = model.backbone.init_cache(1, size)
+  dec_c = model.decoder.init_cache(1, size)
+  # prefill: the prompt's boundaries, its complete units through the backbone, its bytes
+  h_1xPxD, enc_c = model.encode(prompt_1xP, jnp.arange(p)[None], ones(p), enc_c, 0)
+  p_1xP, b_1xP = model.boundaries(h_1xPxD, ones(p))
+  lay = model.unit_layout(b_1xP, ones(p), p, lw)
+  n = jnp.sum(b_1xP, dtype=jnp.int32)     # units so far; the last one is unfinished
+  complete_P = jnp.arange(p) < n - 1       # slots past them hold garbage, overwritten later
+  gather_1xPxL = jnp.where(complete_P[None, :, None], lay['gather'], -1)
+  out_1xPxD, bb_c = model.backbone(model.pool(h_1xPxD, gather_1xPxL), jnp.arange(p)[None],
+                                   ones(p), bb_c, 0)
+  pu_P = jnp.take(p_1xP[0], jnp.minimum(lay['start'][0], p - 1))  # P of each unit
+  smooth_PxD = model.smooth(out_1xPxD, jnp.where(complete_P, pu_P, 1.0)[None])[0]
+  first_D = model.first_word[...].astype(out_1xPxD.dtype)
+  ctx_WxD = jnp.zeros((size + 1, first_D.shape[0]), out_1xPxD.dtype)
+  ctx_WxD = ctx_WxD.at[0].set(first_D).at[1:p + 1].set(smooth_PxD)  # ctx[j]: o~ of unit j-1
+  starts_W = jnp.full(size + 1, size, jnp.int32).at[:p].set(lay['start'][0])
+  pu_W = jnp.ones(size + 1, jnp.float32).at[:p].set(pu_P)
+  h_1xSxD = jnp.zeros((1, size, h_1xPxD.shape[-1]), h_1xPxD.dtype).at[:, :p].set(h_1xPxD)
+  logits_1xPxV, dec_c = model.decode(h_1xPxD, jnp.arange(p)[None], ones(p), ctx_WxD[None],
+                                     lay['unit_ids'], dec_c, 0)
+
+  def cond(c):
+    return (c[0] < max_new) & ~c[-1]
+
+  def body(c):
+    i, ids_S, h_1xSxD, ctx_WxD, starts_W, pu_W, n, enc_c, bb_c, dec_c, logits_V, rng, out_N, _ = c
+    t = p + i
+    rng, key = jax.random.split(rng)
+    logits_V = jnp.where(jnp.arange(logits_V.shape[0]) < NUM_IDS, logits_V, -jnp.inf)
+    x = token_lm.sample_logits(logits_V[None], temperature, top_p, key)[0]
+    x = jnp.where(forced_N[i] >= 0, forced_N[i], x)
+    ids_S = ids_S.at[t].set(x)
+    h_1x1xD, enc_c = model.encode(at(x), at(t), ones(1), enc_c, t)
+    h_prev_1x1xD = jax.lax.dynamic_slice_in_dim(h_1xSxD, t - 1, 1, axis=1)
+    h_1xSxD = jax.lax.dynamic_update_slice(h_1xSxD, h_1x1xD, (0, t, 0))
+    p_t = model.route(h_1x1xD, h_prev_1x1xD, jnp.zeros((1, 1), bool))[0, 0]
+
+    def finish_unit(args):  # the unit [starts[n-1], t) is complete: one backbone step
+      ctx_WxD, starts_W, pu_W, n, bb_c = args
+      a = starts_W[n - 1]
+      first = jnp.maximum(a, t - lw)
+      gather_1x1xL = jnp.where(first + slots_L < t, first + slots_L, -1)[None, None]
+      out_1x1xD, bb_c = model.backbone(model.pool(h_1xSxD, gather_1x1xL), at(n - 1), ones(1),
+                                       bb_c, n - 1)
+      pu = pu_W[n - 1].astype(out_1x1xD.dtype)
+      smooth_D = pu * out_1x1xD[0, 0] + (1 - pu) * ctx_WxD[n - 1]  # ctx[0] is never mixed in:
+      return (ctx_WxD.at[n].set(smooth_D), starts_W.at[n].set(t),  # the first unit has P = 1
+              pu_W.at[n].set(p_t), n + 1, bb_c)
+
+    ctx_WxD, starts_W, pu_W, n, bb_c = jax.lax.cond(
+        p_t >= 0.5, finish_unit, lambda a: a, (ctx_WxD, starts_W, pu_W, n, bb_c))
+    logits_1x1xV, dec_c = model.decode(h_1x1xD, at(t), ones(1), ctx_WxD[n - 1][None, None],
+                                       jnp.zeros((1, 1), jnp.int32), dec_c, t)
+    return (i + 1, ids_S, h_1xSxD, ctx_WxD, starts_W, pu_W, n, enc_c, bb_c, dec_c,
+            logits_1x1xV[0, 0], rng, out_N.at[i].set(x), x == stop_id)
+
+  ids_S = jnp.zeros(size, jnp.int32).at[:p].set(prompt_1xP[0])
+  carry = (jnp.int32(0), ids_S, h_1xSxD, ctx_WxD, starts_W, pu_W, n, enc_c, bb_c, dec_c,
+           logits_1xPxV[0, -1], rng, jnp.zeros(max_new, jnp.int32), jnp.bool_(False))
+  carry = jax.lax.while_loop(cond, body, carry)
+  return carry[-2], carry[0]

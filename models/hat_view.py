@@ -29,6 +29,7 @@ class _HATState:
   starts_done: list
   word_starts: list
   logits: Any
+  unit_p: list = dataclasses.field(default_factory=list)  # learned chunking: P of each unit
 
 
 class HATView(ByteLM):
@@ -41,7 +42,7 @@ class HATView(ByteLM):
 
   def __init__(self, model, splitter, max_word_bytes: int = 16, name: str = 'hat',
                bos_id: int = 1, eos_id: int = 2):
-    if not 0 < splitter.word_cap <= max_word_bytes:
+    if splitter is not None and not 0 < splitter.word_cap <= max_word_bytes:
       raise ValueError(f'{splitter!r}: a word cap in [1, max_word_bytes={max_word_bytes}] is '
                        f'needed (every word must fit the pooling width)')
     self.model, self.splitter, self.lw, self.name = model, splitter, max_word_bytes, name
@@ -220,10 +221,76 @@ class HATBoundaryView(HATView):
     return _BoundaryState(self._push(st, b + BYTE_OFFSET), state.cursor)
 
 
+class HATLearnedView(HATView):
+  """A HAT with learned chunking (`model.chunking='learned'`) one byte at a time: the router
+  decides each byte's boundary as it arrives (from its encoder state and the previous
+  byte's), as `hat.generate` does; at a boundary the finished unit (its last
+  `model.max_unit_bytes` bytes, as in training) goes through the backbone and the smoothing,
+  and the byte is decoded with the new context. No splitter is read. Equals the training-time
+  forward of the whole text as long as the text's units fit the training rows' `max_units`."""
+
+  def __init__(self, model, splitter=None, max_word_bytes: int = 16, name: str = 'hat',
+               bos_id: int = 1, eos_id: int = 2):
+    del max_word_bytes  # the units are pooled from the model's max_unit_bytes, as in training
+    super().__init__(model, None, model.max_unit_bytes, name, bos_id, eos_id)
+    graphdef, _ = nnx.split(model)
+
+    @jax.jit
+    def route_step(params, h, h_prev):
+      m = nnx.merge(graphdef, params)
+      return m.route(h, h_prev, jnp.zeros((1, 1), bool))[0, 0]
+
+    @jax.jit
+    def unit_step(params, h_all, gather, j, cache, p_unit, ctx_prev):
+      out, cache = word_step(params, h_all, gather, j, cache)
+      p_unit = p_unit.astype(out.dtype)
+      return p_unit * out + (1 - p_unit) * ctx_prev, cache
+
+    @jax.jit
+    def word_step(params, h_all, gather, j, cache):
+      m = nnx.merge(graphdef, params)
+      return m.backbone(m.pool(h_all, gather), jnp.full((1, 1), j, jnp.int32),
+                        jnp.ones((1, 1), jnp.int32), cache, j)
+
+    self._route, self._unit = route_step, unit_step
+
+  def _push(self, st: _HATState, x: int) -> _HATState:
+    if len(st.ids) + 1 > st.size:  # grow: replay into bigger caches
+      ids = st.ids
+      st = self._new(bucket(len(ids) + 1, 2 * st.size))
+      for y in ids:
+        st = self._push(st, y)
+    t = len(st.ids)
+    st.ids.append(int(x))
+    h, st.enc_c = self._enc(self.params, jnp.int32(x), jnp.int32(t), st.enc_c)
+    st.h_all = jax.lax.dynamic_update_slice_in_dim(st.h_all, h, jnp.int32(t), axis=1)
+    if t == 0:  # a document's first byte starts its first unit (P = 1)
+      st.word_starts, st.unit_p = [0], [1.0]
+    else:
+      h_prev = jax.lax.dynamic_slice_in_dim(st.h_all, jnp.int32(t - 1), 1, axis=1)
+      p_t = float(self._route(self.params, h, h_prev))
+      if p_t >= 0.5:  # the unit [a, t) is finished: through the backbone and the smoothing
+        j, a = len(st.starts_done), st.word_starts[-1]
+        first = max(a, t - self.lw)
+        gather = np.full((1, 1, self.lw), -1, np.int32)
+        gather[0, 0, :t - first] = np.arange(first, t)
+        ctx, st.bb_c = self._unit(self.params, st.h_all, jnp.asarray(gather), jnp.int32(j),
+                                  st.bb_c, jnp.float32(st.unit_p[-1]), st.contexts[-1])
+        st.contexts.append(ctx)
+        st.starts_done.append(a)
+        st.word_starts = st.word_starts + [t]
+        st.unit_p = st.unit_p + [p_t]
+    st.logits, st.dec_c = self._dec(self.params, h, jnp.int32(x), jnp.int32(t),
+                                    st.contexts[-1], st.dec_c)
+    return st
+
+
 def byte_view(model: hat.HAT, splitter, max_word_bytes: int = 16, name: str | None = None
               ) -> HATView:
   """The byte-level view of a HAT with its word `splitter` (words.get_splitter): with
-  word-boundary tokens (`model.boundary_id`) a `HATBoundaryView`, which sums over them, else a
-  `HATView`."""
+  word-boundary tokens (`model.boundary_id`) a `HATBoundaryView`, which sums over them; with
+  learned chunking a `HATLearnedView` (the splitter is not read); else a `HATView`."""
+  if model.learned:
+    return HATLearnedView(model, None, max_word_bytes, name or 'hat')
   view = HATView if model.boundary_id is None else HATBoundaryView
   return view(model, splitter, max_word_bytes, name or 'hat')

@@ -711,17 +711,22 @@ class Block(nnx.Module):
   def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array | None = None,
                cache: Cache | None = None, cache_index: Array | int | None = None,
                context: tuple[Array, Array] | None = None) -> tuple[Array, Cache | None]:
-    """`context = (c_BxWxC, index_BxT)`: position t reads c[index[t]] (index clipped to W)."""
+    """`context = (c_BxWxC, index_BxT)`: position t reads c[index[t]] (index clipped to W);
+    `(c_BxWxC, index_BxT, scale_BxT)`: what position t reads is multiplied by scale[t] (HAT's
+    learned chunking passes a straight-through factor that is 1 in the forward pass)."""
     a_BxTxD, new_cache = self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT,
                                    cache, cache_index)
     x_BxTxD = x_BxTxD + a_BxTxD
     if self.cross_v is not None:
       if context is None:
         raise ValueError('this block was built with context_dim > 0 and needs `context`')
-      c_BxWxC, index_BxT = context
+      c_BxWxC, index_BxT, *scale = context
       add_BxWxD = self.cross_o(self.cross_v(c_BxWxC))
       index_BxT = jnp.clip(index_BxT, 0, add_BxWxD.shape[1] - 1)
-      x_BxTxD = x_BxTxD + jnp.take_along_axis(add_BxWxD, index_BxT[..., None], axis=1)
+      add_BxTxD = jnp.take_along_axis(add_BxWxD, index_BxT[..., None], axis=1)
+      if scale:
+        add_BxTxD = add_BxTxD * scale[0][..., None].astype(add_BxTxD.dtype)
+      x_BxTxD = x_BxTxD + add_BxTxD
     x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
     return x_BxTxD, new_cache
 

@@ -22,6 +22,13 @@ class HATFamily(families.Family):
                        f'got {cfg.data.encoder!r}')
     d, m = cfg.data, cfg.model
     self.patcher_record, self.patcher_flops = None, 0.0
+    self.learned = hat.check_chunking(m) == 'learned'
+    if self.learned:
+      _check_learned_rows(cfg)
+      if str(d.splitter).strip() == 'entropy':
+        raise ValueError("model.chunking='learned' with data.splitter='entropy': learned "
+                         'chunking cuts its own units (the splitter is not read), so the '
+                         "patcher would decide nothing; use one or the other")
     if str(d.splitter).strip() == 'entropy':
       self.splitter = self._entropy_splitter()
     else:
@@ -40,6 +47,8 @@ class HATFamily(families.Family):
     self.words = (self.splitter if self.boundary_id is None else
                   hat_data.BoundaryWords(self.boundary_id, self.splitter.word_cap))
     self.word_len = self.fields.word_len
+    if self.learned:  # the model cuts its own units: the rows go in as packed, no word fields
+      self.fields = self.eval_fields = None
 
   # -- entropy patches (data.splitter='entropy') ---------------------------------------------------
   def _entropy_splitter(self) -> words.EntropySplitter:
@@ -155,10 +164,23 @@ class HATFamily(families.Family):
     return {PATCHER_FILE: json.dumps(self.patcher_record, indent=1, sort_keys=True).encode()}
 
   def build_model(self, rngs):
-    return hat.HAT(self.cfg.model, self.encoder.vocab_size, self.dtype, rngs=rngs)
+    d = self.cfg.data
+    return hat.HAT(self.cfg.model, self.encoder.vocab_size, self.dtype, rngs=rngs,
+                   max_units=d.max_words, max_unit_bytes=d.max_word_bytes)
 
   def loss(self, model, batch, rng):
     return hat.hat_loss(model, batch, rng)
+
+  def derived_metrics(self, sums: dict) -> dict:
+    """Learned chunking: bytes_per_unit (the compression reached), chunk_loss, chunk_overflow
+    (models/hat.chunk_metrics)."""
+    return hat.chunk_metrics(sums) if self.learned else {}
+
+  def headline_metrics(self) -> dict[str, str]:
+    if not self.learned:
+      return {}
+    return {'bytes_per_unit': 'bytes/unit', 'chunk_loss': 'chunk loss',
+            'chunk_overflow': 'overflow'}
 
   def train_iterator(self, process_index: int, process_count: int):
     it = pipeline.make_train_iterator(self.cfg, self.encoder, process_index, process_count,
@@ -192,6 +214,8 @@ class HATFamily(families.Family):
   def data_stats(self) -> dict:
     out = super().data_stats()
     for name, f in (('train', self.fields), ('eval', self.eval_fields)):
+      if f is None:  # learned chunking: bytes_per_unit is a training metric
+        continue
       s = f.stats
       out[f'{name}_dropped_bytes'] = s['dropped_bytes']
       if s['target_bytes']:
@@ -210,10 +234,25 @@ class HATFamily(families.Family):
                   f'{r["threshold"]:.4f}')
       if r.get('calibrated_len'):
         variant += f' (mean unit {r["calibrated_len"]:.2f} bytes)'
+    if self.learned:
+      variant += (f' | learned chunking (target {m.chunk_target} bytes/unit, '
+                  f'{m.chunk_loss} loss x {m.chunk_loss_weight})')
     variant += f' | encoder {m.get("encoder_attention", "causal")}'
     return (f'HAT splitter {d.splitter} | {variant} | {d.seq_len} tokens, {d.max_words} words x '
             f'{self.word_len} tokens per row | data {d.source} | batch '
             f'{self.cfg.train.batch_size} | compute {np.dtype(self.dtype).name}')
+
+
+def _check_learned_rows(cfg) -> None:
+  """Learned chunking: a row of data.seq_len bytes at the target's bytes per unit must fit
+  data.max_words units (bytes of further units read a stale context)."""
+  d, m = cfg.data, cfg.model
+  need = d.seq_len / m.chunk_target
+  if d.max_words < need:
+    raise ValueError(f'model.chunk_target={m.chunk_target}: a row of data.seq_len={d.seq_len} '
+                     f'bytes holds about {need:.0f} units at that target, more than '
+                     f'data.max_words={d.max_words} (raise data.max_words to at least '
+                     f'{int(np.ceil(need))}, or the target)')
 
 
 Family = HATFamily

@@ -1,0 +1,255 @@
+"""HAT with learned chunking (`model.chunking='learned'`, H-Net's router): causality of the
+boundaries and log-probs, document isolation, cached generation equal to uncached, the byte
+view, gradients through the hard boundaries, the compression losses, bad input, and one launch
+run that logs the compression reached."""
+import functools
+import json
+import os
+
+import chex
+import hypothesis
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import strategies as st
+
+from data import encoders
+from models import hat, hat_view
+from train import families
+from conftest import ROOT, launch_cmd, run_launch, subprocess_env
+
+ENC = encoders.ByteEncoder()
+T, LW = 48, 8
+TEXT = 'def f(x): return x + 1  # and some more text'
+
+
+def tiny_cfg(**over):
+  m = hat.default_model_config()
+  m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 32, 2, 2, 16, 64
+  m.byte_d_model, m.byte_heads, m.byte_mlp_dim, m.byte_window = 32, 2, 64, 8
+  m.init_std, m.chunking, m.chunk_target = 0.3, 'learned', 4.0
+  m.update(over)
+  return m
+
+
+@pytest.fixture(scope='module')
+def model():
+  return hat.HAT(tiny_cfg(), ENC.vocab_size, rngs=nnx.Rngs(0), max_unit_bytes=LW)
+
+
+def row(ids, seg=None):
+  """A training row of T positions: inputs, targets, positions, segments (`seg`: one per id,
+  positions restart at each new segment), weights."""
+  ids = np.asarray(ids, np.int32)
+  n = len(ids) - 1
+  seg = np.ones(n, np.int32) if seg is None else np.asarray(seg[:n], np.int32)
+  out = {k: np.zeros(T, np.int32) for k in ('inputs', 'targets', 'segment_ids', 'positions',
+                                            'target_bytes')}
+  out['inputs'][:n], out['targets'][:n], out['segment_ids'][:n] = ids[:-1], ids[1:], seg
+  new = np.concatenate([[True], seg[1:] != seg[:-1]])
+  starts = np.maximum.accumulate(np.where(new, np.arange(n), 0))
+  out['positions'][:n] = np.arange(n) - starts
+  out['target_bytes'][:n] = ENC.token_bytes[ids[1:]]
+  out['weights'] = (out['segment_ids'] > 0).astype(np.float32)
+  return out
+
+
+def stack(rows):
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def text_ids(text):
+  return np.concatenate([[ENC.bos_id], ENC.encode(text), [ENC.eos_id]])
+
+
+# one compilation: the forward with one unit slot per byte and with 6 (units past the 6th
+# join the 6th), over 4 rows
+_FORWARD = nnx.jit(lambda m, b: (m.chunked(b), m.chunked(b, max_units=6)))
+
+
+@hypothesis.settings(max_examples=8, deadline=None, derandomize=True, database=None)
+@hypothesis.given(text=st.text(min_size=20, max_size=40), cut=st.integers(2, 20),
+                  junk=st.binary(min_size=T + 1, max_size=T + 1))
+def test_future_bytes_change_neither_past_boundaries_nor_logprobs(model, text, cut, junk):
+  """Logits and boundaries at positions < cut are the same whatever the bytes from `cut` on,
+  with every unit in its own slot and with units past the row's slots merged."""
+  a = text_ids(text)[:T]
+  b = a.copy()
+  b[cut:] = (np.frombuffer(junk, np.uint8)[:len(b) - cut] + encoders.BYTE_OFFSET)
+  out = _FORWARD(model, stack([row(a), row(b), row(a), row(a)]))
+  for o in out:
+    chex.assert_trees_all_close(o['logits'][0, :cut], o['logits'][1, :cut], atol=1e-5)
+    chex.assert_trees_all_close(o['p'][0, :cut], o['p'][1, :cut], atol=1e-6)
+    np.testing.assert_array_equal(o['b'][0, :cut], o['b'][1, :cut])
+    assert bool(o['b'][0, 0])  # the first byte starts a unit
+
+
+def test_documents_do_not_see_each_other(model):
+  """Two documents packed in one row: the second's logits and boundaries do not depend on the
+  first (the smoothing restarts at a document's first unit, P = 1)."""
+  d1, d1x, d2 = text_ids('first document here'), text_ids('FIRST DOCUMENT HERE'), text_ids(TEXT)
+  rows = []
+  for first in (d1, d1x):
+    ids = np.concatenate([first[:-1], d2])
+    seg = np.concatenate([np.ones(len(first) - 1), 2 * np.ones(len(d2))])
+    rows.append(row(ids[:T + 1], seg))
+  full, few = _FORWARD(model, stack(rows + rows))
+  n1 = len(d1) - 1
+  chex.assert_trees_all_close(full['logits'][0, n1:], full['logits'][1, n1:], atol=1e-5)
+  np.testing.assert_array_equal(full['b'][0, n1:], full['b'][1, n1:])
+  assert bool(full['b'][0, n1])
+  assert not np.allclose(full['logits'][0, :n1], full['logits'][1, :n1], atol=1e-3)
+  # with 6 unit slots the first document fills them all: the second one's bytes join the last
+  # slot's unit, yet read the first-unit vector, not the other document's context
+  assert bool(few['overflow'][:2, n1].all())
+  chex.assert_trees_all_close(few['logits'][0, n1:], few['logits'][1, n1:], atol=1e-5)
+
+
+def test_cached_generation_equals_uncached(model):
+  prompt = [ENC.bos_id] + list(ENC.encode('def f(x): return '))
+  cached = hat.generate(model, prompt, None, 16, max_word_bytes=LW)
+  assert cached == hat.generate_uncached(model, prompt, None, 16, max_word_bytes=LW)
+  # the router cut units inside the generated bytes, so the backbone cache was exercised
+  b = _FORWARD(model, stack([row(prompt + cached + [0])] * 4))[0]['b'][0]
+  assert int(b[len(prompt):len(prompt) + 16].sum()) >= 2
+
+
+def test_byte_view_is_the_forward(model):
+  """The byte view decides boundaries byte by byte; its next-byte distribution sums to 1 and
+  equals the training forward's, renormalized over the 256 bytes and the end."""
+  view = hat_view.byte_view(model, None, LW)
+  assert isinstance(view, hat_view.HATLearnedView)
+  text = TEXT[:30].encode()
+  logits = _FORWARD(model, stack([row(text_ids(TEXT[:30]))] * 4))[0]['logits'][0]
+  take = np.concatenate([np.arange(encoders.BYTE_OFFSET, 256 + encoders.BYTE_OFFSET),
+                         [ENC.eos_id]])
+  st_ = view.start(b'')
+  for t in range(len(text) + 1):
+    lp = view.next_byte_logprobs(st_).astype(np.float64)
+    assert np.exp(lp).sum() == pytest.approx(1.0, abs=1e-5)
+    want = jax.nn.log_softmax(np.asarray(logits[t], np.float64)[take])
+    np.testing.assert_allclose(lp, want, atol=2e-4)
+    if t < len(text):
+      st_ = view.advance(st_, text[t])
+
+
+def _chunk_grads(model):
+  """(state, batch, f): f(state, batch) -> (metrics of `hat_loss`, gradients of the byte NLL,
+  gradients of the compression loss) of a two-row batch (one forward, one compilation)."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def f(state, batch):
+    def losses(state):
+      m = nnx.merge(graphdef, state)
+      out = m.chunked(batch)
+      lse = jax.nn.logsumexp(out['logits'], -1)
+      tgt = jnp.take_along_axis(out['logits'], batch['targets'][..., None], -1)[..., 0]
+      nll = jnp.sum((lse - tgt) * batch['weights']) / jnp.sum(batch['weights'])
+      mask = batch['segment_ids'] > 0
+      chunk = hat.compression_loss(out['p'], out['b'], mask, m.chunk_target, m.chunk_loss)
+      return jnp.stack([nll, chunk]), {'chunk_units': jnp.sum(out['b'] & mask),
+                                       'chunk_positions': jnp.sum(mask)}
+    jac, metrics = jax.jacrev(losses, has_aux=True)(state)
+    return (metrics, jax.tree.map(lambda j: j[0], jac), jax.tree.map(lambda j: j[1], jac))
+
+  batch = stack([row(text_ids(TEXT)), row(text_ids('The quick brown fox jumps over it.'))])
+  return state, batch, f
+
+
+def test_gradients_reach_the_router_and_the_loss_pushes_toward_the_target(model):
+  """The byte NLL alone reaches the router's projections (straight-through confidence and
+  smoothing through the hard boundaries); so does the compression loss, and a few steps on it
+  alone move the compression reached toward the target."""
+  state, batch, f = _chunk_grads(model)
+  metrics, g_nll, g_chunk = f(state, batch)
+  for g in (g_nll, g_chunk):
+    for name in ('router_q', 'router_k'):
+      assert float(jnp.abs(g[name]['kernel'][...]).max()) > 0, name
+  bpu = [float(metrics['chunk_positions'] / metrics['chunk_units'])]
+  target = model.chunk_target
+  for _ in range(5):
+    state = jax.tree.map(lambda x, g: x - 3.0 * g, state, g_chunk)
+    metrics, _, g_chunk = f(state, batch)
+    bpu.append(float(metrics['chunk_positions'] / metrics['chunk_units']))
+  assert abs(bpu[-1] - target) < abs(bpu[0] - target), bpu
+
+
+@functools.partial(jax.jit, static_argnames=('n', 'kind'))
+def _loss_and_grad(p, b, mask, n, kind):
+  return jax.value_and_grad(lambda p: hat.compression_loss(p, b, mask, n, kind))(p)
+
+
+def test_compression_losses_have_the_papers_shape(model):
+  """Ratio (H-Net): minimal (1) at F = G = 1/N, the gradient in G pushes toward 1/N. Bounded
+  (FLEXITOKENS): zero at or below the rate 1/N, positive gradient above it."""
+  n = model.chunk_target
+  mask = jnp.ones((1, 40), bool)
+
+  def losses(kind, rate):
+    b = jnp.arange(40)[None] % int(round(1 / rate)) == 0
+    return _loss_and_grad(jnp.full((1, 40), rate), b, mask, n, kind)
+
+  v, _ = losses('ratio', 1 / n)
+  assert float(v) == pytest.approx(1.0, abs=1e-5)
+  assert float(losses('ratio', 0.5)[1].sum()) > 0    # too many units: fewer
+  assert float(losses('ratio', 1 / 8)[1].sum()) < 0  # too few: more
+  assert float(losses('bounded', 1 / 8)[0]) == 0 and float(losses('bounded', 1 / 8)[1].sum()) == 0
+  v, g = losses('bounded', 0.5)
+  assert float(v) > 0 and float(g.sum()) > 0
+
+
+@pytest.mark.parametrize('over,msg', [
+    ({'chunk_target': 1.0}, r'model.chunk_target=1.0: .* must be a finite number > 1'),
+    ({'chunk_target': 0.5}, r'model.chunk_target=0.5'),
+    ({'chunk_loss': 'binomial'}, r"model.chunk_loss='binomial': expected one of"),
+    ({'chunking': 'entropy?'}, r"model.chunking='entropy\?': expected one of"),
+    ({'pooling': 'boundary'}, r"pooling='boundary'"),
+    ({'encoder_attention': 'word'}, r"needs model.encoder_attention='causal'"),
+])
+def test_bad_options_are_named(over, msg):
+  with pytest.raises(ValueError, match=msg):
+    hat.check_chunking(tiny_cfg(**over))
+
+
+def test_a_target_the_rows_cannot_hold_is_named():
+  from train import config_lib  # pylint: disable=import-outside-toplevel
+  cfg, _ = config_lib.load('configs/hat.py:tiny')
+  config_lib.override(cfg, {'model.chunking': 'learned', 'model.chunk_target': 2.0})
+  with pytest.raises(ValueError, match=r'data.max_words=64 \(raise data.max_words to at least '
+                                       r'128'):
+    families.get(cfg)
+
+
+def test_launch_refuses_a_compression_target_of_one(data_dir, tmp_path):
+  """One message, exit 1, no traceback, nothing written."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  wd = tmp_path / 'never'
+  p = subprocess.run(launch_cmd('--config=configs/hat.py:tiny', f'--workdir={wd}',
+                                '--config.model.chunking=learned',
+                                '--config.model.chunk_target=1'),
+                     cwd=ROOT, env=subprocess_env(data_dir), capture_output=True, text=True,
+                     timeout=300)
+  assert p.returncode == 1, p.stderr[-2000:]
+  assert p.stderr.count('error:') == 1 and 'model.chunk_target=1' in p.stderr
+  assert 'Traceback' not in p.stderr and not wd.exists()
+
+
+def test_launch_logs_the_compression_reached(data_dir, tmp_path):
+  """A short run: bytes per unit in every step's metrics and in the evaluation; sampling and
+  next-word accuracy (the byte view) run on the learned units."""
+  wd = str(tmp_path / 'learned')
+  p = run_launch(data_dir, '--config=configs/hat.py:tiny', f'--workdir={wd}',
+                 '--config.model.chunking=learned', '--config.model.chunk_target=4',
+                 '--config.train.steps=6', '--config.data.max_docs=300',
+                 '--config.train.batch_size=4', '--config.train.eval_batches=2',
+                 '--config.sample.max_new_tokens=16', '--config.eval.robustness=',
+                 '--config.eval.next_word_texts=2', '--config.eval.next_word_bytes=40')
+  assert 'sample 0' in p.stdout, p.stdout[-3000:]
+  with open(os.path.join(wd, 'metrics.jsonl')) as f:
+    steps = [json.loads(line) for line in f]
+  assert len(steps) == 6 and all(s['bytes_per_unit'] > 1 for s in steps)
+  summary = json.load(open(os.path.join(wd, 'train_summary.json')))
+  assert summary['eval']['bytes_per_unit'] > 1
