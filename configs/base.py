@@ -93,7 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   v.family_suite = _evaluator('family_suite', every=0)  # the family's own eval_suite
   # named sets scored like-for-like through the byte view ('NAME=FILE,...' or 'val'; '' = off):
   # the same bytes, each piece of <= context_bytes bytes scored alone (train/evals/held_out.py)
-  v.held_out = _evaluator('held_out', every=0, sets='', context_bytes=512, max_bytes=0)
+  v.held_out = _evaluator('held_out', every=0, sets='', context_bytes=200, max_bytes=0)
 
   # Standard benchmarks (--mode=lm_eval, evaluator type lm_eval; train/evals/lm_eval.py) -------
   c.lm_eval = le = ml_collections.ConfigDict()

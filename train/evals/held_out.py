@@ -13,7 +13,9 @@ Options of an entry (`configs/base.py` has one, `evals.held_out`, off until give
   * `sets`: 'NAME=PATH[,NAME=PATH...]'; PATH a text file (local or a bucket URL), scored whole
     as one document; the name `val` alone (no '=') is the run's validation split
     (`data.eval_split`), each document a text ending with its end of text.
-  * `context_bytes` (default 512): the piece size, i.e. the most context any byte gets.
+  * `context_bytes` (default 200, as `byte_eval.piece_bytes`): the piece size, i.e. the most
+    context any byte gets; keep it within the training context of every model compared (the
+    tiny subword LM's 64 tokens are ~140-250 bytes), as no view extends a model's window.
   * `max_bytes` (default 0 = everything): pieces spread evenly over the set up to about this
     many bytes.
 
@@ -32,7 +34,7 @@ from train import config_lib, evals, storage
 from train.evals import byte_views
 from train.metrics import log0
 
-DEFAULT_CONTEXT_BYTES = 512
+DEFAULT_CONTEXT_BYTES = 200
 
 
 def parse_sets(spec: str) -> dict[str, str]:
