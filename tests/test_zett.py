@@ -222,8 +222,8 @@ def test_bad_target_tokenizer_files(tmp_path):
 
 def test_dynamic_tokenization(tiny, tmp_path, capsys):
   """Batch-level merges (dynamic_mode=batch) with hypernetwork and FVT embeddings: a merge-free
-  pass equals the plain
-  eval, merged rows spell every scored byte once, bad settings are named."""
+  pass equals the plain eval, merged rows spell every scored byte once, bad settings are
+  named."""
   from data import dynamic_bpe  # pylint: disable=import-outside-toplevel
   from train import dynamic, runs, trainer  # pylint: disable=import-outside-toplevel
   root, _, overrides = tiny
