@@ -489,10 +489,16 @@ def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
   `dynamic_embeddings`; generation then draws from the base vocabulary plus the prompt's new
   tokens (a generated new token is written out as the bytes it spells). Uncached: each new
   token runs the model over the padded sequence (one compilation)."""
-  from models import token_lm  # pylint: disable=import-outside-toplevel
   kind, value = check_config(cfg)[0]
   if mode_of(cfg) == 'causal':
-    return _sample_causal(cfg, workdir, step, int(value))
+    return [sample_causal(cfg, workdir, step, int(value))['text']]
+  return [sample_batch_level(cfg, workdir, step)['text']]
+
+
+def sample_batch_level(cfg, workdir: str, step: int | None = None) -> dict:
+  """Batch-level sampling (see `sample`): {'text', 'tokens_per_s'}."""
+  from models import token_lm  # pylint: disable=import-outside-toplevel
+  kind, value = check_config(cfg)[0]
   method = methods_of(cfg)[0]
   if not str(cfg.sample.prompt):
     raise ValueError('sample.prompt is empty: dynamic tokenization merges the prompt\'s tokens')
@@ -569,10 +575,11 @@ def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
        f'{rate:.1f} tokens/s (uncached; after the step that compiles)')
   log0(f'--- dynamic sample (step {s}, {kind}:{value:g}, temperature '
        f'{cfg.sample.temperature})\n{out}')
-  return [out]
+  return {'text': out, 'tokens_per_s': rate}
 
 
-def _sample_causal(cfg, workdir: str, step: int | None, budget: int) -> list[str]:
+def sample_causal(cfg, workdir: str, step: int | None, budget: int) -> dict:
+  """Causal sampling (see `sample`): `generate_causal`'s dict plus 'text'."""
   method = methods_of(cfg)[0]
   if not str(cfg.sample.prompt):
     raise ValueError('sample.prompt is empty: causal dynamic tokenization grows its table from '
@@ -603,4 +610,4 @@ def _sample_causal(cfg, workdir: str, step: int | None, budget: int) -> list[str
        f'{got["tokens_per_s"]:.1f} tokens/s (KV cache; after the steps that compile)')
   log0(f'--- dynamic sample (step {s}, causal merges:{budget}, temperature '
        f'{cfg.sample.temperature})\n{out}')
-  return [out]
+  return {**got, 'text': out}
