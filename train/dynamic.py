@@ -164,9 +164,21 @@ def _causal_nll_fn(graphdef, dtype):
     base_in, base_out, new_in, new_out = _tables(lm, new_in, new_out)
     x = _embed_rows(base_in, new_in, batch['inputs']).astype(dtype)
     h, _ = lm.transformer(x, batch['positions'], batch['segment_ids'])
-    logits = _causal_logits(h, base_out, new_out, known, dtype)
-    nll = (jax.nn.logsumexp(logits, axis=-1)
-           - jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0])
+    v = base_out.shape[0]
+
+    def row_nll(args):  # one row at a time: [T, V] logits, not [B, T, V]
+      h_t, new_t, known_t, y_t = args
+      lb = jnp.einsum('td,vd->tv', h_t, base_out.astype(dtype),
+                      preferred_element_type=jnp.float32)
+      ln = jnp.einsum('td,md->tm', h_t, new_t.astype(dtype), preferred_element_type=jnp.float32)
+      ln = jnp.where(jnp.arange(ln.shape[-1]) < known_t[:, None], ln, -jnp.inf)
+      lse = jnp.logaddexp(jax.nn.logsumexp(lb, axis=-1), jax.nn.logsumexp(ln, axis=-1))
+      yb = jnp.take_along_axis(lb, jnp.minimum(y_t, v - 1)[:, None], axis=-1)[:, 0]
+      yn = jnp.take_along_axis(ln, jnp.clip(y_t - v, 0, ln.shape[-1] - 1)[:, None],
+                               axis=-1)[:, 0]
+      return lse - jnp.where(y_t < v, yb, yn)
+
+    nll = jax.lax.map(row_nll, (h, new_out, known, batch['targets']))
     w = batch['weights']
     return (jnp.sum(nll * w), jnp.sum(w),
             jnp.sum(batch['target_bytes']).astype(jnp.float32))
