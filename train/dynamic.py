@@ -418,7 +418,7 @@ def generate_causal(model, dyn: dynamic_bpe.DynamicBPE, emb: Embedder, ids: list
     table.step(cur)
     i += len(cur)
   total = len(prompt) + max_new_tokens
-  pad = _bucket(max(1, min(budget, total)))
+  pad = _bucket(total)  # any budget: the same shapes (and compilations) as without merges
   e_in, e_out = np.zeros((2, 1, pad, emb.base_in.shape[1]), np.float32)
   if table.parts:
     e_in[0, :len(table.parts)], e_out[0, :len(table.parts)] = emb.rows(table.parts,
