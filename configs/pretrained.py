@@ -54,10 +54,12 @@ def get_config(preset: str = 'smollm2'):
                                                   # on these documents; encoder transfer is
                                                   # scored on these validation sentences
   c.transfer.eval_sentences = 500  # encoder transfer: held-out sentences compared
-  # dynamic tokenization (train/dynamic.py, --mode=eval / sample): batch-level merges on top of
-  # the model's tokenization, new tokens embedded by the hypernetwork (transfer.hypernet_workdir)
-  # or FVT
-  c.dynamic = ''                 # '' off | 'merges:N[,N..]' per batch | 'compression:F[,F..]'
+  # dynamic tokenization (train/dynamic.py, --mode=eval / sample): merges on top of the model's
+  # tokenization, new tokens embedded by the hypernetwork (transfer.hypernet_workdir) or FVT
+  c.dynamic = ''                 # '' off | 'merges:N[,N..]' | 'compression:F[,F..]' (batch only)
+  c.dynamic_mode = 'causal'      # learnt per row from the scored prefix (honest bits per byte,
+                                 # N: entries per row) | 'batch': chosen from the scored batch
+  c.dynamic_min_count = 1        # causal: times a pair must have been seen first (1: LZW)
   c.dynamic_embeddings = 'hypernet,fvt'  # hypernet falls back to fvt without a hypernetwork
   c.dynamic_boundary = 'pretokens'       # merges stay in one pretoken | 'words' (whitespace)
   c.sample.temperature = 0.0

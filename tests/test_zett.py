@@ -221,8 +221,9 @@ def test_bad_target_tokenizer_files(tmp_path):
 
 
 def test_dynamic_tokenization(tiny, tmp_path, capsys):
-  """Batch-level merges with hypernetwork and FVT embeddings: a merge-free pass equals the plain
-  eval, merged rows spell every scored byte once, bad settings are named."""
+  """Batch-level merges (dynamic_mode=batch) with hypernetwork and FVT embeddings: a merge-free
+  pass equals the plain eval, merged rows spell every scored byte once, bad settings are
+  named."""
   from data import dynamic_bpe  # pylint: disable=import-outside-toplevel
   from train import dynamic, runs, trainer  # pylint: disable=import-outside-toplevel
   root, _, overrides = tiny
@@ -232,7 +233,8 @@ def test_dynamic_tokenization(tiny, tmp_path, capsys):
   cfg, _ = config_lib.load('configs/pretrained.py:smollm2')
   cfg.unlock()
   config_lib.override(cfg, {**overrides, 'train.eval_batches': 2, 'dynamic': 'merges:2,1000',
-                            'dynamic_boundary': 'words', 'transfer.hypernet_workdir': zwd})
+                            'dynamic_boundary': 'words', 'transfer.hypernet_workdir': zwd,
+                            'dynamic_mode': 'batch'})  # (causal: tests/test_causal_dynamic.py)
   out = dynamic.run(cfg, str(tmp_path / 'dyn'))
   rows = {(r['setting'], r['embeddings']): r for r in out['rows']}
   plain = rows[('none (plain eval)', '-')]

@@ -439,6 +439,7 @@ def run(cfg, workdir: str) -> dict:
       dyn = {}
       if cfg.dynamic:
         for r in dynamic.run(sub, out_dir, predictor=dyn_predictor, plain=ev)['rows'][1:]:
+          dyn['dynamic merges chosen from'] = r['merges_from']
           dyn[f'dynamic {r["setting"]} {r["embeddings"]}: bpb / tokens per byte'] = (
               f'{r["bpb"]:.4f} / {r["tokens_per_byte"]:.4f}')
     rows.append({'model': method, 'tokenizer': target_name,

@@ -25,10 +25,13 @@ def refusal(cfg) -> str:
 
 def check_mode(mode: str, cfg) -> None:
   """A ValueError when `cfg` asks for dynamic tokenization in a mode that does not read it
-  (training, for one, would silently tokenize as usual)."""
+  (training, for one, would silently tokenize as usual), or with settings that are wrong."""
   if on(cfg) and mode not in MODES:
     raise ValueError(f'config.dynamic={cfg.dynamic!r} is read by '
                      f'{", ".join("--mode=" + m for m in MODES)} only (dynamic tokenization of '
                      f'a pretrained LM, train/dynamic.py); --mode={mode} would ignore it: drop '
                      'the override')
+  if on(cfg):  # its keys (dynamic, dynamic_mode, ...) before anything loads
+    from train import dynamic  # pylint: disable=import-outside-toplevel
+    dynamic.check_config(cfg)
 
