@@ -126,7 +126,7 @@ def test_kv_cache_matches_full_forward(window, scan):
 
   step = jax.jit(lambda x, pos, cache, i: model(x, pos, None, cache, i))
   cache = model.init_cache(b, t)
-  y_pre, cache = model(x[:, :p], pos[:, :p], None, cache, 0)
+  y_pre, cache = call(model, x[:, :p], pos[:, :p], None, cache, 0)  # the prefill
   outs = [y_pre]
   for i in range(p, t):
     y_i, cache = step(x[:, i:i + 1], pos[:, i:i + 1], cache, jnp.int32(i))
