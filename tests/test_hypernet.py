@@ -19,6 +19,11 @@ def base():
       size=(v, 16)).astype(np.float32)
 
 
+# the forward passes jitted: one compilation each instead of one per operation (eager)
+forward = nnx.jit(lambda net, pieces: net(pieces))
+forward_packed = nnx.jit(lambda net, arrays: net.packed(**arrays))
+
+
 def small_cfg():
   c = hypernet.default_config()
   c.d_model, c.num_layers, c.num_heads, c.mlp_dim, c.max_pieces = 32, 2, 4, 64, 7
@@ -33,18 +38,18 @@ def test_pieces_shapes_padding_and_rescaling(base):
   for s, row in zip(strings, pieces):
     assert [t.id for t in tok.model.tokenize(s)][:7] == row[row >= 0].tolist()
   net = hypernet.HyperNet(small_cfg(), e_in, e_out, rngs=nnx.Rngs(0))
-  a_in, a_out = net(jnp.asarray(pieces))
+  a_in, a_out = forward(net, jnp.asarray(pieces))
   assert a_in.shape == a_out.shape == (4, 16)
   # padding beyond a token's pieces and the other rows of the batch do not matter
-  b_in, _ = net(jnp.asarray(pieces[1:2, :5]))
+  b_in, _ = forward(net, jnp.asarray(pieces[1:2, :5]))
   np.testing.assert_allclose(b_in[0], a_in[1], atol=1e-5)
   # the outputs are rescaled to the base statistics: zero heads give the base mean exactly
   net.head_in.kernel[...] = jnp.zeros_like(net.head_in.kernel[...])
   net.head_in.bias[...] = jnp.zeros_like(net.head_in.bias[...])
-  z_in, _ = net(jnp.asarray(pieces))
+  z_in, _ = forward(net, jnp.asarray(pieces))
   np.testing.assert_allclose(z_in, np.broadcast_to(e_in.mean(0), (4, 16)), rtol=1e-5)
   tied = hypernet.HyperNet(small_cfg(), e_in, rngs=nnx.Rngs(0))
-  assert tied(jnp.asarray(pieces))[1] is None
+  assert forward(tied, jnp.asarray(pieces))[1] is None
   # specials keep their base rows
   out = hypernet.assemble(np.asarray(a_in), {0: e_in[0]})
   np.testing.assert_array_equal(out[0], e_in[0])
@@ -84,7 +89,7 @@ def test_fvt_anchor_starts_at_fvt(base):
   strings = ['Ġtokenizer', 'Ġhypernetwork', 'xyz', '']
   pieces = hypernet.piece_ids(tok, strings, 7)
   net = hypernet.HyperNet(cfg, e_in, e_out, rngs=nnx.Rngs(0))
-  a_in, a_out = net(jnp.asarray(pieces))
+  a_in, a_out = forward(net, jnp.asarray(pieces))
   for i in range(3):
     p = pieces[i][pieces[i] >= 0]
     np.testing.assert_allclose(a_in[i], e_in[p].mean(0), rtol=1e-5, atol=1e-6)
@@ -112,10 +117,10 @@ def test_packed_pieces_equal_the_padded_layout():
     net = hypernet.HyperNet(c, base, base * 0.5, rngs=nnx.Rngs(1))
     for head in (net.head_in, net.head_out):  # non-zero heads: the transformer path counts
       head.kernel[...] = jnp.asarray(rng.normal(size=head.kernel.shape) * 0.1, jnp.float32)
-    want_in, want_out = net(jnp.asarray(pieces))
+    want_in, want_out = forward(net, jnp.asarray(pieces))
     packed, cut = hypernet.pack_pieces(pieces, hypernet.packed_rows(v, 5.0))
     assert cut == 0 and packed['ids'].size < pieces.size * 5.0 / p + 8
-    got_in, got_out = net.packed(**{k: jnp.asarray(a) for k, a in packed.items()})
+    got_in, got_out = forward_packed(net, {k: jnp.asarray(a) for k, a in packed.items()})
     np.testing.assert_allclose(got_in, want_in, atol=2e-5)
     np.testing.assert_allclose(got_out, want_out, atol=2e-5)
   real = int(np.maximum(n, 1).sum())

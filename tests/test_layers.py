@@ -12,6 +12,10 @@ from models import layers
 from models.transformer import Transformer, convert_layer_layout
 
 D, H, K = 16, 4, 8
+# layers and references called through jit: one compilation per call site and shape instead of
+# one per operation (eager), the tests' main cost
+call = nnx.jit(lambda module, *args: module(*args))
+weights = nnx.jit(lambda attn, *args: attn.weights(*args))
 
 
 def _reference_attention(attn, x_BxTxD, positions_BxT, segment_ids_BxT, window):
@@ -34,6 +38,9 @@ def _reference_attention(attn, x_BxTxD, positions_BxT, segment_ids_BxT, window):
   return jnp.einsum('bthk,hkd->btd', out, attn.o[...])
 
 
+reference_attention = nnx.jit(_reference_attention, static_argnums=4)
+
+
 @pytest.mark.parametrize('num_kv_heads,window', [(4, 0), (2, 0), (1, 3), (2, 5)])
 def test_attention_matches_reference(num_kv_heads, window):
   attn = layers.Attention(D, H, num_kv_heads, K, window=window, init_std=0.3,
@@ -42,19 +49,19 @@ def test_attention_matches_reference(num_kv_heads, window):
   x = jax.random.normal(jax.random.key(1), (b, t, D))
   pos = jnp.broadcast_to(jnp.arange(t), (b, t))
   seg = jnp.array([[1] * 6 + [2] * 4, [1] * 3 + [2] * 5 + [0] * 2])
-  y, cache = attn(x, pos, seg)
+  y, cache = call(attn, x, pos, seg)
   assert cache is None
-  chex.assert_trees_all_close(y, _reference_attention(attn, x, pos, seg, window), atol=1e-5)
+  chex.assert_trees_all_close(y, reference_attention(attn, x, pos, seg, window), atol=1e-5)
   # The diagnostic weights are the distribution the layer uses: with v and o they give y.
-  w = attn.weights(x, pos, seg)
+  w = weights(attn, x, pos, seg)
   chex.assert_trees_all_close(w.sum(-1), jnp.ones((b, H, t)), atol=1e-5)
   v = jnp.repeat(jnp.einsum('btd,dgk->btgk', x, attn.v[...]), H // num_kv_heads, axis=2)
   y_w = jnp.einsum('bthk,hkd->btd', jnp.einsum('bhts,bshk->bthk', w, v), attn.o[...])
   chex.assert_trees_all_close(y_w, y, atol=1e-5)
   # No segment ids: plain causal (+ window).
   ones = jnp.ones((b, t), jnp.int32)
-  y, _ = attn(x, pos)
-  chex.assert_trees_all_close(y, _reference_attention(attn, x, pos, ones, window), atol=1e-5)
+  y, _ = call(attn, x, pos)
+  chex.assert_trees_all_close(y, reference_attention(attn, x, pos, ones, window), atol=1e-5)
 
 
 def test_rope_relative_property():
@@ -88,23 +95,23 @@ def test_segment_isolation_and_causality():
   pos = jnp.array([list(range(5)) + list(range(5)) + [0, 0]])
   x = jax.random.normal(jax.random.key(1), (b, t, D))
   noise = jax.random.normal(jax.random.key(2), (b, t, D))
-  y, _ = model(x, pos, seg)
+  y, _ = call(model, x, pos, seg)
   assert np.all(np.isfinite(np.asarray(y)))
 
   in_seg2 = (seg == 2)[..., None]
-  y2, _ = model(jnp.where(in_seg2, x + noise, x), pos, seg)
+  y2, _ = call(model, jnp.where(in_seg2, x + noise, x), pos, seg)
   chex.assert_trees_all_close(y2[:, :5], y[:, :5], atol=1e-6)      # segment 1 untouched
   chex.assert_trees_all_close(y2[:, 10:], y[:, 10:], atol=1e-6)    # padding untouched
   assert float(jnp.max(jnp.abs(y2[:, 5:10] - y[:, 5:10]))) > 1e-3
 
   in_seg1 = (seg == 1)[..., None]
-  y1, _ = model(jnp.where(in_seg1, x + noise, x), pos, seg)
+  y1, _ = call(model, jnp.where(in_seg1, x + noise, x), pos, seg)
   chex.assert_trees_all_close(y1[:, 5:], y[:, 5:], atol=1e-6)      # segment 2 untouched
 
   # Causality: changing position 7 leaves positions < 7 unchanged (no segments given).
   pos_full = jnp.arange(t)[None]
-  yc, _ = model(x, pos_full)
-  yc2, _ = model(x.at[:, 7].add(1.0), pos_full)
+  yc, _ = call(model, x, pos_full)
+  yc2, _ = call(model, x.at[:, 7].add(1.0), pos_full)
   chex.assert_trees_all_close(yc2[:, :7], yc[:, :7], atol=1e-6)
   assert float(jnp.max(jnp.abs(yc2[:, 7:] - yc[:, 7:]))) > 1e-3
 
@@ -119,7 +126,7 @@ def test_kv_cache_matches_full_forward(window, scan):
 
   step = jax.jit(lambda x, pos, cache, i: model(x, pos, None, cache, i))
   cache = model.init_cache(b, t)
-  y_pre, cache = model(x[:, :p], pos[:, :p], None, cache, 0)
+  y_pre, cache = call(model, x[:, :p], pos[:, :p], None, cache, 0)  # the prefill
   outs = [y_pre]
   for i in range(p, t):
     y_i, cache = step(x[:, i:i + 1], pos[:, i:i + 1], cache, jnp.int32(i))
@@ -142,7 +149,7 @@ def test_shared_prefix_tree_matches_full_forward(num_kv_heads, window):
   want = []
   for anchor, extra in paths.values():
     seq = jnp.concatenate([x[:, :anchor + 1], x[:, extra]], axis=1)
-    full = _reference_attention(attn, seq, jnp.arange(seq.shape[1])[None],
+    full = reference_attention(attn, seq, jnp.arange(seq.shape[1])[None],
                                 jnp.ones((1, seq.shape[1]), jnp.int32), window)
     for i, e in enumerate(extra):
       row = len(ids)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TEST_XLA_FLAGS
 from train import config_lib, preflight
 
 README = os.path.join(ROOT, 'README.md')
@@ -87,7 +87,7 @@ def test_readme_pod_command_passes_on_its_slice_and_the_old_preset_did_not():
 
 def _run(argv, devices, cwd=ROOT, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}')
   return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True,
                         text=True, timeout=timeout)
 

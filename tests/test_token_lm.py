@@ -118,7 +118,8 @@ def test_kv_cache_decoding_matches_full_forward(window):
 
   step = jax.jit(lambda tok, cache, i: model(tok, None, None, cache, i))
   cache = model.init_cache(b, t)
-  logits, cache = model(tokens[:, :p], cache=cache, cache_index=0)
+  logits, cache = nnx.jit(lambda m, tok, c: m(tok, cache=c, cache_index=0))(  # the prefill
+      model, tokens[:, :p], cache)
   outs = [logits]
   for i in range(p, t):
     logits, cache = step(tokens[:, i:i + 1], cache, jnp.int32(i))
