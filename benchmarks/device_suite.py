@@ -25,6 +25,9 @@ out by --only):
   lcm             LCM small (Base and Two-Tower) sentences/s and MFU
   compare         HAT vs byte LM vs subword LM at small for the same training-FLOP budget on
                   the embedded corpus: validation bits per byte and ALL-CAPS bits per byte
+  lm_eval         lm-eval requests/s on SmolLM2-135M (benchmarks/lm_eval_bench.py speed): the
+                  200 requests of 50 notoklm_mc items batched against one at a time, token-level
+                  against exact byte-level, distinct compiled shapes (dry: 2 items)
 Throughput items run the trainer's own step (`trainer.Setup.make_train_step`) on synthetic full
 rows, timed by `lm_throughput.time_steps` after compilation; MFU = training FLOPs per step (the
 families' MaxText-convention accounting) / step time / peak, where peak is --peak_tflops or the
@@ -49,7 +52,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ITEMS = ('attention', 'lm_mfu', 'hat_vs_subword', 'hat_generation', 'lexinv', 'zett', 'lcm',
-         'compare')
+         'compare', 'lm_eval')
 # dense bf16 peak TFLOP/s per chip, by jax device_kind prefix
 PEAK_TFLOPS = {'NVIDIA H100': 989.0, 'NVIDIA H200': 989.0, 'NVIDIA H800': 989.0,
                'NVIDIA A100': 312.0, 'NVIDIA L4': 121.0, 'NVIDIA B200': 2250.0,
@@ -442,6 +445,12 @@ def item_compare(suite):
               f"{r['bpb']:.4f} | "
               f"{r['caps_bpb']:.4f} | {r['caps_ratio']:.3f}x |")
   return out, md
+
+
+def item_lm_eval(suite):
+  from benchmarks import lm_eval_bench
+  cfg, (tok, byt) = lm_eval_bench.lms('pretrained:smollm2', 16)
+  return lm_eval_bench.speed(cfg, tok, byt, 2 if suite.dry else 50)
 
 
 # -- main ----------------------------------------------------------------------------------------

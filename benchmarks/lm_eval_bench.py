@@ -82,7 +82,8 @@ def part_boundary(tok, byt):
     print(f'| {ctx!r} | {cont!r} | {scored} | {t} | {b:.3f} |')
 
 
-def part_speed(cfg, tok, byt, limit):
+def speed(cfg, tok, byt, limit: int) -> tuple[dict, list[str]]:
+  """The speed part: (figures, Markdown lines)."""
   from train.evals import lm_eval as le  # pylint: disable=import-outside-toplevel
   _, tasks = le.load_tasks(cfg.lm_eval)
   task = tasks['notoklm_mc']
@@ -90,26 +91,30 @@ def part_speed(cfg, tok, byt, limit):
   reqs = [r for r in task.instances if r.request_type == 'loglikelihood']
   n = len(reqs)
   tok.loglikelihood(reqs)  # compiles
-  rows = []
+  secs = {}
   t0 = time.perf_counter()
   batched = tok.loglikelihood(reqs)
-  rows.append(('token-level, batched', time.perf_counter() - t0))
+  secs['token-level, batched'] = time.perf_counter() - t0
   t0 = time.perf_counter()
   one = [tok.loglikelihood([r])[0] for r in reqs]
-  rows.append(('token-level, one request at a time', time.perf_counter() - t0))
+  secs['token-level, one request at a time'] = time.perf_counter() - t0
   t0 = time.perf_counter()
   byt.loglikelihood(reqs)
-  rows.append(('byte-level (exact)', time.perf_counter() - t0))
-  diff = max(abs(a[0] - b[0]) for a, b in zip(batched, one))
-  print(f'{n} requests (notoklm_mc, {limit} items); batch {tok.scorer.batch}')
-  print('| path | seconds | requests/s |')
-  print('|---|--:|--:|')
-  for name, s in rows:
-    print(f'| {name} | {s:.2f} | {n / s:.1f} |')
-  print(f'batched / one at a time: {rows[1][1] / rows[0][1]:.1f}x; byte / token (batched): '
-        f'{rows[2][1] / rows[0][1]:.1f}x; max |batched - one| {diff:.2e}')
-  print(f'token path: {len(tok.scorer.shapes)} distinct compiled shapes '
-        f'{sorted(tok.scorer.shapes)}')
+  secs['byte-level (exact)'] = time.perf_counter() - t0
+  s = list(secs.values())
+  out = {'requests': n, 'batch': tok.scorer.batch, 'seconds': secs,
+         'requests_per_s': {k: n / v for k, v in secs.items()},
+         'batched_speedup': s[1] / s[0], 'byte_over_token': s[2] / s[0],
+         'max_abs_batched_vs_one': max(abs(a[0] - b[0]) for a, b in zip(batched, one)),
+         'compiled_shapes': sorted(tok.scorer.shapes)}
+  md = [f'{n} requests (notoklm_mc, {limit} items); batch {tok.scorer.batch}', '',
+        '| path | seconds | requests/s |', '|---|--:|--:|']
+  md += [f'| {k} | {v:.2f} | {n / v:.1f} |' for k, v in secs.items()]
+  md += ['', f'batched / one at a time: {out["batched_speedup"]:.1f}x; byte / token (batched): '
+         f'{out["byte_over_token"]:.1f}x; max |batched - one| '
+         f'{out["max_abs_batched_vs_one"]:.2e}; token path: {len(tok.scorer.shapes)} distinct '
+         f'compiled shapes {out["compiled_shapes"]}']
+  return out, md
 
 
 def main(argv):
@@ -124,7 +129,7 @@ def main(argv):
   if 'boundary' in parts:
     part_boundary(tok, byt)
   if 'speed' in parts:
-    part_speed(cfg, tok, byt, args.limit)
+    print('\n'.join(speed(cfg, tok, byt, args.limit)[1]))
   print(f'wall {time.perf_counter() - t0:.1f} s')
 
 
