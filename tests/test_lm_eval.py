@@ -147,7 +147,7 @@ SMALL = {'train.steps': 2, 'train.batch_size': 2, 'train.eval_batches': 1, 'ckpt
          'sample.max_new_tokens': 4, 'model.num_layers': 1}
 MORE = {'hat': ('configs/hat.py:tiny', {'data.seq_len': 128, 'data.max_words': 32,
                                         'model.enc_layers': 1, 'model.dec_layers': 1}),
-        'lexinvariant': ('configs/lexinvariant.py:tiny',
+        'lexinv': ('configs/lexinvariant.py:tiny',
                          {'data.seq_len': 64, 'lexinv.eval_batches': 1, 'lexinv.probe_rows': 8,
                           'lexinv.probe_steps': 2, 'lexinv.synthetic_n': 8})}
 
@@ -257,18 +257,23 @@ def test_agrees_with_lm_eval_hf_backend(tmp_path):
   d = str(tmp_path / 'smollm2_hf')
   pretrained.save_hf(got.model, smol.cfg_model, smol.tokenizer, d, smol.meta['bos_id'],
                      smol.meta['eos_id'])
-  names = {k: smol.tokenizer.id_to_token(int(smol.meta[f'{k}_id'])) for k in ('bos', 'eos')}
+  lm = le.make_lm(got.family, got.model, cfg.lm_eval, window=got.window, mesh=got.mesh)
+  # the hf backend's prefix token (an empty context, rolling windows) is the tokenizer's begin
+  # token: the document separator, as this adapter's (its end token without add_bos)
+  sep = smol.tokenizer.id_to_token(int(lm.prefix_token_id))
   with open(os.path.join(d, 'tokenizer_config.json'), 'w') as f:
-    json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': names['bos'],
-               'eos_token': names['eos'], 'model_max_length': 2048}, f)
+    json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': sep,
+               'eos_token': sep, 'model_max_length': 2048}, f)
   out = str(tmp_path / 'ref.json')
   p = subprocess.run([REF_PYTHON, os.path.join(os.path.dirname(__file__), 'reference',
                                                'lm_eval_hf.py'), d, INC, tasks, '55', out],
                      cwd=INC, capture_output=True, text=True, timeout=1200)
   assert p.returncode == 0, p.stderr[-3000:]
   ref = json.load(open(out))
-  lm = le.make_lm(got.family, got.model, cfg.lm_eval, window=got.window, mesh=got.mesh)
-  res = le.evaluate(lm, cfg.lm_eval)
+  from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
+  tm = TaskManager(include_path=INC, include_defaults=False)  # the local tasks only: fast
+  specs, _ = le.load_tasks(cfg.lm_eval, tm)
+  res = le.evaluate(lm, cfg.lm_eval, specs, tm)
   assert lm.token_path and len(ref['requests']['notoklm_mc']) == 4 * 55
   for task, metrics in (('notoklm_mc', ('acc', 'acc_norm')),
                         ('notoklm_rolling', ('word_perplexity', 'byte_perplexity',

@@ -2,8 +2,9 @@
   python lm_eval_hf.py MODEL_DIR INCLUDE_PATH TASKS LIMIT OUT.json
 evaluates an HF-format model directory with lm-eval's own `hf` backend (float32, CPU) on the
 comma-separated TASKS (task YAMLs in INCLUDE_PATH; run it with that folder as the current
-directory, where their data files are) for the first LIMIT items of each, and saves lm-eval's
-results plus every request: {task: [[args..., log-likelihood], ...]}."""
+directory, where their data files are; lm-eval's own registry is not indexed) for the first
+LIMIT items of each, and saves lm-eval's results plus every request:
+{task: [[args..., log-likelihood], ...]}."""
 import json
 import os
 import sys
@@ -18,9 +19,10 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 def main(model_dir, include_path, tasks, limit, out_path):
   torch.manual_seed(0)
+  torch.set_num_threads(min(4, os.cpu_count() or 1))
   res = lm_eval.simple_evaluate(
       model='hf', model_args={'pretrained': model_dir, 'dtype': 'float32', 'device': 'cpu'},
-      tasks=tasks.split(','), task_manager=TaskManager(include_path=include_path),
+      tasks=tasks.split(','), task_manager=TaskManager(include_path=include_path, include_defaults=False),
       limit=int(limit), batch_size=8, log_samples=True, bootstrap_iters=0, random_seed=0,
       numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
   requests = {}
