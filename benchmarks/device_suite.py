@@ -29,6 +29,9 @@ out by --only):
                   bytes: conversion seconds, stage 1 (backbone frozen) and stage 2 step time,
                   bytes/s and MFU, validation bits per byte at step 0 / after stage 1 / at the
                   end (each stage at most 80 s)
+  lm_eval         lm-eval requests/s on SmolLM2-135M (benchmarks/lm_eval_bench.py speed): the
+                  200 requests of 50 notoklm_mc items batched against one at a time, token-level
+                  against exact byte-level, distinct compiled shapes (dry: 2 items)
 Throughput items run the trainer's own step (`trainer.Setup.make_train_step`) on synthetic full
 rows, timed by `lm_throughput.time_steps` after compilation; MFU = training FLOPs per step (the
 families' MaxText-convention accounting) / step time / peak, where peak is --peak_tflops or the
@@ -53,7 +56,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ITEMS = ('attention', 'lm_mfu', 'hat_vs_subword', 'hat_generation', 'lexinv', 'zett', 'lcm',
-         'compare', 'hat_pretrained')
+         'compare', 'hat_pretrained', 'lm_eval')
 # dense bf16 peak TFLOP/s per chip, by jax device_kind prefix
 PEAK_TFLOPS = {'NVIDIA H100': 989.0, 'NVIDIA H200': 989.0, 'NVIDIA H800': 989.0,
                'NVIDIA A100': 312.0, 'NVIDIA L4': 121.0, 'NVIDIA B200': 2250.0,
@@ -542,6 +545,12 @@ def item_hat_pretrained(suite):
          '|---|' + '---|' * len(bpb), '| | ' + ' | '.join(f'{v:.4f}' for v in bpb.values())
          + ' |']
   return out, md
+
+
+def item_lm_eval(suite):
+  from benchmarks import lm_eval_bench
+  cfg, (tok, byt) = lm_eval_bench.lms('pretrained:smollm2', 16)
+  return lm_eval_bench.speed(cfg, tok, byt, 2 if suite.dry else 50)
 
 
 # -- main ----------------------------------------------------------------------------------------

@@ -3,10 +3,14 @@ the local tasks of tests/data/lm_eval/ (a 55-item multiple-choice task, a last-w
 a rolling-perplexity task and a short generation task; no hub).
 
 Two tiny runs (a byte LM and a BPE LM, 2 steps, as tests/test_cross_family.py) are trained
-in-process once; launch.py evaluates each on all four tasks, and bad input ends in one
-`error:` line with exit status 1."""
+in-process once; launch.py evaluates each on all four tasks (and HAT and lexinvariant runs,
+in-process), bad input ends in one `error:` line with exit status 1, 8 CPU devices give the
+results of 1, byte-level scoring equals token-level up to the canonical correction, and (with
+.venv-ref) SmolLM2 agrees with lm-eval's own `hf` backend."""
+import glob
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -75,6 +79,129 @@ def test_bytes_and_tokens_on_a_bpe_run(tiny_runs):
   assert lp == pytest.approx(full[7:].sum(), abs=1e-6)
 
 
+def test_byte_level_equals_token_level_up_to_the_canonical_correction(tiny_runs):
+  """Where the context/continuation split falls on a token boundary, the exact byte-level score
+  is the token-level one (lm-eval's HF conventions, the adapter's batched scorer) minus the
+  canonical correction (log Z of the canonical next tokens at each continuation step,
+  `le.canonical_log_z`) plus log C(ctx + cont) - log C(ctx), the mass of the other canonical
+  sequences covering each prefix; C(ctx) = 1 when no token can cross the context's end, and the
+  first term drops when the document ends after the continuation."""
+  _, wd = tiny_runs['bpe']
+  run = runs.load_run(wd)
+  model = run.model()
+  cfg = run.cfg.lm_eval.copy_and_resolve_references()
+  cfg.max_length = 128  # no truncation: the view reads the whole text too
+  lm = le.make_lm(run.family, model, cfg)
+  enc, view = lm.encoder, run.family.byte_view(model)
+  tb = view.c.token_bytes
+  bos, eos = enc.bos_id, enc.eos_id
+
+  def tok(ctx_ids, cont_ids):
+    return lm.scorer([([bos] + ctx_ids, cont_ids)])[0][0]
+
+  def log_c(x: bytes):  # log Q(starts with x) from the view - log Q(enc(x)) from the tokens
+    ids, logz = le.canonical_log_z(view, x)
+    return float(view.score(x, end=False).sum()) - (tok([], ids) - logz[:len(ids)].sum())
+
+  # splits on token boundaries of this run's tokenizer (enc(ctx) = the encoding's first k
+  # tokens): one after which no token can cross (C(ctx) = 1), one with the most that can
+  text = ('def fibonacci(n):\n    a, b = 0, 1\n    return a\n\nThe quick brown fox jumps '
+          'over the lazy dog.').encode()
+  ids = [int(i) for i in enc.encode(text.decode())]
+  splits = []
+  for k in range(2, len(ids) - 1):
+    ctx = b''.join(tb[i] for i in ids[:k])
+    if ctx.decode(errors='ignore').encode() == ctx and [int(i) for i in enc.encode(
+        ctx.decode())] == ids[:k]:
+      splits.append((sum(1 for t in tb if t and ctx[-1] in t[:-1]), k, ctx))
+  exact = next(s for s in splits if s[0] == 0)
+  cover = max(splits)
+  assert cover[0] > 0
+  for crossing, k, cb in (exact, cover):
+    ic = ids[:k]
+    ends = [j for j in range(k + 1, min(k + 6, len(ids)) + 1)  # the continuation: whole tokens
+            if [int(i) for i in enc.encode(b''.join(tb[i] for i in ids[:j]).decode(
+                errors='replace'))] == ids[:j]]
+    ik = ids[k:(ends or [len(ids)])[-1]]
+    kb = b''.join(tb[i] for i in ik)
+    got_ids, logz = le.canonical_log_z(view, cb + kb)
+    assert got_ids == ic + ik  # the split falls on a token boundary
+    n = len(ic)
+    byte = le.byte_loglikelihood(view, cb, kb)[0]
+    cc, cw = log_c(cb), log_c(cb + kb)
+    assert cc > -1e-4 and cw > -1e-4
+    assert byte == pytest.approx(tok(ic, ik) - logz[n:len(got_ids)].sum() + cw - cc, abs=2e-4)
+    assert -logz[n:len(got_ids)].sum() > 0.5  # not vacuous: a 2-step model leaves canonical
+    if crossing == 0:  # C(ctx) = 1: equal up to the canonical correction alone, at the end
+      assert cc == pytest.approx(0.0, abs=1e-4)
+      byte_end = byte + float(view.score(cb + kb, end=True)[-1])
+      assert byte_end == pytest.approx(tok(ic, ik + [eos]) - logz[n:].sum(), abs=1e-4)
+    else:
+      assert cc > 1e-3  # other canonical sequences cover the context
+
+
+# HAT and lexinvariant tiny runs (2 steps), evaluated by launch.py in this process (the task
+# registry is indexed once per process)
+SMALL = {'train.steps': 2, 'train.batch_size': 2, 'train.eval_batches': 1, 'ckpt.every': 2,
+         'ckpt.async_save': False, 'optim.warmup_steps': 1, 'eval.robustness': '',
+         'sample.max_new_tokens': 4, 'model.num_layers': 1}
+MORE = {'hat': ('configs/hat.py:tiny', {'data.seq_len': 128, 'data.max_words': 32,
+                                        'model.enc_layers': 1, 'model.dec_layers': 1}),
+        'lexinv': ('configs/lexinvariant.py:tiny',
+                         {'data.seq_len': 64, 'lexinv.eval_batches': 1, 'lexinv.probe_rows': 8,
+                          'lexinv.probe_steps': 2, 'lexinv.synthetic_n': 8})}
+
+
+@pytest.fixture(scope='module')
+def more_runs(tiny_runs, tmp_path_factory):
+  d = tmp_path_factory.mktemp('lmeval_more')
+  corpus = d / 'corpus.txt'
+  corpus.write_text(''.join(f'# part {i}\n' + TEXT for i in range(40)))
+  out = {}
+  for name, (spec, extra) in MORE.items():
+    trainer.train(_cfg(spec, SMALL, extra, {'data.source': f'text:{corpus}'}), str(d / name))
+    out[name] = (spec, str(d / name))
+  return out
+
+
+@pytest.mark.parametrize('name', list(MORE))
+def test_launch_hat_and_lexinvariant(more_runs, name):
+  """launch.py --mode=lm_eval (in this process) on a HAT and a lexinvariant run: every local
+  task, scored through the family's byte view."""
+  import launch  # pylint: disable=import-outside-toplevel
+  spec, wd = more_runs[name]
+  assert launch.main([*_flags(spec, wd, '--config.lm_eval.limit=3')]) == 0
+  rec = json.load(open(os.path.join(wd, 'lm_eval', 'step_2.json')))
+  assert rec['family'] == name and set(rec['results']) == set(TASKS.split(','))
+  assert rec['notoklm']['scoring'].startswith('byte-level')
+  assert 0 <= rec['results']['notoklm_mc']['acc,none'] <= 1
+  assert rec['results']['notoklm_rolling']['bits_per_byte,none'] > 0
+  assert 0 <= rec['results']['notoklm_gen']['exact_match,none'] <= 1
+
+
+def test_eight_devices_give_the_same_results(tiny_runs, data_dir, tmp_path):
+  """The BPE run's token-level scores, batched over a mesh of 8 CPU devices (a subprocess),
+  equal those on the 1 device of this process."""
+  import launch  # pylint: disable=import-outside-toplevel
+  spec, wd = tiny_runs['bpe']
+  tasks = '--config.lm_eval.tasks=notoklm_mc,notoklm_cloze,notoklm_rolling'
+  got = {}
+  for devices in (1, 8):
+    out = str(tmp_path / f'd{devices}')
+    args = _flags(spec, out, f'--config.lm_eval.model={wd}', '--config.lm_eval.limit=16', tasks)
+    if devices == 1:
+      assert launch.main(list(args)) == 0
+    else:
+      run_launch(data_dir, *args, devices=8)
+    got[devices] = json.load(open(os.path.join(out, 'lm_eval', 'step_2.json')))
+  assert got[1]['results'].keys() == got[8]['results'].keys()
+  for task, r in got[1]['results'].items():
+    for k, v in r.items():
+      if isinstance(v, float):
+        assert got[8]['results'][task][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (task, k)
+  assert got[1]['notoklm']['requests'] == got[8]['notoklm']['requests']
+
+
 @pytest.mark.parametrize('extra,match', [
     (('--config.lm_eval.tasks=notoklm_mcq',), "unknown task 'notoklm_mcq'; the closest is "
                                               "'notoklm_mc'"),
@@ -99,3 +226,67 @@ def test_bad_run(data_dir, tmp_path):
     assert p.returncode == 1, p.stderr[-2000:]
     errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
     assert len(errors) == 1 and match in errors[0], p.stderr[-2000:]
+
+
+REF_PYTHON = os.environ.get('NOTOKLM_REF_PYTHON') or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.venv-ref', 'bin', 'python')
+REF_LM_EVAL = glob.glob(os.path.join(os.path.dirname(os.path.dirname(REF_PYTHON)), 'lib',
+                                     'python3*', 'site-packages', 'lm_eval', '__init__.py'))
+
+
+@pytest.mark.skipif(not REF_LM_EVAL, reason=f'no lm-eval in the reference environment of '
+                    f'{REF_PYTHON} (bash setup.sh makes it where python3.11 and the torch 2.13.0 '
+                    'CPU wheel exist)')
+def test_agrees_with_lm_eval_hf_backend(tmp_path):
+  """SmolLM2 through this adapter (token-level, lm-eval's HF conventions, no begin token as
+  its `hf` backend) against lm-eval's own `hf` backend running transformers' SmolLM2 (the same
+  dequantized weights, exported to an HF directory) in .venv-ref: the same acc / acc_norm on
+  55 multiple-choice items, the same word / byte perplexity and bits per byte on the rolling
+  task, and every request's log-likelihood within 1e-3."""
+  from models import pretrained  # pylint: disable=import-outside-toplevel
+  from train import config_lib  # pylint: disable=import-outside-toplevel
+  from train.modes import lm_eval as mode  # pylint: disable=import-outside-toplevel
+  tasks = 'notoklm_mc,notoklm_rolling'
+  cfg, _ = config_lib.load('configs/pretrained.py')
+  config_lib.override(cfg, {'lm_eval.model': 'pretrained:smollm2', 'lm_eval.tasks': tasks,
+                            'lm_eval.include_path': INC, 'lm_eval.limit': 55.0,
+                            'lm_eval.add_bos': False, 'lm_eval.max_length': 2048,
+                            'lm_eval.bootstrap_iters': 0})
+  got = mode.load(cfg, '', None)
+  smol = got.family.loaded
+  d = str(tmp_path / 'smollm2_hf')
+  pretrained.save_hf(got.model, smol.cfg_model, smol.tokenizer, d, smol.meta['bos_id'],
+                     smol.meta['eos_id'])
+  lm = le.make_lm(got.family, got.model, cfg.lm_eval, window=got.window, mesh=got.mesh)
+  # the hf backend's prefix token (an empty context, rolling windows) is the tokenizer's begin
+  # token: the document separator, as this adapter's (its end token without add_bos)
+  sep = smol.tokenizer.id_to_token(int(lm.prefix_token_id))
+  with open(os.path.join(d, 'tokenizer_config.json'), 'w') as f:
+    json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': sep,
+               'eos_token': sep, 'model_max_length': 2048}, f)
+  out = str(tmp_path / 'ref.json')
+  p = subprocess.run([REF_PYTHON, os.path.join(os.path.dirname(__file__), 'reference',
+                                               'lm_eval_hf.py'), d, INC, tasks, '55', out],
+                     cwd=INC, capture_output=True, text=True, timeout=1200)
+  assert p.returncode == 0, p.stderr[-3000:]
+  ref = json.load(open(out))
+  from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
+  tm = TaskManager(include_path=INC, include_defaults=False)  # the local tasks only: fast
+  specs, _ = le.load_tasks(cfg.lm_eval, tm)
+  res = le.evaluate(lm, cfg.lm_eval, specs, tm)
+  assert lm.token_path and len(ref['requests']['notoklm_mc']) == 4 * 55
+  for task, metrics in (('notoklm_mc', ('acc', 'acc_norm')),
+                        ('notoklm_rolling', ('word_perplexity', 'byte_perplexity',
+                                             'bits_per_byte'))):
+    for m in metrics:
+      assert res['results'][task][f'{m},none'] == pytest.approx(
+          ref['results'][task][f'{m},none'], rel=1e-4), (task, m)
+  from lm_eval.api.instance import Instance  # pylint: disable=import-outside-toplevel
+  mc = ref['requests']['notoklm_mc']
+  ours = lm.loglikelihood([Instance('loglikelihood', {}, (c, k), i)
+                           for i, (c, k, _) in enumerate(mc)])
+  np.testing.assert_allclose([o[0] for o in ours], [r[-1] for r in mc], atol=1e-3, rtol=0)
+  roll = ref['requests']['notoklm_rolling']
+  ours = lm.loglikelihood_rolling([Instance('loglikelihood_rolling', {}, (t,), i)
+                                   for i, (t, _) in enumerate(roll)])
+  np.testing.assert_allclose(ours, [r[-1] for r in roll], atol=1e-3, rtol=0)

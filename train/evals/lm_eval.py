@@ -156,6 +156,38 @@ def byte_loglikelihood(view, context: bytes, continuation: bytes) -> tuple[float
   return lp, bool(np.all(np.argmax(rows, axis=-1) == cont))
 
 
+def canonical_log_z(view, text: bytes) -> tuple[list[int], np.ndarray]:
+  """The canonical correction of a BPE model's byte view (`ExactBPE`) along the tokenizer's
+  encoding of `text`: (ids = enc(text), log Z [len(ids) + 1]), where
+  Z_k = sum of P(v | bos, ids[:k]) over the canonical next tokens v (plus P(end) where ids[:k]
+  is the encoding of its own text), so that the canonical process gives the encoding
+  log Q(ids) = log P(ids | bos) - sum(log Z[:len(ids)]) (and its end, minus log Z[len(ids)]).
+
+  Byte-level and token-level scores of a continuation whose split falls on a token boundary
+  (enc(context + continuation) = enc(context) + enc(continuation)) then differ exactly by
+      log p_bytes(cont | ctx) = log P(enc(cont) | enc(ctx)) - sum of log Z over cont's steps
+                                + log C(ctx + cont) - log C(ctx),
+  C(x) = Q(text starts with x) / Q(enc(x)) >= 1: the mass of the other canonical sequences
+  that cover x (their last token crosses its end); C(x) = 1 when no token of the vocabulary
+  can cross x's end, and the C(ctx + cont) term drops when the document ends there."""
+  c = view.c
+  ids = c.encode(bytes(text))
+  lp, _ = view._prefill(ids, len(ids) + 2)  # pylint: disable=protected-access
+  lp = np.asarray(lp, np.float64)
+  out, pos = [], 0
+  for k in range(len(ids) + 1):
+    tail = c.make_tail(bytes(text), pos, reversed(ids[:k]))
+    row = c.row(tail)[:lp.shape[1]]
+    terms = lp[k][np.flatnonzero(row)]
+    if k == 0 or c.is_exact(tail):  # the text may end here
+      terms = np.append(terms, lp[k][view.eos_id])
+    m = terms.max()
+    out.append(float(m + np.log(np.exp(terms - m).sum())))
+    if k < len(ids):
+      pos += int(c.lengths[ids[k]])
+  return ids, np.asarray(out)
+
+
 # -- the LM --------------------------------------------------------------------------------------
 def make_lm(family, model, lm_cfg, window: int = 0, mesh=None, name: str = ''):
   """`NotokLM` over `model` of `family` with the options of `config.lm_eval` (`lm_cfg`)."""
