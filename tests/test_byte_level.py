@@ -206,7 +206,9 @@ def test_byte_lm_view_equals_token_logprobs(model, fn):
   st = view.start(text[:3])
   for b in text[3:]:
     st = view.advance(st, b)
-  np.testing.assert_allclose(view.next_byte_logprobs(st), want[len(text)], atol=1e-5)
+  # (the streaming path is another compiled program: float32 log-probs of ~7 agree to ~1e-6
+  # relative, just past 1e-5 absolute with the tests' unoptimised XLA CPU backend)
+  np.testing.assert_allclose(view.next_byte_logprobs(st), want[len(text)], atol=1e-5, rtol=1e-5)
 
 
 def test_views_of_a_scanned_stack(model, fn, view, tok):
