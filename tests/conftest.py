@@ -68,18 +68,24 @@ def launch_cmd(*args):
   return [sys.executable, os.path.join(ROOT, 'launch.py'), *args]
 
 
-def subprocess_env(data_dir, devices=1, **extra):
+def subprocess_env(data_dir, devices=1, optimize=False, **extra):
+  """The environment of a launch.py subprocess. `optimize`: XLA's CPU backend optimises as in
+  real runs (for the runs of SmolLM2-135M, whose execution outweighs compiling: a transfer
+  test took 79 s with TEST_XLA_FLAGS against 62 s without, both with compiling)."""
   env = dict(os.environ)
   env['NOTOKLM_DATA_DIR'] = data_dir
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONUNBUFFERED'] = '1'
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}'
+  env['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={devices}'
+                      + ('' if optimize else f' {TEST_XLA_FLAGS}'))
   env.update(extra)
   return env
 
 
-def run_launch(data_dir, *args, devices=1, timeout=600, check=True, **extra_env):
-  p = subprocess.run(launch_cmd(*args), cwd=ROOT, env=subprocess_env(data_dir, devices, **extra_env),
+def run_launch(data_dir, *args, devices=1, timeout=600, check=True, optimize=False,
+               **extra_env):
+  p = subprocess.run(launch_cmd(*args), cwd=ROOT,
+                     env=subprocess_env(data_dir, devices, optimize, **extra_env),
                      capture_output=True, text=True, timeout=timeout)
   if check and p.returncode != 0:
     raise AssertionError(f'launch {args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n'

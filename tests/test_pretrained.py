@@ -121,12 +121,12 @@ def test_pretrained_family_eval_and_sample(data_dir, tmp_path):
   small = ['--config.train.eval_batches=2', '--config.data.seq_len=128',
            '--config.train.batch_size=2', '--config.sample.max_new_tokens=12']
   p = run_launch(data_dir, '--config=configs/pretrained.py:smollm2', f'--workdir={wd}',
-                 '--mode=eval', *small)
+                 '--mode=eval', *small, optimize=True)
   assert 'using the pretrained weights' in p.stdout
   ev = json.load(open(os.path.join(wd, 'eval_step0.json')))
   assert 0.3 < ev['bpb'] < 1.5, ev  # 0.99 measured on these two batches
   p = run_launch(data_dir, '--config=configs/pretrained.py:smollm2', f'--workdir={wd}',
-                 '--mode=sample', *small)
+                 '--mode=sample', *small, optimize=True)
   assert 'def fibonacci(n):' in p.stdout
 
 
@@ -255,7 +255,7 @@ def test_transfer_command(data_dir, tmp_path):
   small = ['--config.train.eval_batches=2', '--config.data.seq_len=128',
            '--config.train.batch_size=2']
   p = run_launch(data_dir, '--config=configs/pretrained.py:smollm2', f'--workdir={wd}',
-                 '--mode=transfer', '--config.target_tokenizer=bpe:600', *small)
+                 '--mode=transfer', '--config.target_tokenizer=bpe:600', *small, optimize=True)
   rows = {r['model']: r for r in json.load(open(os.path.join(wd, 'transfer.json')))}
   assert set(rows) == {'base', 'lexical', 'fvt'} and '| fvt |' in p.stdout
   assert rows['fvt']['vocab'] == 600 and rows['fvt']['pieces'] > 0
@@ -264,7 +264,7 @@ def test_transfer_command(data_dir, tmp_path):
   for f in ('config.json', 'model.safetensors', 'tokenizer.json'):
     assert os.path.exists(os.path.join(wd, 'fvt', f))
   p = run_launch(data_dir, '--config=configs/pretrained.py:smollm2', f'--workdir={wd}/fvt_eval',
-                 '--mode=eval', f'--config.model.source={wd}/fvt', *small)
+                 '--mode=eval', f'--config.model.source={wd}/fvt', *small, optimize=True)
   ev = json.load(open(os.path.join(wd, 'fvt_eval', 'eval_step0.json')))
   assert ev['bpb'] == pytest.approx(rows['fvt']['bpb'], abs=1e-5)
   if os.path.exists(REF_PYTHON):  # the transferred SmolLM2 loads in transformers, same logits
