@@ -229,7 +229,8 @@ def _write_all(rows: list[dict], workdir: str) -> None:
     log0(text.rstrip('\n'))
     report.plot_seeds(seeds, workdir)
   names = [r['run'] for r in rows if storage.isdir(storage.join(workdir, r['run']))]
-  keys = list(dict.fromkeys(k for r in rows for k in _point_keys(r)))
+  keys = [k for k in dict.fromkeys(k for r in rows for k in _point_keys(r))  # those that vary
+          if len({str(r.get(k)) for r in rows}) > 1]
   report.plot_bpb_curves(names, workdir)
   report.plot_eval_vs_flops(names, workdir, rows, [k for k in keys if k != SEED_KEY])
   report.plot_metric_vs_keys(rows, keys, workdir)
