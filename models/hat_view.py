@@ -85,13 +85,18 @@ class HATView(ByteLM):
                      m.backbone.init_cache(1, size), m.decoder.init_cache(1, size), [first], [],
                      [0], None)
 
-  def _push(self, st: _HATState, x: int) -> _HATState:
-    """One more id through the encoder, the word split, the backbone and the decoder."""
-    if len(st.ids) + 1 > st.size:  # grow: replay into bigger caches
+  def _room(self, st: _HATState) -> _HATState:
+    """`st`, or when its caches are full, a state with caches twice as big (the ids replayed)."""
+    if len(st.ids) + 1 > st.size:
       ids = st.ids
       st = self._new(bucket(len(ids) + 1, 2 * st.size))
       for y in ids:
         st = self._push(st, y)
+    return st
+
+  def _push(self, st: _HATState, x: int) -> _HATState:
+    """One more id through the encoder, the word split, the backbone and the decoder."""
+    st = self._room(st)
     t = len(st.ids)
     st.ids.append(int(x))
     if not self.model.word_encoder:  # (the intra-word encoder runs when a word is complete)
@@ -255,11 +260,7 @@ class HATLearnedView(HATView):
     self._route, self._unit = route_step, unit_step
 
   def _push(self, st: _HATState, x: int) -> _HATState:
-    if len(st.ids) + 1 > st.size:  # grow: replay into bigger caches
-      ids = st.ids
-      st = self._new(bucket(len(ids) + 1, 2 * st.size))
-      for y in ids:
-        st = self._push(st, y)
+    st = self._room(st)
     t = len(st.ids)
     st.ids.append(int(x))
     h, st.enc_c = self._enc(self.params, jnp.int32(x), jnp.int32(t), st.enc_c)

@@ -507,13 +507,12 @@ def sample(cfg, workdir: str, step: int | None = None) -> list[str]:
   return [sample_batch_level(cfg, workdir, step)['text']]
 
 
-def sample_batch_level(cfg, workdir: str, step: int | None = None) -> dict:
-  """Batch-level sampling (see `sample`): {'text', 'tokens_per_s'}."""
-  from models import token_lm  # pylint: disable=import-outside-toplevel
-  kind, value = check_config(cfg)[0]
+def _sampling_setup(cfg, workdir: str, step: int | None, why: str):
+  """What both samplers start from: (method, hypernetwork predictor or None, encoder, model,
+  DynamicBPE, restored step). An empty prompt is a ValueError saying `why` one is needed."""
   method = methods_of(cfg)[0]
   if not str(cfg.sample.prompt):
-    raise ValueError('sample.prompt is empty: dynamic tokenization merges the prompt\'s tokens')
+    raise ValueError(f'sample.prompt is empty: {why}')
   predictor = None
   if method == 'hypernet':
     predictor = runs.load_predictor(
@@ -524,6 +523,15 @@ def sample_batch_level(cfg, workdir: str, step: int | None = None) -> dict:
   model = setup.model(state['params'])
   dyn = dynamic_bpe.DynamicBPE(enc, predictor.max_pieces if predictor else 7,
                                str(cfg.dynamic_boundary))
+  return method, predictor, enc, model, dyn, s
+
+
+def sample_batch_level(cfg, workdir: str, step: int | None = None) -> dict:
+  """Batch-level sampling (see `sample`): {'text', 'tokens_per_s'}."""
+  from models import token_lm  # pylint: disable=import-outside-toplevel
+  kind, value = check_config(cfg)[0]
+  method, predictor, enc, model, dyn, s = _sampling_setup(
+      cfg, workdir, step, 'dynamic tokenization merges the prompt\'s tokens')
   ids = [enc.bos_id] + [int(t) for t in enc.encode(cfg.sample.prompt)]
   n_new_max = int(cfg.sample.max_new_tokens)
   total = len(ids) + n_new_max
@@ -592,20 +600,9 @@ def sample_batch_level(cfg, workdir: str, step: int | None = None) -> dict:
 
 def sample_causal(cfg, workdir: str, step: int | None, budget: int) -> dict:
   """Causal sampling (see `sample`): `generate_causal`'s dict plus 'text'."""
-  method = methods_of(cfg)[0]
-  if not str(cfg.sample.prompt):
-    raise ValueError('sample.prompt is empty: causal dynamic tokenization grows its table from '
-                     'the prompt and the generated text; give a prompt')
-  predictor = None
-  if method == 'hypernet':
-    predictor = runs.load_predictor(
-        cfg.transfer.hypernet_workdir, cfg.model.source,
-        step=int(cfg.transfer.hypernet_step))
-  setup, state, s = trainer.restore(cfg, workdir, step)
-  enc = setup.family.encoder
-  model = setup.model(state['params'])
-  dyn = dynamic_bpe.DynamicBPE(enc, predictor.max_pieces if predictor else 7,
-                               str(cfg.dynamic_boundary))
+  method, predictor, enc, model, dyn, s = _sampling_setup(
+      cfg, workdir, step, 'causal dynamic tokenization grows its table from the prompt and the '
+      'generated text; give a prompt')
   base_in = np.asarray(model.embed.embedding[...], np.float32)
   base_out = base_in if model.tie_embeddings else np.asarray(model.readout.kernel[...]).T
   emb = Embedder(method, base_in, base_out, enc.tokenizer.get_vocab(with_added_tokens=True),
