@@ -50,6 +50,21 @@ def test_detect_environment(monkeypatch):
   assert launching.detect(None) == 'tpu'
 
 
+def test_compile_cache_is_pruned_least_recently_used_first(tmp_path):
+  """The compilation cache's bound: under it nothing goes; past it the least recently used
+  entries go (access time, else write time) until 3/4 of the bound remains."""
+  d = tmp_path / 'cache'
+  d.mkdir()
+  for i in range(8):  # entry i used at time 1000 + i (entry 5 read recently: 3000)
+    f = d / f'k{i}-cache'
+    f.write_bytes(b'x' * 100)
+    os.utime(f, (3000 if i == 5 else 1000 + i, 1000 + i))
+  assert launching.prune_compile_cache(str(d), 800) == 0 and len(os.listdir(d)) == 8
+  assert launching.prune_compile_cache(str(d), 700) == 3  # 800 bytes -> at most 525
+  assert sorted(os.listdir(d)) == ['k3-cache', 'k4-cache', 'k5-cache', 'k6-cache', 'k7-cache']
+  assert launching.prune_compile_cache(str(d / 'absent'), 1) == 0
+
+
 def test_two_processes_from_slurm_variables(data_dir, tmp_path):
   wd = str(tmp_path / 'slurm')
   job = _free_slurm_job_id()

@@ -42,17 +42,56 @@ def enable_compile_cache() -> str:
   """Turns on JAX's persistent compilation cache in `compile_cache_dir()` (before the first
   compile): a program compiled once -- by any earlier run, evaluation or test process with the
   same shapes, code and jax version -- is loaded instead of compiled again. Every program is
-  kept (no minimum compile time), the directory is bounded (least recently used entries go
-  past 4 GiB) and file-locked, so concurrent processes share it safely. Returns the directory
-  ('' when disabled). Deleting the directory is always safe."""
+  kept (no minimum compile time). The directory is bounded here, once per process
+  (`prune_compile_cache`), not by JAX's own bound: that one lists and stats the whole directory
+  under one lock on every write, which grows with the cache and serialises every process that
+  compiles (measured: 30 % more CPU for a test file on an empty cache, 26.7 s of 83 s in that
+  scan). Concurrent processes share the directory: an entry another process is still writing
+  reads as a miss (JAX recompiles it). Returns the directory ('' when disabled). Deleting the
+  directory is always safe."""
   d = compile_cache_dir()
   if d:
     os.makedirs(d, exist_ok=True)
+    prune_compile_cache(d, COMPILE_CACHE_MAX_BYTES)
     jax.config.update('jax_compilation_cache_dir', d)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-    jax.config.update('jax_compilation_cache_max_size', COMPILE_CACHE_MAX_BYTES)
+    jax.config.update('jax_compilation_cache_max_size', -1)
   return d
+
+
+def prune_compile_cache(d: str, max_bytes: int, keep: float = 0.75) -> int:
+  """Bounds the compilation cache `d`: past `max_bytes`, the least recently used entries go
+  (by access time, else write time) until `keep` of the bound remains. Returns the number
+  removed. Entries that vanish meanwhile (another process pruning) are skipped."""
+  entries, total = [], 0
+  try:
+    names = os.listdir(d)
+  except OSError:
+    return 0
+  for name in names:
+    path = os.path.join(d, name)
+    try:
+      st = os.stat(path)
+    except OSError:
+      continue
+    if not os.path.isfile(path) or name.startswith('.'):
+      continue
+    entries.append((max(st.st_atime, st.st_mtime), st.st_size, path))
+    total += st.st_size
+  if total <= max_bytes:
+    return 0
+  removed = 0
+  for _, size, path in sorted(entries):
+    if total <= keep * max_bytes:
+      break
+    try:
+      os.remove(path)
+    except OSError:
+      continue
+    total -= size
+    removed += 1
+  return removed
 
 
 def default_python() -> str:
