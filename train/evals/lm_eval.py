@@ -371,13 +371,24 @@ _MANAGERS: dict = {}
 
 
 def task_manager(lm_cfg):
-  """lm-eval's `TaskManager` with the folder `lm_eval.include_path` (indexing its registry takes
-  seconds: one per folder and process)."""
+  """lm-eval's `TaskManager` for `lm_eval.tasks`, one per folder and process. Where every task
+  named is a plain task of the folder `lm_eval.include_path`, that folder alone is indexed
+  (milliseconds); else lm-eval's whole registry too (about 14,000 YAML files: about 8 s of
+  CPU here, paid by every --mode=lm_eval process)."""
   lm_eval = _lm_eval()
+  from lm_eval.tasks._index import Kind  # pylint: disable=import-outside-toplevel
   inc = os.path.abspath(str(lm_cfg.include_path)) if lm_cfg.include_path else None
-  if inc not in _MANAGERS:
-    _MANAGERS[inc] = lm_eval.tasks.TaskManager(include_path=inc)
-  return _MANAGERS[inc]
+  if inc:
+    if (inc, False) not in _MANAGERS:
+      _MANAGERS[(inc, False)] = lm_eval.tasks.TaskManager(include_path=inc,
+                                                          include_defaults=False)
+    local = _MANAGERS[(inc, False)]
+    entries = [local.task_index.get(n) for n in task_names(lm_cfg)]
+    if entries and all(e is not None and e.kind in (Kind.TASK, Kind.PY_TASK) for e in entries):
+      return local
+  if (inc, True) not in _MANAGERS:
+    _MANAGERS[(inc, True)] = lm_eval.tasks.TaskManager(include_path=inc)
+  return _MANAGERS[(inc, True)]
 
 
 def _spec(name: str, tm):
