@@ -141,16 +141,17 @@ def test_shared_prefix_tree_matches_full_forward(num_kv_heads, window):
   branches use it): each token equals the uncached forward of its own path."""
   attn = layers.Attention(D, H, num_kv_heads, K, window=window, init_std=0.3, rngs=nnx.Rngs(0))
   p = 7
-  x = jax.random.normal(jax.random.key(2), (1, p + 3, D))
-  _, cache = attn(x[:, :p], jnp.arange(p)[None], None, attn.init_cache(1, p + 1), 0)
+  x = np.asarray(jax.random.normal(jax.random.key(2), (1, p + 3, D)))
+  prefill = nnx.jit(lambda m, x, cache: m(x, jnp.arange(p)[None], None, cache, 0)[1])
+  cache = prefill(attn, x[:, :p], attn.init_cache(1, p + 1))
   # branch a leaves the prefix after slot 4 (two tokens), branch b after slot 6 (one token)
   paths = {'a': (4, [p, p + 1]), 'b': (6, [p + 2])}
   ids, pos, pre, own = [], [], np.zeros((1, 3, p + 1), bool), np.eye(3, dtype=bool)[None]
   want = []
   for anchor, extra in paths.values():
-    seq = jnp.concatenate([x[:, :anchor + 1], x[:, extra]], axis=1)
-    full = reference_attention(attn, seq, jnp.arange(seq.shape[1])[None],
-                                jnp.ones((1, seq.shape[1]), jnp.int32), window)
+    seq = np.concatenate([x[:, :anchor + 1], x[:, extra]], axis=1)
+    full = np.asarray(reference_attention(attn, seq, np.arange(seq.shape[1])[None],
+                                          np.ones((1, seq.shape[1]), np.int32), window))
     for i, e in enumerate(extra):
       row = len(ids)
       ids.append(e)
@@ -158,10 +159,16 @@ def test_shared_prefix_tree_matches_full_forward(num_kv_heads, window):
       pre[0, row, :anchor + 1] = True
       own[0, row, row - i:row + 1] = True
       want.append(full[:, anchor + 1 + i])
-  shared = layers.shared_prefix_cache(cache, jnp.asarray(pre), jnp.asarray(own))
-  y, out_cache = attn(x[:, ids], jnp.asarray(pos)[None], None, shared)
-  assert out_cache is shared  # nothing written
-  chex.assert_trees_all_close(y[0], jnp.concatenate(want), atol=1e-5)
+
+  @nnx.jit
+  def tree(m, x, pos, pre, own, cache):
+    shared = layers.shared_prefix_cache(cache, pre, own)
+    y, out_cache = m(x, pos, None, shared)
+    assert out_cache is shared  # nothing written (checked as it traces)
+    return y
+
+  y = tree(attn, x[:, ids], np.asarray(pos)[None], pre, own, cache)
+  chex.assert_trees_all_close(y[0], np.concatenate(want), atol=1e-5)
 
 
 def test_remat_matches_plain():

@@ -116,12 +116,13 @@ def test_two_tower_reads_only_earlier_sentences_of_its_document():
   xt = jnp.asarray(rng.normal(size=(1, 6, e)), jnp.float32)
   t = jnp.full((1, 6), 50)
 
-  def out(emb):
+  @nnx.jit  # one compiled program (eagerly, every operation compiles on its own)
+  def out(model, emb):
     h = model.context(emb, inputs, pos, seg)
     return model.denoiser(xt, t, lcm.shifted_context(h), lcm.context_mask(seg))
 
-  base = out(emb)
-  changed = out(emb.at[0, 2].add(5.0))  # input 2 of document 1
+  base = out(model, emb)
+  changed = out(model, emb.at[0, 2].add(5.0))  # input 2 of document 1
   np.testing.assert_allclose(changed[0, :2], base[0, :2], atol=1e-5)  # earlier queries
   np.testing.assert_allclose(changed[0, 4:], base[0, 4:], atol=1e-5)  # the other document
   assert np.abs(np.asarray(changed[0, 2:4] - base[0, 2:4])).max(axis=-1).min() > 1e-2

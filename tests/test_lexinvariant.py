@@ -58,6 +58,16 @@ def _batch(b=3, t=12, seed=0):
               target_bytes=jnp.asarray(np.where(seg > 0, 1, 0), jnp.int32))
 
 
+# The model's entry points, each one compiled program (called eagerly, every operation of the
+# forward compiles on its own: hundreds of compilations per test).
+_hidden = nnx.jit(lambda m, x, d, pos, seg: m.hidden(x, d, pos, seg)[0])
+_logits = nnx.jit(lambda m, h, d: m.token_logits(h, d))
+_nll = nnx.jit(lambda m, h, y, d: m.token_nll(h, y, d))
+_fixed_draw = nnx.jit(lambda m, e: m.fixed_draw(e))
+_draw = nnx.jit(lambda m, k: m.draw(k, 3))
+_embed = nnx.jit(lambda m, x, d: m.embed_tokens(x, d))
+
+
 def _perturb(model, seed=1):
   """Moves scale/bias/temperature off their initial values so the tests see them."""
   k = jax.random.key(seed)
@@ -76,17 +86,17 @@ def test_permuting_vocabulary_with_E_leaves_outputs_unchanged():
   # tokens renamed v -> sigma(v); E'[sigma(v)] = E[v], i.e. E' = E[sigma^-1]
   x2, y2 = jnp.asarray(sigma)[b['inputs']], jnp.asarray(sigma)[b['targets']]
   e2 = e_BxNxD[:, inv]
-  d1, d2 = model.fixed_draw(e_BxNxD), model.fixed_draw(e2)
-  h1, _ = model.hidden(b['inputs'], d1, b['positions'], b['segment_ids'])
-  h2, _ = model.hidden(x2, d2, b['positions'], b['segment_ids'])
+  d1, d2 = _fixed_draw(model, e_BxNxD), _fixed_draw(model, e2)
+  h1 = _hidden(model, b['inputs'], d1, b['positions'], b['segment_ids'])
+  h2 = _hidden(model, x2, d2, b['positions'], b['segment_ids'])
   np.testing.assert_allclose(h1, h2, rtol=1e-5, atol=1e-5)
-  l1, l2 = model.token_logits(h1, d1), model.token_logits(h2, d2)
+  l1, l2 = _logits(model, h1, d1), _logits(model, h2, d2)
   np.testing.assert_allclose(l2[..., :N][..., sigma], l1[..., :N], rtol=1e-5, atol=1e-5)
   assert np.all(np.isneginf(l1[..., N:]))  # padding ids are never predicted
-  np.testing.assert_allclose(model.token_nll(h1, b['targets'], d1),
-                             model.token_nll(h2, y2, d2), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_nll(model, h1, b['targets'], d1),
+                             _nll(model, h2, y2, d2), rtol=1e-5, atol=1e-5)
   # and the outputs do depend on E (the test is not vacuous)
-  h3, _ = model.hidden(b['inputs'], model.fixed_draw(e2), b['positions'], b['segment_ids'])
+  h3 = _hidden(model, b['inputs'], _fixed_draw(model, e2), b['positions'], b['segment_ids'])
   assert np.abs(np.asarray(h3 - h1)).max() > 1e-2
 
 
@@ -96,15 +106,15 @@ def test_shared_loss_is_invariant_to_a_global_cipher_in_distribution():
   pi_b composed with the cipher."""
   model = _perturb(_model())
   b = _batch()
-  draw = model.draw(jax.random.key(5), 3)
+  draw = _draw(model, jax.random.key(5))
   sigma = jnp.asarray(np.random.default_rng(1).permutation(N))
   inv = jnp.argsort(sigma)
   cipher_draw = dict(draw, perm=draw['perm'].at[:, :N].set(draw['perm'][:, :N][:, inv]))
-  h, _ = model.hidden(b['inputs'], draw, b['positions'], b['segment_ids'])
-  hc, _ = model.hidden(sigma[b['inputs']], cipher_draw, b['positions'], b['segment_ids'])
+  h = _hidden(model, b['inputs'], draw, b['positions'], b['segment_ids'])
+  hc = _hidden(model, sigma[b['inputs']], cipher_draw, b['positions'], b['segment_ids'])
   np.testing.assert_allclose(h, hc, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(model.token_nll(h, b['targets'], draw),
-                             model.token_nll(hc, sigma[b['targets']], cipher_draw), rtol=1e-5)
+  np.testing.assert_allclose(_nll(model, h, b['targets'], draw),
+                             _nll(model, hc, sigma[b['targets']], cipher_draw), rtol=1e-5)
 
 
 def test_fixed_rows_keep_invariance_over_the_lexical_ids():
@@ -115,29 +125,29 @@ def test_fixed_rows_keep_invariance_over_the_lexical_ids():
   lexical = model.lexical_ids()
   np.testing.assert_array_equal(lexical, np.arange(3, 30))
   b = _batch()
-  draw = model.draw(jax.random.key(5), 3)
+  draw = _draw(model, jax.random.key(5))
   sigma = np.arange(V)
   sigma[lexical] = np.random.default_rng(1).permutation(lexical)
   sigma = jnp.asarray(sigma)
   inv = jnp.argsort(sigma)
   cipher_draw = dict(draw, perm=draw['perm'].at[:, :N].set(draw['perm'][:, :N][:, inv[:N]]))
-  h, _ = model.hidden(b['inputs'], draw, b['positions'], b['segment_ids'])
-  hc, _ = model.hidden(sigma[b['inputs']], cipher_draw, b['positions'], b['segment_ids'])
+  h = _hidden(model, b['inputs'], draw, b['positions'], b['segment_ids'])
+  hc = _hidden(model, sigma[b['inputs']], cipher_draw, b['positions'], b['segment_ids'])
   np.testing.assert_allclose(h, hc, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(model.token_nll(h, b['targets'], draw),
-                             model.token_nll(hc, sigma[b['targets']], cipher_draw), rtol=1e-5)
+  np.testing.assert_allclose(_nll(model, h, b['targets'], draw),
+                             _nll(model, hc, sigma[b['targets']], cipher_draw), rtol=1e-5)
   # unseen ids 30..39 share the 'other' row: swapping them changes nothing
   swap = jnp.where(b['inputs'] == 31, 35, jnp.where(b['inputs'] == 35, 31, b['inputs']))
   assert int(jnp.sum(swap != b['inputs'])) > 0
-  hs, _ = model.hidden(swap, draw, b['positions'], b['segment_ids'])
+  hs = _hidden(model, swap, draw, b['positions'], b['segment_ids'])
   np.testing.assert_allclose(h, hs, rtol=1e-6, atol=1e-6)
-  lg = np.asarray(model.token_logits(h, draw))
+  lg = np.asarray(_logits(model, h, draw))
   np.testing.assert_allclose(lg[..., 30:N], np.broadcast_to(lg[..., 30:31], lg[..., 30:N].shape))
   # specials are fixed: the same learned row in every sequence, whatever the draw
-  other = model.draw(jax.random.key(6), 3)
-  np.testing.assert_allclose(model.embed_tokens(jnp.asarray([[0, 1, 2, 33]]), draw)[:1],
-                             model.embed_tokens(jnp.asarray([[0, 1, 2, 33]]), other)[:1])
-  grads = nnx.grad(lambda m: lexinvariant.lexinv_loss(m, b, jax.random.key(2))[0])(model)
+  other = _draw(model, jax.random.key(6))
+  np.testing.assert_allclose(_embed(model, jnp.asarray([[0, 1, 2, 33]]), draw)[:1],
+                             _embed(model, jnp.asarray([[0, 1, 2, 33]]), other)[:1])
+  grads = nnx.jit(nnx.grad(lambda m: lexinvariant.lexinv_loss(m, b, jax.random.key(2))[0]))(model)
   assert not np.any(np.asarray(grads['live'][...]))
   assert np.abs(np.asarray(grads['fixed'][...])).max() > 0
 
@@ -342,9 +352,10 @@ def test_generation_keeps_E_fixed_and_matches_full_forward():
   out = lexinvariant.generate(model, prompt, 5, temperature=0.0, rng=rng)
   assert out.shape == (2, 5)
   np.testing.assert_array_equal(out, lexinvariant.generate(model, prompt, 5, rng=rng))
-  draw = model.draw(jax.random.split(rng)[0], 2)   # the draw generate makes from its key
+  # the draw generate makes from its key
+  draw = nnx.jit(lambda m, k: m.draw(k, 2))(model, jax.random.split(rng)[0])
   seq = jnp.concatenate([prompt, out], axis=1)
-  logits, _ = model(seq, draw)
+  logits = nnx.jit(lambda m, s, d: m(s, d)[0])(model, seq, draw)
   np.testing.assert_array_equal(jnp.argmax(logits[:, 5:-1], -1), out)
   assert int(out.max()) < N  # padding ids are never generated
 
