@@ -138,6 +138,39 @@ def test_byte_level_equals_token_level_up_to_the_canonical_correction(tiny_runs)
       assert cc > 1e-3  # other canonical sequences cover the context
 
 
+def test_report_has_a_column_per_task_metric(tiny_runs, tmp_path):
+  """--mode=report: a column per lm-eval task metric from each run's latest results
+  (WORKDIR/lm_eval/step_N.json, as --mode=lm_eval writes them), blank for a run without any."""
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  from train import config_lib, cross_family  # pylint: disable=import-outside-toplevel
+  no_results = shutil.ignore_patterns('lm_eval')
+  bpe = str(shutil.copytree(tiny_runs['bpe'][1], tmp_path / 'bpe', ignore=no_results))
+  byt = str(shutil.copytree(tiny_runs['bytes'][1], tmp_path / 'bytes', ignore=no_results))
+  cfg, _ = config_lib.load('configs/cross_family.py')
+  for step, acc in ((1, 0.25), (2, 0.5)):  # the latest step counts
+    res = {'results': {'notoklm_mc': {'alias': 'notoklm_mc', 'acc,none': acc,
+                                      'acc_stderr,none': 0.1, 'acc_norm,none': acc / 2},
+                       'notoklm_rolling': {'alias': 'notoklm_rolling',
+                                           'bits_per_byte,none': 3.0 + step}},
+           'notoklm': {'scoring': 'token-level'}}
+    le.write(res, cfg.lm_eval, os.path.join(bpe, 'lm_eval'), step, {'model': bpe})
+  config_lib.override(cfg, {'report.runs': f'{bpe},{byt}', 'report.byte_eval': False,
+                            'report.gen_bytes': 2})
+  rows = {r['run']: r for r in cross_family.report(cfg, str(tmp_path / 'report'))}
+  assert rows['bpe']['lm_eval_step'] == 2 and rows['bpe']['notoklm_mc/acc'] == 0.5
+  assert rows['bpe']['notoklm_mc/acc_norm'] == 0.25
+  assert rows['bpe']['notoklm_rolling/bits_per_byte'] == 5.0
+  assert 'notoklm_mc/acc_stderr' not in rows['bpe']
+  assert rows['bytes']['notoklm_mc/acc'] is None and rows['bytes']['lm_eval_step'] is None
+  md = open(tmp_path / 'report' / 'report.md').read().splitlines()
+  header = [c.strip() for c in md[0].strip('|').split('|')]
+  cells = {line.split('|')[1].strip(): [c.strip() for c in line.strip('|').split('|')]
+           for line in md[2:4]}
+  k = header.index('notoklm_mc/acc')
+  assert cells['bpe'][k] == '0.5' and cells['bytes'][k] == ''
+
+
 # HAT and lexinvariant tiny runs (2 steps), evaluated by launch.py in this process (the task
 # registry is indexed once per process)
 SMALL = {'train.steps': 2, 'train.batch_size': 2, 'train.eval_batches': 1, 'ckpt.every': 2,
