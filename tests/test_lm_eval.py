@@ -77,6 +77,21 @@ def test_bytes_and_tokens_on_a_bpe_run(tiny_runs):
   assert lp == pytest.approx(full[7:].sum(), abs=1e-6)
 
 
+def test_byte_level_batched_across_requests_equals_one_text_at_a_time(tiny_runs):
+  """The byte views' `loglikelihoods` (requests batched into a few padded shapes: the byte LM's
+  rows, the exact BPE view's packed lattice trees) give what each text's `distributions` give."""
+  from models import byte_level  # pylint: disable=import-outside-toplevel
+  pairs = [(b'def fib', b'onacci(n):'), (b'The quick brown', b' fox'), (b'', 'Caf\u00e9'.encode()),
+           (b'    a, b = 0', b', 1\n    return a'), (b'x', b'')]
+  for name in ('bytes', 'bpe'):
+    run = runs.load_run(tiny_runs[name][1])
+    view = run.family.byte_view(run.model())
+    got = view.loglikelihoods(pairs)
+    one = byte_level.ByteLM.loglikelihoods(view, pairs)
+    np.testing.assert_allclose([g[0] for g in got], [o[0] for o in one], rtol=1e-5, atol=1e-5)
+    assert [g[1] for g in got] == [o[1] for o in one] and got[-1] == (0.0, True)
+
+
 def test_byte_level_equals_token_level_up_to_the_canonical_correction(tiny_runs):
   """Where the context/continuation split falls on a token boundary, the exact byte-level score
   is the token-level one (lm-eval's HF conventions, the adapter's batched scorer) minus the

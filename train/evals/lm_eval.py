@@ -83,6 +83,15 @@ def _score_rows(graphdef, state, ids_BxT, targets_BxT, mask_BxT):
           jnp.all(greedy | ~m, axis=-1))
 
 
+def _fetch(x) -> np.ndarray:
+  """A jitted result on the host. Rows sharded over a mesh that spans several processes: each
+  process scored its share, gathered here from all of them."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def padded_length(n: int, window: int) -> int:
   """The padded length of a row of `n` tokens: a power of two >= MIN_LEN, at most the window."""
   return min(max(MIN_LEN, 1 << max(0, n - 1).bit_length()), max(window, n))
@@ -128,7 +137,7 @@ class TokenScorer:
       self.shapes.add((self.batch, t))
       lp, greedy = _score_rows(self.graphdef, self.state, self._place(ids), self._place(tgt),
                                self._place(mask))
-      lp, greedy = np.asarray(lp), np.asarray(greedy)
+      lp, greedy = _fetch(lp), _fetch(greedy)
       for r, i in enumerate(chunk):
         out[i] = (float(lp[r]), bool(greedy[r]))
     return out
@@ -148,12 +157,7 @@ def _cut_left(b: bytes, max_bytes: int) -> bytes:
 def byte_loglikelihood(view, context: bytes, continuation: bytes) -> tuple[float, bool]:
   """log p(continuation | context) over bytes through a byte view, and whether every byte of
   the continuation is the most probable next byte (the document starts before `context`)."""
-  d = view.distributions(bytes(context) + bytes(continuation))
-  n = len(context)
-  cont = np.frombuffer(bytes(continuation), np.uint8).astype(np.int64)
-  rows = d[n:n + len(cont)].astype(np.float64)
-  lp = float(rows[np.arange(len(cont)), cont].sum())
-  return lp, bool(np.all(np.argmax(rows, axis=-1) == cont))
+  return view.loglikelihoods([(bytes(context), bytes(continuation))])[0]
 
 
 def canonical_log_z(view, text: bytes) -> tuple[list[int], np.ndarray]:
@@ -256,8 +260,8 @@ def make_lm(family, model, lm_cfg, window: int = 0, mesh=None, name: str = ''):
       if self.token_path:
         out = super().loglikelihood(requests, disable_tqdm=True)
       else:
-        out = [byte_loglikelihood(self.view, _cut_left(c.encode(), self.max_bytes), k.encode())
-               for c, k in (r.args for r in requests)]
+        out = self.view.loglikelihoods([(_cut_left(c.encode(), self.max_bytes), k.encode())
+                                        for c, k in (r.args for r in requests)])
       self._count(len(requests), t0)
       return out
 
@@ -269,8 +273,8 @@ def make_lm(family, model, lm_cfg, window: int = 0, mesh=None, name: str = ''):
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
       t0 = time.perf_counter()
       u = lm_eval.utils
-      out = []
-      for (text,) in (r.args for r in requests):
+      out, windows = [], []  # windows: byte path (document, context, prediction)
+      for d, (text,) in enumerate(r.args for r in requests):
         if self.token_path:
           ids = [int(i) for i in self.encoder.encode(text)]
           windows = [u.make_disjoint_window(w) for w in u.get_rolling_token_windows(
@@ -282,12 +286,14 @@ def make_lm(family, model, lm_cfg, window: int = 0, mesh=None, name: str = ''):
         if self.max_bytes <= 0:
           out.append(float(self.view.score(data, end=False).sum()))
           continue
-        total = 0.0
+        out.append(0.0)
         for ctx, pred in (u.make_disjoint_window(w) for w in u.get_rolling_token_windows(
             token_list=list(data), prefix_token=-1, max_seq_len=self.max_bytes, context_len=1)):
           ctx = bytes(b for b in ctx if b >= 0)  # -1: the document start (the view's own)
-          total += byte_loglikelihood(self.view, ctx, bytes(pred))[0]
-        out.append(total)
+          windows.append((d, ctx, bytes(pred)))
+      scores = self.view.loglikelihoods([(c, p) for _, c, p in windows]) if windows else []
+      for (d, _, _), (lp, _) in zip(windows, scores):
+        out[d] += lp
       self._count(len(requests), t0)
       return out
 
