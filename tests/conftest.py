@@ -140,6 +140,7 @@ COST = {
     'test_lexinvariant.py': 350, 'test_lcm.py': 250, 'test_hat.py': 250,
     'test_pretrained.py': 250, 'test_zett.py': 200, 'test_words.py': 150,
     'test_lm_eval_reference.py': 300, 'test_entropy_patches.py': 250, 'test_lm_eval.py': 250,
+    'test_lm_eval_multihost.py': 120,
     'test_learned_chunking.py': 200, 'test_hat_from_pretrained.py': 150, 'test_omp.py': 130,
     'test_causal_dynamic.py': 100,
     'test_cross_family.py': 80, 'test_token_lm.py': 80, 'test_data.py': 60,
