@@ -77,6 +77,21 @@ def test_bytes_and_tokens_on_a_bpe_run(tiny_runs):
   assert lp == pytest.approx(full[7:].sum(), abs=1e-6)
 
 
+def test_byte_level_batched_across_requests_equals_one_text_at_a_time(tiny_runs):
+  """The byte views' `loglikelihoods` (requests batched into a few padded shapes: the byte LM's
+  rows, the exact BPE view's packed lattice trees) give what each text's `distributions` give."""
+  from models import byte_level  # pylint: disable=import-outside-toplevel
+  pairs = [(b'def fib', b'onacci(n):'), (b'The quick brown', b' fox'), (b'', 'Caf\u00e9'.encode()),
+           (b'    a, b = 0', b', 1\n    return a'), (b'x', b'')]
+  for name in ('bytes', 'bpe'):
+    run = runs.load_run(tiny_runs[name][1])
+    view = run.family.byte_view(run.model())
+    got = view.loglikelihoods(pairs)
+    one = byte_level.ByteLM.loglikelihoods(view, pairs)
+    np.testing.assert_allclose([g[0] for g in got], [o[0] for o in one], rtol=1e-5, atol=1e-5)
+    assert [g[1] for g in got] == [o[1] for o in one] and got[-1] == (0.0, True)
+
+
 def test_byte_level_equals_token_level_up_to_the_canonical_correction(tiny_runs):
   """Where the context/continuation split falls on a token boundary, the exact byte-level score
   is the token-level one (lm-eval's HF conventions, the adapter's batched scorer) minus the
@@ -136,6 +151,39 @@ def test_byte_level_equals_token_level_up_to_the_canonical_correction(tiny_runs)
       assert byte_end == pytest.approx(tok(ic, ik + [eos]) - logz[n:].sum(), abs=1e-4)
     else:
       assert cc > 1e-3  # other canonical sequences cover the context
+
+
+def test_report_has_a_column_per_task_metric(tiny_runs, tmp_path):
+  """--mode=report: a column per lm-eval task metric from each run's latest results
+  (WORKDIR/lm_eval/step_N.json, as --mode=lm_eval writes them), blank for a run without any."""
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  from train import config_lib, cross_family  # pylint: disable=import-outside-toplevel
+  no_results = shutil.ignore_patterns('lm_eval')
+  bpe = str(shutil.copytree(tiny_runs['bpe'][1], tmp_path / 'bpe', ignore=no_results))
+  byt = str(shutil.copytree(tiny_runs['bytes'][1], tmp_path / 'bytes', ignore=no_results))
+  cfg, _ = config_lib.load('configs/cross_family.py')
+  for step, acc in ((1, 0.25), (2, 0.5)):  # the latest step counts
+    res = {'results': {'notoklm_mc': {'alias': 'notoklm_mc', 'acc,none': acc,
+                                      'acc_stderr,none': 0.1, 'acc_norm,none': acc / 2},
+                       'notoklm_rolling': {'alias': 'notoklm_rolling',
+                                           'bits_per_byte,none': 3.0 + step}},
+           'notoklm': {'scoring': 'token-level'}}
+    le.write(res, cfg.lm_eval, os.path.join(bpe, 'lm_eval'), step, {'model': bpe})
+  config_lib.override(cfg, {'report.runs': f'{bpe},{byt}', 'report.byte_eval': False,
+                            'report.gen_bytes': 2})
+  rows = {r['run']: r for r in cross_family.report(cfg, str(tmp_path / 'report'))}
+  assert rows['bpe']['lm_eval_step'] == 2 and rows['bpe']['notoklm_mc/acc'] == 0.5
+  assert rows['bpe']['notoklm_mc/acc_norm'] == 0.25
+  assert rows['bpe']['notoklm_rolling/bits_per_byte'] == 5.0
+  assert 'notoklm_mc/acc_stderr' not in rows['bpe']
+  assert rows['bytes']['notoklm_mc/acc'] is None and rows['bytes']['lm_eval_step'] is None
+  md = open(tmp_path / 'report' / 'report.md').read().splitlines()
+  header = [c.strip() for c in md[0].strip('|').split('|')]
+  cells = {line.split('|')[1].strip(): [c.strip() for c in line.strip('|').split('|')]
+           for line in md[2:4]}
+  k = header.index('notoklm_mc/acc')
+  assert cells['bpe'][k] == '0.5' and cells['bytes'][k] == ''
 
 
 # HAT and lexinvariant tiny runs (2 steps), evaluated by launch.py in this process (the task

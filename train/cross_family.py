@@ -10,7 +10,9 @@
                     bits per byte and the robustness suite as the runs recorded them
                     (eval_step*.json), headline metrics of a family's eval suite, bits per
                     byte through the byte view (validation pieces, text file) and byte-level
-                    generation speed, measured now; `report.md/.json/.csv/.png`.
+                    generation speed, measured now, and a column per lm-eval task metric
+                    where a run has results (its latest WORKDIR/lm_eval/step_N.json);
+                    `report.md/.json/.csv/.png`.
 
 A member or run is a finished run's workdir (`train.runs.load_run`) or a pretrained model
 without a run: 'pretrained:smollm2', 'pretrained:PATH' (a .gguf file or an HF directory, e.g.
@@ -29,6 +31,7 @@ from data import corpus
 from train import checkpoint as ckpt_lib
 from train import config_lib, launching, runs, storage, trainer
 from train.evals import byte_views
+from train.evals import lm_eval as lm_eval_lib
 from train.evals import report as tables
 from train.metrics import log0
 
@@ -285,6 +288,27 @@ def _recorded(spec: str) -> dict:
   return out
 
 
+def _lm_eval_columns(spec: str) -> dict:
+  """A run's latest lm-eval results (`--mode=lm_eval` or the `lm_eval` evaluator:
+  WORKDIR/lm_eval/step_N.json of the highest N): {'lm_eval_step': N, 'TASK/METRIC': value}
+  (stderr left out); {} for a pretrained model or a run without any."""
+  if _pretrained_source(spec) is not None:
+    return {}
+  folder = storage.join(spec, 'lm_eval')
+  if not storage.isdir(folder):
+    return {}
+  steps = sorted((int(m.group(1)), f) for f in storage.listdir(folder)
+                 if (m := re.fullmatch(r'step_(\d+)\.json', f)))
+  if not steps:
+    return {}
+  step, name = steps[-1]
+  rec = storage.read_json(storage.join(folder, name))
+  out = {'lm_eval_step': step}
+  for task, metrics in sorted(lm_eval_lib.metrics_of(rec).items()):
+    out.update({f'{task}/{k}': v for k, v in metrics.items() if not k.endswith('_stderr')})
+  return out
+
+
 def report(cfg, workdir: str) -> list[dict]:
   """The cross-family table and plots (see module doc); returns the rows."""
   _check(cfg, 'report')
@@ -292,7 +316,7 @@ def report(cfg, workdir: str) -> list[dict]:
   workdir = storage.check_workdir(workdir)
   storage.check_not_a_run(workdir, 'report')
   _, val, text, info = _texts(cfg) if cfg.report.byte_eval else ([], [], [], {})
-  rows = []
+  rows, tasks = [], {}  # tasks: the lm-eval columns of any run, in first-seen order
   for spec, swept in specs:
     row = {'run': _name(spec)}
     if not storage.exists(storage.join(spec, 'config.json')) and _pretrained_source(spec) is None:
@@ -302,7 +326,9 @@ def report(cfg, workdir: str) -> list[dict]:
     row['status'] = swept or unfinished(spec) or 'finished'
     if row['status'] != 'finished':
       log.warning('report.runs: %s is %s; the table marks it', spec, row['status'])
-    rec = _recorded(spec)
+    bench = _lm_eval_columns(spec)
+    tasks.update(dict.fromkeys(bench))
+    rec = {**_recorded(spec), **bench}
     try:
       m = Member(spec, 'report.runs')
     except ValueError as e:  # a family without a byte view: what it recorded only
@@ -337,6 +363,8 @@ def report(cfg, workdir: str) -> list[dict]:
            'delete_bpb', 'replace_bpb', 'gen_bytes_per_s']
   rows = [{**{k: r.get(k) for k in order}, **{k: v for k, v in r.items() if k not in order}}
           for r in rows]
+  rows = [{**{k: v for k, v in r.items() if k not in tasks}, **{k: r.get(k) for k in tasks}}
+          for r in rows]  # the task columns last, in every row (None: no results)
   table = tables.write_rows(rows, workdir, 'report', formats=('csv', 'json'),
                            fmt=tables.fmt_count)
   notes = [f'- {k}: {v}' for k, v in info.items() if k != 'fit']
@@ -345,6 +373,10 @@ def report(cfg, workdir: str) -> list[dict]:
                'text_bpb and gen_bytes_per_s (greedy, '
                f'{cfg.report.gen_bytes} bytes after {cfg.report.gen_prompt!r}, the median of 3 '
                'runs after a warm-up): measured now through the byte view')
+  if tasks:
+    notes.append('- TASK/METRIC columns: the latest lm-eval results of each run '
+                 '(WORKDIR/lm_eval/step_N.json of step lm_eval_step, written by --mode=lm_eval '
+                 'or the lm_eval evaluator); blank: none for that run')
   md = table + '\n' + '\n'.join(notes) + '\n'
   tables.write_text(storage.join(workdir, 'report.md'), md)
   tables.plot_cross_family(rows, storage.join(workdir, 'report.png'))

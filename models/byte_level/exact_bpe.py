@@ -46,7 +46,8 @@ from typing import Any
 import numpy as np
 
 from data import canonical
-from models.byte_level.interface import END, NUM_OUTCOMES, ByteLM, bucket, ladder
+from models.byte_level.interface import (END, NUM_OUTCOMES, ByteLM, bucket, continuation_score,
+                                         ladder)
 from models.byte_level.token_views import TokenFn, grow_cache, token_generate
 
 
@@ -522,6 +523,85 @@ class ExactBPE(ByteLM):
       except ValueError as e:
         out[name] = f'n/a: {e}'
     return out
+
+  def loglikelihoods(self, pairs: list[tuple[bytes, bytes]], max_rows: int = 4,
+                     chunk: int = 64) -> list[tuple[float, bool]]:
+    """`ByteLM.loglikelihoods`, batched across pairs (the same numbers as `distributions` of
+    each text, up to float rounding). Each text's lattice keeps the nodes the distributions
+    before the continuation's bytes need (`_needed`) and their ancestors; each of them is one
+    token of a tree over the begin token (its log-probs computed once for all pairs): a pair's
+    nodes are a tree in a row with a tree mask, several pairs to a row of up to `max_tokens`
+    (largest first), `max_rows` rows per forward (padded to 1 or 4 rows and a power-of-two
+    length: a few shapes). So a pair costs about one model position per token of its text
+    and per node off the encoding near the continuation, with no prefill of its own; the
+    context's other nodes are not evaluated. Pairs are taken `chunk` at a time (longest
+    first) to bound the host memory of the log-probs."""
+    pairs = [(bytes(c), bytes(k)) for c, k in pairs]
+    out: list = [None] * len(pairs)
+    root_lp, cache = self._prefill([], 1)
+    order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))
+    for s in range(0, len(order), chunk):
+      trees = []  # (pair index, lattice, its needed nodes, parents first)
+      for i in order[s:s + chunk]:
+        ctx, cont = pairs[i]
+        lat = self._lattice(ctx + cont)
+        lat.root.lp = root_lp[0]
+        seen: dict[int, _Node] = {}
+        for m in range(len(ctx), len(ctx) + len(cont)):
+          for u in self._needed(lat, m):
+            while u.parent is not None and id(u) not in seen:
+              seen[id(u)] = u
+              u = u.parent
+        trees.append((i, lat, sorted(seen.values(), key=lambda u: u.depth)))
+      rows, row, size = [], [], 0
+      for tree in sorted(trees, key=lambda x: -len(x[2])):
+        if row and size + len(tree[2]) > self.max_tokens:
+          rows.append(row)
+          row, size = [], 0
+        row.append(tree)
+        size += len(tree[2])
+      rows.append(row)
+      del trees
+      for g in range(0, len(rows), max_rows):
+        self._tree_rows(cache, rows[g:g + max_rows])
+        for row in rows[g:g + max_rows]:
+          for i, lat, _ in row:
+            ctx, cont = pairs[i]
+            d = np.asarray([self._dist(lat, m) for m in range(len(ctx), len(ctx) + len(cont))],
+                           np.float32).reshape(len(cont), NUM_OUTCOMES)
+            out[i] = continuation_score(d, cont)
+        rows[g:g + max_rows] = [None] * len(rows[g:g + max_rows])  # frees their log-probs
+    return out
+
+  def _tree_rows(self, cache, rows: list[list]) -> None:
+    """Log-probs of the nodes of `rows` (lists of (_, lattice, nodes parents first)): one
+    forward of [1 or 4 rows, a power of two tokens], each node at RoPE position = its depth,
+    seeing the begin token (slot 0 of `cache`) and its ancestors in the row."""
+    t = max(self.min_tokens, bucket(max(sum(len(x[2]) for x in r) for r in rows)))
+    b = ladder(len(rows), 1, base=4)
+    ids = np.zeros((b, t), np.int32)
+    pos = np.zeros((b, t), np.int32)
+    pre = np.zeros((b, t, cache[0]['k'].shape[1]), bool)
+    pre[:, :, 0] = True
+    own = np.broadcast_to(np.eye(t, dtype=bool), (b, t, t)).copy()
+    for r, row in enumerate(rows):
+      j = 0
+      for _, _, nodes in row:
+        where = {}
+        for v in nodes:
+          ids[r, j], pos[r, j] = v.last, v.depth
+          p = where.get(id(v.parent))
+          if p is not None:
+            own[r, j] |= own[r, p]
+          where[id(v)] = j
+          j += 1
+    lp = self.fn.tree(cache, pre, own, ids, pos)
+    for r, row in enumerate(rows):
+      j = 0
+      for _, _, nodes in row:
+        for v in nodes:
+          v.lp = lp[r, j]
+          j += 1
 
   def distributions(self, text: bytes) -> np.ndarray:
     text = bytes(text)

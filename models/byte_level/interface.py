@@ -79,6 +79,17 @@ class ByteLM(abc.ABC):
       out.append(self.next_byte_logprobs(st))
     return np.stack(out)
 
+  def loglikelihoods(self, pairs: list[tuple[bytes, bytes]]) -> list[tuple[float, bool]]:
+    """For each (context, continuation): log p(continuation bytes | context bytes) (the
+    document starts before the context) and whether every continuation byte is the most
+    probable next byte. Default: `distributions` of each text; views override it to batch the
+    model across pairs."""
+    out = []
+    for ctx, cont in pairs:
+      d = self.distributions(bytes(ctx) + bytes(cont))
+      out.append(continuation_score(d[len(ctx):len(ctx) + len(cont)], bytes(cont)))
+    return out
+
   def token_level_completions(self, prompt: bytes, max_bytes: int, temperature: float = 0.0,
                               top_p: float = 1.0, seed: int = 0) -> dict[str, bytes | str]:
     """Token-level decodings of `prompt` to compare byte-level sampling with (`sample_compare`),
@@ -86,6 +97,15 @@ class ByteLM(abc.ABC):
     Default: none (a view whose model has no tokens other than bytes)."""
     del prompt, max_bytes, temperature, top_p, seed
     return {}
+
+
+def continuation_score(dists: np.ndarray, continuation: bytes) -> tuple[float, bool]:
+  """(sum of log p of each continuation byte, whether each is the argmax) from the float32
+  next-byte distributions [len(continuation), 257] before each of its bytes."""
+  cont = np.frombuffer(bytes(continuation), np.uint8).astype(np.int64)
+  rows = np.asarray(dists, np.float32).astype(np.float64)
+  lp = float(rows[np.arange(len(cont)), cont].sum())
+  return lp, bool(np.all(np.argmax(rows, axis=-1) == cont))
 
 
 def bits_per_byte(view: ByteLM, text: bytes, end: bool = False) -> float:

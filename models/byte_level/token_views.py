@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from models import layers
-from models.byte_level.interface import BYTE_OFFSET, END, ByteLM, bucket, ladder, normalize, pick
+from models.byte_level.interface import (BYTE_OFFSET, END, ByteLM, bucket, continuation_score,
+                                         ladder, normalize, pick)
 
 
 # -- token-level models as the views call them -----------------------------------------------
@@ -168,6 +169,29 @@ class ByteTokenLM(ByteLM):
     lp, _ = self.fn([ids + [0] * (t - len(ids))], [list(range(t))], cache, 0)
     lp = np.asarray(lp[0, :len(ids)], np.float64)[:, self._take]
     return (lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)).astype(np.float32)
+
+  def loglikelihoods(self, pairs: list[tuple[bytes, bytes]], rows: int = 16
+                     ) -> list[tuple[float, bool]]:
+    """`ByteLM.loglikelihoods`, batched: the texts sorted by length, `rows` at a time in one
+    forward (rows padded to 1, 4 or 16, lengths as `distributions`: a few shapes)."""
+    texts = [bytes(c) + bytes(k) for c, k in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: -len(texts[i]))
+    out: list = [None] * len(pairs)
+    for s in range(0, len(order), rows):
+      chunk = order[s:s + rows]
+      t = ladder(len(texts[chunk[0]]) + 1, 8)
+      b = ladder(len(chunk), 1, base=4)
+      ids = np.zeros((b, t), np.int32)
+      for r, i in enumerate(chunk):
+        ids[r, :len(texts[i]) + 1] = [self.bos_id] + [x + BYTE_OFFSET for x in texts[i]]
+      lp, _ = self.fn(ids, np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+                      self.fn.init_cache(b, t), 0)
+      for r, i in enumerate(chunk):
+        n, k = len(pairs[i][0]), len(pairs[i][1])
+        d = np.asarray(lp[r, n:n + k], np.float64)[:, self._take]
+        d = (d - np.logaddexp.reduce(d, axis=1, keepdims=True)).astype(np.float32)
+        out[i] = continuation_score(d, pairs[i][1])
+    return out
 
   def score(self, text: bytes, end: bool = True) -> np.ndarray:
     text = bytes(text)

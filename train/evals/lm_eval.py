@@ -21,7 +21,9 @@ three request types:
       bytes | context bytes) from the view's next-byte distributions over context + continuation
       (exact for BPE: the marginal over canonical encodings), is_greedy: every byte is the argmax.
       No token boundary is involved, so the answer does not depend on where a tokenizer would
-      split the context from the continuation.
+      split the context from the continuation. Batched across requests by the view
+      (`ByteLM.loglikelihoods`: the byte LM's padded rows, the exact BPE view's lattice trees
+      packed into a few shapes).
   * loglikelihood_rolling(text): lm-eval's disjoint windows with context
     (`utils.get_rolling_token_windows`, `make_disjoint_window`) over tokens, or over bytes for
     the byte path (one window when `max_bytes` is 0): word / byte perplexity, bits per byte.
@@ -29,6 +31,11 @@ three request types:
     task samples; the token path decodes tokens with the model's cached forward
     (`byte_level.token_generate`), the byte path bytes through the view (max_gen_toks counts
     bytes there); the text is cut at the first `until` string.
+
+Several processes (jax.distributed): lm-eval runs in each with the whole task. The token path's
+rows are sharded over the mesh that spans them and the scores gathered (`_fetch`); the byte path
+and generation, driven from the host, run on each process's share of the requests on a copy of
+the weights on its own device (`process_local`, `share`), the results gathered in order.
 """
 from __future__ import annotations
 
@@ -83,6 +90,15 @@ def _score_rows(graphdef, state, ids_BxT, targets_BxT, mask_BxT):
           jnp.all(greedy | ~m, axis=-1))
 
 
+def _fetch(x) -> np.ndarray:
+  """A jitted result on the host. Rows sharded over a mesh that spans several processes: each
+  process scored its share, gathered here from all of them."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def padded_length(n: int, window: int) -> int:
   """The padded length of a row of `n` tokens: a power of two >= MIN_LEN, at most the window."""
   return min(max(MIN_LEN, 1 << max(0, n - 1).bit_length()), max(window, n))
@@ -128,10 +144,61 @@ class TokenScorer:
       self.shapes.add((self.batch, t))
       lp, greedy = _score_rows(self.graphdef, self.state, self._place(ids), self._place(tgt),
                                self._place(mask))
-      lp, greedy = np.asarray(lp), np.asarray(greedy)
+      lp, greedy = _fetch(lp), _fetch(greedy)
       for r, i in enumerate(chunk):
         out[i] = (float(lp[r]), bool(greedy[r]))
     return out
+
+
+# -- several processes ---------------------------------------------------------------------------
+def process_local(model):
+  """`model` as this process alone can run it: itself on one process; where the mesh spans
+  several, a copy of its weights on this process's first device (gathered where they are
+  sharded across processes), so that host-driven scoring (byte views, decoding) runs on each
+  process's own share of the requests (`share`)."""
+  if jax.process_count() == 1:
+    return model
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  graphdef, state = nnx.split(model)
+  dev = jax.local_devices()[0]
+
+  def local(x):
+    if not isinstance(x, jax.Array):
+      return x
+    if x.is_fully_replicated:
+      return jax.device_put(x.addressable_data(0), dev)
+    return jax.device_put(np.asarray(multihost_utils.process_allgather(x, tiled=True)), dev)
+
+  return nnx.merge(graphdef, jax.tree.map(local, state))
+
+
+def _allgather_json(obj) -> list:
+  """[obj of process 0, obj of process 1, ...] (JSON values) on every process."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32)))
+  sizes = sizes.reshape(-1)
+  buf = np.zeros(max(1, int(sizes.max())), np.uint8)
+  buf[:len(data)] = data
+  got = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  return [json.loads(bytes(got[i, :int(sizes[i])]).decode()) for i in range(len(sizes))]
+
+
+def share(items: list, score) -> list:
+  """`score(items)` (a list of JSON values, one per item). With several processes each scores
+  its share, items[rank::processes], and the results are gathered in the items' order on every
+  process (lm-eval runs in each of them with the whole task; process 0 writes the results)."""
+  n, rank = jax.process_count(), jax.process_index()
+  if not items:  # the same items in every process: all of them skip together
+    return []
+  if n == 1:
+    return list(score(items))
+  mine = items[rank::n]
+  parts = _allgather_json(list(score(mine)) if mine else [])
+  out: list = [None] * len(items)
+  for p, part in enumerate(parts):
+    out[p::n] = part
+  return out
 
 
 # -- byte-level scoring ----------------------------------------------------------------------------
@@ -148,12 +215,7 @@ def _cut_left(b: bytes, max_bytes: int) -> bytes:
 def byte_loglikelihood(view, context: bytes, continuation: bytes) -> tuple[float, bool]:
   """log p(continuation | context) over bytes through a byte view, and whether every byte of
   the continuation is the most probable next byte (the document starts before `context`)."""
-  d = view.distributions(bytes(context) + bytes(continuation))
-  n = len(context)
-  cont = np.frombuffer(bytes(continuation), np.uint8).astype(np.int64)
-  rows = d[n:n + len(cont)].astype(np.float64)
-  lp = float(rows[np.arange(len(cont)), cont].sum())
-  return lp, bool(np.all(np.argmax(rows, axis=-1) == cont))
+  return view.loglikelihoods([(bytes(context), bytes(continuation))])[0]
 
 
 def canonical_log_z(view, text: bytes) -> tuple[list[int], np.ndarray]:
@@ -199,6 +261,7 @@ def make_lm(family, model, lm_cfg, window: int = 0, mesh=None, name: str = ''):
     def __init__(self):
       super().__init__()
       self.family, self.model, self.name = family, model, name or family.name
+      self.local_model = process_local(model)  # what the byte view and decoding run on
       self.scoring = str(lm_cfg.scoring)
       self.add_bos = bool(lm_cfg.add_bos)
       self.max_bytes = int(lm_cfg.max_bytes)
@@ -239,7 +302,7 @@ def make_lm(family, model, lm_cfg, window: int = 0, mesh=None, name: str = ''):
     @property
     def view(self):
       if self._view is None:
-        self._view = self.family.byte_view(self.model)
+        self._view = self.family.byte_view(self.local_model)
       return self._view
 
     @property
@@ -256,8 +319,9 @@ def make_lm(family, model, lm_cfg, window: int = 0, mesh=None, name: str = ''):
       if self.token_path:
         out = super().loglikelihood(requests, disable_tqdm=True)
       else:
-        out = [byte_loglikelihood(self.view, _cut_left(c.encode(), self.max_bytes), k.encode())
-               for c, k in (r.args for r in requests)]
+        out = [tuple(x) for x in share(
+            [(_cut_left(c.encode(), self.max_bytes), k.encode())
+             for c, k in (r.args for r in requests)], self.view.loglikelihoods)]
       self._count(len(requests), t0)
       return out
 
@@ -269,33 +333,45 @@ def make_lm(family, model, lm_cfg, window: int = 0, mesh=None, name: str = ''):
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
       t0 = time.perf_counter()
       u = lm_eval.utils
-      out = []
-      for (text,) in (r.args for r in requests):
+      out, windows, whole = [], [], []  # the byte path: windows (document, context,
+      # prediction) with max_bytes, else whole documents (index, bytes)
+      for d, (text,) in enumerate(r.args for r in requests):
         if self.token_path:
           ids = [int(i) for i in self.encoder.encode(text)]
-          windows = [u.make_disjoint_window(w) for w in u.get_rolling_token_windows(
+          wins = [u.make_disjoint_window(w) for w in u.get_rolling_token_windows(
               token_list=ids, prefix_token=self.prefix_token_id, max_seq_len=self.window,
               context_len=1)]
-          out.append(sum(lp for lp, _ in self.scorer(windows)))
+          out.append(sum(lp for lp, _ in self.scorer(wins)))
           continue
         data = text.encode()
+        out.append(0.0)
         if self.max_bytes <= 0:
-          out.append(float(self.view.score(data, end=False).sum()))
+          whole.append((d, data))
           continue
-        total = 0.0
         for ctx, pred in (u.make_disjoint_window(w) for w in u.get_rolling_token_windows(
             token_list=list(data), prefix_token=-1, max_seq_len=self.max_bytes, context_len=1)):
           ctx = bytes(b for b in ctx if b >= 0)  # -1: the document start (the view's own)
-          total += byte_loglikelihood(self.view, ctx, bytes(pred))[0]
-        out.append(total)
+          windows.append((d, ctx, bytes(pred)))
+      scores = share([(c, p) for _, c, p in windows], self.view.loglikelihoods)
+      for (d, _, _), (lp, _) in zip(windows, scores):
+        out[d] += lp
+      lps = share([data for _, data in whole],
+                  lambda docs: [float(self.view.score(x, end=False).sum()) for x in docs])
+      for (d, _), lp in zip(whole, lps):
+        out[d] = lp
       self._count(len(requests), t0)
       return out
 
     # generation
     def generate_until(self, requests, disable_tqdm=False):
       t0 = time.perf_counter()
+      out = share([r.args for r in requests], self._generate)
+      self._count(len(requests), t0)
+      return out
+
+    def _generate(self, args: list) -> list[str]:
       out = []
-      for context, kw in (r.args for r in requests):
+      for context, kw in args:
         kw = dict(kw or {})
         until = kw.get('until') or []
         until = [until] if isinstance(until, str) else list(until)
@@ -310,12 +386,11 @@ def make_lm(family, model, lm_cfg, window: int = 0, mesh=None, name: str = ''):
           if s and s in text:
             text = text[:text.index(s)]
         out.append(text)
-      self._count(len(requests), t0)
       return out
 
     def _generate_tokens(self, context, until, n, temp, seed):
       if self._fn is None:
-        self._fn = byte_level.TokenFn(self.model)
+        self._fn = byte_level.TokenFn(self.local_model)
       ids = self.tok_encode(context)[-max(1, self.window - n):]
       eos = self.encoder.eos_id
 
