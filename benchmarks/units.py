@@ -195,16 +195,23 @@ def _fmt(v, spec: str = '.3f') -> str:
 def _sweep(opts) -> None:
   import csv  # pylint: disable=import-outside-toplevel
   import gc  # pylint: disable=import-outside-toplevel
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
   import time  # pylint: disable=import-outside-toplevel
   from train import config_lib, cross_family  # pylint: disable=import-outside-toplevel
   from train.evals import byte_views  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   root = opts['sweep']
   path = os.path.join(root, 'summary.csv')
-  if not os.path.isfile(path):
-    raise SystemExit(f'--sweep={root}: no summary.csv (not a finished sweep workdir)')
-  with open(path) as f:
-    names = [r['run'] for r in csv.DictReader(f) if r.get('status') == 'done']
+  if os.path.isfile(path):
+    with open(path) as f:
+      names = [r['run'] for r in csv.DictReader(f) if r.get('status') == 'done']
+  elif os.path.isdir(root):  # a sweep still running: the points trained so far, in their order
+    done = [os.path.join(root, d, 'train_summary.json') for d in os.listdir(root)]
+    names = [os.path.basename(os.path.dirname(p))
+             for p in sorted((p for p in done if os.path.isfile(p)), key=os.path.getmtime)]
+  else:
+    raise SystemExit(f'--sweep={root}: no such sweep workdir')
   runs = {}
   for name in names:
     rec = _recorded(os.path.join(root, name))
@@ -217,21 +224,40 @@ def _sweep(opts) -> None:
   data_cfg.update(first['cfg']['data'])
   texts = _texts(data_cfg, opts['bytes'], opts['text_file'])
   items = {t: byte_views.pieces([b], PIECE_BYTES) for t, b in texts.items()}
+  # measurements kept in the sweep workdir, so a rerun (e.g. while the sweep goes on) measures
+  # only runs and texts it has not measured yet
+  cache_path = os.path.join(root, 'units_benchmark.json')
+  cache = {}
+  if os.path.isfile(cache_path):
+    with open(cache_path) as f:
+      cache = json.load(f)
   per_text, shown = [], {t: {} for t in texts}
   for name, rec in runs.items():
-    m = cross_family.Member(os.path.join(root, name), 'units --sweep')
+    m = None
     capped = rec['cfg']['family'] == 'hat' and rec['cfg']['model'].get('chunking') != 'learned'
     for t, it in items.items():
-      t1 = time.perf_counter()
-      bpb, units = _score(m, it)
+      key = f'{name}@{rec["steps"]}|{t}|{hashlib.sha1(texts[t]).hexdigest()[:16]}'
+      if key not in cache:
+        m = m or cross_family.Member(os.path.join(root, name), 'units --sweep')
+        t1 = time.perf_counter()
+        bpb, units = _score(m, it)
+        cache[key] = {'bpb': bpb, 'units': [u.tolist() for u in units],
+                      'seconds': round(time.perf_counter() - t1, 1)}
+      bpb, units = cache[key]['bpb'], [np.asarray(u) for u in cache[key]['units']]
       lens = np.concatenate(units)
       per_text.append({'text': t, 'run': name, 'bpb': bpb, **_stats(lens, capped)})
       if t == 'normal':
         rec['units'] = _stats(lens, capped)
       shown[t][name] = units[0]
       print(f'{name} on {t}: {bpb:.4f} bits per byte, {lens.mean():.2f} bytes per unit '
-            f'({time.perf_counter() - t1:.0f} s)', flush=True)
-    rec['gen'] = byte_views.generation_speed(m.view, b'def ', opts['gen_bytes'])['bytes_per_s']
+            f'({cache[key]["seconds"]:.0f} s)', flush=True)
+    key = f'{name}@{rec["steps"]}|gen|{opts["gen_bytes"]}'
+    if key not in cache:
+      m = m or cross_family.Member(os.path.join(root, name), 'units --sweep')
+      cache[key] = byte_views.generation_speed(m.view, b'def ', opts['gen_bytes'])['bytes_per_s']
+    rec['gen'] = cache[key]
+    with open(cache_path, 'w') as f:
+      json.dump(cache, f)
     del m
     gc.collect()
   lines = ['| run | steps | val bits/byte | bytes/unit (mean ± std) | ALL-CAPS bits/byte | '

@@ -21,7 +21,8 @@ def test_every_point_builds_at_one_budget(monkeypatch, preset):
   points = module.get_sweep(cfg)
   names = [sweep.run_name(p) for p in points]
   assert len(set(names)) == len(names) and names[0] == 'patcher'
-  subs = {n: sweep._point_config(cfg, p, {}) for n, p in zip(names, points)}  # pylint: disable=protected-access
+  point_config = sweep._point_config  # pylint: disable=protected-access
+  subs = {n: point_config(cfg, p, {}) for n, p in zip(names, points)}
   matched = {n: s for n, s in subs.items() if n != 'patcher'}
   assert {s.train.flops_budget for s in matched.values()} == {cfg.train.flops_budget}
   assert subs['patcher'].train.flops_budget == 0 and subs['patcher'].family == 'lm'
@@ -36,7 +37,7 @@ def test_every_point_builds_at_one_budget(monkeypatch, preset):
   config_lib.override(cfg2, over)
   for p in module.get_sweep(cfg2):
     if p['name'] != 'patcher':
-      assert sweep._point_config(cfg2, p, over).train.flops_budget == 5e11  # pylint: disable=protected-access
+      assert point_config(cfg2, p, over).train.flops_budget == 5e11
 
 
 def test_char_map_removes_characters():
@@ -52,13 +53,14 @@ def test_char_map_removes_characters():
 
 def test_units_of_a_run_on_a_piece():
   from benchmarks import units  # pylint: disable=import-outside-toplevel
+  units_of, stats = units._units, units._stats  # pylint: disable=protected-access
   piece = b'abcdefg'
   # a HAT's word starts over [bos] + bytes (bos at 0; learned units need not start at byte 1)
   hat_state = types.SimpleNamespace(word_starts=[0, 3, 5])
-  np.testing.assert_array_equal(units._units(None, hat_state, piece), [2, 2, 3])  # pylint: disable=protected-access
+  np.testing.assert_array_equal(units_of(None, hat_state, piece), [2, 2, 3])
   hat_state = types.SimpleNamespace(word_starts=[0, 1, 4])
-  np.testing.assert_array_equal(units._units(None, hat_state, piece), [3, 4])  # pylint: disable=protected-access
+  np.testing.assert_array_equal(units_of(None, hat_state, piece), [3, 4])
   byte_lm = types.SimpleNamespace(family=types.SimpleNamespace(encoder=object()))
-  np.testing.assert_array_equal(units._units(byte_lm, object(), piece), [1] * 7)  # pylint: disable=protected-access
-  s = units._stats(np.array([1, 2, 3, 14]), capped=True)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(units_of(byte_lm, object(), piece), [1] * 7)
+  s = stats(np.array([1, 2, 3, 14]), capped=True)
   assert s['mean'] == 5 and s['max'] == 14 and s['at_cap'] == 0.25
