@@ -142,6 +142,8 @@ def _score(member, items) -> tuple[float, list[np.ndarray]]:
   of every piece, from one pass of the view (`ByteLM.distributions`, keeping the last state)."""
   from train.evals import byte_views  # pylint: disable=import-outside-toplevel
   view, rows, units = member.view, [], []
+  if getattr(getattr(view, 'model', None), 'learned', False):
+    return _score_learned(view, items)
   for p, end in items:
     st = view.start(b'')
     out = [view.next_byte_logprobs(st)]
@@ -154,6 +156,39 @@ def _score(member, items) -> tuple[float, list[np.ndarray]]:
   scored = byte_views.Scored(np.concatenate(rows).astype(np.float32),
                              byte_views.targets_of(items), byte_views.n_bytes(items), 0.0)
   return scored.bpb(), units
+
+
+def _score_learned(view, items) -> tuple[float, list[np.ndarray]]:
+  """`_score` for a HAT with learned chunking, from its training forward (`HAT.chunked`) over
+  each piece at once instead of byte by byte: the same boundaries and next-byte distributions
+  as its byte view (`HATLearnedView`, tested equal) when no unit is merged for want of slots, so
+  a piece gets one unit slot per position."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from models import hat  # pylint: disable=import-outside-toplevel
+  from models.byte_level.interface import BYTE_OFFSET  # pylint: disable=import-outside-toplevel
+  from train.evals import byte_views  # pylint: disable=import-outside-toplevel
+  graphdef, params = nnx.split(view.model)
+  size = 256
+
+  @jax.jit
+  def forward(params, batch):
+    out = nnx.merge(graphdef, params).chunked(batch, max_units=size)
+    return out['logits'][0], out['b'][0]
+
+  lps, units = [], []
+  for p, end in items:
+    ids = [view.bos_id] + [b + BYTE_OFFSET for b in p]
+    if len(ids) > size:
+      raise ValueError(f'a piece of {len(p)} bytes: more than {size - 1}')
+    logits, b = forward(params, hat.learned_row_batch(ids, size))
+    logits = np.asarray(logits, np.float64)[:len(ids), view._take]  # pylint: disable=protected-access
+    logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    targets = list(p) + ([256] if end else [])  # 256: the end of text (models.byte_level.END)
+    lps.append(logp[np.arange(len(targets)), targets])
+    starts = [0] + [t - 1 for t in np.flatnonzero(np.asarray(b)[:len(ids)]) if t >= 2]
+    units.append(np.diff(np.append(starts, len(p))))
+  return float(-np.concatenate(lps).sum() / np.log(2) / byte_views.n_bytes(items)), units
 
 
 def _stats(lens: np.ndarray, capped: bool) -> dict:
@@ -185,6 +220,7 @@ def _recorded(wd: str) -> dict:
           'caps_bpb': (rob.get('caps') or {}).get('bpb'),
           'replace_bpb': (rob.get('replace') or {}).get('bpb'),
           'next_word': (ev.get('next_word') or {}).get('accuracy'),
+          'next_word_bytes': (ev.get('next_word') or {}).get('byte_accuracy'),
           'train_bytes_per_s': nbytes / summary['train_seconds']}
 
 
@@ -261,13 +297,14 @@ def _sweep(opts) -> None:
     del m
     gc.collect()
   lines = ['| run | steps | val bits/byte | bytes/unit (mean ± std) | ALL-CAPS bits/byte | '
-           'char-noise bits/byte | next-word acc. | train bytes/s | gen. bytes/s |',
+           'char-noise bits/byte | next-word acc. (bytes) | train bytes/s | gen. bytes/s |',
            '|---|---|---|---|---|---|---|---|---|']
   for name, r in runs.items():
     u = r['units']
     lines.append(f'| {name} | {r["steps"]} | {_fmt(r["val_bpb"])} | {u["mean"]:.2f} ± '
                  f'{u["std"]:.2f} | {_fmt(r["caps_bpb"])} | {_fmt(r["replace_bpb"])} | '
-                 f'{_fmt(r["next_word"])} | {r["train_bytes_per_s"]:,.0f} | {r["gen"]:,.1f} |')
+                 f'{_fmt(r["next_word"])} ({_fmt(r["next_word_bytes"])}) | '
+                 f'{r["train_bytes_per_s"]:,.0f} | {r["gen"]:,.1f} |')
   lines += ['', '| text | run | bits/byte | mean | std | median | p90 | max | within 3 bytes '
             'of the cap |', '|---|---|---|---|---|---|---|---|---|']
   for r in per_text:
