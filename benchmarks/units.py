@@ -25,11 +25,14 @@ evaluator does). Per run and text: bits per byte and the units the model itself 
 pieces (a HAT's word starts as its view decided them, learned boundaries included; a subword
 LM's tokens; a byte LM's bytes): mean, std, median, p90, max and the share within 3 bytes of
 the 16-byte cap. One table joins what the sweep recorded (validation bits per byte, ALL-CAPS
-and character-noise robustness, next-word accuracy) with the unit lengths on the normal text,
-training bytes/s (bytes trained on over the training loop's wall time, the first step's
-compilation included) and generation bytes/s (greedy, `--gen_bytes` bytes after 'def ', the
+and character-noise robustness, next-word accuracy and the byte accuracy within words) with
+the unit lengths on the normal text, training bytes/s (bytes trained on over the training
+loop's wall time, the first step's compilation included) and generation bytes/s (greedy, `--gen_bytes` bytes after 'def ', the
 median of 3 after a warm-up, through the byte view: `byte_views.generation_speed`). Then the
-first piece of each text with `|` before every unit, per run.
+first piece of each text with `|` before every unit, per run. A HAT with learned chunking is
+scored through its training forward over each piece (`HAT.chunked`, one unit slot per
+position): its byte view's boundaries and distributions without the byte-by-byte loop.
+Measurements are cached in WORKDIR/units_benchmark.json: a rerun measures only new runs.
 """
 from __future__ import annotations
 

@@ -5,14 +5,16 @@ one HAT with learned chunking trained on the same corpus with its spaces removed
 
   python launch.py --config=configs/units.py:tiny --workdir=runs/units --mode=sweep
   # unit lengths, bits per byte on text without spaces and on a CJK text, speeds, renderings
-  python benchmarks/units.py --sweep=runs/units --text_file=benchmarks/texts/cjk.txt
+  python benchmarks/units.py --sweep=runs/units --bytes=600 --gen_bytes=16 \
+      --text_file=benchmarks/texts/cjk.txt
 
 The entropy patches' patcher (a small byte LM) is trained first, as the sweep's point `patcher`
 (`data.patcher='sweep:patcher'`); its training is not charged to the HAT's budget, its forward
 pass over every byte is (models/hat.flops_per_byte plus the patcher's, train/families/hat.py).
 Every other point trains `train.flops_budget` FLOPs by its own family's accounting and is
 evaluated on the whole validation split (bits per byte, ALL-CAPS and character-noise
-robustness) and next-word accuracy.
+robustness) and next-word accuracy. Results and wall times: docs/hat.md, "Units compared at
+matched FLOPs".
 """
 from configs import hat
 
