@@ -37,7 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.doc_filter = ''          # regex: only documents whose 'name' matches (e.g. the embedded
                              # corpus's prose '^(topic|docstring)/', its code '^src/')
   d.char_map = ''            # 'FROM=TO' (e.g. 'qrstuvwxyz=abcdefghij'): characters mapped in every
-                             # document of every split before encoding ('' = none)
+                             # document of every split before encoding ('' = none; 'FROM=':
+                             # those characters removed, e.g. ' =' for text without spaces)
   d.encoder = 'bytes'        # 'bytes' | 'bpe' (trained on the train split, cached) | 'tokenizer:PATH'
   d.vocab_size = 0           # bpe only
   d.seq_len = 256            # tokens per packed row

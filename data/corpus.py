@@ -756,15 +756,22 @@ def _builder_source(builder, split: str, text_key: str, max_docs: int) -> DocSou
                    max_docs=max_docs, stats=stats)
 
 
-def parse_char_map(spec: str) -> dict[int, int]:
+def parse_char_map(spec: str) -> dict[int, int | None]:
   """`data.char_map` 'FROM=TO' (two strings of n characters around the middle '=', e.g.
-  'qrstuvwxyz=abcdefghij') -> a `str.translate` table; '' -> {} (no mapping)."""
+  'qrstuvwxyz=abcdefghij') -> a `str.translate` table; 'FROM=' (nothing after a final '=',
+  e.g. ' =') removes the characters of FROM (text without spaces); '' -> {} (no mapping)."""
   if not spec:
     return {}
   n = (len(spec) - 1) // 2
   if len(spec) % 2 == 0 or n == 0 or spec[n] != '=':
+    if len(spec) > 1 and spec.endswith('='):  # 'FROM=': the characters of FROM are removed
+      src = spec[:-1]
+      if len(set(src)) != len(src):
+        raise ValueError(f'data.char_map={spec!r}: a character appears twice in FROM {src!r}')
+      return {ord(a): None for a in src}
     raise ValueError(f"data.char_map={spec!r}: expected 'FROM=TO', two strings of equal length "
-                     "around the middle '=' (e.g. 'qrstuvwxyz=abcdefghij')")
+                     "around the middle '=' (e.g. 'qrstuvwxyz=abcdefghij'), or 'FROM=' to "
+                     "remove the characters of FROM (e.g. ' =')")
   src, dst = spec[:n], spec[n + 1:]
   if len(set(src)) != n:
     raise ValueError(f'data.char_map={spec!r}: a character appears twice in FROM {src!r}')
