@@ -4,14 +4,15 @@ import json
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from conftest import run_launch
 from data import encoders, target_tokenizers
-from models import pretrained, token_lm
-from train import config_lib, transfer
+from models import pretrained, token_lm, transformer
+from train import config_lib, families, transfer
 
 
 @pytest.fixture(scope='module')
@@ -115,6 +116,7 @@ def test_transfer_command_writes_a_loadable_model(tiny, data_dir, tmp_path):
   back, _ = target_tokenizers.build(written, None)
   assert back.get_vocab() == vocab
   _check_unigram_duplicates(written, tmp_path)
+  _check_hat_on(os.path.join(wd, 'omp'), moved)
 
   # a donor with the target tokenizer: its embeddings are the auxiliary space
   cfg, _ = config_lib.load('configs/pretrained.py:smollm2')
@@ -138,6 +140,27 @@ def test_transfer_command_writes_a_loadable_model(tiny, data_dir, tmp_path):
   assert p.returncode == 1, p.stderr[-2000:]
   assert 'transfer.omp_k=0: OMP needs a whole number of at least 1 anchor' in p.stderr
   assert 'Traceback' not in p.stderr
+
+
+def _check_hat_on(directory, moved):
+  """The HF directory --mode=transfer wrote is a pretrained model configs/hat.py:from_smollm2
+  builds a HAT on: its stack as the backbone (architecture read from the file), its UnigramLM
+  tokenizer giving the auxiliary loss's word tokens."""
+  cfg, _ = config_lib.load('configs/hat.py:from_smollm2')
+  config_lib.override(cfg, {'pretrained.path': directory, 'model.d_model': 32,
+                            'train.batch_size': 2})
+  family = families.get(cfg)
+  m = cfg.model
+  assert (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim) == (2, 2, 1, 16, 64)
+  want = transformer.convert_layer_layout(
+      nnx.to_pure_dict(nnx.state(moved.model.transformer, nnx.Param)), scanned=True)
+  got = family.initial_params()['backbone']
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+  it = family.train_iterator(0, 1)
+  ids = next(it)['word_token_ids']
+  it.close()
+  assert (ids >= 0).sum() > 0 and ids.max() < moved.tokenizer.get_vocab_size()
 
 
 def _check_unigram_duplicates(path, tmp_path):
