@@ -10,6 +10,7 @@ built from a spec string, or read from a user's tokenizer.json after checking it
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -109,24 +110,27 @@ def check_file(path: str) -> None:
   except (OSError, ValueError) as e:
     raise ValueError(f'{path}: not a readable tokenizer.json ({e})') from e
   vocab = (spec.get('model') or {}).get('vocab')
-  if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
-    strings = [v[0] for v in vocab]
-    ids = list(range(len(vocab)))
+  if isinstance(vocab, list):  # Unigram: [[piece, score], ...], the id is the position
+    model = [(v[0], i) for i, v in enumerate(vocab)]
   elif isinstance(vocab, dict):
-    strings, ids = list(vocab), list(vocab.values())
+    model = list(vocab.items())
   else:
     raise ValueError(f'{path}: no model vocabulary')
-  strings += [t['content'] for t in spec.get('added_tokens') or []]
-  ids += [t['id'] for t in spec.get('added_tokens') or []]
+  added = [(t['content'], t['id']) for t in spec.get('added_tokens') or []]
+  # an added token that is also the model's token of the same id (the special tokens of every
+  # trained BPE, WordPiece or Unigram tokenizer) is one token, listed in both places by design
+  mirrored = set(added) & set(model)
+  strings = [s for s, _ in model] + [s for s, _ in added]
+  ids = [i for _, i in model] + [i for _, i in added]
   problems = []
   if not strings:
     problems.append('the vocabulary is empty')
   if '' in strings:
     problems.append('it has an empty token')
-  repeated = sorted({s for s in strings if strings.count(s) > 1} | set(dup_keys))
-  added = {t['content']: t['id'] for t in spec.get('added_tokens') or []}
-  repeated = [s for s in repeated if not (s in added and isinstance(vocab, dict)
-                                          and vocab.get(s) == added[s])]
+  counts = collections.Counter(s for s, _ in model)
+  counts.update(s for s, i in added if (s, i) not in mirrored)
+  counts.update(s for s, i in set(added) & mirrored if added.count((s, i)) > 1)
+  repeated = sorted({s for s, n in counts.items() if n > 1} | set(dup_keys))
   if repeated:
     problems.append(f'token strings listed twice: {repeated[:5]}')
   by_id = {}

@@ -1,8 +1,9 @@
 """A HAT built on a pretrained LM (configs/hat.py:from_smollm2 on a tiny HF-format Llama written
 here): the preset builds with the pretrained stack as backbone, stage 1 leaves every backbone
 parameter bitwise unchanged, a resume across the stage switch is exact, the byte-level view
-sums to 1, and bad inputs (a model that is not Llama-family, a width that does not fit the
-projections, a resume on another pretrained model) end in one message.
+sums to 1, and bad inputs (a model that is not Llama-family: an encoder, an HF directory or a
+GGUF file of another architecture; a width that does not fit the projections; a resume on
+another pretrained model) end in one message.
 
 One 6-step run is trained in-process and resumed once; one launch.py subprocess; the device
 suite's item at these shapes (--dry)."""
@@ -10,6 +11,7 @@ import json
 import os
 import shutil
 
+import gguf
 import jax
 import numpy as np
 import pytest
@@ -129,6 +131,17 @@ def test_bad_inputs(run, data_dir):
   json.dump({**hf, 'model_type': 'gpt2'}, open(os.path.join(other, 'config.json'), 'w'))
   with pytest.raises(ValueError, match='pretrained.path=.*gpt2: not a Llama-family LM'):
     families.get(_cfg(other))
+  # a GGUF file of another architecture
+  gguf_path = str(run['root'] / 'gpt2.gguf')
+  writer = gguf.GGUFWriter(gguf_path, 'gpt2')
+  writer.add_block_count(1)
+  writer.add_tensor('token_embd.weight', np.zeros((4, 8), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  with pytest.raises(ValueError, match=r"gpt2.gguf: not a Llama-family LM .*architecture 'gpt2'"):
+    families.get(_cfg(gguf_path))
   # a backbone width that does not fit the projections
   with pytest.raises(ValueError, match='model.d_model=48: the projections .* is 32 wide'):
     families.get(_cfg(run['lm'], **{'model.d_model': 48}))

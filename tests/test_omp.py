@@ -2,15 +2,17 @@
 cases, the decoder transfer through launch.py on a tiny base, the MiniLM encoder, bad k."""
 import json
 import os
+import re
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from conftest import run_launch
-from data import encoders
-from models import pretrained, token_lm
-from train import config_lib, transfer
+from data import encoders, target_tokenizers
+from models import pretrained, token_lm, transformer
+from train import config_lib, families, transfer
 
 
 @pytest.fixture(scope='module')
@@ -108,6 +110,13 @@ def test_transfer_command_writes_a_loadable_model(tiny, data_dir, tmp_path):
   shared = [s for s in vocab if s in base_vocab and not s.startswith('<')]
   np.testing.assert_array_equal(e[[vocab[s] for s in shared]], e0[[base_vocab[s] for s in shared]])
   assert e.shape[0] == omp['vocab'] and np.isfinite(e).all()
+  # the UnigramLM tokenizer.json written is taken back as a target tokenizer (its special tokens
+  # are both model pieces and added tokens of the same ids: one token each, not two)
+  written = os.path.join(wd, 'omp', 'tokenizer.json')
+  back, _ = target_tokenizers.build(written, None)
+  assert back.get_vocab() == vocab
+  _check_unigram_duplicates(written, tmp_path)
+  _check_hat_on(os.path.join(wd, 'omp'), moved)
 
   # a donor with the target tokenizer: its embeddings are the auxiliary space
   cfg, _ = config_lib.load('configs/pretrained.py:smollm2')
@@ -131,6 +140,45 @@ def test_transfer_command_writes_a_loadable_model(tiny, data_dir, tmp_path):
   assert p.returncode == 1, p.stderr[-2000:]
   assert 'transfer.omp_k=0: OMP needs a whole number of at least 1 anchor' in p.stderr
   assert 'Traceback' not in p.stderr
+
+
+def _check_hat_on(directory, moved):
+  """The HF directory --mode=transfer wrote is a pretrained model configs/hat.py:from_smollm2
+  builds a HAT on: its stack as the backbone (architecture read from the file), its UnigramLM
+  tokenizer giving the auxiliary loss's word tokens."""
+  cfg, _ = config_lib.load('configs/hat.py:from_smollm2')
+  config_lib.override(cfg, {'pretrained.path': directory, 'model.d_model': 32,
+                            'train.batch_size': 2})
+  family = families.get(cfg)
+  m = cfg.model
+  assert (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim) == (2, 2, 1, 16, 64)
+  want = transformer.convert_layer_layout(
+      nnx.to_pure_dict(nnx.state(moved.model.transformer, nnx.Param)), scanned=True)
+  got = family.initial_params()['backbone']
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+  it = family.train_iterator(0, 1)
+  ids = next(it)['word_token_ids']
+  it.close()
+  assert (ids >= 0).sum() > 0 and ids.max() < moved.tokenizer.get_vocab_size()
+
+
+def _check_unigram_duplicates(path, tmp_path):
+  """A Unigram piece listed twice, an added token on another id than its piece, an added token
+  listed twice: each still refused."""
+  spec = json.load(open(path))
+  assert spec['model']['type'] == 'Unigram' and spec['added_tokens']
+  pieces, added = spec['model']['vocab'], spec['added_tokens']
+  special = added[0]['content']
+  cases = {
+      'piece_twice': ({**spec['model'], 'vocab': pieces + [pieces[5]]}, added, pieces[5][0]),
+      'other_id': (spec['model'], [*added[1:], {**added[0], 'id': len(pieces) + 1}], special),
+      'added_twice': (spec['model'], added + added[:1], special)}
+  for name, (model, added_tokens, token) in cases.items():
+    bad = tmp_path / f'{name}.json'
+    bad.write_text(json.dumps({**spec, 'model': model, 'added_tokens': added_tokens}))
+    with pytest.raises(ValueError, match='listed twice: .*' + re.escape(repr(token))):
+      target_tokenizers.check_file(str(bad))
 
 
 def test_encoder_omp(tiny, tmp_path):
