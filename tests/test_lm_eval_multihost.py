@@ -13,11 +13,9 @@ import pytest
 
 from conftest import ROOT, launch_cmd, subprocess_env
 from test_cross_family import TEXT, TINY, _cfg
+from test_lm_eval import INC, TASKS
 from test_train import _free_port
 from train import trainer
-
-TASKS = 'notoklm_mc,notoklm_cloze,notoklm_rolling,notoklm_gen'
-INC = os.path.join(os.path.dirname(__file__), 'data', 'lm_eval')
 
 
 @pytest.fixture(scope='module')

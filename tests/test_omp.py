@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 
 from conftest import run_launch
-from data import encoders, target_tokenizers
-from models import pretrained, token_lm, transformer
+from data import target_tokenizers
+from models import pretrained, transformer
+from test_zett import tiny_base
 from train import config_lib, families, transfer
 
 
@@ -21,24 +22,10 @@ def tiny(tmp_path_factory, data_dir):
   shapes of tests/test_zett.py's, so the compilations are shared). The corpus is other text than
   the base tokenizer's, so a tokenizer trained on it has new tokens."""
   del data_dir
-  root = tmp_path_factory.mktemp('omp')
-  docs = [f'Document {i}: the tokenizer transfer hypernetwork reads pieces of token {i}. '
-          f'Then the base model scores text {i * 7}.' for i in range(24)]
-  corpus_path = root / 'docs.jsonl'
   corpus = [f'Sentence {i}: orthogonal matching pursuit writes every new token from shared '
             f'anchors of the tokenizer {i}. Transplanted vocabularies keep the model {i * 3}.'
             for i in range(24)]
-  corpus_path.write_text(''.join(json.dumps({'text': t}) + '\n' for t in corpus))
-  tok = encoders._train_tokenizer(docs, 420)  # pylint: disable=protected-access
-  cfg = token_lm.default_model_config()
-  cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim = 32, 2, 2, 1, 16
-  cfg.mlp_dim, cfg.tie_embeddings = 64, True
-  model = token_lm.TokenLM(cfg, tok.get_vocab_size(), rngs=nnx.Rngs(0))
-  base = str(root / 'base')
-  pretrained.save_hf(model, cfg, tok, base, bos_id=1, eos_id=2)
-  overrides = {'model.source': base, 'data.source': f'text:{corpus_path}',
-               'data.seq_len': 32, 'train.batch_size': 2, 'train.eval_batches': 1}
-  return root, base, overrides
+  return tiny_base(tmp_path_factory.mktemp('omp'), corpus)
 
 
 def test_omp_reproduces_shared_tokens_and_k1_is_the_nearest_anchor():

@@ -65,6 +65,14 @@ def test_compile_cache_is_pruned_least_recently_used_first(tmp_path):
   assert launching.prune_compile_cache(str(d / 'absent'), 1) == 0
 
 
+def test_a_compile_cache_path_that_is_a_file_is_named(tmp_path, monkeypatch):
+  f = tmp_path / 'not_a_dir'
+  f.write_text('')
+  monkeypatch.setenv(launching.COMPILE_CACHE_ENV, str(f))
+  with pytest.raises(NotADirectoryError, match='NOTOKLM_COMPILE_CACHE=.*not a directory'):
+    launching.enable_compile_cache()
+
+
 def test_two_processes_from_slurm_variables(data_dir, tmp_path):
   wd = str(tmp_path / 'slurm')
   job = _free_slurm_job_id()

@@ -38,16 +38,16 @@ def test_sampled_unigram_tokenizers():
     tokenizer_sampler.sample_unigram(TEXTS, 200, rng)
 
 
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory, data_dir):
-  """A tiny Llama-architecture base in HF format with a byte-level BPE, and a jsonl corpus."""
-  del data_dir
-  root = tmp_path_factory.mktemp('zett')
-  docs = [f'Document {i}: the tokenizer transfer hypernetwork reads pieces of token {i}. '
-          f'Then the base model scores text {i * 7}.' for i in range(24)]
+DOCS = [f'Document {i}: the tokenizer transfer hypernetwork reads pieces of token {i}. '
+        f'Then the base model scores text {i * 7}.' for i in range(24)]
+
+
+def tiny_base(root, corpus=DOCS):
+  """A tiny Llama-architecture base in HF format (root/base) with a byte-level BPE trained on
+  DOCS, and `corpus` as a jsonl file: (root, base, config overrides that train on it)."""
   corpus_path = root / 'docs.jsonl'
-  corpus_path.write_text(''.join(json.dumps({'text': t}) + '\n' for t in docs))
-  tok = encoders._train_tokenizer(docs, 420)  # pylint: disable=protected-access
+  corpus_path.write_text(''.join(json.dumps({'text': t}) + '\n' for t in corpus))
+  tok = encoders._train_tokenizer(DOCS, 420)  # pylint: disable=protected-access
   cfg = token_lm.default_model_config()
   cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim = 32, 2, 2, 1, 16
   cfg.mlp_dim, cfg.tie_embeddings = 64, True
@@ -57,6 +57,13 @@ def tiny(tmp_path_factory, data_dir):
   overrides = {'model.source': base, 'data.source': f'text:{corpus_path}',
                'data.seq_len': 32, 'train.batch_size': 2, 'train.eval_batches': 1}
   return root, base, overrides
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory, data_dir):
+  """A tiny Llama-architecture base in HF format with a byte-level BPE, and a jsonl corpus."""
+  del data_dir
+  return tiny_base(tmp_path_factory.mktemp('zett'))
 
 
 def _zett_cfg(overrides, **more):

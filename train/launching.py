@@ -51,6 +51,9 @@ def enable_compile_cache() -> str:
   directory is always safe."""
   d = compile_cache_dir()
   if d:
+    if os.path.exists(d) and not os.path.isdir(d):
+      raise NotADirectoryError(f'{COMPILE_CACHE_ENV}={d}: not a directory (name a directory for '
+                               "the compilation cache, or 'off')")
     os.makedirs(d, exist_ok=True)
     prune_compile_cache(d, COMPILE_CACHE_MAX_BYTES)
     jax.config.update('jax_compilation_cache_dir', d)
