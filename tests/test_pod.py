@@ -1,6 +1,7 @@
 """Pod-ready runs: bucket workdirs end to end on a local Cloud Storage emulator (two
-jax.distributed processes train on gs://, are killed, resume bitwise, a third process
-evaluates; sweeps and the evaluator on buckets; the lock object), the TPU launcher against a
+jax.distributed processes train on parquet / jsonl.gz shards in the bucket into a gs:// workdir,
+each reading only its own shards, are killed, resume bitwise, a third process evaluates; a sweep
+on bucket data into a bucket; the lock object), the TPU launcher against a
 stub `gcloud` (code shipped, set up and started on all workers, preemption restarts), the local
 restart loop, and bad workdir URLs."""
 import json
@@ -18,8 +19,10 @@ import pytest
 
 import launch
 from conftest import ROOT, launch_cmd, run_launch, subprocess_env
+from test_shards import cfg_data, write_corpus
 from test_train import CONFIG, RESUME, SMALL, _free_port
-from train import launching, storage
+from data import corpus
+from train import launching, record, storage
 
 
 def _curve(wd):
@@ -28,6 +31,20 @@ def _curve(wd):
     r = json.loads(line)
     out[r['step']] = r['loss']
   return out
+
+
+@pytest.fixture(scope='module')
+def bucket_corpus(gcs, tmp_path_factory):
+  """The parquet + jsonl.gz shards of test_shards in gs://test-bucket/corpus/, and the
+  launch.py flags that train on them (no local data: `max_docs` of SMALL does not apply)."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+  d = str(tmp_path_factory.mktemp('corpus'))
+  write_corpus(d, parquet_files=4)
+  fs = fsspec.filesystem('gs')
+  for f in sorted(os.listdir(d)):
+    fs.put(os.path.join(d, f), f'test-bucket/corpus/{f}')
+  source = f'shards:{gcs}/corpus/*.parquet,{gcs}/corpus/*.jsonl.gz'
+  return source, [a for a in SMALL if 'max_docs' not in a] + [f'--config.data.source={source}']
 
 
 def test_storage_and_the_lock_object_on_a_bucket(gcs, monkeypatch):
@@ -95,15 +112,17 @@ def test_missing_credentials_are_named(monkeypatch):
     storage.check_workdir('gs://lab/run')
 
 
-def test_two_processes_on_a_bucket_resume_bitwise_and_a_third_evaluates(gcs, data_dir,
-                                                                         monkeypatch, tmp_path):
-  """The pod path on a bucket: 2 jax.distributed processes checkpoint into one gs:// workdir,
-  are killed -9, resume (curve bitwise equal to an uninterrupted 2-process run; the restart
-  waits out the killed run's lock lease), and a third process follows the bucket as the
+def test_two_processes_on_bucket_shards_resume_bitwise_and_a_third_evaluates(
+    gcs, bucket_corpus, data_dir, monkeypatch, tmp_path):
+  """The pod path on a bucket: 2 jax.distributed processes train on parquet / jsonl.gz shards in
+  the bucket, each fetching only its own shards (counted per process), checkpoint into one gs://
+  workdir, are killed -9, resume (curve bitwise equal to an uninterrupted 2-process run; the
+  restart waits out the killed run's lock lease), and a third process follows the bucket as the
   evaluator."""
   monkeypatch.setenv(storage.LEASE_ENV, '4')
+  source, data_flags = bucket_corpus
   common = [CONFIG, '--config.train.steps=16', '--config.ckpt.every=4', '--config.ckpt.keep=10',
-            *SMALL, '--num_processes=2']
+            *data_flags, '--num_processes=2']
 
   logs = iter(range(100))
 
@@ -148,26 +167,48 @@ def test_two_processes_on_a_bucket_resume_bitwise_and_a_third_evaluates(gcs, dat
   a, b = _curve(ref), _curve(wd)
   assert sorted(a) == sorted(b) == list(range(1, 17))
   assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]][:4]
+  # each process fetched objects of its own share only (data_reads/process_<i>.jsonl)
+  seed = storage.read_json(f'{ref}/config.json')['seed']
+  src = corpus.get_source(cfg_data(source), 'train')
+  resumed = int(re.search(r'resumed from step (\d+)', outs[0]).group(1))
+  for run, start in ((ref, 0), (wd, resumed)):
+    reads = record.reads(run)
+    assert sorted(reads) == [0, 1], reads
+    got = []
+    for pi in (0, 1):
+      row, = [r for r in reads[pi] if r['from_step'] == start]
+      assert row['to_step'] == 16 and row['process_count'] == 2, row
+      (name, objects), = row['sources'].items()
+      assert name.endswith('/train') and objects and all(v['bytes'] > 0 for v in objects.values())
+      units = src.train_stream(lambda t: t, seed, pi, 2, True, None).host_units()
+      assert set(objects) <= {src.shards[u[0]].url for u in units}, (pi, objects)
+      got.append(set(objects))
+    assert got[0].isdisjoint(got[1]), got
   # the evaluator on a third machine: reads the bucket, evaluates every checkpoint once
   p = run_launch(data_dir, *common[:-1], f'--workdir={wd}', '--mode=evaluator',
                  '--poll_seconds=0.2', '--max_idle_seconds=120', devices=1)
-  record = [json.loads(l) for l in storage.read_text(f'{wd}/evaluator.jsonl').splitlines()]
+  evaluated = [json.loads(l) for l in storage.read_text(f'{wd}/evaluator.jsonl').splitlines()]
   summary = storage.read_json(f'{wd}/train_summary.json')
-  assert record[-1]['step'] == 16 and 'evaluator] done' in p.stdout
-  assert record[-1]['bpb'] == pytest.approx(summary['eval']['bpb'], abs=1e-6)
+  assert evaluated[-1]['step'] == 16 and 'evaluator] done' in p.stdout
+  assert evaluated[-1]['bpb'] == pytest.approx(summary['eval']['bpb'], abs=1e-6)
   assert any(n.startswith('events.out.tfevents') for n in storage.listdir(f'{wd}/tb'))
   assert storage.read_json(f'{wd}/config.json')['family'] == 'lm'
 
 
-def test_sweep_on_a_bucket(gcs, data_dir):
+def test_sweep_on_bucket_data_into_a_bucket(gcs, bucket_corpus, data_dir):
+  source, data_flags = bucket_corpus
   wd = f'{gcs}/sweep'
   run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sweep', '--config.train.steps=20',
-             '--config.ckpt.every=100', '--config.eval.robustness=', *SMALL)
+             '--config.ckpt.every=100', '--config.eval.robustness=', *data_flags)
   md = storage.read_text(f'{wd}/summary.md')
   assert md.count('| done |') == 2, md
   assert storage.exists(f'{wd}/curves_bpb.png') and storage.exists(f'{wd}/bpb_vs_flops.png')
+  for point in storage.listdir(wd):  # every point trained on the bucket's shards
+    if storage.exists(f'{wd}/{point}/config.json'):
+      assert storage.read_json(f'{wd}/{point}/config.json')['data']['source'] == source
+      assert record.reads(f'{wd}/{point}')[0][0]['sources'], point
   p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sweep_summary',
-                 '--config.train.steps=20', *SMALL)
+                 '--config.train.steps=20', *data_flags)
   assert '2 of 2 points done' in p.stdout
 
 

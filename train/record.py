@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 RUN = 'run.json'
 HISTORY = 'config_history.jsonl'
 TRAIN_TIME = 'train_time.jsonl'
+READS = 'data_reads'  # per process: what each launch read of a streamed corpus
 DATA_KEY = 'data.fingerprint'  # the name --allow_config_change uses for the data's content
 
 # Patterns: 'a.b' is the key and its sub-keys, 'a.' / 'a*' every key starting so.
@@ -205,6 +206,19 @@ def finished(workdir: str, latest: int | None, steps: int) -> dict | None:
     return None
   summary = storage.read_json(path)
   return summary if summary.get('step') == latest else None
+
+
+def append_reads(workdir: str, process_index: int, row: dict) -> None:
+  """Appends one launch's reads of a streamed corpus (`Family.data_reads`, with the steps it
+  trained) to this process's `data_reads/process_<i>.jsonl`: which objects, how many bytes."""
+  _append_lines(storage.join(workdir, READS, f'process_{process_index}.jsonl'), [row])
+
+
+def reads(workdir: str) -> dict[int, list[dict]]:
+  """{process index: its launches' rows} of `append_reads`."""
+  d = storage.join(workdir, READS)
+  return {int(n[len('process_'):-len('.jsonl')]): _read_lines(storage.join(d, n))
+          for n in sorted(storage.listdir(d)) if n.startswith('process_')}
 
 
 def train_seconds_at(workdir: str, step: int | None) -> float:

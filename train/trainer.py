@@ -550,6 +550,10 @@ def _train(cfg, workdir: str, lock: storage.WorkdirLock, allow: tuple = ()) -> d
   writer.flush()
   checkpointer.wait()
   train_time = seconds_before + time.perf_counter() - t_start
+  reads = fam.data_reads()
+  if reads:  # each process: the objects of a streamed corpus it read in this launch
+    record.append_reads(workdir, pid, {'from_step': restored or 0, 'to_step': step,
+                                       'process_count': jax.process_count(), 'sources': reads})
 
   if stop.requested and step < total:
     log0(f'stopped by {stop.name} at step {step}; checkpoint of step {last_saved} saved')

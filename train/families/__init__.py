@@ -249,6 +249,11 @@ class Family(abc.ABC):
     """Reports `source.stats` in `data_stats` (read at each call, not copied now)."""
     self._sources.append(source)
 
+  def data_reads(self) -> dict[str, dict[str, dict[str, int]]]:
+    """{source name: {url: {'opens', 'bytes'}}}: the objects this process has read from its
+    streamed training sources (`shards:`) so far; empty for prepared sources."""
+    return {s.name: s.fetched() for s in self._sources if callable(getattr(s, 'fetched', None))}
+
 
 def _read_manifest(workdir) -> dict | None:
   if not workdir:
