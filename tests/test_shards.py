@@ -15,6 +15,7 @@ import pytest
 
 from conftest import ROOT, launch_cmd, run_launch, subprocess_env
 from data import corpus, encoders, pipeline, shards
+from train import record
 
 N_DOCS = 480
 
@@ -304,6 +305,14 @@ def test_launch_trains_on_parquet_shards_is_killed_resumes_and_evaluates(data_di
   assert sorted(a) == sorted(b) == list(range(1, 61))
   assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]][:5]
   assert last_eval_bpb(ref) == last_eval_bpb(wd)
+  # what the process read, per launch: the killed launch recorded nothing, the resumed one its
+  # steps; with one process, every file is its share (60 steps read only part of the corpus)
+  (row,), (resumed,) = record.reads(ref)[0], record.reads(wd)[0]
+  assert (row['from_step'], row['to_step'], resumed['to_step']) == (0, 60, 60)
+  assert 0 < resumed['from_step'] < 60 and f'resumed from step {resumed["from_step"]}' in p.stdout
+  (objects,) = row['sources'].values()
+  assert objects and set(objects) <= {os.path.join(d, f) for f in os.listdir(d)}
+  assert all(v['opens'] >= 1 and v['bytes'] > 0 for v in objects.values())
   run_launch(data_dir, *args, f'--workdir={wd}', '--mode=eval')
   ev = json.load(open(os.path.join(wd, 'eval_step60.json')))
   assert ev['bpb'] == pytest.approx(last_eval_bpb(wd), abs=1e-6)
