@@ -1,6 +1,12 @@
 """HAT (models/hat.py) as a byte-level view (`models.byte_level.ByteLM`): `HATView` steps the
 model one byte at a time with its three KV caches; `HATBoundaryView` sums over the word-boundary
-tokens of a HAT that has them. `byte_view` picks the one the model needs.
+tokens of a HAT that has them; `HATLearnedView` decides learned boundaries byte by byte.
+`byte_view` picks the one the model needs.
+
+Where every boundary is decided by the time its byte arrives (learned chunking; a byte-level
+splitter such as entropy patches), a whole text's next-byte distributions are those of the
+training forward over the text, so `distributions` runs that one jitted forward instead of
+stepping (`HATView.distributions_and_starts`).
 """
 from __future__ import annotations
 
@@ -32,21 +38,36 @@ class _HATState:
   unit_p: list = dataclasses.field(default_factory=list)  # learned chunking: P of each unit
 
 
+# the fewest ids a one-pass forward is padded to (then powers of two: `bucket`)
+FORWARD_MIN = 64
+
+
 class HATView(ByteLM):
   """A HAT model (models/hat.py) one byte at a time, with its three KV caches: the same
   computation as `hat.generate` on the host path (words finished when the splitter says a new
   one began, the decoder re-reading the bytes of a word whose start was decided late). Next
   byte = softmax over the byte ids and eos, renormalized (pad, bos and padding ids dropped).
   `score` runs these steps byte by byte, so it is the generation-time probability; the
-  training-time forward over a whole text differs only where a word start is decided late."""
+  training-time forward over a whole text differs only where a word start is decided late.
+
+  `distributions` (and so `loglikelihoods`, next-word accuracy, held-out scoring) runs that
+  training forward once over the whole text instead, where no start can be decided late: with
+  a byte-level splitter (`splitter.byte_level`: entropy patches, whose H(i) reads bytes < i;
+  spacebyte, fixed:N, ascii_whitespace), the causal byte encoder and no boundary tokens. The
+  text's word starts are computed once (entropy patches: one patcher call over the text),
+  the row is padded to a power of two of at least `FORWARD_MIN` ids (`bucket`: few programs
+  compile) with one word slot per position, so words never outnumber slots. Texts of more than
+  `max_forward` ids (bos included; one forward's memory grows with its length: T x Lw pooled
+  slots, the backbone attending over T slots), and the other splitters (whitespace, unicode:
+  a start may be decided after its byte) step byte by byte as `score` does."""
 
   def __init__(self, model, splitter, max_word_bytes: int = 16, name: str = 'hat',
-               bos_id: int = 1, eos_id: int = 2):
+               bos_id: int = 1, eos_id: int = 2, max_forward: int = 4096):
     if splitter is not None and not 0 < splitter.word_cap <= max_word_bytes:
       raise ValueError(f'{splitter!r}: a word cap in [1, max_word_bytes={max_word_bytes}] is '
                        f'needed (every word must fit the pooling width)')
     self.model, self.splitter, self.lw, self.name = model, splitter, max_word_bytes, name
-    self.bos_id, self.eos_id = bos_id, eos_id
+    self.bos_id, self.eos_id, self.max_forward = bos_id, eos_id, int(max_forward)
     graphdef, self.params = nnx.split(model)
     ones = lambda: jnp.ones((1, 1), jnp.int32)
 
@@ -69,8 +90,46 @@ class HATView(ByteLM):
                                jnp.zeros((1, 1), jnp.int32), cache, t)
       return logits[0, 0], cache
 
-    self._enc, self._word, self._dec = enc_step, word_step, dec_step
+    @jax.jit
+    def forward(params, batch):
+      return nnx.merge(graphdef, params)(batch)[0]
+
+    self._enc, self._word, self._dec, self._forward = enc_step, word_step, dec_step, forward
     self._take = np.concatenate([np.arange(BYTE_OFFSET, 256 + BYTE_OFFSET), [eos_id]])
+
+  def _one_pass(self, ids: list[int]) -> tuple[np.ndarray, list[int]] | None:
+    """(fp32 logits [len(ids), V], word starts) of the training forward over `ids`, or None
+    where the view steps byte by byte (see the class doc)."""
+    if (self.splitter is None or not self.splitter.byte_level or self.model.word_encoder
+        or len(ids) > self.max_forward):
+      return None
+    starts = self._starts(ids)
+    batch = hat.single_row_batch(ids, starts, self.lw, bucket(len(ids), FORWARD_MIN))
+    return np.asarray(self._forward(self.params, batch))[:len(ids)], starts
+
+  def distributions_and_starts(self, text: bytes) -> tuple[np.ndarray, list[int] | None]:
+    """(`distributions(text)`, the word starts the model used over [bos] + text: offsets in
+    its stream, None for a view whose states do not say). One forward where `_one_pass`
+    holds the text, else byte by byte (the starts of the last state)."""
+    text = bytes(text)
+    ids = [self.bos_id] + [b + BYTE_OFFSET for b in text]
+    out = self._one_pass(ids)
+    if out is None:
+      st = self.start(b'')
+      rows = [self.next_byte_logprobs(st)]
+      for b in text:
+        st = self.advance(st, b)
+        rows.append(self.next_byte_logprobs(st))
+      starts = getattr(st, 'word_starts', None)
+      return np.stack(rows), None if starts is None else list(starts)
+    logits, starts = out
+    lp = logits.astype(np.float64)[:, self._take]
+    lp = lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)
+    return lp.astype(np.float32), [int(s) for s in starts]
+
+  def distributions(self, text: bytes) -> np.ndarray:
+    """See `ByteLM.distributions`; one training forward where the class doc says so."""
+    return self.distributions_and_starts(text)[0]
 
   def _starts(self, ids) -> list[int]:
     """Word starts of the id sequence (the model's words)."""
@@ -174,6 +233,10 @@ class HATBoundaryView(HATView):
   def _starts(self, ids) -> list[int]:
     return self.words.host_starts(ids)
 
+  def _one_pass(self, ids):
+    """None: a text's probability sums over its streams, byte by byte."""
+    del ids
+
   @staticmethod
   def _copy(st: _HATState) -> _HATState:
     return dataclasses.replace(st, ids=list(st.ids), contexts=list(st.contexts),
@@ -232,13 +295,24 @@ class HATLearnedView(HATView):
   byte's), as `hat.generate` does; at a boundary the finished unit (its last
   `model.max_unit_bytes` bytes, as in training) goes through the backbone and the smoothing,
   and the byte is decoded with the new context. No splitter is read. Equals the training-time
-  forward of the whole text as long as the text's units fit the training rows' `max_units`."""
+  forward of the whole text as long as the text's units fit the training rows' `max_units`.
+
+  `distributions` is that forward (`HAT.chunked`) over the whole text at once, with one unit
+  slot per position (no unit is ever merged for want of slots), padded as `HATView`'s; texts
+  of more than `max_forward` ids step byte by byte."""
 
   def __init__(self, model, splitter=None, max_word_bytes: int = 16, name: str = 'hat',
-               bos_id: int = 1, eos_id: int = 2):
+               bos_id: int = 1, eos_id: int = 2, max_forward: int = 4096):
     del max_word_bytes  # the units are pooled from the model's max_unit_bytes, as in training
-    super().__init__(model, None, model.max_unit_bytes, name, bos_id, eos_id)
+    super().__init__(model, None, model.max_unit_bytes, name, bos_id, eos_id, max_forward)
     graphdef, _ = nnx.split(model)
+
+    @jax.jit
+    def forward(params, batch):
+      out = nnx.merge(graphdef, params).chunked(batch, max_units=batch['inputs'].shape[1])
+      return out['logits'][0], out['b'][0]
+
+    self._forward = forward
 
     @jax.jit
     def route_step(params, h, h_prev):
@@ -258,6 +332,13 @@ class HATLearnedView(HATView):
                         jnp.ones((1, 1), jnp.int32), cache, j)
 
     self._route, self._unit = route_step, unit_step
+
+  def _one_pass(self, ids: list[int]) -> tuple[np.ndarray, list[int]] | None:
+    if len(ids) > self.max_forward:
+      return None
+    logits, b = self._forward(self.params,
+                              hat.learned_row_batch(ids, bucket(len(ids), FORWARD_MIN)))
+    return np.asarray(logits)[:len(ids)], np.flatnonzero(np.asarray(b)[:len(ids)]).tolist()
 
   def _push(self, st: _HATState, x: int) -> _HATState:
     st = self._room(st)
