@@ -29,9 +29,10 @@ and character-noise robustness, next-word accuracy and the byte accuracy within 
 the unit lengths on the normal text, training bytes/s (bytes trained on over the training
 loop's wall time, the first step's compilation included) and generation bytes/s (greedy, `--gen_bytes` bytes after 'def ', the
 median of 3 after a warm-up, through the byte view: `byte_views.generation_speed`). Then the
-first piece of each text with `|` before every unit, per run. A HAT with learned chunking is
-scored through its training forward over each piece (`HAT.chunked`, one unit slot per
-position): its byte view's boundaries and distributions without the byte-by-byte loop.
+first piece of each text with `|` before every unit, per run. A HAT with learned chunking or
+entropy patches is scored through its training forward over each piece (its byte view's
+`distributions_and_starts`, models/hat_view.py): the same boundaries and distributions as
+byte by byte, without the loop.
 Measurements are cached in WORKDIR/units_benchmark.json: a rerun measures only new runs.
 """
 from __future__ import annotations
@@ -142,56 +143,19 @@ def _units(member, state, piece: bytes) -> np.ndarray:
 
 def _score(member, items) -> tuple[float, list[np.ndarray]]:
   """Bits per byte of `member`'s byte view on `items` (pieces, each a document) and the units
-  of every piece, from one pass of the view (`ByteLM.distributions`, keeping the last state)."""
+  of every piece, from one pass of the view (a HAT's `distributions_and_starts`: one training
+  forward for learned chunking and entropy patches, byte by byte for the other splitters)."""
+  import types  # pylint: disable=import-outside-toplevel
   from train.evals import byte_views  # pylint: disable=import-outside-toplevel
   view, rows, units = member.view, [], []
-  if getattr(getattr(view, 'model', None), 'learned', False):
-    return _score_learned(view, items)
+  both = getattr(view, 'distributions_and_starts', None)
   for p, end in items:
-    st = view.start(b'')
-    out = [view.next_byte_logprobs(st)]
-    for b in p:
-      st = view.advance(st, b)
-      out.append(view.next_byte_logprobs(st))
-    d = np.stack(out)
+    d, starts = both(p) if both else (view.distributions(p), None)
     rows.append(d if end else d[:-1])
-    units.append(_units(member, st, p))
+    units.append(_units(member, types.SimpleNamespace(word_starts=starts), p))
   scored = byte_views.Scored(np.concatenate(rows).astype(np.float32),
                              byte_views.targets_of(items), byte_views.n_bytes(items), 0.0)
   return scored.bpb(), units
-
-
-def _score_learned(view, items) -> tuple[float, list[np.ndarray]]:
-  """`_score` for a HAT with learned chunking, from its training forward (`HAT.chunked`) over
-  each piece at once instead of byte by byte: the same boundaries and next-byte distributions
-  as its byte view (`HATLearnedView`, tested equal) when no unit is merged for want of slots, so
-  a piece gets one unit slot per position."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from models import hat  # pylint: disable=import-outside-toplevel
-  from models.byte_level.interface import BYTE_OFFSET  # pylint: disable=import-outside-toplevel
-  from train.evals import byte_views  # pylint: disable=import-outside-toplevel
-  graphdef, params = nnx.split(view.model)
-  size = 256
-
-  @jax.jit
-  def forward(params, batch):
-    out = nnx.merge(graphdef, params).chunked(batch, max_units=size)
-    return out['logits'][0], out['b'][0]
-
-  lps, units = [], []
-  for p, end in items:
-    ids = [view.bos_id] + [b + BYTE_OFFSET for b in p]
-    if len(ids) > size:
-      raise ValueError(f'a piece of {len(p)} bytes: more than {size - 1}')
-    logits, b = forward(params, hat.learned_row_batch(ids, size))
-    logits = np.asarray(logits, np.float64)[:len(ids), view._take]  # pylint: disable=protected-access
-    logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
-    targets = list(p) + ([256] if end else [])  # 256: the end of text (models.byte_level.END)
-    lps.append(logp[np.arange(len(targets)), targets])
-    starts = [0] + [t - 1 for t in np.flatnonzero(np.asarray(b)[:len(ids)]) if t >= 2]
-    units.append(np.diff(np.append(starts, len(p))))
-  return float(-np.concatenate(lps).sum() / np.log(2) / byte_views.n_bytes(items)), units
 
 
 def _stats(lens: np.ndarray, capped: bool) -> dict:
