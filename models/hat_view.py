@@ -236,6 +236,7 @@ class HATBoundaryView(HATView):
   def _one_pass(self, ids):
     """None: a text's probability sums over its streams, byte by byte."""
     del ids
+    return None
 
   @staticmethod
   def _copy(st: _HATState) -> _HATState:
