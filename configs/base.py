@@ -44,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.seq_len = 256            # tokens per packed row
   d.shuffle = True
   d.prefetch = 2             # batches prepared ahead on a host thread
+  d.workers = 0              # >0: the host's batches built by this many processes (tokenizing,
+                             # word splitting, packing in parallel; data/host_workers.py); each
+                             # builds batch_size / processes / workers rows
 
   # Trainer ------------------------------------------------------------------
   c.train = t = ml_collections.ConfigDict()

@@ -37,6 +37,13 @@ class WordFields:
     self._lock = threading.Lock()
     self.stats = {'words': 0, 'dropped_bytes': 0, 'target_bytes': 0}
 
+  def __getstate__(self):  # pickled into data workers (data/host_workers.py): not the lock
+    return {k: v for k, v in self.__dict__.items() if k != '_lock'}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
   def _layout(self, inputs, segment_ids, num_words):
     if self.boundary_id is None:
       return words.batch_words(inputs, segment_ids, self.splitter, num_words, self.word_len)

@@ -303,6 +303,10 @@ class TrainIterator:
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Resumes so that the next batch is the one that followed `state`."""
+    if state.get('workers'):  # data/host_workers.py
+      raise ValueError(f'the iterator state was written with data.workers={state["workers"]}, '
+                       'this iterator runs in the trainer (data.workers=0): resume with '
+                       f'--config.data.workers={state["workers"]}')
     meta = self._meta()
     bad = {k: (state[k], v) for k, v in meta.items() if k in state and state[k] != v}
     if bad:
@@ -455,14 +459,41 @@ def local_batch_size(cfg, process_count: int) -> int:
 
 def make_train_iterator(cfg, encoder: encoders.Encoder, process_index: int | None = None,
                         process_count: int | None = None,
-                        state: dict[str, Any] | None = None, transform=None) -> TrainIterator:
-  """TrainIterator from the full config (host defaults: jax.process_index/count)."""
+                        state: dict[str, Any] | None = None, transform=None):
+  """The host's train iterator from the full config (host defaults: jax.process_index/count):
+  a TrainIterator, or with `data.workers` = W >= 1 a host_workers.WorkerIterator whose W
+  processes each run one (virtual host `process_index * W + w` of `process_count * W`, its
+  `local_batch / W` rows; `encoder` and `transform` are pickled into each)."""
   process_index, process_count = _hosts(process_index, process_count)
   source = corpus.get_source(cfg.data, cfg.data.train_split)
-  return TrainIterator(source, encoder, cfg.data.seq_len, local_batch_size(cfg, process_count),
-                       seed=cfg.seed, process_index=process_index, process_count=process_count,
-                       shuffle=cfg.data.shuffle, prefetch=cfg.data.prefetch, state=state,
-                       transform=transform)
+  local_batch = local_batch_size(cfg, process_count)
+  workers = int(cfg.data.get('workers', 0))
+  if not workers:
+    return TrainIterator(source, encoder, cfg.data.seq_len, local_batch, seed=cfg.seed,
+                         process_index=process_index, process_count=process_count,
+                         shuffle=cfg.data.shuffle, prefetch=cfg.data.prefetch, state=state,
+                         transform=transform)
+  from data import host_workers  # pylint: disable=import-outside-toplevel
+  if workers < 0 or local_batch % workers:
+    raise ValueError(f'data.workers={workers}: a host builds {local_batch} rows per batch '
+                     f'(train.batch_size {cfg.train.batch_size} / {process_count} processes), '
+                     'which the workers share equally: data.workers must divide it')
+  factory = functools.partial(_worker_iterator, cfg.data, cfg.data.train_split, encoder,
+                              local_batch // workers, cfg.seed, transform)
+  return host_workers.WorkerIterator(factory, workers, process_index, process_count,
+                                     prefetch=cfg.data.prefetch, state=state, source=source,
+                                     transform=transform)
+
+
+def _worker_iterator(cfg_data, split: str, encoder: encoders.Encoder, rows: int, seed: int,
+                     transform, process_index: int, process_count: int,
+                     state: dict[str, Any] | None) -> TrainIterator:
+  """What a data worker runs (data/host_workers.py): the TrainIterator of its virtual host,
+  without a prefetch thread (the worker process is the prefetch)."""
+  source = corpus.get_source(cfg_data, split)
+  return TrainIterator(source, encoder, cfg_data.seq_len, rows, seed=seed,
+                       process_index=process_index, process_count=process_count,
+                       shuffle=cfg_data.shuffle, prefetch=0, state=state, transform=transform)
 
 
 def make_eval_batches(cfg, encoder: encoders.Encoder, process_index: int | None = None,

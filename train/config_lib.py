@@ -96,6 +96,7 @@ RANGES = {
     'data.max_docs': (lambda v: v >= 0, '>= 0 (0: every document)'),
     'data.max_doc_chars': (lambda v: v >= 1, '>= 1'),
     'data.prefetch': (lambda v: v >= 0, '>= 0'),
+    'data.workers': (lambda v: v >= 0, '>= 0 (0: batches built in the trainer process)'),
     'data.max_words': (lambda v: v >= 1, '>= 1'),
     'data.max_word_bytes': (lambda v: v >= 1, '>= 1'),
     'data.max_sentence_bytes': (lambda v: v >= 8, '>= 8'),

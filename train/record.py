@@ -60,7 +60,7 @@ FIXED_AFTER_TRAINING = (
     'family', 'model.', 'data.seq_len', 'data.encoder', 'data.vocab_size', 'data.max_words',
     'data.max_word_bytes', 'data.max_sentence_bytes')
 # data keys that do not change which documents are read
-_DATA_NEUTRAL = ('data.prefetch', 'data.data_dir', 'data.shuffle', 'data.train_split')
+_DATA_NEUTRAL = ('data.prefetch', 'data.workers', 'data.data_dir', 'data.shuffle', 'data.train_split')
 
 
 def matches(key: str, patterns) -> bool:
