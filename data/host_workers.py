@@ -25,9 +25,11 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import shutil
 import signal
 import threading
 import traceback
+from multiprocessing import shared_memory
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -64,11 +66,68 @@ def _put(q, item, stop, parent) -> bool:
   return False
 
 
-def _worker_main(factory, index: int, count: int, state, q, stop) -> None:
-  """A worker: ('ready',), then ('ok', batch, state, stats delta) per batch, or ('error', ...)."""
+def _layout(batch):
+  """((key, shape, dtype, offset), ...), bytes: where a flat dict of arrays goes in a slot."""
+  if not isinstance(batch, dict) or not all(isinstance(v, np.ndarray) for v in batch.values()):
+    return None
+  out, off = [], 0
+  for k, v in batch.items():
+    out.append((k, v.shape, v.dtype.str, off))
+    off += -(-v.nbytes // 64) * 64
+  return tuple(out), off
+
+
+def _shm_free() -> float:
+  """Bytes free for shared memory (/dev/shm; unbounded where there is none)."""
+  try:
+    return shutil.disk_usage('/dev/shm').free
+  except OSError:
+    return float('inf')
+
+
+class _Ring:
+  """A worker's batches written into `slots` slots of one shared memory block (made on the
+  first batch, sized by it): only (name, offset, layout) goes through the queue, not the
+  pickled arrays. `free` counts the slots the trainer has copied out."""
+
+  def __init__(self, free, slots: int):
+    self.free, self.slots = free, slots
+    self.shm, self.layout, self.n = None, None, 0
+
+  def pack(self, batch, stop, parent):
+    """-> ('shm', (name, offset, layout)), or ('ok', batch) for a batch of another layout,
+    or None when stopping."""
+    lay = _layout(batch)
+    if lay is None or (self.layout is not None and lay != self.layout):
+      return 'ok', batch
+    if self.shm is None:
+      self.layout, size = lay, max(lay[1], 1) * self.slots
+      if size > _shm_free():  # (a full /dev/shm would end the worker with SIGBUS)
+        self.layout = ()  # through the queue, pickled
+        return 'ok', batch
+      self.shm = shared_memory.SharedMemory(create=True, size=size)
+    while not self.free.acquire(timeout=_POLL_S):
+      if stop.is_set() or (parent is not None and not parent.is_alive()):
+        return None
+    base = (self.n % self.slots) * self.layout[1]
+    self.n += 1
+    for k, shape, dtype, off in self.layout[0]:
+      np.ndarray(shape, dtype, self.shm.buf, base + off)[...] = batch[k]
+    return 'shm', (self.shm.name, base, self.layout[0])
+
+  def close(self):
+    if self.shm is not None:
+      self.shm.close()
+      self.shm.unlink()
+
+
+def _worker_main(factory, index: int, count: int, state, q, stop, free, slots: int) -> None:
+  """A worker: ('ready',), then ('shm' or 'ok', batch, state, stats delta) per batch, or
+  ('error', ...)."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the trainer, which stops us
   parent = mp.parent_process()
   sent = False
+  ring = _Ring(free, slots)
   try:
     it = factory(index, count, state)
     seen = _stats(it)
@@ -80,7 +139,8 @@ def _worker_main(factory, index: int, count: int, state, q, stop) -> None:
       delta = {k: {s: v - seen[k].get(s, 0) for s, v in now[k].items()
                    if v != seen[k].get(s, 0)} for k in now}
       seen = now
-      if not _put(q, ('ok', batch, it.get_state(), delta), stop, parent):
+      packed = ring.pack(batch, stop, parent)
+      if packed is None or not _put(q, (*packed, it.get_state(), delta), stop, parent):
         return
   except BaseException as e:  # pylint: disable=broad-except
     try:
@@ -90,9 +150,13 @@ def _worker_main(factory, index: int, count: int, state, q, stop) -> None:
       exc = None
     sent = _put(q, ('error', exc, f'{type(e).__name__}: {e}', traceback.format_exc()), stop,
                 parent)
+    # the batches queued before the error may still be read: keep their slots until stopped
+    while sent and not stop.wait(_POLL_S) and (parent is None or parent.is_alive()):
+      pass
   finally:
     if not sent:  # stopping: what is still queued is dropped, so the process can exit
       q.cancel_join_thread()
+    ring.close()
 
 
 @contextlib.contextmanager
@@ -146,6 +210,8 @@ class WorkerIterator:
     self.streamed = bool(getattr(source, 'streamed', False))
     self._procs: list = []
     self._queues: list = []
+    self._free: list = []  # per worker: the semaphore of its free shared memory slots
+    self._shms: dict = {}  # name -> this process's attachment
     self._stop = None
     self._states: list = [None] * self.workers
     if state is not None:
@@ -185,6 +251,8 @@ class WorkerIterator:
     ctx = mp.get_context(CONTEXT)
     self._stop = ctx.Event()
     self._queues = [ctx.Queue(maxsize=self.prefetch) for _ in range(self.workers)]
+    slots = self.prefetch + 1
+    self._free = [ctx.Semaphore(slots) for _ in range(self.workers)]
     count = self.process_count * self.workers
     try:
       with _worker_env():
@@ -192,7 +260,7 @@ class WorkerIterator:
           index = self.process_index * self.workers + w
           p = ctx.Process(target=_worker_main, name=f'notoklm-data-{w}', daemon=True,
                           args=(self.factory, index, count, self._states[w], self._queues[w],
-                                self._stop))
+                                self._stop, self._free[w], slots))
           try:
             p.start()
           except (pickle.PicklingError, TypeError, AttributeError) as e:
@@ -202,12 +270,12 @@ class WorkerIterator:
                 f'({type(e).__name__}: {e}); use data.workers=0') from e
           self._procs.append(p)
       for w in range(self.workers):
-        self._get(w, 'ready')
+        self._get(w, ('ready',))
     except BaseException:
       self.close()
       raise
 
-  def _get(self, w: int, want: str):
+  def _get(self, w: int, want: tuple):
     """The next message of worker w (its exception raised here, every worker stopped)."""
     q, p = self._queues[w], self._procs[w]
     while True:
@@ -232,25 +300,34 @@ class WorkerIterator:
         raise WorkerError(f'{b} ({where})\n{c}')
       a.add_note(f'({where}; its traceback:\n{c.rstrip()})')
       raise a
-    assert kind == want, (kind, want)
-    return a, b, c
+    assert kind in want, (kind, want)
+    return kind, a, b, c
 
   def __iter__(self) -> Iterator[dict]:
     return self
 
+  def _views(self, payload) -> dict[str, np.ndarray]:
+    name, base, layout = payload
+    shm = self._shms.get(name)
+    if shm is None:
+      shm = self._shms[name] = shared_memory.SharedMemory(name)
+    return {k: np.ndarray(shape, dtype, shm.buf, base + off) for k, shape, dtype, off in layout}
+
   def __next__(self) -> dict:
     if not self._procs:
       self._start()
-    parts, states = [], []
-    for w in range(self.workers):
-      batch, state, delta = self._get(w, 'ok')
-      parts.append(batch)
-      states.append(state)
+    got = [self._get(w, ('ok', 'shm')) for w in range(self.workers)]
+    parts = [self._views(payload) if kind == 'shm' else payload for kind, payload, _, _ in got]
+    batch = _concat(parts)  # a copy: the slots are free again
+    del parts
+    for w, (kind, _, state, delta) in enumerate(got):
+      if kind == 'shm':
+        self._free[w].release()
       _add(getattr(self.transform, 'stats', None), delta['transform'],
            getattr(self.transform, '_lock', None))
       _add(getattr(self.source, 'stats', None), delta['source'])
-    self._states = states
-    return _concat(parts)
+    self._states = [state for _, _, state, _ in got]
+    return batch
 
   def close(self) -> None:
     """Stops the workers (the iterator can be revived with `set_state`)."""
@@ -271,10 +348,12 @@ class WorkerIterator:
 
     drainer = threading.Thread(target=drain, daemon=True)
     drainer.start()
+    killed = False
     try:
       for p in procs:
         p.join(_STOP_S)
         if p.is_alive():
+          killed = True
           p.terminate()
           p.join(2)
         if p.is_alive():
@@ -286,6 +365,17 @@ class WorkerIterator:
     for q in queues:
       q.close()
       q.cancel_join_thread()
+    shms, self._shms, self._free = self._shms, {}, []
+    for shm in shms.values():
+      try:
+        shm.close()
+      except BufferError:  # a view still referenced: freed with it
+        pass
+      if killed:  # a worker that did not stop by itself has not removed its block
+        try:
+          shm.unlink()
+        except FileNotFoundError:
+          pass
     for p in procs:
       p.close()
 
