@@ -9,9 +9,10 @@ worker each. The state is the list of the workers' states (with `workers` beside
 `process_index` / `process_count`, so a run resumed with another `data.workers` is refused).
 
 Workers are 'spawn'ed processes (JAX is not fork-safe) that never touch an accelerator
-(`JAX_PLATFORMS=cpu` in their environment). They ignore SIGINT (the trainer stops them), and
-stop by themselves when the trainer's process is gone, so an interrupted or killed run leaves
-no process behind. An exception in a worker ends the iterator with that exception (its worker
+(`JAX_PLATFORMS=cpu` in their environment). They ignore SIGINT and SIGTERM (the trainer, which
+gets them too, stops its workers when it is done: closing the iterator, or at exit), and stop
+by themselves when the trainer's process is gone, so an interrupted or killed run leaves no
+process behind. An exception in a worker ends the iterator with that exception (its worker
 traceback as a note), every worker stopped.
 
 This module knows nothing of the pipeline: a worker's iterator comes from `factory(index,
@@ -20,6 +21,7 @@ data/pipeline.py `make_train_iterator` makes it).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import multiprocessing as mp
 import os
@@ -27,16 +29,25 @@ import pickle
 import queue
 import shutil
 import signal
-import threading
+import time
 import traceback
+import weakref
 from multiprocessing import shared_memory
+from multiprocessing import util as _mp_util  # noqa: F401  (its exit hook first, ours runs before it)
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 CONTEXT = 'spawn'
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # iterators with workers, closed at exit
 _POLL_S = 0.2
 _STOP_S = 10.0  # a worker gets this long to stop before it is terminated
+
+
+@atexit.register  # runs before multiprocessing's exit hook (registered earlier: `_mp_util`),
+def _close_all() -> None:  # which would wait forever on workers that ignore SIGTERM
+  for it in list(_LIVE):
+    it.close()
 
 
 class WorkerError(RuntimeError):
@@ -124,7 +135,10 @@ class _Ring:
 def _worker_main(factory, index: int, count: int, state, q, stop, free, slots: int) -> None:
   """A worker: ('ready',), then ('shm' or 'ok', batch, state, stats delta) per batch, or
   ('error', ...)."""
-  signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the trainer, which stops us
+  # Ctrl-C or a job's SIGTERM reaches the trainer too, which stops us when it is done (e.g.
+  # after its preemption checkpoint); we stop by ourselves when it is gone
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
   parent = mp.parent_process()
   sent = False
   ring = _Ring(free, slots)
@@ -252,6 +266,7 @@ class WorkerIterator:
     self._stop = ctx.Event()
     self._queues = [ctx.Queue(maxsize=self.prefetch) for _ in range(self.workers)]
     slots = self.prefetch + 1
+    _LIVE.add(self)
     self._free = [ctx.Semaphore(slots) for _ in range(self.workers)]
     count = self.process_count * self.workers
     try:
@@ -335,33 +350,22 @@ class WorkerIterator:
       self._stop.set()
     procs, queues = self._procs, self._queues
     self._procs, self._queues = [], []
-    done = threading.Event()
-
-    def drain():  # a worker blocked on a full pipe needs its queue read to exit
-      while not done.is_set():
-        for q in queues:
-          try:
+    deadline = time.monotonic() + _STOP_S
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+      for q in queues:  # a worker blocked on a full pipe needs its queue read to exit
+        try:
+          while True:
             q.get_nowait()
-          except (queue.Empty, OSError, ValueError):
-            pass
-        done.wait(0.02)
-
-    drainer = threading.Thread(target=drain, daemon=True)
-    drainer.start()
-    killed = False
-    try:
+        except (queue.Empty, OSError, ValueError, EOFError):
+          pass
       for p in procs:
-        p.join(_STOP_S)
-        if p.is_alive():
-          killed = True
-          p.terminate()
-          p.join(2)
-        if p.is_alive():
-          p.kill()
-          p.join()
-    finally:
-      done.set()
-      drainer.join()
+        p.join(0.02)
+    killed = False
+    for p in procs:
+      if p.is_alive():  # (SIGTERM is ignored by a worker)
+        killed = True
+        p.kill()
+        p.join()
     for q in queues:
       q.close()
       q.cancel_join_thread()

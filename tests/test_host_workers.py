@@ -150,8 +150,9 @@ def test_a_failing_worker_ends_the_iterator_with_its_error(text_cfg):
   it.close()  # closing again is harmless
 
 
-def test_workers_outlive_no_killed_trainer(text_cfg, tmp_path):
-  """The trainer's process killed with -9: its workers notice and exit by themselves."""
+def test_no_worker_outlives_its_trainer(text_cfg, tmp_path):
+  """The trainer's process killed with -9: its workers notice and exit by themselves; a
+  trainer that exits without closing its iterator stops its workers at exit."""
   script = tmp_path / 'host.py'
   script.write_text(textwrap.dedent(f"""
       import sys, time
@@ -165,19 +166,24 @@ def test_workers_outlive_no_killed_trainer(text_cfg, tmp_path):
         it = pipeline.make_train_iterator(cfg, encoders.get_encoder(cfg.data), 0, 1)
         next(it)
         print('PIDS', *[p.pid for p in it._procs], flush=True)
-        time.sleep(600)
+        if sys.argv[1] == 'wait':
+          time.sleep(600)
   """))
-  proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-  try:
-    line = ''
-    while not line.startswith('PIDS'):  # (the corpus may be prepared first, said on stdout)
-      line = proc.stdout.readline()
-      assert line, 'the host process ended early'
-    pids = [int(x) for x in line.split()[1:]]
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  assert len(pids) == 2 and _gone(pids)
+  for how in ('wait', 'exit'):
+    proc = subprocess.Popen([sys.executable, str(script), how], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+      line = ''
+      while not line.startswith('PIDS'):  # (the corpus may be prepared first, said on stdout)
+        line = proc.stdout.readline()
+        assert line, 'the host process ended early'
+      pids = [int(x) for x in line.split()[1:]]
+      if how == 'exit':
+        assert proc.wait(timeout=60) == 0
+    finally:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+    assert len(pids) == 2 and _gone(pids), how
 
 
 def test_hat_word_fields_run_in_the_workers(text_cfg):
