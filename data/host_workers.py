@@ -41,7 +41,7 @@ import numpy as np
 CONTEXT = 'spawn'
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # iterators with workers, closed at exit
 _POLL_S = 0.2
-_STOP_S = 10.0  # a worker gets this long to stop before it is terminated
+_STOP_S = 10.0  # a worker gets this long to stop before it is killed
 
 
 @atexit.register  # runs before multiprocessing's exit hook (registered earlier: `_mp_util`),
