@@ -1,7 +1,8 @@
 """`data.workers`: a host's training batches built by worker processes (data/host_workers.py).
 
 Host-side only: no model step, no jit. Each WorkerIterator start spawns its processes (about a
-second each on a busy 2-core machine), so the tests start as few as they can.
+second each on a busy 2-core machine), so the tests start as few as they can. A worker that
+unpickles `Explodes` imports this module: it imports nothing heavy (JAX) at its top.
 """
 import os
 import signal
@@ -15,7 +16,6 @@ import pytest
 
 from configs import base
 from data import encoders, host_workers, pipeline
-from train import config_lib, families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,10 +41,11 @@ def _with(cfg, **data):
   return cfg
 
 
-def _virtual_hosts(cfg, enc, p, hosts, workers, n):
+def _virtual_hosts(cfg, enc, p, hosts, workers, n, counts=None):
   """n batches of host p of `hosts` with `workers`, built as the rows of workers * hosts
-  single-process iterators (the layout data.workers promises)."""
-  cfg0 = _with(cfg, workers=0)
+  single-process iterators (the layout data.workers promises); `counts`: a dict that gets the
+  sum of their sources' counts."""
+  cfg0 = _with(cfg, workers=0, prefetch=0)  # (counts of what the batches read, no more)
   its = [pipeline.make_train_iterator(cfg0, enc, p * workers + w, hosts * workers)
          for w in range(workers)]
   try:
@@ -53,6 +54,9 @@ def _virtual_hosts(cfg, enc, p, hosts, workers, n):
   finally:
     for it in its:
       it.close()
+      for k, v in dict(getattr(it.source, 'stats', None) or {}).items():
+        if counts is not None and k.startswith('skipped'):
+          counts[k] = counts.get(k, 0) + v
 
 
 def _same(a, b):
@@ -103,6 +107,7 @@ def test_workers_are_virtual_hosts_and_resume_exactly(text_cfg):
 
 
 def test_a_changed_worker_count_is_refused_by_name(text_cfg):
+  from train import config_lib  # pylint: disable=import-outside-toplevel
   enc = encoders.get_encoder(text_cfg.data)
   cfg2 = _with(text_cfg, workers=2)
   state2 = {'workers': 2, 'process_index': 0, 'process_count': 1,
@@ -190,6 +195,7 @@ def test_hat_word_fields_run_in_the_workers(text_cfg):
   """The HAT family with data.workers=2: the same fields and rows as the virtual hosts, and
   the word counts of the workers reach the family's data stats."""
   from benchmarks import aot  # pylint: disable=import-outside-toplevel
+  from train import families  # pylint: disable=import-outside-toplevel
   over = {'data.source': text_cfg.data.source, 'data.data_dir': text_cfg.data.data_dir,
           'data.seq_len': 64, 'train.batch_size': 4, 'data.prefetch': 0}
   fam0 = families.get(aot.load_config('configs/hat.py:tiny', over))
@@ -207,3 +213,27 @@ def test_hat_word_fields_run_in_the_workers(text_cfg):
     _same(g, w)
   assert fam.fields.stats == fam0.fields.stats and fam.fields.stats['words'] > 0
   assert fam.data_stats()['train_bytes_per_word'] == fam0.data_stats()['train_bytes_per_word']
+
+
+def test_streamed_shards_through_workers(text_cfg, tmp_path):
+  """A `shards:` corpus (data/shards.py): the same virtual-host layout, and the stream's counts
+  (a skipped record per file, counted when a file is done) read in the workers reach this
+  process's source stats."""
+  import gzip  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  for f in range(2):
+    with gzip.open(tmp_path / f'part{f}.jsonl.gz', 'wt') as fh:
+      for i in range(12):
+        fh.write(json.dumps({'text': f'shard {f} doc {i} ' + 'x ' * (i % 7)}
+                            if i != 3 else {'text': 5}) + '\n')
+  cfg = _with(text_cfg, source=f'shards:{tmp_path}/*.jsonl.gz', shuffle_buffer=8)
+  enc = encoders.get_encoder(cfg.data)
+  counts = {}
+  want = _virtual_hosts(cfg, enc, 0, 1, 2, 4, counts)  # 4 x 4 rows x 32 tokens: files read whole
+  with pipeline.make_train_iterator(_with(cfg, workers=2), enc, 0, 1) as it:
+    got = [next(it) for _ in range(4)]
+    stats = dict(it.source.stats)
+  for g, w in zip(got, want):
+    _same(g, w)
+  assert counts['skipped_not_string'] >= 2 and stats['shard_files'] == 2
+  assert {k: v for k, v in stats.items() if k.startswith('skipped')} == counts
