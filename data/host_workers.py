@@ -237,8 +237,16 @@ class WorkerIterator:
             'process_count': self.process_count}
 
   def get_state(self) -> dict[str, Any]:
-    """The state after the last batch returned: each worker's (None: not started yet)."""
-    return {**self._meta(), 'worker_states': list(self._states)}
+    """The state after the last batch returned: each worker's (None: not started yet), the
+    entries they all share (seed, corpus size, ...) stored once in `worker_common` so the
+    state stays small (a checkpoint holds a few KB per host)."""
+    started = [s for s in self._states if s is not None]
+    common = ({k: v for k, v in started[0].items() if all(k in s and s[k] == v for s in started)}
+              if len(started) == len(self._states) and started else {})
+    return {**self._meta(), 'worker_common': common,
+            'worker_states': [None if s is None else
+                              {k: v for k, v in s.items() if k not in common}
+                              for s in self._states]}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Resumes so that the next batch is the one that followed `state` (the workers start now,
@@ -252,7 +260,8 @@ class WorkerIterator:
     bad = {k: (state[k], v) for k, v in meta.items() if k in state and state[k] != v}
     if bad:
       raise ValueError(f'iterator state does not match this iterator (saved, now): {bad}')
-    states = list(state.get('worker_states') or [])
+    common = state.get('worker_common') or {}
+    states = [None if s is None else {**common, **s} for s in state.get('worker_states') or []]
     if len(states) != self.workers:
       raise ValueError(f'iterator state holds {len(states)} worker states for '
                        f'data.workers={self.workers}')

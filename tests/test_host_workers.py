@@ -101,6 +101,7 @@ def test_workers_are_virtual_hosts_and_resume_exactly(text_cfg):
     _same(g, w)
   assert state['workers'] == 2 and state['process_index'] == 1 and state['process_count'] == 2
   assert [s['process_index'] for s in state['worker_states']] == [2, 3]
+  assert state['worker_common']['process_count'] == 4  # shared entries stored once
   with pipeline.make_train_iterator(cfg, enc, 1, 2, state=state) as again:
     for w in want[3:]:
       _same(next(again), w)
