@@ -238,3 +238,15 @@ def test_streamed_shards_through_workers(text_cfg, tmp_path):
     _same(g, w)
   assert counts['skipped_not_string'] >= 2 and stats['shard_files'] == 2
   assert {k: v for k, v in stats.items() if k.startswith('skipped')} == counts
+
+
+@pytest.mark.parametrize('spec', ['configs/lcm.py:tiny', 'configs/sentence_decoder.py:tiny'])
+def test_a_family_without_workers_refuses_them_by_name(spec):
+  """A family whose batches do not come from pipeline.make_train_iterator refuses
+  data.workers > 0 before building anything, rather than ignore it."""
+  from benchmarks import aot  # pylint: disable=import-outside-toplevel
+  from train import families  # pylint: disable=import-outside-toplevel
+  cfg = aot.load_config(spec, {'data.workers': 2})
+  with pytest.raises(ValueError, match=r'data.workers=2: the \w+ family builds its training '
+                                       r'batches its own way.*leave data.workers=0'):
+    families.get(cfg)

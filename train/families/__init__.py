@@ -70,7 +70,16 @@ class Family(abc.ABC):
   works on those tokens: dynamic tokenization, a lexinvariant run's baseline check, the
   benchmarks' vocabulary sizes."""
 
+  host_workers = False
+  """Whether `train_iterator` honours `data.workers` (its batches from
+  `pipeline.make_train_iterator`: lm, lexinv, pretrained, hat). A family that builds its
+  batches its own way refuses `data.workers` > 0 by name rather than ignore it."""
+
   def __init__(self, cfg, workdir: str | None = None):
+    workers = int(cfg.data.get('workers', 0)) if 'data' in cfg else 0
+    if workers and not self.host_workers:
+      raise ValueError(f'data.workers={workers}: the {cfg.family} family builds its training '
+                       'batches its own way, without data workers; leave data.workers=0')
     self.cfg = cfg
     self.workdir = workdir
     self.dtype = compute_dtype(cfg)

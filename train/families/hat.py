@@ -14,6 +14,7 @@ PATCHER_FILE = 'patcher.json'  # the entropy patcher a run was trained with (an 
 
 
 class HATFamily(families.Family):
+  host_workers = True  # data.workers: pipeline.make_train_iterator
 
   def __init__(self, cfg, workdir=None):
     super().__init__(cfg, workdir)

@@ -17,6 +17,7 @@ from train import families
 
 
 class TokenLMFamily(families.Family):
+  host_workers = True  # data.workers: pipeline.make_train_iterator
 
   def __init__(self, cfg, workdir=None):
     super().__init__(cfg, workdir)
