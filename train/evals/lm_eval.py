@@ -90,6 +90,35 @@ def _score_rows(graphdef, state, ids_BxT, targets_BxT, mask_BxT):
           jnp.all(greedy | ~m, axis=-1))
 
 
+class Compiles:
+  """The XLA programs this process builds inside a `with Compiles() as c:` block, by name
+  (`c.names`, in order; `c.model`: those of the scoring forwards, `MODEL`). Read from jax's
+  backend-compile event, which fires for each program built, whether XLA compiled it or the
+  persistent compilation cache had it; a program this process already built is not built again,
+  so the count is of the distinct programs the block needed beyond those."""
+
+  MODEL = ('jit(_score_rows)', 'jit(_forward)', 'jit(_forward_tree)')
+  EVENT = '/jax/core/compile/backend_compile_duration'
+
+  def __init__(self):
+    self.names: list[str] = []
+
+  def _listen(self, event, duration, **kwargs):  # pylint: disable=unused-argument
+    if event == self.EVENT:
+      self.names.append(str(kwargs.get('fun_name', '?')))
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+  @property
+  def model(self) -> list[str]:
+    return [n for n in self.names if n in self.MODEL]
+
+
 def _fetch(x) -> np.ndarray:
   """A jitted result on the host. Rows sharded over a mesh that spans several processes: each
   process scored its share, gathered here from all of them."""
@@ -122,6 +151,17 @@ class TokenScorer:
     return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
 
   def __call__(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    launched = agreed(pairs, self._launch, 'token-level rows')
+    out: list = [None] * len(pairs)
+    for chunk, lp, greedy in launched:
+      lp, greedy = _fetch(lp), _fetch(greedy)
+      for r, i in enumerate(chunk):
+        out[i] = (float(lp[r]), bool(greedy[r]))
+    return out
+
+  def _launch(self, pairs: list[tuple[list[int], list[int]]]) -> list:
+    """The batches of `pairs` dispatched: [(their indices, log p, is_greedy)], not fetched (a
+    fetch of rows that span processes is a collective: every process reaches it, or none)."""
     rows = []  # (input ids, number of continuation tokens scored at its end)
     for ctx, cont in pairs:
       if not cont:
@@ -129,7 +169,7 @@ class TokenScorer:
       whole = (list(ctx) + list(cont))[-(self.window + 1):]
       rows.append((whole, min(len(cont), len(whole) - 1)))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    out: list = [None] * len(rows)
+    out = []
     for s in range(0, len(order), self.batch):
       chunk = order[s:s + self.batch]
       t = padded_length(max(len(rows[i][0]) - 1 for i in chunk), self.window)
@@ -144,9 +184,7 @@ class TokenScorer:
       self.shapes.add((self.batch, t))
       lp, greedy = _score_rows(self.graphdef, self.state, self._place(ids), self._place(tgt),
                                self._place(mask))
-      lp, greedy = _fetch(lp), _fetch(greedy)
-      for r, i in enumerate(chunk):
-        out[i] = (float(lp[r]), bool(greedy[r]))
+      out.append((chunk, lp, greedy))
     return out
 
 
@@ -184,20 +222,118 @@ def _allgather_json(obj) -> list:
   return [json.loads(bytes(got[i, :int(sizes[i])]).decode()) for i in range(len(sizes))]
 
 
-def share(items: list, score) -> list:
+WRAPPER_ENV = 'NOTOKLM_LM_EVAL_WRAPPER'
+
+
+def installed_wrapper():
+  """The function `$NOTOKLM_LM_EVAL_WRAPPER` names ('package.module:function' or
+  'path/to/file.py:function'), or None (production runs set nothing). It is given each
+  process's work on its requests, `score(items) -> results`, and what that work is (e.g.
+  'byte-level loglikelihood requests'), and returns a function of the same signature: the test
+  suite (tests/lm_eval_faults.py) makes one process fail, or records each process's scores,
+  this way, in launch.py subprocesses too."""
+  spec = os.environ.get(WRAPPER_ENV, '')
+  if not spec:
+    return None
+  if spec not in _WRAPPERS:
+    _WRAPPERS[spec] = _load_function(spec)
+  return _WRAPPERS[spec]
+
+
+_WRAPPERS: dict = {}
+
+
+def _load_function(spec: str):
+  import importlib  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  where, _, name = spec.rpartition(':')
+  if not where or not name:
+    raise ValueError(f'${WRAPPER_ENV}={spec!r}: expected module:function')
+  if where.endswith('.py'):
+    module_spec = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(where))[0], where)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  else:
+    module = importlib.import_module(where)
+  return getattr(module, name)
+
+
+class ProcessFailure(RuntimeError):
+  """One or more processes failed on their share of the requests: raised on every process at
+  the same point (none is left waiting in a collective for one that has stopped)."""
+
+
+def _work(items: list, score, what: str):
+  """`score(items)` through the installed wrapper (`installed_wrapper`): (its result, None), or
+  (None, the exception) where it raised on this process."""
+  wrapper = installed_wrapper()
+  if wrapper is not None:
+    score = wrapper(score, what)
+  try:
+    return score(items), None
+  except Exception as e:  # pylint: disable=broad-except
+    return None, e
+
+
+def _raise_failures(parts: list[dict], what: str, n_items: int, error, shared: bool) -> None:
+  """A `ProcessFailure` (on every process: `parts` is the same on all) naming each process whose
+  part is {'error': message}; `error`: this process's own exception (the cause), if any;
+  `shared`: each process had its share of the `n_items` items (else all of them)."""
+  failed = [(p, part['error']) for p, part in enumerate(parts) if 'error' in part]
+  if not failed:
+    return
+  n, rank = len(parts), jax.process_index()
+
+  def items(p):
+    return (f'its share of {what} ({len(range(p, n_items, n))} of {n_items})' if shared else
+            f'{what} ({n_items})')
+
+  raise ProcessFailure('lm_eval: ' + '; '.join(
+      f'process {p} of {n} failed on {items(p)}: {msg}' for p, msg in failed) +
+      ('' if error is not None else f' (process {rank} stops too)')) from error
+
+
+def _message(e: BaseException) -> str:
+  return f'{type(e).__name__}: {str(e).strip()[:2000] or "(no message)"}'
+
+
+def agreed(items: list, score, what: str):
+  """`score(items)`, run on every process (the token path: the same items everywhere); where
+  there are several processes, all of them learn in one exchange whether any failed before
+  going on to collectives, and then all raise the same `ProcessFailure` (see `share`)."""
+  got, error = _work(items, score, what)
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return got
+  _raise_failures(_allgather_json({'error': _message(error)} if error else {}), what,
+                  len(items), error, shared=False)
+  return got
+
+
+def share(items: list, score, what: str = 'requests') -> list:
   """`score(items)` (a list of JSON values, one per item). With several processes each scores
   its share, items[rank::processes], and the results are gathered in the items' order on every
-  process (lm-eval runs in each of them with the whole task; process 0 writes the results)."""
+  process (lm-eval runs in each of them with the whole task; process 0 writes the results).
+  A process whose scoring raises sends its error instead, in the same gather: every process then
+  raises one `ProcessFailure` naming the failed processes, `what` they were scoring and why
+  (rather than waiting for a process that has stopped)."""
   n, rank = jax.process_count(), jax.process_index()
   if not items:  # the same items in every process: all of them skip together
     return []
   if n == 1:
-    return list(score(items))
+    got, error = _work(items, score, what)
+    if error is not None:
+      raise error
+    return list(got)
   mine = items[rank::n]
-  parts = _allgather_json(list(score(mine)) if mine else [])
+  got, error = _work(mine, score, what) if mine else ([], None)
+  parts = _allgather_json({'error': _message(error)} if error else {'out': list(got)})
+  _raise_failures(parts, what, len(items), error, shared=True)
   out: list = [None] * len(items)
   for p, part in enumerate(parts):
-    out[p::n] = part
+    out[p::n] = part['out']
   return out
 
 
@@ -321,7 +457,8 @@ def make_lm(family, model, lm_cfg, window: int = 0, mesh=None, name: str = ''):
       else:
         out = [tuple(x) for x in share(
             [(_cut_left(c.encode(), self.max_bytes), k.encode())
-             for c, k in (r.args for r in requests)], self.view.loglikelihoods)]
+             for c, k in (r.args for r in requests)], self.view.loglikelihoods,
+            'byte-level loglikelihood requests')]
       self._count(len(requests), t0)
       return out
 
@@ -352,11 +489,13 @@ def make_lm(family, model, lm_cfg, window: int = 0, mesh=None, name: str = ''):
             token_list=list(data), prefix_token=-1, max_seq_len=self.max_bytes, context_len=1)):
           ctx = bytes(b for b in ctx if b >= 0)  # -1: the document start (the view's own)
           windows.append((d, ctx, bytes(pred)))
-      scores = share([(c, p) for _, c, p in windows], self.view.loglikelihoods)
+      scores = share([(c, p) for _, c, p in windows], self.view.loglikelihoods,
+                     'byte-level rolling windows')
       for (d, _, _), (lp, _) in zip(windows, scores):
         out[d] += lp
       lps = share([data for _, data in whole],
-                  lambda docs: [float(self.view.score(x, end=False).sum()) for x in docs])
+                  lambda docs: [float(self.view.score(x, end=False).sum()) for x in docs],
+                  'byte-level rolling documents')
       for (d, _), lp in zip(whole, lps):
         out[d] = lp
       self._count(len(requests), t0)
@@ -365,7 +504,7 @@ def make_lm(family, model, lm_cfg, window: int = 0, mesh=None, name: str = ''):
     # generation
     def generate_until(self, requests, disable_tqdm=False):
       t0 = time.perf_counter()
-      out = share([r.args for r in requests], self._generate)
+      out = share([r.args for r in requests], self._generate, 'generate_until requests')
       self._count(len(requests), t0)
       return out
 
