@@ -14,11 +14,15 @@ Parts:
             requests/s of the batched token-level path against one request at a time (warm: the
             batched pass runs once untimed first), and of exact byte-level scoring (batched
             across requests: its second pass, and its first, which compiles); the distinct
-            compiled shapes of the token path.
+            compiled shapes of the token path, and the XLA programs each path builds for the
+            task (`lm_eval.Compiles`: its model forwards, and all programs, the small eager
+            ones included; run this part alone, or an earlier part's programs are not built
+            again).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import time
@@ -91,7 +95,8 @@ def speed(cfg, tok, byt, limit: int) -> tuple[dict, list[str]]:
   task.build_all_requests(limit=limit, rank=0, world_size=1)
   reqs = [r for r in task.instances if r.request_type == 'loglikelihood']
   n = len(reqs)
-  tok.loglikelihood(reqs)  # compiles
+  with le.Compiles() as tok_compiles:
+    tok.loglikelihood(reqs)  # compiles
   secs = {}
   t0 = time.perf_counter()
   batched = tok.loglikelihood(reqs)
@@ -99,12 +104,13 @@ def speed(cfg, tok, byt, limit: int) -> tuple[dict, list[str]]:
   t0 = time.perf_counter()
   one = [tok.loglikelihood([r])[0] for r in reqs]
   secs['token-level, one request at a time'] = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  byt.loglikelihood(reqs)
-  cold = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  byt.loglikelihood(reqs)
-  secs['byte-level (exact)'] = time.perf_counter() - t0
+  with le.Compiles() as byte_compiles:
+    t0 = time.perf_counter()
+    byt.loglikelihood(reqs)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    byt.loglikelihood(reqs)
+    secs['byte-level (exact)'] = time.perf_counter() - t0
   secs['byte-level (exact), first pass: compiles'] = cold
   s = list(secs.values())
   out = {'requests': n, 'batch': tok.scorer.batch, 'seconds': secs,
@@ -112,7 +118,8 @@ def speed(cfg, tok, byt, limit: int) -> tuple[dict, list[str]]:
          'batched_speedup': s[1] / s[0], 'byte_over_token': s[2] / s[0],
          'byte_over_token_cold': s[3] / s[0],
          'max_abs_batched_vs_one': max(abs(a[0] - b[0]) for a, b in zip(batched, one)),
-         'compiled_shapes': sorted(tok.scorer.shapes)}
+         'compiled_shapes': sorted(tok.scorer.shapes),
+         'compiles': {'token-level': tok_compiles.names, 'byte-level': byte_compiles.names}}
   md = [f'{n} requests (notoklm_mc, {limit} items); batch {tok.scorer.batch}', '',
         '| path | seconds | requests/s |', '|---|--:|--:|']
   md += [f'| {k} | {v:.2f} | {n / v:.1f} |' for k, v in secs.items()]
@@ -120,7 +127,11 @@ def speed(cfg, tok, byt, limit: int) -> tuple[dict, list[str]]:
          f'{out["byte_over_token"]:.1f}x (its first pass, compiling: '
          f'{out["byte_over_token_cold"]:.1f}x); max |batched - one| '
          f'{out["max_abs_batched_vs_one"]:.2e}; token path: {len(tok.scorer.shapes)} distinct '
-         f'compiled shapes {out["compiled_shapes"]}']
+         f'compiled shapes {out["compiled_shapes"]}', '',
+         '| path | XLA programs built (model forwards) | all programs built |', '|---|--:|--:|']
+  for path, c in (('token-level, batched', tok_compiles), ('byte-level (exact)', byte_compiles)):
+    counts = ', '.join(f'{k} x{v}' for k, v in sorted(collections.Counter(c.names).items()))
+    md.append(f'| {path} | {len(c.model)} | {len(c.names)} ({counts}) |')
   return out, md
 
 

@@ -1,0 +1,60 @@
+"""How many XLA programs the lm-eval adapter (train/evals/lm_eval.py) builds for one task: the
+goal is at most 4 distinct compilations per task, token-level and byte-level alike (the
+requests are padded to a few shapes). Counted with `lm_eval.Compiles` (jax's backend-compile
+event) on tiny untrained models (a BPE LM scored token-level and through its exact byte view, a
+byte LM) over the local multiple-choice task; benchmarks/lm_eval_bench.py counts them for
+SmolLM2 (docs/evaluation.md)."""
+import collections
+
+import pytest
+from flax import nnx
+
+from test_cross_family import TEXT, TINY, _cfg
+from test_lm_eval import INC
+from train import trainer
+from train.evals import lm_eval as le
+
+# a shape no other test file builds, so that this file's programs are its own to count
+OWN = {'model.mlp_dim': 48}
+LIMIT = 10  # notoklm_mc items: 40 requests of 4 choices
+
+
+@pytest.fixture(scope='module')
+def models(data_dir, tmp_path_factory):
+  d = tmp_path_factory.mktemp('lmeval_compiles')
+  corpus = d / 'corpus.txt'
+  corpus.write_text(''.join(f'# part {i}\n' + TEXT for i in range(40)))
+  out = {}
+  for name, spec, extra in (('bpe', 'configs/subword_lm.py:tiny', {'data.vocab_size': 300}),
+                            ('bytes', 'configs/byte_lm.py:tiny', {})):
+    cfg = _cfg(spec, TINY, OWN, extra, {'data.source': f'text:{corpus}'})
+    setup = trainer.Setup(cfg)
+    out[name] = (cfg, setup, setup.family.build_model(nnx.Rngs(0)))
+  return out
+
+
+@pytest.mark.parametrize('name,scoring,forwards', [
+    ('bpe', 'tokens', ('jit(_score_rows)',)),
+    ('bpe', 'bytes', ('jit(_forward)', 'jit(_forward_tree)')),
+    ('bytes', 'bytes', ('jit(_forward)',)),
+])
+def test_one_task_compiles_at_most_four_programs(models, name, scoring, forwards):
+  cfg, setup, model = models[name]
+  c = cfg.lm_eval.copy_and_resolve_references()
+  c.scoring, c.tasks, c.include_path, c.limit, c.bootstrap_iters = (
+      scoring, 'notoklm_mc', INC, float(LIMIT), 0)
+  lm = le.make_lm(setup.family, model, c, window=int(cfg.data.seq_len), mesh=setup.mesh)
+  specs, _ = le.load_tasks(c)
+  with le.Compiles() as first:
+    res = le.evaluate(lm, c, specs)
+  assert res['notoklm']['requests'] == 4 * LIMIT
+  assert res['notoklm']['scoring'].startswith('token' if scoring == 'tokens' else 'byte')
+  counts = collections.Counter(first.names)
+  assert 1 <= len(first.model) <= 4, counts
+  assert set(first.model) <= set(forwards), counts
+  assert len(first.names) <= 8, counts  # the forwards and a few small eager programs
+  with le.Compiles() as again:  # the same task again: nothing new to build
+    le.evaluate(lm, c, specs)
+  assert again.model == [], collections.Counter(again.names)
+  if scoring == 'tokens':
+    assert len(res['notoklm']['compiled_shapes']) == len(first.model)
