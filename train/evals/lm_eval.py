@@ -35,7 +35,10 @@ three request types:
 Several processes (jax.distributed): lm-eval runs in each with the whole task. The token path's
 rows are sharded over the mesh that spans them and the scores gathered (`_fetch`); the byte path
 and generation, driven from the host, run on each process's share of the requests on a copy of
-the weights on its own device (`process_local`, `share`), the results gathered in order.
+the weights on its own device (`process_local`, `share`), the results gathered in order. A
+process whose work raises does not leave the others waiting in a collective: every process
+learns it in the next exchange (`share`'s gather, or `agreed` before the token path's fetches)
+and all raise one `ProcessFailure` naming the failed process, what it was scoring and why.
 """
 from __future__ import annotations
 
