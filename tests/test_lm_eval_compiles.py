@@ -58,3 +58,24 @@ def test_one_task_compiles_at_most_four_programs(models, name, scoring, forwards
   assert again.model == [], collections.Counter(again.names)
   if scoring == 'tokens':
     assert len(res['notoklm']['compiled_shapes']) == len(first.model)
+
+
+def test_exact_bpe_forwards_padded_to_the_largest_score_as_one_pair(models):
+  """The exact BPE view pads each packed forward to the largest one of the call so far (rows
+  and tokens, up to max_tokens): with rows of at most 32 tokens, the pairs' trees take three
+  forwards (two of 4 rows, then one row padded to 4), all in one shape, and each pair scores as
+  it does alone."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  _, setup, model = models['bpe']
+  view = setup.family.byte_view(model)
+  view.max_tokens = 32
+  words = TEXT.split()
+  pairs = [(' '.join(words[:i]).encode(), (' ' + ' '.join(words[i:i + 1 + i % 3])).encode())
+           for i in range(1, 12)]
+  with le.Compiles() as c:
+    got = view.loglikelihoods(pairs)
+  trees = [n for n in c.model if n == 'jit(_forward_tree)']
+  assert len(trees) <= 1, collections.Counter(c.names)
+  one = [view.loglikelihoods([p])[0] for p in pairs]
+  np.testing.assert_allclose([g[0] for g in got], [o[0] for o in one], rtol=1e-5, atol=1e-5)
+  assert [g[1] for g in got] == [o[1] for o in one]

@@ -532,13 +532,17 @@ class ExactBPE(ByteLM):
     token of a tree over the begin token (its log-probs computed once for all pairs): a pair's
     nodes are a tree in a row with a tree mask, several pairs to a row of up to `max_tokens`
     (largest first), `max_rows` rows per forward (padded to 1 or 4 rows and a power-of-two
-    length: a few shapes). So a pair costs about one model position per token of its text
-    and per node off the encoding near the continuation, with no prefill of its own; the
-    context's other nodes are not evaluated. Pairs are taken `chunk` at a time (longest
+    length, never smaller than a forward of this call already ran, up to `max_tokens`: the
+    largest trees go first, so one or two shapes per call and few compilations per task; a
+    tree over `max_tokens` nodes gets a row, and a shape, of its own). So a pair costs about
+    one model position per token of its text and per node off the encoding near the
+    continuation, with no prefill of its own; the context's other nodes are not evaluated. Pairs are taken `chunk` at a time (longest
     first) to bound the host memory of the log-probs."""
     pairs = [(bytes(c), bytes(k)) for c, k in pairs]
     out: list = [None] * len(pairs)
     root_lp, cache = self._prefill([], 1)
+    shape = (1, self.min_tokens)  # the largest forward so far (up to max_tokens): later ones
+    # are padded to it
     order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))
     for s in range(0, len(order), chunk):
       trees = []  # (pair index, lattice, its needed nodes, parents first)
@@ -563,7 +567,8 @@ class ExactBPE(ByteLM):
       rows.append(row)
       del trees
       for g in range(0, len(rows), max_rows):
-        self._tree_rows(cache, rows[g:g + max_rows])
+        b, t = self._tree_rows(cache, rows[g:g + max_rows], shape)
+        shape = (b, min(t, self.max_tokens))
         for row in rows[g:g + max_rows]:
           for i, lat, _ in row:
             ctx, cont = pairs[i]
@@ -573,12 +578,15 @@ class ExactBPE(ByteLM):
         rows[g:g + max_rows] = [None] * len(rows[g:g + max_rows])  # frees their log-probs
     return out
 
-  def _tree_rows(self, cache, rows: list[list]) -> None:
+  def _tree_rows(self, cache, rows: list[list], floor: tuple[int, int] = (1, 1)
+                 ) -> tuple[int, int]:
     """Log-probs of the nodes of `rows` (lists of (_, lattice, nodes parents first)): one
-    forward of [1 or 4 rows, a power of two tokens], each node at RoPE position = its depth,
-    seeing the begin token (slot 0 of `cache`) and its ancestors in the row."""
-    t = max(self.min_tokens, bucket(max(sum(len(x[2]) for x in r) for r in rows)))
-    b = ladder(len(rows), 1, base=4)
+    forward of [1 or 4 rows, a power of two tokens], at least `floor` (rows, tokens), each node
+    at RoPE position = its depth, seeing the begin token (slot 0 of `cache`) and its ancestors
+    in the row (padding rows and tokens see the begin token and themselves). Returns the
+    forward's (rows, tokens)."""
+    t = max(self.min_tokens, bucket(max(sum(len(x[2]) for x in r) for r in rows)), floor[1])
+    b = max(ladder(len(rows), 1, base=4), floor[0])
     ids = np.zeros((b, t), np.int32)
     pos = np.zeros((b, t), np.int32)
     pre = np.zeros((b, t, cache[0]['k'].shape[1]), bool)
@@ -602,6 +610,7 @@ class ExactBPE(ByteLM):
         for v in nodes:
           v.lp = lp[r, j]
           j += 1
+    return b, t
 
   def distributions(self, text: bytes) -> np.ndarray:
     text = bytes(text)
