@@ -31,7 +31,8 @@ out by --only):
                   end (each stage at most 80 s)
   lm_eval         lm-eval requests/s on SmolLM2-135M (benchmarks/lm_eval_bench.py speed): the
                   200 requests of 50 notoklm_mc items batched against one at a time, token-level
-                  against exact byte-level, distinct compiled shapes (dry: 2 items)
+                  against exact byte-level, distinct compiled shapes, the XLA programs each
+                  path builds (dry: 2 items)
 Throughput items run the trainer's own step (`trainer.Setup.make_train_step`) on synthetic full
 rows, timed by `lm_throughput.time_steps` after compilation; MFU = training FLOPs per step (the
 families' MaxText-convention accounting) / step time / peak, where peak is --peak_tflops or the

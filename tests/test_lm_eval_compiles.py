@@ -64,7 +64,8 @@ def test_exact_bpe_forwards_padded_to_the_largest_score_as_one_pair(models):
   """The exact BPE view pads each packed forward to the largest one of the call so far (rows
   and tokens, up to max_tokens): with rows of at most 32 tokens, the pairs' trees take three
   forwards (two of 4 rows, then one row padded to 4), all in one shape, and each pair scores as
-  it does alone."""
+  it does alone; so it does where the pairs are taken 3 at a time (the rows of each are short
+  of a forward and wait for the next's)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   _, setup, model = models['bpe']
   view = setup.family.byte_view(model)
@@ -76,6 +77,10 @@ def test_exact_bpe_forwards_padded_to_the_largest_score_as_one_pair(models):
     got = view.loglikelihoods(pairs)
   trees = [n for n in c.model if n == 'jit(_forward_tree)']
   assert len(trees) <= 1, collections.Counter(c.names)
+  with le.Compiles() as c:  # 3 pairs at a time: rows short of a forward go with the next's
+    chunked = view.loglikelihoods(pairs, chunk=3)
+  assert c.model == [], collections.Counter(c.names)
   one = [view.loglikelihoods([p])[0] for p in pairs]
-  np.testing.assert_allclose([g[0] for g in got], [o[0] for o in one], rtol=1e-5, atol=1e-5)
-  assert [g[1] for g in got] == [o[1] for o in one]
+  for x in (got, chunked):
+    np.testing.assert_allclose([g[0] for g in x], [o[0] for o in one], rtol=1e-5, atol=1e-5)
+    assert [g[1] for g in x] == [o[1] for o in one]

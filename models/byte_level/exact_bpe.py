@@ -533,17 +533,20 @@ class ExactBPE(ByteLM):
     nodes are a tree in a row with a tree mask, several pairs to a row of up to `max_tokens`
     (largest first), `max_rows` rows per forward (padded to 1 or 4 rows and a power-of-two
     length, never smaller than a forward of this call already ran, up to `max_tokens`: the
-    largest trees go first, so one or two shapes per call and few compilations per task; a
-    tree over `max_tokens` nodes gets a row, and a shape, of its own). So a pair costs about
-    one model position per token of its text and per node off the encoding near the
-    continuation, with no prefill of its own; the context's other nodes are not evaluated. Pairs are taken `chunk` at a time (longest
-    first) to bound the host memory of the log-probs."""
+    largest trees go first and only the call's last forward has fewer rows, so one shape per
+    call and few compilations per task, at the cost of padding that last forward; a tree
+    over `max_tokens` nodes gets a row, and a shape, of its own). So a pair costs about one
+    model position per token of its text and per node off the encoding near the
+    continuation, with no prefill of its own; the context's other nodes are not evaluated.
+    Pairs are taken `chunk` at a time (longest first; the rows of a chunk short of a whole
+    forward go with the next chunk's) to bound the host memory of the log-probs."""
     pairs = [(bytes(c), bytes(k)) for c, k in pairs]
     out: list = [None] * len(pairs)
     root_lp, cache = self._prefill([], 1)
     shape = (1, self.min_tokens)  # the largest forward so far (up to max_tokens): later ones
     # are padded to it
     order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))
+    pending: list = []
     for s in range(0, len(order), chunk):
       trees = []  # (pair index, lattice, its needed nodes, parents first)
       for i in order[s:s + chunk]:
@@ -566,16 +569,19 @@ class ExactBPE(ByteLM):
         size += len(tree[2])
       rows.append(row)
       del trees
-      for g in range(0, len(rows), max_rows):
-        b, t = self._tree_rows(cache, rows[g:g + max_rows], shape)
+      pending += rows  # rows short of a whole forward wait for the next chunk's
+      last = s + chunk >= len(order)
+      while len(pending) >= max_rows or (last and pending):
+        group, pending = pending[:max_rows], pending[max_rows:]
+        b, t = self._tree_rows(cache, group, shape)
         shape = (b, min(t, self.max_tokens))
-        for row in rows[g:g + max_rows]:
+        for row in group:
           for i, lat, _ in row:
             ctx, cont = pairs[i]
             d = np.asarray([self._dist(lat, m) for m in range(len(ctx), len(ctx) + len(cont))],
                            np.float32).reshape(len(cont), NUM_OUTCOMES)
             out[i] = continuation_score(d, cont)
-        rows[g:g + max_rows] = [None] * len(rows[g:g + max_rows])  # frees their log-probs
+        del group  # frees their log-probs
     return out
 
   def _tree_rows(self, cache, rows: list[list], floor: tuple[int, int] = (1, 1)
