@@ -62,17 +62,17 @@ def test_one_task_compiles_at_most_four_programs(models, name, scoring, forwards
 
 def test_exact_bpe_forwards_padded_to_the_largest_score_as_one_pair(models):
   """The exact BPE view pads each packed forward to the largest one of the call so far (rows
-  and tokens, up to max_tokens): with rows of at most 32 tokens, the pairs' trees take three
-  forwards (two of 4 rows, then one row padded to 4), all in one shape, and each pair scores as
-  it does alone; so it does where the pairs are taken 3 at a time (the rows of each are short
-  of a forward and wait for the next's)."""
+  and tokens, up to max_tokens): with rows of at most 64 tokens, the pairs' trees take several
+  forwards of 4 rows and a last one of fewer rows padded to 4 (of 23 pairs, about 40 nodes
+  each), all in one shape, and each pair scores as it does alone; so it does where the pairs
+  are taken 3 at a time (the rows of each are short of a forward and wait for the next's)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   _, setup, model = models['bpe']
   view = setup.family.byte_view(model)
-  view.max_tokens = 32
+  view.max_tokens = 64
   words = TEXT.split()
   pairs = [(' '.join(words[:i]).encode(), (' ' + ' '.join(words[i:i + 1 + i % 3])).encode())
-           for i in range(1, 12)]
+           for i in range(1, 24)]
   with le.Compiles() as c:
     got = view.loglikelihoods(pairs)
   trees = [n for n in c.model if n == 'jit(_forward_tree)']
