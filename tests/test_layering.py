@@ -26,7 +26,7 @@ from conftest import ROOT
 PACKAGE_RANK = {'data': 0, 'models': 1, 'train': 2, 'configs': 3, 'benchmarks': 3,
                 'launch': 3, 'tests': 3}
 TRAIN_RANK = {'config_lib': 0, 'partitioning': 0, 'metrics': 0, 'checkpoint': 0, 'storage': 0,
-              'launching': 0, 'optim': 0, 'preflight': 0, 'record': 0, 'families': 1,
+              'launching': 0, 'optim': 0, 'preflight': 0, 'record': 0, 'hooks': 0, 'families': 1,
               'evals': 1, 'trainer': 2, 'runs': 3,
               'sweep': 5, 'evaluator': 5, 'transfer': 5, 'cross_family': 5, 'dynamic': 5,
               'modes': 6}
@@ -36,7 +36,7 @@ WHY = {
     'configs': 'a config file only declares values (it may read models/ for their defaults); '
                'steps, FLOPs and families are resolved by the trainer',
     'train': 'inside train/ the ranks are: foundations (config_lib, partitioning, metrics, storage, '
-             'checkpoint, launching, optim, preflight, record) < the Family contract and evals/ < trainer < runs < '
+             'checkpoint, launching, optim, preflight, record, hooks) < the Family contract and evals/ < trainer < runs < '
              'families/<name> < sweep, evaluator, transfer, cross_family < modes (the dispatcher and '
              'the modes, train/modes/)',
 }

@@ -11,8 +11,6 @@ never waits for the device.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -28,7 +26,7 @@ from flax import nnx
 
 from train import checkpoint as ckpt_lib
 from train import config_lib, families, metrics as metrics_lib, optim, partitioning, record
-from train import storage
+from train import hooks, storage
 from train import evals
 from train.metrics import log0
 
@@ -79,20 +77,7 @@ def installed_gradient_wrapper():
   the same signature, traced inside the jitted step before the non-finite check: the test
   suite's fault injection (tests/fault_injection.py) makes chosen steps non-finite this way, in
   the test process and in launch.py subprocesses alike."""
-  spec = os.environ.get(GRADIENT_WRAPPER_ENV, '')
-  if not spec:
-    return None
-  where, _, name = spec.rpartition(':')
-  if not where or not name:
-    raise ValueError(f'${GRADIENT_WRAPPER_ENV}={spec!r}: expected module:function')
-  if where.endswith('.py'):
-    module_spec = importlib.util.spec_from_file_location(
-        os.path.splitext(os.path.basename(where))[0], where)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-  else:
-    module = importlib.import_module(where)
-  return getattr(module, name)
+  return hooks.installed(GRADIENT_WRAPPER_ENV)
 
 
 class Setup:

@@ -57,7 +57,7 @@ from flax import nnx
 
 from data import encoders
 from models import byte_level, token_lm
-from train import evals, storage
+from train import evals, hooks, storage
 from train.metrics import log0
 
 SCORINGS = ('tokens', 'bytes')
@@ -235,31 +235,7 @@ def installed_wrapper():
   'byte-level loglikelihood requests'), and returns a function of the same signature: the test
   suite (tests/lm_eval_faults.py) makes one process fail, or records each process's scores,
   this way, in launch.py subprocesses too."""
-  spec = os.environ.get(WRAPPER_ENV, '')
-  if not spec:
-    return None
-  if spec not in _WRAPPERS:
-    _WRAPPERS[spec] = _load_function(spec)
-  return _WRAPPERS[spec]
-
-
-_WRAPPERS: dict = {}
-
-
-def _load_function(spec: str):
-  import importlib  # pylint: disable=import-outside-toplevel
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  where, _, name = spec.rpartition(':')
-  if not where or not name:
-    raise ValueError(f'${WRAPPER_ENV}={spec!r}: expected module:function')
-  if where.endswith('.py'):
-    module_spec = importlib.util.spec_from_file_location(
-        os.path.splitext(os.path.basename(where))[0], where)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-  else:
-    module = importlib.import_module(where)
-  return getattr(module, name)
+  return hooks.installed(WRAPPER_ENV)
 
 
 class ProcessFailure(RuntimeError):
