@@ -531,11 +531,11 @@ class ExactBPE(ByteLM):
     before the continuation's bytes need (`_needed`) and their ancestors; each of them is one
     token of a tree over the begin token (its log-probs computed once for all pairs): a pair's
     nodes are a tree in a row with a tree mask, several pairs to a row of up to `max_tokens`
-    (largest first), `max_rows` rows per forward (padded to 1 or 4 rows and a power-of-two
-    length, never smaller than a forward of this call already ran, up to `max_tokens`: the
-    largest trees go first and only the call's last forward has fewer rows, so one shape per
-    call and few compilations per task, at the cost of padding that last forward; a tree
-    over `max_tokens` nodes gets a row, and a shape, of its own). So a pair costs about one
+    (largest first), `max_rows` rows per forward (padded to 1 or 4 rows; a call of one
+    forward to a power-of-two length, a call of several forwards to `max_tokens` each, never
+    fewer rows than a forward of this call already ran: only the call's last forward has
+    fewer rows, so one shape per call and few compilations per task, at the cost of padding;
+    a tree over `max_tokens` nodes gets a row, and a shape, of its own). So a pair costs about one
     model position per token of its text and per node off the encoding near the
     continuation, with no prefill of its own; the context's other nodes are not evaluated.
     Pairs are taken `chunk` at a time (longest first; the rows of a chunk short of a whole
@@ -571,6 +571,8 @@ class ExactBPE(ByteLM):
       del trees
       pending += rows  # rows short of a whole forward wait for the next chunk's
       last = s + chunk >= len(order)
+      if not (s == 0 and last and len(pending) <= max_rows):  # more than one forward: all of
+        shape = (shape[0], max(shape[1], self.max_tokens))   # max_tokens, one shape per call
       while len(pending) >= max_rows or (last and pending):
         group, pending = pending[:max_rows], pending[max_rows:]
         b, t = self._tree_rows(cache, group, shape)
