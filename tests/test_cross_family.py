@@ -32,15 +32,22 @@ def _cfg(spec, *overs):
   return cfg
 
 
+def text_source(d) -> str:
+  """`data.source` of a small corpus written into directory `d`: TEXT 40 times, in parts (about
+  10 % of them validation)."""
+  corpus = d / 'corpus.txt'
+  corpus.write_text(''.join(f'# part {i}\n' + TEXT for i in range(40)))
+  return f'text:{corpus}'
+
+
 @pytest.fixture(scope='module')
 def runs(data_dir, tmp_path_factory):
   d = tmp_path_factory.mktemp('xfam')
-  corpus = d / 'corpus.txt'
-  corpus.write_text(''.join(f'# part {i}\n' + TEXT for i in range(40)))  # ~10 % validation
+  source = text_source(d)
   out = {}
   for name, spec, extra in (('bytes', 'configs/byte_lm.py:tiny', {}),
                             ('bpe', 'configs/subword_lm.py:tiny', {'data.vocab_size': 300})):
-    cfg = _cfg(spec, TINY, extra, {'data.source': f'text:{corpus}'})
+    cfg = _cfg(spec, TINY, extra, {'data.source': source})
     trainer.train(cfg, str(d / name))
     out[name] = (spec, str(d / name), cfg)
   out['dir'] = d

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import run_launch
-from test_cross_family import TEXT, TINY, _cfg
+from test_cross_family import TINY, _cfg, text_source
 from train import runs, trainer
 from train.evals import lm_eval as le
 
@@ -25,12 +25,11 @@ INC = os.path.join(os.path.dirname(__file__), 'data', 'lm_eval')
 @pytest.fixture(scope='module')
 def tiny_runs(data_dir, tmp_path_factory):
   d = tmp_path_factory.mktemp('lmeval')
-  corpus = d / 'corpus.txt'
-  corpus.write_text(''.join(f'# part {i}\n' + TEXT for i in range(40)))
+  source = text_source(d)
   out = {}
   for name, spec, extra in (('bytes', 'configs/byte_lm.py:tiny', {}),
                             ('bpe', 'configs/subword_lm.py:tiny', {'data.vocab_size': 300})):
-    cfg = _cfg(spec, TINY, extra, {'data.source': f'text:{corpus}'})
+    cfg = _cfg(spec, TINY, extra, {'data.source': source})
     trainer.train(cfg, str(d / name))
     out[name] = (spec, str(d / name))
   return out
@@ -201,11 +200,10 @@ MORE = {'hat': ('configs/hat.py:tiny', {'data.seq_len': 128, 'data.max_words': 3
 @pytest.fixture(scope='module')
 def more_runs(tiny_runs, tmp_path_factory):
   d = tmp_path_factory.mktemp('lmeval_more')
-  corpus = d / 'corpus.txt'
-  corpus.write_text(''.join(f'# part {i}\n' + TEXT for i in range(40)))
+  source = text_source(d)
   out = {}
   for name, (spec, extra) in MORE.items():
-    trainer.train(_cfg(spec, SMALL, extra, {'data.source': f'text:{corpus}'}), str(d / name))
+    trainer.train(_cfg(spec, SMALL, extra, {'data.source': source}), str(d / name))
     out[name] = (spec, str(d / name))
   return out
 

@@ -9,7 +9,7 @@ import collections
 import pytest
 from flax import nnx
 
-from test_cross_family import TEXT, TINY, _cfg
+from test_cross_family import TEXT, TINY, _cfg, text_source
 from test_lm_eval import INC
 from train import trainer
 from train.evals import lm_eval as le
@@ -22,12 +22,11 @@ LIMIT = 10  # notoklm_mc items: 40 requests of 4 choices
 @pytest.fixture(scope='module')
 def models(data_dir, tmp_path_factory):
   d = tmp_path_factory.mktemp('lmeval_compiles')
-  corpus = d / 'corpus.txt'
-  corpus.write_text(''.join(f'# part {i}\n' + TEXT for i in range(40)))
+  source = text_source(d)
   out = {}
   for name, spec, extra in (('bpe', 'configs/subword_lm.py:tiny', {'data.vocab_size': 300}),
                             ('bytes', 'configs/byte_lm.py:tiny', {})):
-    cfg = _cfg(spec, TINY, OWN, extra, {'data.source': f'text:{corpus}'})
+    cfg = _cfg(spec, TINY, OWN, extra, {'data.source': source})
     setup = trainer.Setup(cfg)
     out[name] = (cfg, setup, setup.family.build_model(nnx.Rngs(0)))
   return out

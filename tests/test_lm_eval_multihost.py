@@ -18,7 +18,7 @@ import pytest
 
 import lm_eval_faults
 from conftest import ROOT, launch_cmd, subprocess_env
-from test_cross_family import TEXT, TINY, _cfg
+from test_cross_family import TINY, _cfg, text_source
 from test_lm_eval import INC, TASKS
 from test_train import _free_port
 from train import trainer
@@ -27,10 +27,9 @@ from train import trainer
 @pytest.fixture(scope='module')
 def bpe_run(data_dir, tmp_path_factory):
   d = tmp_path_factory.mktemp('lmeval_mh')
-  corpus = d / 'corpus.txt'
-  corpus.write_text(''.join(f'# part {i}\n' + TEXT for i in range(40)))
+  source = text_source(d)
   cfg = _cfg('configs/subword_lm.py:tiny', TINY, {'data.vocab_size': 300},
-             {'data.source': f'text:{corpus}'})
+             {'data.source': source})
   trainer.train(cfg, str(d / 'bpe'))
   return str(d / 'bpe')
 
