@@ -467,14 +467,14 @@ def make_train_iterator(cfg, encoder: encoders.Encoder, process_index: int | Non
   process_index, process_count = _hosts(process_index, process_count)
   source = corpus.get_source(cfg.data, cfg.data.train_split)
   local_batch = local_batch_size(cfg, process_count)
-  workers = int(cfg.data.get('workers', 0))
+  workers = int(cfg.data.workers)
   if not workers:
     return TrainIterator(source, encoder, cfg.data.seq_len, local_batch, seed=cfg.seed,
                          process_index=process_index, process_count=process_count,
                          shuffle=cfg.data.shuffle, prefetch=cfg.data.prefetch, state=state,
                          transform=transform)
   from data import host_workers  # pylint: disable=import-outside-toplevel
-  if workers < 0 or local_batch % workers:
+  if local_batch % workers:
     raise ValueError(f'data.workers={workers}: a host builds {local_batch} rows per batch '
                      f'(train.batch_size {cfg.train.batch_size} / {process_count} processes), '
                      'which the workers share equally: data.workers must divide it')

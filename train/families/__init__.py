@@ -76,7 +76,7 @@ class Family(abc.ABC):
   batches its own way refuses `data.workers` > 0 by name rather than ignore it."""
 
   def __init__(self, cfg, workdir: str | None = None):
-    workers = int(cfg.data.get('workers', 0)) if 'data' in cfg else 0
+    workers = int(cfg.data.workers)
     if workers and not self.host_workers:
       raise ValueError(f'data.workers={workers}: the {cfg.family} family builds its training '
                        'batches its own way, without data workers; leave data.workers=0')
