@@ -11,7 +11,7 @@ import time
 import pytest
 
 import fault_injection
-from conftest import ROOT, launch_cmd, run_launch, subprocess_env
+from conftest import ROOT, launch_cmd, run_launch, start_launch, subprocess_env
 from test_train import CONFIG, RESUME, SMALL, _wait_for_step, curve
 
 FAMILIES = {
@@ -21,8 +21,7 @@ FAMILIES = {
 
 
 def _start(data_dir, *args):
-  return subprocess.Popen(launch_cmd(*args), cwd=ROOT, env=subprocess_env(data_dir),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return start_launch(data_dir, *args)
 
 
 @pytest.mark.parametrize('family', sorted(FAMILIES))

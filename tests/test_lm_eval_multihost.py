@@ -17,7 +17,7 @@ import sys
 import pytest
 
 import lm_eval_faults
-from conftest import ROOT, launch_cmd, subprocess_env
+from conftest import ROOT, launch_cmd, start_launch, subprocess_env
 from test_cross_family import TINY, _cfg, text_source
 from test_lm_eval import INC, TASKS
 from test_train import _free_port
@@ -45,8 +45,9 @@ def _pair(cmd, data_dir, timeout=600, **env) -> tuple[list[int], list[str]]:
   """(exit statuses, outputs) of `cmd(i)` run as processes 0 and 1 of 2 (one CPU device each);
   a pair still running after `timeout` seconds is killed and the test fails."""
   port = _free_port()
-  procs = [subprocess.Popen(cmd(i, port), cwd=ROOT,
-                            env=subprocess_env(data_dir, devices=1, **env),
+  procs = [start_launch(data_dir, *cmd(i, port)[2:], devices=1, **env)
+           if cmd(i, port)[:2] == launch_cmd() else
+           subprocess.Popen(cmd(i, port), cwd=ROOT, env=subprocess_env(data_dir, devices=1, **env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   outs = []

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import launch
-from conftest import ROOT, launch_cmd, subprocess_env
+from conftest import start_launch, subprocess_env
 from test_train import CONFIG, RESUME, SMALL, _wait_for_step, curve
 from train import launching
 
@@ -82,8 +82,7 @@ def test_two_processes_from_slurm_variables(data_dir, tmp_path):
     env = subprocess_env(data_dir, devices=2, SLURM_JOB_ID=str(job),
                          SLURM_STEP_NODELIST='localhost', SLURM_NTASKS='2', SLURM_PROCID=str(i),
                          SLURM_LOCALID=str(i), SLURM_STEP_NUM_NODES='1')
-    procs.append(subprocess.Popen(launch_cmd(*args), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    procs.append(start_launch(data_dir, *args, env=env))
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
@@ -180,8 +179,7 @@ def test_evaluator_follows_training_across_restarts(data_dir, tmp_path):
   env = subprocess_env(data_dir)
 
   def start(a):
-    return subprocess.Popen(launch_cmd(*a), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return start_launch(data_dir, *a, env=env)
 
   train = start(args)
   evaluator = start(ev_args)

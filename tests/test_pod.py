@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 import launch
-from conftest import ROOT, launch_cmd, run_launch, subprocess_env
+from conftest import ROOT, launch_cmd, run_launch, start_launch, subprocess_env
 from test_shards import cfg_data, write_corpus
 from test_train import CONFIG, RESUME, SMALL, _free_port
 from data import corpus
@@ -131,19 +131,17 @@ def test_two_processes_on_bucket_shards_resume_bitwise_and_a_third_evaluates(
     # and stall that process inside a collective
     procs = []
     for i in range(2):
-      log = open(tmp_path / f'{next(logs)}.log', 'w+')  # pylint: disable=consider-using-with
-      procs.append((subprocess.Popen(
-          launch_cmd(*common, f'--workdir={wd}', f'--coordinator=localhost:{port}',
-                     f'--process_id={i}'), cwd=ROOT, env=subprocess_env(data_dir, devices=2),
-          stdout=log, stderr=subprocess.STDOUT, text=True), log))
+      log = tmp_path / f'{next(logs)}.log'
+      procs.append((start_launch(data_dir, *common, f'--workdir={wd}',
+                                 f'--coordinator=localhost:{port}', f'--process_id={i}',
+                                 devices=2, output=log), log))
     return procs
 
   def wait(procs):
     outs = []
     for p, log in procs:
       p.wait(timeout=600)
-      log.seek(0)
-      outs.append(log.read())
+      outs.append(log.read_text())
       assert p.returncode == 0, outs[-1][-3000:]
     return outs
 
@@ -162,6 +160,9 @@ def test_two_processes_on_bucket_shards_resume_bitwise_and_a_third_evaluates(
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=60)
   assert not storage.exists(f'{wd}/train_summary.json'), 'finished before it was killed'
+  # a lease renewed within its last 30 % is a live holder's and refused at once (by design);
+  # after 2 s of the 4 s lease the killed run's has missed a renewal, and the restart waits it out
+  time.sleep(2)
   outs = wait(pair(wd, _free_port()))
   assert 'resumed from step' in outs[0], outs[0][-3000:]
   a, b = _curve(ref), _curve(wd)

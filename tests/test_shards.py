@@ -5,7 +5,6 @@ import gzip
 import json
 import os
 import signal
-import subprocess
 
 import ml_collections
 import numpy as np
@@ -13,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, launch_cmd, run_launch, subprocess_env
+from conftest import run_launch, start_launch
 from data import corpus, encoders, pipeline, shards
 from train import record
 
@@ -292,9 +291,7 @@ def test_launch_trains_on_parquet_shards_is_killed_resumes_and_evaluates(data_di
   p = run_launch(data_dir, *args, f'--workdir={ref}')
   assert 'bits per byte' in p.stdout
   wd = str(tmp_path / 'killed')
-  proc = subprocess.Popen(launch_cmd(*args, f'--workdir={wd}'), cwd=ROOT,
-                          env=subprocess_env(data_dir), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  proc = start_launch(data_dir, *args, f'--workdir={wd}')
   _wait_for_step(wd, 25, proc)
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)

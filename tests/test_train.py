@@ -4,12 +4,11 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
 
-from conftest import ROOT, launch_cmd, run_launch, subprocess_env
+from conftest import run_launch, start_launch
 
 CONFIG = '--config=configs/byte_lm.py:tiny'
 SMALL = ['--config.data.max_docs=400', '--config.train.batch_size=8', '--config.data.seq_len=64',
@@ -86,9 +85,7 @@ def test_resume_is_exact(data_dir, reference_run, tmp_path, sig):
   args = RESUME
   ref = reference_run(*args)
   wd = str(tmp_path / 'killed')
-  proc = subprocess.Popen(launch_cmd(*args, f'--workdir={wd}'), cwd=ROOT,
-                          env=subprocess_env(data_dir), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  proc = start_launch(data_dir, *args, f'--workdir={wd}')
   _wait_for_step(wd, 23, proc)
   proc.send_signal(sig)
   out = proc.communicate(timeout=120)[0]
@@ -135,9 +132,7 @@ def test_two_processes_train_and_checkpoint(data_dir, tmp_path):
   port = _free_port()
   args = [CONFIG, f'--workdir={wd}', '--config.train.steps=16', '--config.ckpt.every=8', *SMALL,
           f'--coordinator=localhost:{port}', '--num_processes=2']  # the shapes of test_pod.py's
-  procs = [subprocess.Popen(launch_cmd(*args, f'--process_id={i}'), cwd=ROOT,
-                            env=subprocess_env(data_dir, devices=2), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  procs = [start_launch(data_dir, *args, f'--process_id={i}', devices=2) for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
