@@ -287,7 +287,7 @@ COST = {  # refreshed from `--durations=0` of a cold run on 2 cores (with other 
     'test_pod_lowering.py': 14, 'test_data.py': 14, 'test_attention.py': 13,
     'test_causal_dynamic.py': 12, 'test_preflight.py': 11, 'test_layering.py': 3,
     'test_modes.py': 2, 'test_docs.py': 1, 'test_lm_eval_multihost.py': 60,
-    'test_fast_views.py': 16, 'test_host_workers.py': 12,
+    'test_fast_views.py': 16, 'test_host_workers.py': 12, 'test_launch_server.py': 12,
     'test_pod.py::test_two_processes_on_bucket_shards_resume_bitwise_and_a_third_evaluates': 79,
     'test_pod.py::test_sweep_on_bucket_data_into_a_bucket': 25,
     'test_pod.py::test_local_restart_loop_resumes_after_kill': 16,
