@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import weakref
 
 import pytest
 
@@ -107,7 +108,9 @@ class _LaunchServer:
     if os.environ.get('NOTOKLM_TEST_LAUNCH_SERVER', '1') == '0':
       return None
     if cls._proc is None:
-      cls._path = os.path.join(tempfile.mkdtemp(prefix='launch_server'), 'socket')
+      d = tempfile.mkdtemp(prefix='launch_server')
+      atexit.register(shutil.rmtree, d, True)
+      cls._path = os.path.join(d, 'socket')
       cls._env = subprocess_env(os.environ.get('NOTOKLM_DATA_DIR', ''))
       cls._proc = subprocess.Popen(
           [sys.executable, os.path.join(ROOT, 'tests', 'launch_server.py'), cls._path],
@@ -147,7 +150,9 @@ class LaunchProc:
   def __init__(self, sock, args, env, merge_stderr, output=None):
     self.args = launch_cmd(*args)
     self.returncode = None
-    self._dir = tempfile.mkdtemp(prefix='launch_run')
+    self._dir = None if output else tempfile.mkdtemp(prefix='launch_run')
+    if self._dir:  # the output stays readable while the object lives
+      weakref.finalize(self, shutil.rmtree, self._dir, True)
     out = str(output or os.path.join(self._dir, 'stdout'))
     err = out if merge_stderr else os.path.join(self._dir, 'stderr')
     self._paths = (out, None if merge_stderr else err)
@@ -193,7 +198,6 @@ class LaunchProc:
     self.wait(timeout)
     out = self.stdout.read()
     err = None if self._paths[1] is None else _Output(self._paths[1]).read()
-    shutil.rmtree(self._dir, ignore_errors=True)
     return out, err
 
 
