@@ -45,11 +45,14 @@ def _pair(cmd, data_dir, timeout=600, **env) -> tuple[list[int], list[str]]:
   """(exit statuses, outputs) of `cmd(i)` run as processes 0 and 1 of 2 (one CPU device each);
   a pair still running after `timeout` seconds is killed and the test fails."""
   port = _free_port()
-  procs = [start_launch(data_dir, *cmd(i, port)[2:], devices=1, **env)
-           if cmd(i, port)[:2] == launch_cmd() else
-           subprocess.Popen(cmd(i, port), cwd=ROOT, env=subprocess_env(data_dir, devices=1, **env),
+
+  def start(argv):  # launch.py through the tests' launch server, anything else as it is
+    if argv[:2] == launch_cmd():
+      return start_launch(data_dir, *argv[2:], devices=1, **env)
+    return subprocess.Popen(argv, cwd=ROOT, env=subprocess_env(data_dir, devices=1, **env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+
+  procs = [start(cmd(i, port)) for i in range(2)]
   outs = []
   try:
     for p in procs:
