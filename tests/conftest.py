@@ -329,6 +329,7 @@ def _unit(nodeid):
   return nodeid if fname in PER_TEST else fname
 
 
+@pytest.hookimpl(optionalhook=True)  # `-p no:xdist` runs without the plugin
 def pytest_xdist_make_scheduler(config, log):
   """--dist loadgroup with the units above (xdist's own reading of `xdist_group` marks relies
   on renaming test ids, which this pytest no longer allows)."""

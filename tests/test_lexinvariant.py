@@ -425,7 +425,8 @@ LEX = ['--config.lexinv.eval_batches=2', '--config.lexinv.probe_rows=8',
 
 def test_launch_train_and_eval_against_standard_lm(data_dir, tmp_path):
   std, lex = str(tmp_path / 'std'), str(tmp_path / 'lex')
-  run_launch(data_dir, '--config=configs/lexinvariant.py:tiny_lm', f'--workdir={std}', *TINY)
+  run_launch(data_dir, '--config=configs/lexinvariant.py:tiny_lm', f'--workdir={std}', *TINY,
+             '--config.sample.max_new_tokens=0')  # the baseline: no end-of-run sample
   p = run_launch(data_dir, '--config=configs/lexinvariant.py:tiny', f'--workdir={lex}', *TINY,
                  *LEX)
   assert 'lexinvariant p=1.0 table=shared vocab=train (' in p.stdout and 'sample 0' in p.stdout

@@ -11,9 +11,12 @@ import pytest
 from conftest import run_launch, start_launch
 
 CONFIG = '--config=configs/byte_lm.py:tiny'
+# sample.max_new_tokens=0: no end-of-run sample (nothing is generated or compiled for it); the
+# runs that check sampling ask for tokens with SAMPLE after SMALL (the last flag wins)
 SMALL = ['--config.data.max_docs=400', '--config.train.batch_size=8', '--config.data.seq_len=64',
-         '--config.train.eval_batches=4', '--config.sample.max_new_tokens=16',
+         '--config.train.eval_batches=4', '--config.sample.max_new_tokens=0',
          '--config.train.log_every=10']
+SAMPLE = ['--config.sample.max_new_tokens=16']
 # one run for the interrupt-and-resume tests here and in test_faults.py, test_ops.py and
 # test_pod.py: they share its compiled programs and its uninterrupted reference (reference_run)
 RESUME = [CONFIG, '--config.train.steps=60', '--config.ckpt.every=5', *SMALL]
@@ -37,7 +40,7 @@ def last_eval_bpb(workdir):
 def test_train_eval_sample(data_dir, tmp_path):
   wd = str(tmp_path / 'run')
   p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--config.train.steps=20',
-                 '--config.ckpt.every=5', *SMALL)
+                 '--config.ckpt.every=5', *SMALL, *SAMPLE)
   assert 'bits per byte' in p.stdout and 'sample 0' in p.stdout, p.stdout
   assert os.path.exists(os.path.join(wd, 'config.json'))
   assert any(f.startswith('events') for f in os.listdir(os.path.join(wd, 'tb')))
@@ -48,17 +51,17 @@ def test_train_eval_sample(data_dir, tmp_path):
   assert steps[-1] == 20 and len(steps) <= 3  # ckpt.keep=3 of the 4 saved
   # eval restores the last checkpoint and reproduces the bpb training reported
   p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=eval', '--config.train.steps=20',
-                 *SMALL)
+                 *SMALL, *SAMPLE)
   ev = json.load(open(os.path.join(wd, 'eval_step20.json')))
   assert ev['bpb'] == pytest.approx(last_eval_bpb(wd), abs=1e-6)
   assert f'{ev["bpb"]:.4f}' in p.stdout
   # ... also onto 8 devices
   run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=eval', '--step=10',
-             '--config.train.steps=20', *SMALL, devices=8)
+             '--config.train.steps=20', *SMALL, *SAMPLE, devices=8)
   ev10 = json.load(open(os.path.join(wd, 'eval_step10.json')))
   assert ev10['step'] == 10 and ev10['bpb'] > ev['bpb'] - 0.5
   p = run_launch(data_dir, CONFIG, f'--workdir={wd}', '--mode=sample', '--config.train.steps=20',
-                 '--config.sample.prompt=import ', *SMALL)
+                 '--config.sample.prompt=import ', *SMALL, *SAMPLE)
   assert 'import ' in p.stdout and '--- sample 0' in p.stdout
 
 
