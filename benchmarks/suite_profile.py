@@ -178,16 +178,17 @@ def load(path: str) -> list[dict]:
   return out
 
 
-def kind(argv: str) -> str:
-  """The kind of process a record's argv names."""
-  first = argv.split(' ', 1)[0]
+def kind(rec: dict) -> str:
+  """The kind of process a record comes from, by its argv (and for `python -c`, whether a test
+  was running: pytest's xdist workers are `-c` processes that exit between tests)."""
+  first = rec['argv'].split(' ', 1)[0]
   if 'launch.py' in first:
     return 'launch.py runs'
-  if first in ('-c', '') and 'pytest' not in argv:
-    return 'pytest workers (in-process tests)'
-  if 'pytest' in argv:
-    return 'pytest (main and child runs)'
-  return os.path.relpath(first, ROOT) if os.path.isabs(first) else first
+  if 'pytest' in first:
+    return 'pytest (the main process, child pytest runs)'
+  if first in ('-c', ''):
+    return 'python -c started by tests' if rec.get('test') else 'pytest workers (in-process tests)'
+  return re.sub(r'^.*?/(?=(tests|benchmarks|\.venv[^/]*)/)', '', first)
 
 
 def test_of(rec: dict) -> str:
@@ -212,7 +213,7 @@ def report(recs: list[dict], top: int = 25) -> list[str]:
   for r in compiles:
     compile_by_pid[r['pid']] += r['s']
   for r in exits:
-    k = by_kind[kind(r['argv'])]
+    k = by_kind[kind(r)]
     k[0] += 1
     k[1] += r['cpu']
     k[2] += compile_by_pid[r['pid']]
@@ -221,6 +222,9 @@ def report(recs: list[dict], top: int = 25) -> list[str]:
   lines.append('|---|--:|--:|--:|')
   for name, (n, cpu, comp) in sorted(by_kind.items(), key=lambda x: -x[1][1]):
     lines.append(f'| {name} | {n} | {cpu:.0f} | {comp:.0f} |')
+  lines.append(f'| all that recorded an exit | {len(exits)} | '
+               f'{sum(r["cpu"] for r in exits):.0f} | {sum(compile_by_pid[r["pid"]] for r in exits):.0f} |')
+  lines.append('(a process ended by a signal records nothing: killed runs, the launch servers)')
   total = sum(r['s'] for r in compiles)
   lines.append('')
   lines.append(f'{len(compiles)} compilations, {total:.0f} s; {len(hits)} persistent-cache hits; '
@@ -250,7 +254,7 @@ def report(recs: list[dict], top: int = 25) -> list[str]:
     lo = b
   # a test's cost: the CPU of the processes it started (those that exited; a process killed by
   # SIGKILL records nothing) + what its pytest worker compiled
-  worker = {r['pid'] for r in exits if kind(r['argv']).startswith('pytest workers')}
+  worker = {r['pid'] for r in exits if kind(r).startswith('pytest workers')}
   cost = collections.defaultdict(lambda: [0.0, 0, 0.0])
   for r in exits:
     if r['pid'] not in worker and test_of(r) != '(no test)':

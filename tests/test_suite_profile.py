@@ -48,7 +48,14 @@ def test_hook_records_a_process_and_the_report_reads_it(tmp_path):
   text = '\n'.join(lines)
   assert '1 compilations' in text and '1 persistent-cache hits' in text
   assert f'| {compiles[0]["mod"]} | 1 |' in text
-  assert '| pytest workers (in-process tests) | 1 |' in text  # argv '-c'
+  assert '| python -c started by tests | 1 |' in text  # argv '-c' while a test ran
+  assert 'programs equal' in text
+  kinds = {suite_profile.kind({'argv': a, 'test': t}) for a, t in [
+      ('/r/launch.py --config=x --workdir=/tmp/pytest-of-u/p', 'tests/t.py::a (call)'),
+      ('-c', ''), ('/v/lib/pytest/__main__.py -q tests', ''),
+      ('/r/benchmarks/device_suite.py --out=/tmp/pytest-of-u/x', 'tests/t.py::b (call)')]}
+  assert kinds == {'launch.py runs', 'pytest workers (in-process tests)',
+                   'pytest (the main process, child pytest runs)', 'benchmarks/device_suite.py'}
   assert 'programs equal to an earlier one but for constants: 0.0 s' in text
 
 
