@@ -253,8 +253,9 @@ def report(recs: list[dict], top: int = 25) -> list[str]:
       lines.append(f'| {lo}-{b} s | {sizes[b][0]} | {sizes[b][1]:.1f} |')
     lo = b
   # a test's cost: the CPU of the processes it started (those that exited; a process killed by
-  # SIGKILL records nothing) + what its pytest worker compiled
-  worker = {r['pid'] for r in exits if kind(r).startswith('pytest workers')}
+  # SIGKILL records nothing) + what the pytest process running it compiled (a worker, or pytest
+  # itself without xdist)
+  worker = {r['pid'] for r in exits if kind(r).startswith('pytest')}
   cost = collections.defaultdict(lambda: [0.0, 0, 0.0])
   for r in exits:
     if r['pid'] not in worker and test_of(r) != '(no test)':
@@ -264,7 +265,7 @@ def report(recs: list[dict], top: int = 25) -> list[str]:
     if r['pid'] in worker:
       cost[test_of(r)][2] += r['s']
   lines.append('')
-  lines.append('| test | CPU of the processes it started s (count) | compiling in its worker s |')
+  lines.append('| test | CPU of the processes it started s (count) | compiling in pytest s |')
   lines.append('|---|--:|--:|')
   for name, (cpu, n, comp) in sorted(cost.items(), key=lambda x: -(x[1][0] + x[1][2]))[:top]:
     lines.append(f'| {name} | {cpu:.1f} ({n}) | {comp:.1f} |')
