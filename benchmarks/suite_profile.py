@@ -142,6 +142,7 @@ def parse(argv):
 
 def run(out: str, cache: str, structure: bool, pytest_args: list[str]) -> dict:
   """Runs pytest with the hook; returns {'wall_s', 'cpu_s', 'returncode', 'records'}."""
+  out, cache = os.path.abspath(out), cache and os.path.abspath(cache)  # pytest runs in ROOT
   os.makedirs(out, exist_ok=True)
   records = os.path.join(out, 'records.jsonl')
   if os.path.exists(records):
