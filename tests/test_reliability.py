@@ -211,8 +211,12 @@ def test_data_that_changed_before_a_resume_is_named(data_dir, tmp_path):
   wd = str(tmp_path / 'run')
   trainer.train(cfg, wd)
   time.sleep(0.01)
+  # documents go to validation by a hash of their key (path:index, and the path varies with
+  # pytest's temp dir): a single appended document hashed into validation on one clone, which
+  # left the training split's num_docs as it was (the run's data fingerprint named the change
+  # instead). With 4, the training split grows unless all 4 hash into validation.
   with open(text, 'a') as f:
-    f.write('\n\nan extra document at the end of the file.')
+    f.write(''.join(f'\n\nextra document {i} at the end of the file.' for i in range(4)))
   cfg = _cfg(**{'data.source': f'text:{text}', 'train.steps': 6, 'ckpt.every': 2,
                 'data.max_docs': 0})
   with pytest.raises(ckpt_lib.CheckpointError, match='training data changed since this run was '
