@@ -140,6 +140,18 @@ def parse(argv):
   return cli.parse_opts(argv, opts, __doc__), pytest_args
 
 
+def hooked_env(out: str, records: str, structure: bool, base: dict | None = None) -> dict:
+  """Writes the hook to `out`/sitecustomize.py; returns `base` (default os.environ) with `out`
+  first on PYTHONPATH, so that processes started with it record to `records`."""
+  with open(os.path.join(out, 'sitecustomize.py'), 'w') as f:
+    f.write(HOOK % {'log_env': LOG_ENV, 'structure_env': STRUCTURE_ENV})
+  env = dict(os.environ if base is None else base)
+  env['PYTHONPATH'] = os.pathsep.join([out] + [p for p in [env.get('PYTHONPATH')] if p])
+  env[LOG_ENV] = records
+  env[STRUCTURE_ENV] = '1' if structure else '0'
+  return env
+
+
 def run(out: str, cache: str, structure: bool, pytest_args: list[str]) -> dict:
   """Runs pytest with the hook; returns {'wall_s', 'cpu_s', 'returncode', 'records'}."""
   out, cache = os.path.abspath(out), cache and os.path.abspath(cache)  # pytest runs in ROOT
@@ -147,12 +159,7 @@ def run(out: str, cache: str, structure: bool, pytest_args: list[str]) -> dict:
   records = os.path.join(out, 'records.jsonl')
   if os.path.exists(records):
     raise SystemExit(f'--out={out}: holds records.jsonl of an earlier run; name a new directory')
-  with open(os.path.join(out, 'sitecustomize.py'), 'w') as f:
-    f.write(HOOK % {'log_env': LOG_ENV, 'structure_env': STRUCTURE_ENV})
-  env = dict(os.environ)
-  env['PYTHONPATH'] = os.pathsep.join([out] + [p for p in [env.get('PYTHONPATH')] if p])
-  env[LOG_ENV] = records
-  env[STRUCTURE_ENV] = '1' if structure else '0'
+  env = hooked_env(out, records, structure)
   env['NOTOKLM_COMPILE_CACHE'] = cache or os.path.join(out, 'compile_cache')
   cmd = [sys.executable, '-m', 'pytest', *(pytest_args or ['-q', '-n', '2', '--dist',
                                                            'loadgroup', 'tests'])]
